@@ -1,0 +1,61 @@
+"""The `umtfss` command: one subcommand per pipeline stage, each usable without Snakemake."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> ("module:function", help). The function adds its arguments to the parser and returns
+# the callable that runs the stage; modules are imported only when their command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("umtfss.data.demo:cli", "generate the demo data set in PASCAL VOC layout"),
+    "convert-sbd": ("umtfss.data.convert:cli_sbd", "merge SBD .mat masks with VOC into SegmentationClassAug PNGs"),
+    "convert-coco": ("umtfss.data.convert:cli_coco", "write COCO per-image class-mask PNGs from instance JSON"),
+    "prepare": ("umtfss.data.prepare:cli", "write the image list and class/fold tables (parquet)"),
+    "embed": ("umtfss.embedding:cli", "per-pixel self-supervised features into a Zarr store (one shard)"),
+    "fit": ("umtfss.clustering.fit:cli", "spherical k-means centroids on a random pixel subset"),
+    "assign": ("umtfss.clustering.assign:cli", "nearest-centroid cluster id for every pixel (one shard)"),
+    "quality": ("umtfss.clustering.quality:cli", "pseudo-mask quality against ground truth (measurement only)"),
+    "episodes": ("umtfss.pseudo_episodes:cli", "pseudo regions and support candidates (parquet)"),
+    "train": ("umtfss.training.train:cli", "meta-train or fine-tune the FSS model"),
+    "evaluate": ("umtfss.evaluation.run:cli", "meta-test methods on a benchmark, write the score tables"),
+    "predict": ("umtfss.predict:cli", "segment a query image from support images and masks"),
+    "inspect": ("umtfss.inspect:cli", "summarise any artifact (Zarr, parquet, npy, checkpoint)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="umtfss", description=__doc__)
+    from umtfss import __version__
+
+    parser.add_argument("--version", action="version", version=f"umtfss {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="STAGE")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        build_parser().parse_args(argv or ["--help"])
+        return 2
+    name = argv[0]
+    target, help_text = COMMANDS[name]
+    module_name, func_name = target.split(":")
+    parser = argparse.ArgumentParser(prog=f"umtfss {name}", description=help_text)
+    runner = getattr(importlib.import_module(module_name), func_name)(parser)
+    args = parser.parse_args(argv[1:])
+    from umtfss.config import ConfigError
+
+    try:
+        runner(args)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"umtfss {name}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Configuration: load, fill defaults from the JSON schema, validate with messages that name the key."""
+
+from __future__ import annotations
+
+import copy
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator, validators
+
+# Paper's meta-test sizes, used when evaluation.episodes is null.
+DEFAULT_TEST_EPISODES = {"pascal": 1000, "coco": 5000}
+
+
+class ConfigError(ValueError):
+    """A configuration value is not allowed; the message names the key, the value and what is allowed."""
+
+
+def schema() -> dict:
+    """The configuration JSON schema (draft 2020-12) shipped with the package."""
+    text = resources.files("umtfss").joinpath("schema/config.schema.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def _with_defaults(validator_class):
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema_):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema_)
+
+    return validators.extend(validator_class, {"properties": set_defaults})
+
+
+_DefaultFilling = _with_defaults(Draft202012Validator)
+
+
+def _describe(error) -> str:
+    key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    sch = error.schema if isinstance(error.schema, dict) else {}
+    if error.validator == "additionalProperties":
+        allowed = sorted(sch.get("properties", {}))
+        return f"{error.message} at '{key}'; allowed keys: {', '.join(allowed)}"
+    allowed = ""
+    if "enum" in sch:
+        allowed = "one of " + ", ".join(map(str, sch["enum"]))
+    elif error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "type", "pattern", "minItems"):
+        allowed = f"{error.validator} {error.validator_value}"
+    desc = sch.get("description", "")
+    msg = f"config key '{key}' has value {json.dumps(error.instance, default=str)}, expected {allowed or error.message}"
+    return msg + (f" ({desc})" if desc else "")
+
+
+def validate(config: dict, check_paths: bool = False) -> dict:
+    """Fill defaults in place and raise ConfigError listing every invalid key."""
+    validator = _DefaultFilling(schema())
+    # two passes: defaults of nested objects are filled once the parent default exists
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    if not errors:
+        errors = list(validator.iter_errors(config))
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(e) for e in errors))
+    _check_consistency(config, check_paths)
+    return config
+
+
+def _check_consistency(config: dict, check_paths: bool) -> None:
+    problems = []
+    unl = config["unlabeled"]
+    if unl["source"] == "folder" and not unl.get("folder"):
+        problems.append("config key 'unlabeled.folder' is null, expected an image folder when unlabeled.source is 'folder'")
+    tr = config["training"]
+    if tr["scale_min"] > tr["scale_max"]:
+        problems.append(f"config key 'training.scale_min' ({tr['scale_min']}) exceeds 'training.scale_max' ({tr['scale_max']})")
+    if config["model"]["dim"] % config["model"]["heads"]:
+        problems.append(f"config key 'model.dim' ({config['model']['dim']}) must be divisible by 'model.heads' ({config['model']['heads']})")
+    if check_paths:
+        for name in used_datasets(config):
+            root = Path(config["datasets"][name]["root"])
+            generated = name == "pascal" and config["demo"]["enabled"]
+            if not generated and not root.is_dir():
+                problems.append(f"config key 'datasets.{name}.root' is '{root}', which is not a directory; expected the data set root")
+        if unl["source"] == "folder" and unl.get("folder") and not Path(unl["folder"]).is_dir():
+            problems.append(f"config key 'unlabeled.folder' is '{unl['folder']}', which is not a directory")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def used_datasets(config: dict) -> list[str]:
+    """Benchmarks that the configured unlabeled source reads."""
+    src = config["unlabeled"]["source"]
+    return [src] if src in ("pascal", "coco") else []
+
+
+def load(source: str | Path | dict | None = None, check_paths: bool = False) -> dict:
+    """Load a config from a YAML path, a JSON/YAML string, a dict, or None (all defaults), validated."""
+    if source is None:
+        data: Any = {}
+    elif isinstance(source, dict):
+        data = copy.deepcopy(source)
+    else:
+        text = str(source)
+        if text.lstrip().startswith("{"):
+            data = json.loads(text)
+        else:
+            path = Path(text)
+            if not path.is_file():
+                raise ConfigError(f"config file '{path}' does not exist")
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"configuration must be a mapping, got {type(data).__name__}")
+    return validate(data, check_paths=check_paths)
+
+
+def test_episodes(config: dict, dataset: str) -> int:
+    """Episodes per fold and seed: the configured number, else the paper's."""
+    return config["evaluation"]["episodes"] or DEFAULT_TEST_EPISODES[dataset]

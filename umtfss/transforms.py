@@ -1,0 +1,52 @@
+"""Shared image geometry: the test-time resize-and-pad, and tensors from uint8 arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from umtfss.episode import IGNORE
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 -> float 3xHxW in [0, 1] (backbones normalise themselves)."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+
+
+def resize_pad(image: np.ndarray, mask: np.ndarray | None, size: int):
+    """Resize so the longer side is `size`, pad bottom/right to size x size (PFENet's test transform).
+
+    Returns (image 3xSxS float, mask SxS long with padding = IGNORE or None, (h, w) valid extent).
+    """
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    img = to_tensor(image)[None]
+    img = F.interpolate(img, size=(nh, nw), mode="bilinear", align_corners=False)[0]
+    out = torch.zeros(3, size, size)
+    out[:, :nh, :nw] = img
+    m = None
+    if mask is not None:
+        mt = torch.from_numpy(np.ascontiguousarray(mask)).long()[None, None].float()
+        mt = F.interpolate(mt, size=(nh, nw), mode="nearest")[0, 0].long()
+        m = torch.full((size, size), IGNORE, dtype=torch.long)
+        m[:nh, :nw] = mt
+    return out, m, (nh, nw)
+
+
+def resize_square(image: np.ndarray, mask: np.ndarray | None, size: int):
+    """Resize to size x size regardless of aspect (HSNet's test transform)."""
+    img = F.interpolate(to_tensor(image)[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+    m = None
+    if mask is not None:
+        mt = torch.from_numpy(np.ascontiguousarray(mask)).float()[None, None]
+        m = F.interpolate(mt, size=(size, size), mode="nearest")[0, 0].long()
+    return img, m, (size, size)
+
+
+def unpad_to(logits: torch.Tensor, valid_hw: tuple[int, int], out_hw: tuple[int, int]) -> torch.Tensor:
+    """Crop a padded prediction [C,S,S] to its valid extent and resize it to out_hw (bilinear)."""
+    nh, nw = valid_hw
+    crop = logits[:, :nh, :nw][None]
+    return F.interpolate(crop, size=out_hw, mode="bilinear", align_corners=False)[0]
