@@ -42,7 +42,10 @@ _DefaultFilling = _with_defaults(Draft202012Validator)
 
 
 def _describe(error) -> str:
-    key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    key = ""
+    for part in error.absolute_path:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    key = key or "(top level)"
     sch = error.schema if isinstance(error.schema, dict) else {}
     if error.validator == "additionalProperties":
         allowed = sorted(sch.get("properties", {}))

@@ -1,0 +1,113 @@
+"""Tests of the assign stage: labels equal a brute-force argmax, padding is -1, attributes, atomicity, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from umtfss import cli
+from umtfss.clustering import assign
+from umtfss.clustering.assign import assign_shard
+from umtfss.stores import EmbeddingStore, LabelStore, array_sha256, create_embedding_store
+
+
+def write_store(path, n_images=7, grid=(6, 5), dim=8, dtype="float16", seed=0):
+    """A random embedding store (unit-norm features) with varied valid extents."""
+    rng = np.random.default_rng(seed)
+    feats = rng.normal(size=(n_images, *grid, dim))
+    feats /= np.linalg.norm(feats, axis=-1, keepdims=True)
+    valid = np.stack([rng.integers(1, grid[0] + 1, n_images), rng.integers(1, grid[1] + 1, n_images)], axis=1)
+    valid[0] = grid  # one image without padding
+    attrs = {"image_ids": [f"im{i}" for i in range(n_images)], "backbone": "synthetic", "layer": "layer4",
+             "stride": 8, "image_size": 48, "dim": dim, "dtype": dtype, "checkpoint_sha256": None,
+             "preprocessing": "test", "shard": 1, "num_shards": 3, "umtfss_version": "test"}
+    group = create_embedding_store(path, n_images, grid, dim, dtype, attrs)
+    group["features"][:] = feats.astype(dtype)
+    group["valid"][:] = valid
+    group["sizes"][:] = valid * 8
+    return path
+
+
+def random_centroids(clusters=5, dim=8, seed=1):
+    c = np.random.default_rng(seed).normal(size=(clusters, dim)).astype(np.float32)
+    return c / np.linalg.norm(c, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("batch_images", [1, 3, 64])
+def test_labels_equal_brute_force_argmax(tmp_path, batch_images):
+    store_path = write_store(tmp_path / "e.zarr")
+    centroids = random_centroids()
+    out = assign_shard(store_path, centroids, tmp_path / "labels.zarr", batch_images=batch_images, device="cpu",
+                       progress=False)
+    labels = np.asarray(zarr.open_group(str(out), mode="r")["labels"][:])
+    store = EmbeddingStore(store_path)
+    assert labels.dtype == np.int16 and labels.shape == (7, 6, 5)
+    for i in range(len(store)):
+        expected = np.argmax(store.features(i).astype(np.float32) @ centroids.T, axis=-1)
+        rows, cols = store.valid(i)
+        np.testing.assert_array_equal(labels[i, :rows, :cols], expected[:rows, :cols])
+        # padding cells are -1, and only they
+        assert (labels[i, rows:, :] == -1).all() and (labels[i, :, cols:] == -1).all()
+        assert (labels[i, :rows, :cols] >= 0).all()
+    assert (labels == -1).any()
+
+
+def test_label_store_layout_and_attributes(tmp_path):
+    store_path = write_store(tmp_path / "e.zarr")
+    centroids = random_centroids(clusters=4)
+    np.save(tmp_path / "centroids.npy", centroids)
+    out = assign_shard(store_path, tmp_path / "centroids.npy", tmp_path / "l.zarr", device="cpu", progress=False)
+    group = zarr.open_group(str(out), mode="r")
+    assert group["labels"].chunks == (1, 6, 5)
+    attrs = dict(group.attrs)
+    assert attrs["image_ids"] == [f"im{i}" for i in range(7)]
+    assert attrs["clusters"] == 4 and attrs["centroids_sha256"] == array_sha256(centroids)
+    assert attrs["backbone"] == "synthetic" and attrs["shard"] == 1 and attrs["num_shards"] == 3
+    reader = LabelStore([out])
+    assert len(reader) == 7 and reader.clusters == 4 and reader.grid == (6, 5)
+    np.testing.assert_array_equal(reader.labels(3), group["labels"][3])
+
+
+def test_errors_name_the_problem(tmp_path):
+    store_path = write_store(tmp_path / "e.zarr")
+    with pytest.raises(ValueError, match="centroids have 3 channels.*has 8"):
+        assign_shard(store_path, random_centroids(dim=3), tmp_path / "l.zarr", device="cpu", progress=False)
+    with pytest.raises(FileNotFoundError, match="nope.npy"):
+        assign_shard(store_path, tmp_path / "nope.npy", tmp_path / "l.zarr", device="cpu", progress=False)
+    with pytest.raises(FileNotFoundError, match="missing.zarr"):
+        assign_shard(tmp_path / "missing.zarr", random_centroids(), tmp_path / "l.zarr", device="cpu", progress=False)
+    with pytest.raises(ValueError, match="superpixel refinement is not available"):
+        assign_shard(store_path, random_centroids(), tmp_path / "l.zarr", refine="superpixel", progress=False)
+    assert not (tmp_path / "l.zarr").exists()
+
+
+def test_interrupted_assign_leaves_no_store(tmp_path, monkeypatch):
+    store_path = write_store(tmp_path / "e.zarr")
+    real = assign.nearest_centroid
+    calls = {"n": 0}
+
+    def dies_on_third_batch(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args)
+
+    monkeypatch.setattr(assign, "nearest_centroid", dies_on_third_batch)
+    out = tmp_path / "labels" / "shard-1-of-3.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        assign_shard(store_path, random_centroids(), out, batch_images=2, device="cpu", progress=False)
+    assert list((tmp_path / "labels").iterdir()) == []
+
+
+def test_cli(tmp_path, capsys):
+    store_path = write_store(tmp_path / "e.zarr")
+    np.save(tmp_path / "c.npy", random_centroids())
+    out = tmp_path / "l.zarr"
+    base = ["assign", "--embeddings", str(store_path), "--centroids", str(tmp_path / "c.npy"), "--out", str(out)]
+    assert cli.main(base + ["--config", json.dumps({"clustering": {"device": "cpu"}})]) == 0
+    assert len(LabelStore(out)) == 7
+    assert cli.main(base + ["--config", json.dumps({"clustering": {"refine": "superpixel"}})]) == 1
+    assert "clustering.refine" in capsys.readouterr().err

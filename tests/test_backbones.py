@@ -1,0 +1,325 @@
+"""Backbone registry and checkpoint loading, on checkpoint files written here in each published format."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from umtfss.backbones import FeatureBackbone, build_backbone, freeze, list_backbones
+from umtfss.backbones.checkpoints import (
+    load_into,
+    load_state_dict,
+    resolve_checkpoint,
+    sha256_file,
+    unwrap_state_dict,
+)
+from umtfss.backbones.vit import DINO_ARCHS, build_dino_vit, convert_dino_checkpoint
+
+torch.set_num_threads(1)
+
+REGISTERED = {
+    "resnet50-imagenet",
+    "resnet50-mocov2",
+    "dino-vits8",
+    "dino-vits16",
+    "dino-vitb8",
+    "dino-vitb16",
+    "demo-colortexture",
+}
+
+
+@pytest.fixture(scope="module")
+def resnet50_weights():
+    """A randomly initialised torchvision ResNet-50 state dict, classifier included (as published)."""
+    torch.manual_seed(0)
+    return torchvision.models.resnet50(weights=None).state_dict()
+
+
+def _assert_weights_equal(module: nn.Module, expected: dict[str, torch.Tensor]):
+    loaded = module.state_dict()
+    assert set(loaded) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value), key
+
+
+def _body(weights):
+    return {k: v for k, v in weights.items() if not k.startswith("fc.")}
+
+
+def test_registry_lists_every_name_and_rejects_unknown():
+    assert set(list_backbones()) == REGISTERED
+    with pytest.raises(ValueError, match="resnet50-imagenet"):
+        build_backbone("resnet101-imagenet", random_init=True)
+    with pytest.raises(ValueError, match="output_stride"):
+        build_backbone("resnet50-imagenet", output_stride=4, random_init=True)
+
+
+def test_torchvision_checkpoint_loads_exactly(tmp_path, resnet50_weights):
+    path = tmp_path / "resnet50-0676ba61.pth"
+    torch.save(resnet50_weights, path)
+    backbone = build_backbone("resnet50-imagenet", checkpoint=path)
+    _assert_weights_equal(backbone.net, _body(resnet50_weights))
+    assert backbone.checkpoint_sha256 == sha256_file(path)
+
+
+def test_mocov2_checkpoint_loads_query_encoder(tmp_path, resnet50_weights):
+    state = {f"module.encoder_q.{k}": v for k, v in _body(resnet50_weights).items()}
+    state.update(
+        {
+            "module.encoder_q.fc.0.weight": torch.randn(16, 2048),
+            "module.encoder_q.fc.0.bias": torch.randn(16),
+            "module.encoder_q.fc.2.weight": torch.randn(8, 16),
+            "module.encoder_q.fc.2.bias": torch.randn(8),
+            # the key encoder differs from the query encoder and must not be loaded
+            "module.encoder_k.conv1.weight": torch.zeros(64, 3, 7, 7),
+            "module.queue": torch.randn(8, 32),
+            "module.queue_ptr": torch.zeros(1, dtype=torch.long),
+        }
+    )
+    checkpoint = {
+        "epoch": 800,
+        "arch": "resnet50",
+        "state_dict": state,
+        "optimizer": {
+            "state": {0: {"momentum_buffer": torch.randn(4)}},
+            "param_groups": [{"lr": 0.03, "momentum": 0.9, "weight_decay": 1e-4, "params": [0]}],
+        },
+    }
+    path = tmp_path / "moco_v2_800ep_pretrain.pth.tar"
+    torch.save(checkpoint, path)
+    backbone = build_backbone("resnet50-mocov2", checkpoint=path, output_stride=16)
+    _assert_weights_equal(backbone.net, _body(resnet50_weights))
+
+    torch.save(resnet50_weights, tmp_path / "plain.pth")
+    with pytest.raises(ValueError, match="encoder_q"):
+        build_backbone("resnet50-mocov2", checkpoint=tmp_path / "plain.pth")
+
+
+def test_dino_release_loads_through_the_registry_at_full_size(tmp_path):
+    torch.manual_seed(1)
+    published = build_dino_vit("dino-vits16").state_dict()
+    path = tmp_path / "dino_deitsmall16_pretrain.pth"
+    torch.save(published, path)
+    backbone = build_backbone("dino-vits16", checkpoint=path)
+    _assert_weights_equal(backbone, published)
+    features = backbone(torch.rand(1, 3, 64, 48))
+    assert features["last"].shape == (1, 384, 4, 3)
+
+
+def test_dino_training_checkpoint_uses_teacher_and_strips_prefixes(tmp_path):
+    torch.manual_seed(2)
+    teacher = build_dino_vit("dino-vits16", depth=2).state_dict()
+    student = build_dino_vit("dino-vits16", depth=2).state_dict()
+    checkpoint = {
+        "teacher": {**{f"backbone.{k}": v for k, v in teacher.items()}, "head.last_layer.weight": torch.randn(4, 8)},
+        "student": {f"module.backbone.{k}": v for k, v in student.items()},
+        "epoch": 100,
+    }
+    path = tmp_path / "checkpoint.pth"
+    torch.save(checkpoint, path)
+    model = build_dino_vit("dino-vits16", depth=2)
+    load_into(model, convert_dino_checkpoint(load_state_dict(path), path), path)
+    _assert_weights_equal(model, teacher)
+
+    student_only = {"student": checkpoint["student"]}
+    model = build_dino_vit("dino-vits16", depth=2)
+    load_into(model, convert_dino_checkpoint(student_only, path), path)
+    _assert_weights_equal(model, student)
+
+
+@pytest.mark.parametrize("name", sorted(DINO_ARCHS))
+def test_dino_names_build_the_published_sizes(name):
+    dim, depth, heads, patch = DINO_ARCHS[name]
+    with torch.device("meta"):  # shapes only: no memory, no time
+        backbone = build_backbone(name, random_init=True)
+    assert (dim, depth, heads, patch) == {
+        "dino-vits8": (384, 12, 6, 8),
+        "dino-vits16": (384, 12, 6, 16),
+        "dino-vitb8": (768, 12, 12, 8),
+        "dino-vitb16": (768, 12, 12, 16),
+    }[name]
+    assert len(backbone.blocks) == depth and backbone.blocks[0].attn.heads == heads
+    assert backbone.pos_embed.shape == (1, 1 + (224 // patch) ** 2, dim)
+    assert backbone.patch_embed.proj.weight.shape == (dim, 3, patch, patch)
+    assert backbone.blocks[0].attn.qkv.weight.shape == (3 * dim, dim)
+    assert backbone.blocks[0].mlp.fc1.weight.shape == (4 * dim, dim)
+    assert backbone.channels == {"last": dim} and backbone.strides == {"last": patch}
+
+
+def test_wrong_architecture_lists_missing_and_misshapen_keys(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    with pytest.raises(ValueError) as caught:
+        build_backbone("resnet50-imagenet", checkpoint=path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "missing keys: layer1.0.conv3.weight" in message
+    assert "wrong shape" in message and "layer1.0.conv1.weight (64, 64, 3, 3) vs (64, 64, 1, 1)" in message
+
+
+def test_load_into_lists_first_ten_keys_with_counts():
+    module = nn.Sequential(*[nn.Linear(2, 2) for _ in range(15)])
+    state = {f"extra.{i}": torch.zeros(1) for i in range(3)}
+    with pytest.raises(ValueError) as caught:
+        load_into(module, state, "some/file.pth")
+    message = str(caught.value)
+    assert "'some/file.pth'" in message
+    assert "30 missing keys: 0.weight, 0.bias" in message and "(20 more)" in message
+    assert "3 unexpected keys: extra.0, extra.1, extra.2" in message
+    assert "14.bias" not in message  # only the first ten are listed
+
+
+def test_corrupt_and_truncated_files_raise_naming_the_file(tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"this is not a checkpoint" * 10)
+    with pytest.raises(ValueError, match="garbage.pth.*could not be read"):
+        load_state_dict(garbage)
+    whole = tmp_path / "whole.pth"
+    torch.save({"w": torch.randn(256, 256)}, whole)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated.pth.*could not be read"):
+        build_backbone("dino-vits16", checkpoint=truncated)
+    with pytest.raises(FileNotFoundError, match="absent.pth"):
+        build_backbone("resnet50-imagenet", checkpoint=tmp_path / "absent.pth")
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="expected a dict"):
+        load_state_dict(tmp_path / "list.pth")
+
+
+def test_unsafe_pickles_are_refused(tmp_path):
+    path = tmp_path / "pickled_module.pth"
+    torch.save({"model": nn.Linear(2, 2)}, path)  # a pickled object, not tensors
+    with pytest.raises(ValueError, match="pickled_module.pth"):
+        load_state_dict(path)
+
+
+def test_sha256_is_verified_by_full_digest_or_prefix(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save({"w": torch.ones(3)}, path)
+    digest = sha256_file(path)
+    assert resolve_checkpoint(path, None, digest, tmp_path) == path
+    assert resolve_checkpoint(path, None, digest[:8].upper(), tmp_path) == path
+    wrong = "0" * 64
+    with pytest.raises(ValueError) as caught:
+        resolve_checkpoint(path, None, wrong, tmp_path)
+    assert str(path) in str(caught.value) and wrong in str(caught.value) and digest in str(caught.value)
+    with pytest.raises(ValueError, match="hexadecimal"):
+        resolve_checkpoint(path, None, "not-a-digest", tmp_path)
+    with pytest.raises(ValueError, match="SHA-256"):
+        build_backbone("dino-vits16", checkpoint=path, checkpoint_sha256=wrong)
+
+
+def test_url_is_downloaded_once_into_the_cache(tmp_path):
+    source = tmp_path / "served" / "model.pth"
+    source.parent.mkdir()
+    torch.save({"w": torch.arange(5.0)}, source)
+    cache = tmp_path / "cache"
+    cached = resolve_checkpoint(None, source.as_uri(), sha256_file(source), cache)
+    assert cached == cache / "model.pth" and cached.read_bytes() == source.read_bytes()
+    source.unlink()  # the second call must not need the source any more
+    assert resolve_checkpoint(None, source.as_uri(), None, cache) == cached
+    with pytest.raises(ValueError, match="could not download.*checkpoint path"):
+        resolve_checkpoint(None, (tmp_path / "missing.pth").as_uri(), None, cache)
+    assert sorted(p.name for p in cache.iterdir()) == ["model.pth"]  # no partial file left behind
+    with pytest.raises(ValueError, match="no checkpoint"):
+        resolve_checkpoint(None, None, None, cache)
+
+
+@pytest.mark.parametrize("stride", [8, 16])
+def test_resnet_output_shapes_and_strides(stride):
+    backbone = build_backbone("resnet50-imagenet", output_stride=stride, random_init=True)
+    assert backbone.mid_layers == ("layer2", "layer3") and backbone.high_layer == "layer4"
+    assert backbone.embed_layer == "layer4"
+    expected_strides = {8: [4, 8, 8, 8], 16: [4, 8, 16, 16]}[stride]
+    assert [backbone.strides[f"layer{i}"] for i in range(1, 5)] == expected_strides
+    with torch.no_grad():
+        features = backbone(torch.rand(2, 3, 64, 64))
+    assert set(features) == set(backbone.channels)
+    for layer, value in features.items():
+        size = math.ceil(64 / backbone.strides[layer])
+        assert value.shape == (2, backbone.channels[layer], size, size), layer
+
+
+def test_vit_grid_is_ceil_of_input_over_patch_and_pos_embed_interpolates():
+    backbone = build_backbone("dino-vits8", random_init=True)
+    backbone.blocks = backbone.blocks[:1]  # the shape logic does not depend on depth
+    with torch.no_grad():
+        features = backbone(torch.rand(1, 3, 60, 33))
+    assert features["last"].shape == (1, 384, 8, 5)
+    assert torch.equal(backbone.grid_pos_embed(28, 28), backbone.pos_embed)
+    with torch.no_grad():
+        backbone.pos_embed[:, 1:] = 0.25  # a constant embedding stays constant when resized
+    resized = backbone.grid_pos_embed(7, 5)
+    assert resized.shape == (1, 36, 384)
+    assert torch.allclose(resized[:, 1:], torch.full_like(resized[:, 1:], 0.25), atol=1e-5)
+
+
+def test_input_is_normalised_internally():
+    backbone = build_backbone("resnet50-imagenet", output_stride=32, random_init=True)
+    images = torch.rand(1, 3, 32, 32)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        via_forward = backbone(images)["layer4"]
+        via_extract = backbone.extract((images - mean) / std)["layer4"]
+    assert torch.allclose(via_forward, via_extract)
+    with pytest.raises(ValueError, match=r"\[B,3,H,W\]"):
+        backbone((images * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match=r"\[B,3,H,W\]"):
+        backbone(torch.rand(1, 1, 32, 32))
+
+
+class _Parent(nn.Module):
+    """A model holding a frozen backbone and a trainable head, as the FSS model does."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Conv2d(2048, 2, 1)
+
+
+def test_backbone_stays_frozen_inside_a_training_parent():
+    backbone = build_backbone("resnet50-imagenet", output_stride=32, random_init=True)
+    assert isinstance(backbone, FeatureBackbone)
+    parent = _Parent(backbone).train()
+    assert parent.training and parent.head.training
+    assert not any(m.training for m in backbone.modules())
+    assert not any(p.requires_grad for p in backbone.parameters())
+    bn = backbone.net.bn1
+    before = (bn.running_mean.clone(), bn.running_var.clone())
+    logits = parent.head(backbone(torch.rand(2, 3, 32, 32))["layer4"])
+    logits.sum().backward()
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert parent.head.weight.grad is not None
+    assert all(p.grad is None for p in backbone.parameters())
+
+
+def test_freeze_guards_modules_not_derived_from_feature_backbone():
+    plain = freeze(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    parent = nn.ModuleDict({"backbone": plain, "head": nn.Linear(2, 2)}).train()
+    assert parent["head"].training and not plain.training and not plain[1].training
+    assert not any(p.requires_grad for p in plain.parameters())
+
+
+def test_demo_backbone_takes_no_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="no weights"):
+        build_backbone("demo-colortexture", checkpoint=tmp_path / "x.pth")
+
+
+def test_demo_backbone_is_registered_frozen():
+    pytest.importorskip("umtfss.backbones.demo", reason="demo backbone module not written yet")
+    backbone = build_backbone("demo-colortexture")
+    assert backbone.name == "demo-colortexture" and backbone.checkpoint_sha256 is None
+    nn.ModuleDict({"backbone": backbone}).train()
+    assert not backbone.training
+    assert not any(p.requires_grad for p in backbone.parameters())
+
+
+def test_unwrap_rejects_checkpoints_without_tensors(tmp_path):
+    with pytest.raises(ValueError, match="holds no tensors"):
+        unwrap_state_dict({"epoch": 3, "arch": "resnet50"}, tmp_path / "meta.pth")

@@ -1,0 +1,84 @@
+"""Configuration: defaults from the schema, and errors that name the key, the value and what is allowed."""
+
+import json
+
+import pytest
+import yaml
+
+from pathlib import Path
+
+from umtfss import config as cfg
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_fill_every_section():
+    c = cfg.load(None)
+    assert c["clustering"]["clusters"] == 50
+    assert c["model"]["prototypes_fg"] == 50 and c["model"]["prototypes_bg"] == 100
+    assert c["datasets"]["pascal"]["min_class_pixels"] == 2048
+    assert c["datasets"]["coco"]["fold_convention"] == "interleaved"
+    assert c["training"]["lr_sgd"] == 0.01 and c["training"]["lr_adamw"] == 1e-4
+
+
+def test_schema_documents_every_key():
+    def walk(node, path):
+        for name, sub in node.get("properties", {}).items():
+            assert "description" in sub, f"{path}{name} has no description"
+            if sub.get("type") == "object":
+                walk(sub, f"{path}{name}.")
+            else:
+                assert "default" in sub, f"{path}{name} has no default"
+
+    walk(cfg.schema(), "")
+
+
+def test_repo_config_is_valid():
+    c = cfg.load(REPO / "config.yaml")
+    assert c["demo"]["enabled"] is True
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ({"unlabeled": {"source": "imagenet"}}, ["unlabeled.source", "imagenet", "pascal, coco, folder"]),
+        ({"evaluation": {"folds": [7]}}, ["evaluation.folds[0]", "7", "maximum 3"]),
+        ({"evaluation": {"shots": [0]}}, ["evaluation.shots[0]", "0", "minimum 1"]),
+        ({"clustering": {"clustrs": 4}}, ["clustrs", "clusters"]),
+        ({"model": {"dim": 30, "heads": 8}}, ["model.dim", "model.heads"]),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(override, words):
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.load(override)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_missing_root_is_reported_when_paths_are_checked(tmp_path):
+    c = {"demo": {"enabled": False}, "datasets": {"pascal": {"root": str(tmp_path / "nope")}}}
+    cfg.load(c)  # paths are not checked by default
+    with pytest.raises(cfg.ConfigError, match="datasets.pascal.root"):
+        cfg.load(c, check_paths=True)
+
+
+def test_folder_source_needs_a_folder():
+    with pytest.raises(cfg.ConfigError, match="unlabeled.folder"):
+        cfg.load({"unlabeled": {"source": "folder"}})
+
+
+def test_load_accepts_inline_json_and_yaml_file(tmp_path):
+    inline = json.dumps({"clustering": {"clusters": 7}})
+    assert cfg.load(inline)["clustering"]["clusters"] == 7
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"clustering": {"clusters": 9}}))
+    assert cfg.load(str(path))["clustering"]["clusters"] == 9
+    with pytest.raises(cfg.ConfigError, match="does not exist"):
+        cfg.load(str(tmp_path / "missing.yaml"))
+
+
+def test_paper_episode_counts():
+    c = cfg.load(None)
+    assert cfg.test_episodes(c, "pascal") == 1000 and cfg.test_episodes(c, "coco") == 5000
+    c["evaluation"]["episodes"] = 5000
+    assert cfg.test_episodes(c, "pascal") == 5000

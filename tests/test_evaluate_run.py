@@ -1,0 +1,231 @@
+"""End-to-end `evaluate` on a tiny generated val set: scores against independently computed values."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from umtfss.cli import main
+from umtfss.config import load
+from umtfss.evaluation.predictors import build_predictor
+from umtfss.evaluation.run import evaluate
+from umtfss.evaluation.sampler import sample_episodes
+
+GREY = 128
+COLOURS = {1: (255, 0, 0), 2: (0, 255, 0)}
+TEST_SIZE = 80  # 40x20 and 20x40 images scale by whole factors: predictions map exactly onto labels
+
+
+def _draw(image, label, class_id, top, left, height, width):
+    """A coloured rectangle whose outermost ring is labelled ignore (255), like VOC's object borders."""
+    image[top:top + height, left:left + width] = COLOURS[class_id]
+    label[top:top + height, left:left + width] = 255
+    label[top + 1:top + height - 1, left + 1:left + width - 1] = class_id
+
+
+def _place(rng, h, w, taken):
+    """A random box (top, left, height, width) at least 2 px away from every box in `taken`."""
+    while True:
+        bh, bw = int(rng.integers(5, h // 2 + 3)), int(rng.integers(5, w // 2 + 3))
+        top, left = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+        if all(top >= t + th + 2 or t >= top + bh + 2 or left >= lf + tw + 2 or lf >= left + bw + 2
+               for t, lf, th, tw in taken):
+            return top, left, bh, bw
+
+
+def _make_val_set(root):
+    """8 val PNGs, landscape 40x20 and portrait 20x40: class 1 (red) in images 0-5, class 2 (green) in 2-7."""
+    rng = np.random.default_rng(0)
+    images, image_classes = [], []
+    for i in range(8):
+        h, w = (20, 40) if i % 2 == 0 else (40, 20)
+        image = np.full((h, w, 3), GREY, np.uint8)
+        label = np.zeros((h, w), np.uint8)
+        taken = []
+        for class_id, present in ((1, i < 6), (2, i >= 2)):
+            if present:
+                taken.append(_place(rng, h, w, taken))
+                _draw(image, label, class_id, *taken[-1])
+        image_path, label_path = root / f"img{i}.png", root / f"img{i}_label.png"
+        Image.fromarray(image).save(image_path)
+        Image.fromarray(label).save(label_path)
+        images.append((f"img{i}", "val", str(image_path), str(label_path), h, w))
+        for class_id in (1, 2):
+            pixels = int((label == class_id).sum())
+            image_classes.append((f"img{i}", "val", class_id, pixels, pixels > 0))
+    tables = root / "tables"
+    tables.mkdir()
+    pd.DataFrame(images, columns=["image_id", "split", "image_path", "label_path", "height", "width"]).to_parquet(
+        tables / "images.parquet")
+    pd.DataFrame([(1, "red", 0), (2, "green", 0), (3, "blue", 1)], columns=["class_id", "name", "fold"]).to_parquet(
+        tables / "classes.parquet")
+    pd.DataFrame(image_classes, columns=["image_id", "split", "class_id", "pixels", "present"]).to_parquet(
+        tables / "image_classes.parquet")
+    return tables
+
+
+class QuadrantColourOracle:
+    """Foreground = pixels of the supports' foreground colour, but only in the input's top-left quadrant.
+
+    The quadrant covers different parts of the original image under the two resolutions, so the two
+    scoring paths give different, independently computable scores.
+    """
+
+    def predict(self, query, supports, support_masks):
+        weights = support_masks[:, :, None]
+        colour = (supports * weights).sum((1, 3, 4)) / weights.sum((1, 3, 4))
+        to_object = ((query - colour[:, :, None, None]) ** 2).sum(1)
+        to_grey = ((query - GREY / 255) ** 2).sum(1)
+        foreground = to_object < to_grey
+        half = query.shape[-1] // 2
+        foreground[:, half:, :] = False
+        foreground[:, :, half:] = False
+        return torch.stack([~foreground, foreground], 1).float()
+
+
+def _oracle_build(method, config, checkpoint, device):
+    return QuadrantColourOracle() if method == "oracle" else build_predictor(method, config, checkpoint, device)
+
+
+def _config(resolution, **evaluation):
+    evaluation = {"folds": [0], "shots": [1, 2], "seeds": [1, 2], "episodes": 12, "test_size": TEST_SIZE,
+                  "batch_size": 5, "resolution": resolution, "device": "cpu", **evaluation}
+    return load({"evaluation": evaluation})
+
+
+def _expected(tables, shot, seed, predicted_region):
+    """mIoU, FB-IoU (percent) and per-class IoU computed with plain numpy at the original label size."""
+    episodes = sample_episodes(pd.read_parquet(tables / "image_classes.parquet"), [1, 2], shot, 12, seed)
+    labels = {r.image_id: np.asarray(Image.open(r.label_path))
+              for r in pd.read_parquet(tables / "images.parquet").itertuples()}
+    inter, union = {1: 0, 2: 0}, {1: 0, 2: 0}
+    fb = np.zeros((2, 2))  # [fg, bg] x [I, U]
+    for row in episodes.itertuples():
+        label = labels[row.query_id]
+        valid = label != 255
+        truth = (label == row.class_id) & valid
+        pred = (label == row.class_id) & predicted_region(label.shape) & valid
+        inter[row.class_id] += (pred & truth).sum()
+        union[row.class_id] += (pred | truth).sum()
+        fb[0] += [(pred & truth).sum(), (pred | truth).sum()]
+        fb[1] += [(~pred & ~truth & valid).sum(), ((~pred | ~truth) & valid).sum()]
+    per_class = {c: 100 * inter[c] / union[c] for c in (1, 2) if union[c] or c in set(episodes["class_id"])}
+    return np.mean(list(per_class.values())), 50 * (fb[0, 0] / fb[0, 1] + fb[1, 0] / fb[1, 1]), per_class
+
+
+def _half_of_long_side(shape):  # original: the input quadrant is the first half of the long side
+    h, w = shape
+    rows, cols = np.indices(shape)
+    return cols < w // 2 if w > h else rows < h // 2
+
+
+def _top_left_quadrant(shape):  # resized: the quadrant is the top-left quarter of the image
+    h, w = shape
+    rows, cols = np.indices(shape)
+    return (rows < h // 2) & (cols < w // 2)
+
+
+@pytest.mark.parametrize("resolution, region", [("original", _half_of_long_side), ("resized", _top_left_quadrant)])
+def test_oracle_scores_match_independent_computation(tmp_path, resolution, region):
+    torch.set_num_threads(1)
+    tables = _make_val_set(tmp_path)
+    out, classes_out = tmp_path / "results" / "eval_pascal.csv", tmp_path / "results" / "eval_pascal_classes.csv"
+    evaluate(_config(resolution), "pascal", tables, {"oracle": None}, out, classes_out,
+             meta={"embedder": "demo", "run": "t"}, build=_oracle_build)
+    scores, per_class = pd.read_csv(out), pd.read_csv(classes_out)
+    assert list(scores.columns) == ["method", "backbone", "embedder", "clusters", "fold", "shot", "seed", "miou",
+                                    "fbiou", "episodes", "resolution", "test_size", "run"]
+    assert list(per_class.columns) == ["method", "fold", "shot", "seed", "class_id", "class_name", "iou", "episodes"]
+    assert len(scores) == 4 and set(scores["episodes"]) == {12} and set(scores["resolution"]) == {resolution}
+    assert set(scores["embedder"]) == {"demo"} and set(scores["backbone"]) == {"resnet50-imagenet"}
+    assert set(per_class["class_id"]) <= {1, 2}  # fold 0 only
+    for row in scores.itertuples():
+        miou, fbiou, expected_class = _expected(tables, row.shot, row.seed, region)
+        assert row.miou == pytest.approx(miou, abs=0.006)
+        assert row.fbiou == pytest.approx(fbiou, abs=0.006)
+        got = per_class[(per_class["shot"] == row.shot) & (per_class["seed"] == row.seed)]
+        assert dict(zip(got["class_id"], got["iou"])) == pytest.approx(expected_class, abs=0.006)
+        assert got["episodes"].sum() == 12
+        assert set(got["class_name"]) <= {"red", "green"}
+    # the two resolution paths score different pixels
+    other = _top_left_quadrant if region is _half_of_long_side else _half_of_long_side
+    assert abs(_expected(tables, 1, 1, other)[0] - _expected(tables, 1, 1, region)[0]) > 1
+
+
+def test_all_background_via_cli(tmp_path, capsys):
+    torch.set_num_threads(1)
+    tables = _make_val_set(tmp_path)
+    out, classes_out = tmp_path / "eval.csv", tmp_path / "eval_classes.csv"
+    config = json.dumps({"evaluation": {"folds": [0], "shots": [1], "seeds": [3], "episodes": 7,
+                                        "test_size": TEST_SIZE, "device": "cpu"}})
+    code = main(["evaluate", "--config", config, "--dataset", "pascal", "--tables", str(tables),
+                 "--method", "all-background", "--out", str(out), "--classes-out", str(classes_out),
+                 "--meta", "clusters=30", "--meta", "setting=all", "--workers", "1"])
+    assert code == 0
+    scores = pd.read_csv(out)
+    assert scores.loc[0, "miou"] == 0 and scores.loc[0, "clusters"] == 30 and scores.loc[0, "setting"] == "all"
+    # all-background: fg IoU 0, bg IoU = true background / valid pixels, over the query images
+    episodes = sample_episodes(pd.read_parquet(tables / "image_classes.parquet"), [1, 2], 1, 7, 3)
+    background = valid = 0
+    for row in episodes.itertuples():
+        label = np.asarray(Image.open(tables.parent / f"{row.query_id}_label.png"))
+        background += ((label != row.class_id) & (label != 255)).sum()
+        valid += (label != 255).sum()
+    assert scores.loc[0, "fbiou"] == pytest.approx(50 * background / valid, abs=0.006)
+    assert "all-background" in capsys.readouterr().out  # the summary table
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_errors_are_reported(tmp_path, capsys):
+    tables = _make_val_set(tmp_path)
+    fold0 = json.dumps({"evaluation": {"folds": [0], "episodes": 4, "test_size": 32, "device": "cpu"}})
+    args = ["evaluate", "--config", fold0, "--dataset", "pascal", "--tables", str(tables),
+            "--out", str(tmp_path / "o.csv"), "--classes-out", str(tmp_path / "c.csv"), "--workers", "0"]
+    assert main(args + ["--method", "unsup"]) == 1
+    assert "needs a checkpoint" in capsys.readouterr().err
+    assert main(args[:6] + [str(tmp_path / "nowhere")] + args[7:] + ["--method", "all-background"]) == 1
+    assert "images.parquet" in capsys.readouterr().err
+    # fold 1 holds class 3, which is in no image: a clear error, nothing written
+    assert main(args[:2] + ['{"evaluation": {"folds": [0, 1]}}'] + args[3:] + ["--method", "all-background"]) == 1
+    assert "class 3: 0" in capsys.readouterr().err
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_prototype_threshold_with_registry_backbone(tmp_path):
+    """The training-free baseline built from the backbone registry separates the coloured objects."""
+    torch.set_num_threads(1)
+    tables = _make_val_set(tmp_path)
+    config = load({"model": {"backbone": "demo-colortexture"},
+                   "evaluation": {"folds": [0], "shots": [1], "seeds": [0], "episodes": 10, "test_size": 160,
+                                  "device": "cpu", "threshold": 0.7}})
+    scores, per_class = evaluate(config, "pascal", tables, {"prototype-threshold": None, "all-background": None},
+                                 tmp_path / "e.csv", tmp_path / "c.csv")
+    by_method = scores.set_index("method")
+    assert by_method.loc["all-background", "miou"] == 0
+    assert by_method.loc["prototype-threshold", "miou"] > 30
+    assert by_method.loc["prototype-threshold", "fbiou"] > by_method.loc["all-background", "fbiou"]
+
+
+def test_checkpoint_with_fold_placeholder_loads_one_model_per_fold(tmp_path):
+    """sup and finetune models are trained per fold: '{fold}' in a checkpoint path picks the fold's model."""
+    tables = _make_val_set(tmp_path)
+    built = []
+
+    def build(method, config, checkpoint, device):
+        built.append(checkpoint)
+        return _oracle_build(method, config, checkpoint, device)
+
+    import pandas as pd
+
+    classes = pd.read_parquet(tables / "classes.parquet")
+    classes = classes[classes.class_id != 3].copy()
+    classes.loc[classes.class_id == 2, "fold"] = 1  # one class per fold, both with val images
+    classes.to_parquet(tables / "classes.parquet")
+    config = _config("original", folds=[0, 1], shots=[1], seeds=[1, 2])
+    scores, _ = evaluate(config, "pascal", tables, {"oracle": "models/fold{fold}/checkpoint.pt"},
+                         tmp_path / "s.csv", tmp_path / "c.csv", build=build)
+    assert built == ["models/fold0/checkpoint.pt", "models/fold1/checkpoint.pt"]
+    assert sorted(scores["fold"]) == [0, 0, 1, 1]

@@ -1,0 +1,148 @@
+"""Tests of the fit stage: uniform subset of valid pixels, faiss on the whole subset, atomic outputs, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+
+from umtfss import cli
+from umtfss.clustering import fit
+from umtfss.clustering.fit import fit_centroids, sample_pixels, train_kmeans
+from umtfss.stores import EmbeddingStore, array_sha256, create_embedding_store
+
+
+def write_store(path, features, valid, dtype="float32"):
+    """An embedding store holding the given [n, gh, gw, C] features (padding cells filled with a marker)."""
+    n, gh, gw, dim = features.shape
+    attrs = {"image_ids": [f"im{i}" for i in range(n)], "backbone": "synthetic", "layer": "layer4", "stride": 8,
+             "image_size": gh * 8, "dim": dim, "dtype": dtype, "checkpoint_sha256": None, "preprocessing": "test",
+             "shard": 0, "num_shards": 1, "umtfss_version": "test"}
+    group = create_embedding_store(path, n, (gh, gw), dim, dtype, attrs)
+    group["features"][:] = features.astype(dtype)
+    group["valid"][:] = valid
+    group["sizes"][:] = np.asarray(valid) * 8
+    return path
+
+
+def clustered_store(path, n_images=12, grid=(10, 10), dim=8, centres=4, seed=0):
+    """Pixels drawn around `centres` unit vectors; padding cells hold a far-away marker vector."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(centres, dim))
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    feats = means[rng.integers(0, centres, (n_images, *grid))] + 0.05 * rng.normal(size=(n_images, *grid, dim))
+    feats /= np.linalg.norm(feats, axis=-1, keepdims=True)
+    valid = np.stack([rng.integers(3, grid[0] + 1, n_images), rng.integers(3, grid[1] + 1, n_images)], axis=1)
+    marker = np.zeros(dim)
+    marker[0] = 1e3
+    for i, (rows, cols) in enumerate(valid):
+        feats[i, rows:, :] = marker
+        feats[i, :, cols:] = marker
+    return write_store(path, feats, valid), feats, valid
+
+
+def test_subset_is_uniform_over_valid_pixels_only(tmp_path):
+    path, feats, valid = clustered_store(tmp_path / "e.zarr")
+    store = EmbeddingStore(path)
+    total = int((valid[:, 0] * valid[:, 1]).sum())
+    subset = sample_pixels(store, 300, seed=1)
+    assert subset.shape == (300, 8)
+    np.testing.assert_allclose(np.linalg.norm(subset, axis=1), 1.0, atol=1e-5)
+    valid_pixels = np.concatenate([feats[i, :r, :c].reshape(-1, 8) for i, (r, c) in enumerate(valid)])
+    # every sampled row is a valid pixel (no padding marker), and rows are distinct pixels
+    distances = ((subset[:, None, :] - valid_pixels[None].astype(np.float32)) ** 2).sum(-1).min(1)
+    assert distances.max() < 1e-8
+    assert len(np.unique(subset, axis=0)) == 300
+    # seeded: same seed same subset, other seed another; asking for more than exists gives everything
+    np.testing.assert_array_equal(subset, sample_pixels(store, 300, seed=1))
+    assert not np.array_equal(subset, sample_pixels(store, 300, seed=2))
+    assert sample_pixels(store, 10 * total, seed=0).shape[0] == total
+
+
+def test_subset_is_proportional_to_valid_area(tmp_path):
+    """Image 0 has 4x the valid area of image 1: it gets ~4x the pixels."""
+    feats = np.zeros((2, 20, 20, 2), np.float32)
+    feats[0, ..., 0] = 1
+    feats[1, ..., 1] = 1
+    store = EmbeddingStore(write_store(tmp_path / "p.zarr", feats, [[20, 20], [10, 10]]))
+    subset = sample_pixels(store, 250, seed=0)
+    share = (subset[:, 0] > 0.5).mean()
+    assert 0.72 < share < 0.88  # expected 0.8 (hypergeometric, sd ~0.01)
+
+
+class CountingKmeans(faiss.Kmeans):
+    """faiss.Kmeans that records how many points faiss was allowed to train on."""
+
+    seen = {}
+
+    def train(self, x, *args, **kwargs):
+        CountingKmeans.seen = {"n": x.shape[0], "k": self.k, "max_ppc": self.cp.max_points_per_centroid}
+        return super().train(x, *args, **kwargs)
+
+
+def test_fit_uses_the_whole_subset(tmp_path, monkeypatch):
+    path, _, _ = clustered_store(tmp_path / "e.zarr", n_images=30, grid=(14, 14))
+    monkeypatch.setattr(fit.faiss, "Kmeans", CountingKmeans)
+    subset_size = 1000  # > 2 clusters x 256: faiss's default would silently keep 512 of them
+    centroids, meta = fit_centroids([path], clusters=2, subset_pixels=subset_size, iterations=5, seed=3,
+                                    device="cpu", progress=False)
+    seen = CountingKmeans.seen
+    assert meta["subset_pixels"] == subset_size == seen["n"]
+    assert seen["k"] * seen["max_ppc"] >= seen["n"]  # faiss subsamples only above k * max_points_per_centroid
+    # the final objective is a sum over ALL subset points (a 512-point sample would give about a third)
+    subset = sample_pixels(EmbeddingStore(path), subset_size, seed=3)
+    all_points_objective = (subset @ centroids.T).max(1).sum()
+    assert meta["objective_final"] == pytest.approx(all_points_objective, rel=0.02)
+    # the same as a direct faiss run on the full subset
+    direct = train_kmeans(subset, 2, 5, 1, 3, gpu=False)
+    expected = direct.centroids / np.linalg.norm(direct.centroids, axis=1, keepdims=True)
+    np.testing.assert_allclose(centroids, expected, atol=1e-6)
+
+
+def test_centroids_recover_clusters_and_meta(tmp_path):
+    path, feats, valid = clustered_store(tmp_path / "e.zarr", centres=4)
+    centroids, meta = fit_centroids(EmbeddingStore(path), clusters=4, subset_pixels=800, iterations=10, redo=2,
+                                    seed=0, device="auto", progress=False)
+    assert centroids.shape == (4, 8) and centroids.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-6)
+    # every true centre is matched by a centroid at cosine > 0.99
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(4, 8))
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    assert (means @ centroids.T).max(1).min() > 0.99
+    assert meta["clusters"] == 4 and meta["seed"] == 0 and meta["redo"] == 2 and meta["gpu"] is False
+    assert 2 <= len(meta["objective"]) <= 10 * 2  # faiss stops a restart early once the objective stops changing
+    assert meta["valid_pixels"] == int((valid[:, 0] * valid[:, 1]).sum())
+    assert meta["embedding"]["backbone"] == "synthetic" and meta["faiss_version"] == faiss.__version__
+    assert meta["centroids_sha256"] == array_sha256(centroids)
+
+
+def test_errors(tmp_path):
+    path, _, _ = clustered_store(tmp_path / "e.zarr", n_images=1, grid=(3, 3))
+    with pytest.raises(ValueError, match="clusters"):
+        fit_centroids([path], clusters=20, subset_pixels=100, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="clustering.device"):
+        fit_centroids([path], clusters=2, subset_pixels=100, device="tpu", progress=False)
+    if faiss.get_num_gpus() == 0:
+        with pytest.raises(ValueError, match="faiss sees no GPU"):
+            fit.faiss_gpu("cuda")
+
+
+def test_cli_writes_outputs_atomically(tmp_path, monkeypatch, capsys):
+    path, _, _ = clustered_store(tmp_path / "e.zarr")
+    config = json.dumps({"clustering": {"clusters": 3, "subset_pixels": 200, "iterations": 4, "seed": 7}})
+    out_c, out_m = tmp_path / "k" / "centroids.npy", tmp_path / "k" / "fit.json"
+    argv = ["fit", "--config", config, "--embeddings", str(path), "--out-centroids", str(out_c), "--out-meta", str(out_m)]
+    assert cli.main(argv) == 0
+    meta = json.loads(out_m.read_text())
+    centroids = np.load(out_c)
+    assert centroids.shape == (3, 8) and meta["subset_pixels"] == 200 and meta["seed"] == 7
+    assert meta["centroids_sha256"] == array_sha256(centroids)
+    # a failing fit leaves the previous outputs untouched and no temporary files
+    monkeypatch.setattr(fit, "train_kmeans", lambda *a, **k: (_ for _ in ()).throw(ValueError("boom")))
+    assert cli.main(argv) == 1
+    assert "boom" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(out_c), centroids)
+    assert sorted(p.name for p in out_c.parent.iterdir()) == ["centroids.npy", "fit.json"]

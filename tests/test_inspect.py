@@ -1,0 +1,103 @@
+"""`umtfss inspect` on every artifact kind, and the label-store overlay PNG."""
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import zarr
+from PIL import Image
+
+from umtfss import cli
+from umtfss.inspect import overlay_image, summarise
+from umtfss.pseudo_episodes import build_episodes
+
+
+def write_label_store(tmp_path):
+    labels = np.full((3, 6, 6), -1, np.int16)
+    labels[:, :6, :4] = 1
+    labels[:, :2, :4] = 0
+    labels[2, 5, 3] = 4
+    store = zarr.open_group(str(tmp_path / "labels.zarr"), mode="w")
+    store.create_array("labels", data=labels, chunks=(1, 6, 6))
+    store.attrs.update({"image_ids": ["a", "b", "c"], "clusters": 5, "centroids_sha256": "abc"})
+    return tmp_path / "labels.zarr"
+
+
+def test_label_store_summary_and_overlay(tmp_path):
+    path = write_label_store(tmp_path)
+    text = summarise(path)
+    assert "array 'labels': shape (3, 6, 6), dtype int16, chunks (1, 6, 6)" in text
+    assert "clusters: 5" in text and "on disk" in text
+    # cluster sizes: 0 -> 3*8, 1 -> 3*16 - 1, 4 -> 1 (padding excluded)
+    assert "cluster 0         24" in text and "cluster 1         47" in text and "cluster 4          1" in text
+
+    rows = []
+    for image_id in "abc":
+        Image.fromarray(np.full((30, 45, 3), 200, np.uint8)).save(tmp_path / f"{image_id}.png")
+        rows.append({"image_id": image_id, "image_path": str(tmp_path / f"{image_id}.png")})
+    pd.DataFrame(rows).to_parquet(tmp_path / "images.parquet")
+    out = tmp_path / "overlay.png"
+    assert cli.main(["inspect", str(path), "--overlay", str(out), "--images", str(tmp_path / "images.parquet"), "--n", "2"]) == 0
+    picture = np.asarray(Image.open(out))
+    assert picture.shape == (192, 2 * 192, 3) and picture.std() > 0
+    assert not list(tmp_path.glob("overlay*tmp*"))
+
+
+def test_overlay_colours_follow_labels():
+    labels = np.array([[0, 1, -1], [0, 1, -1]])
+    colours = np.array([[255, 0, 0], [0, 0, 255]], np.uint8)
+    blended = overlay_image(np.zeros((4, 6, 3), np.uint8), labels, colours, alpha=1.0)
+    assert (blended[:, :3] == [255, 0, 0]).all() and (blended[:, 3:] == [0, 0, 255]).all()
+
+
+def test_episode_artifacts_npy_json_and_checkpoint(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    labels = np.zeros((4, 6, 6), np.int16)
+    labels[:, 2:5, 1:4] = 1
+    features = rng.normal(size=(4, 6, 6, 8))
+    features /= np.linalg.norm(features, axis=-1, keepdims=True)
+    emb = zarr.open_group(str(tmp_path / "emb.zarr"), mode="w")
+    emb.create_array("features", data=features.astype(np.float16), chunks=(1, 6, 6, 8))
+    emb.create_array("valid", data=np.full((4, 2), 6, np.int32))
+    emb.create_array("sizes", data=np.full((4, 2), 48, np.int32))
+    ids = ["p", "q", "r", "s"]
+    emb.attrs.update({"image_ids": ids, "stride": 8})
+    lab = zarr.open_group(str(tmp_path / "lab.zarr"), mode="w")
+    lab.create_array("labels", data=labels, chunks=(1, 6, 6))
+    lab.attrs.update({"image_ids": ids, "clusters": 2})
+    config = {"min_region_pixels": 4, "drop_background_like": True, "background_span": 0.95, "top_fraction": 0.5,
+              "max_candidates": 5000, "max_pool": 20000, "seed": 0}
+    paths = build_episodes([tmp_path / "lab.zarr"], [tmp_path / "emb.zarr"], tmp_path / "ep", config, progress=False)
+
+    regions = summarise(paths["regions"])
+    assert "(parquet, 4 rows" in regions and "cluster: int16" in regions
+    assert "regions per cluster:" in regions and "cluster 1          4" in regions
+    assert '"min_region_pixels": 4' in regions
+    candidates = summarise(paths["candidates"])
+    assert "candidate-list lengths: min 2, median 2, mean 2.0, max 2; 0 regions without candidates" in candidates
+    npy = summarise(paths["features"])
+    assert "shape (4, 8), dtype float16" in npy and "row norms" in npy and re.search(r"mean (0\.99|1\.00)", npy)
+    assert "feature norms of image 0" in summarise(tmp_path / "emb.zarr")
+
+    (tmp_path / "fit.json").write_text(json.dumps({"objective": 1.5, "clusters": 2}))
+    assert '"objective": 1.5' in summarise(tmp_path / "fit.json")
+
+    checkpoint = tmp_path / "checkpoint.pt"
+    torch.save({"model": torch.nn.Linear(3, 2).state_dict(), "step": 120, "epoch": 3,
+                "config": {"model": {"dim": 256}}}, checkpoint)
+    assert cli.main(["inspect", str(checkpoint)]) == 0
+    text = capsys.readouterr().out
+    assert "model: dict of 2 entries, 2 tensors, 8 values" in text
+    assert "step: 120" in text and "epoch: 3" in text and '"dim": 256' in text
+
+
+def test_unknown_artifact_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="expected a .zarr store"):
+        summarise(tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError):
+        summarise(tmp_path / "missing.parquet")
+    assert cli.main(["inspect", str(write_label_store(tmp_path)), "--overlay", str(tmp_path / "o.png")]) == 1

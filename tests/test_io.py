@@ -1,0 +1,154 @@
+"""Image/label reading of odd modes, corrupt files, PNG writing and atomic output paths."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from umtfss import io
+
+
+def _gradient(height=12, width=16):
+    return (np.arange(height * width).reshape(height, width) % 256).astype(np.uint8)
+
+
+def test_grayscale_and_palette_become_rgb(tmp_path):
+    gray = _gradient()
+    Image.fromarray(gray).save(tmp_path / "g.png")
+    rgb = io.read_rgb(tmp_path / "g.png")
+    assert rgb.shape == (12, 16, 3) and rgb.dtype == np.uint8 and rgb.flags.writeable
+    assert np.array_equal(rgb[..., 0], gray) and np.array_equal(rgb[..., 2], gray)
+
+    indices = (gray % 3).astype(np.uint8)
+    pal = Image.fromarray(indices)
+    pal.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 759)
+    pal.save(tmp_path / "p.png")
+    rgb = io.read_rgb(tmp_path / "p.png")
+    assert np.array_equal(rgb[indices == 1], np.tile([0, 255, 0], ((indices == 1).sum(), 1)))
+
+
+def test_alpha_is_composited_on_black(tmp_path):
+    rgba = np.full((8, 8, 4), 200, dtype=np.uint8)
+    rgba[:4, :, 3] = 0      # transparent top half
+    rgba[4:, :, 3] = 255
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    rgb = io.read_rgb(tmp_path / "a.png")
+    assert rgb.shape == (8, 8, 3)
+    assert (rgb[:4] == 0).all() and (rgb[4:] == 200).all()
+
+    la = Image.fromarray(np.full((5, 6), 100, np.uint8)).convert("LA")
+    la.putalpha(Image.fromarray(np.full((5, 6), 255, np.uint8)))
+    la.save(tmp_path / "la.png")
+    assert (io.read_rgb(tmp_path / "la.png") == 100).all()
+
+
+def test_cmyk_jpeg_and_16bit_tiff(tmp_path):
+    Image.new("CMYK", (10, 7), (0, 255, 255, 0)).save(tmp_path / "c.jpg")  # pure red in CMYK
+    rgb = io.read_rgb(tmp_path / "c.jpg")
+    assert rgb.shape == (7, 10, 3)
+    assert rgb[..., 0].mean() > 200 and rgb[..., 1].mean() < 60
+
+    values = np.array([[0, 65535], [32896, 257]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "d.tif")
+    rgb = io.read_rgb(tmp_path / "d.tif")
+    assert rgb.dtype == np.uint8 and rgb.shape == (2, 2, 3)
+    assert rgb[..., 0].tolist() == [[0, 255], [128, 1]]
+
+    Image.fromarray(values.astype(np.int32)).save(tmp_path / "i.tif")
+    assert io.read_rgb(tmp_path / "i.tif")[..., 1].tolist() == [[0, 255], [128, 1]]
+
+
+def test_multipage_tiff_gives_first_page(tmp_path):
+    pages = [Image.new("RGB", (4, 3), (10, 20, 30)), Image.new("RGB", (4, 3), (200, 0, 0))]
+    pages[0].save(tmp_path / "m.tiff", save_all=True, append_images=pages[1:])
+    assert io.read_rgb(tmp_path / "m.tiff")[0, 0].tolist() == [10, 20, 30]
+
+
+def test_exif_orientation_is_applied_and_matches_image_size(tmp_path):
+    image = Image.new("RGB", (20, 10), (50, 60, 70))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90
+    image.save(tmp_path / "r.jpg", exif=exif)
+    assert io.read_rgb(tmp_path / "r.jpg").shape == (20, 10, 3)
+    assert io.image_size(tmp_path / "r.jpg") == (20, 10)
+
+
+def test_corrupt_and_missing_files(tmp_path):
+    good = tmp_path / "good.jpg"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(good)
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(good.read_bytes()[:200])
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"this is not an image")
+    for path in (truncated, garbage):
+        with pytest.raises(io.ImageReadError) as caught:
+            io.read_rgb(path)
+        assert str(path) in str(caught.value) and isinstance(caught.value, ValueError)
+    with pytest.raises(FileNotFoundError, match="nothere.png"):
+        io.read_rgb(tmp_path / "nothere.png")
+
+
+def test_image_read_error_survives_pickling():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(io.ImageReadError("/x/y.png", "broken")))
+    assert err.path == "/x/y.png" and "broken" in str(err)
+
+
+def test_read_label_keeps_palette_indices(tmp_path):
+    indices = np.array([[0, 1, 15], [255, 20, 0]], dtype=np.uint8)
+    io.write_png(tmp_path / "l.png", indices, palette=io.voc_palette())
+    assert Image.open(tmp_path / "l.png").mode == "P"
+    label = io.read_label(tmp_path / "l.png")
+    assert np.array_equal(label, indices) and label.flags.writeable
+    assert io.voc_palette()[1] == (128, 0, 0) and io.voc_palette()[255] == (224, 224, 192)
+
+    io.write_png(tmp_path / "gray.png", indices)
+    assert Image.open(tmp_path / "gray.png").mode == "L"
+    assert np.array_equal(io.read_label(tmp_path / "gray.png"), indices)
+
+    Image.new("RGB", (3, 3)).save(tmp_path / "colour.png")
+    with pytest.raises(io.ImageReadError, match="colour.png"):
+        io.read_label(tmp_path / "colour.png")
+
+
+def test_write_png_rejects_bad_arrays(tmp_path):
+    with pytest.raises(ValueError, match="uint8"):
+        io.write_png(tmp_path / "x.png", np.zeros((3, 3), dtype=np.int32))
+    with pytest.raises(ValueError, match="shape"):
+        io.write_png(tmp_path / "x.png", np.zeros((3, 3, 4), dtype=np.uint8))
+    rgb = np.random.default_rng(0).integers(0, 255, (5, 4, 3), dtype=np.uint8)
+    io.write_png(tmp_path / "rgb.png", rgb)
+    assert np.array_equal(io.read_rgb(tmp_path / "rgb.png"), rgb)
+
+
+def test_atomic_path_renames_on_success_and_cleans_on_error(tmp_path):
+    target = tmp_path / "out" / "store.zarr"
+    with io.atomic_path(target) as temp:
+        assert temp.parent == target.parent and temp.suffix == ".zarr" and temp.name != target.name
+        temp.mkdir()
+        (temp / "a").write_text("first")
+    assert (target / "a").read_text() == "first"
+
+    with io.atomic_path(target) as temp:  # replaces an existing directory
+        temp.mkdir()
+        (temp / "b").write_text("second")
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(target) as temp:
+            temp.mkdir()
+            (temp / "c").write_text("half")
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["store.zarr"]
+
+    table = tmp_path / "t.parquet"
+    table.write_text("old")
+    with io.atomic_path(table) as temp:
+        assert temp.suffix == ".parquet"
+        temp.write_text("new")
+    assert table.read_text() == "new" and len(list(tmp_path.iterdir())) == 2
+
+
+def test_is_image_path_ignores_case():
+    assert io.is_image_path("a/B.JPG") and io.is_image_path("x.TiFf") and not io.is_image_path("x.gif")

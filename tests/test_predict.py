@@ -1,0 +1,92 @@
+"""`umtfss predict`: masks at the query's own size from a saved checkpoint, and clear input errors."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from umtfss.cli import main
+from umtfss.config import load
+from umtfss.io import write_png
+from umtfss.predict import predict_mask, read_support_mask
+from umtfss.training import checkpoint as ckpt
+
+torch.set_num_threads(1)
+
+TINY_MODEL = {"backbone": "demo-colortexture", "dim": 16, "heads": 2, "layers": 1, "prototypes_fg": 4,
+              "prototypes_bg": 8, "hash_bits": 8, "hash_iterations": 2}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A freshly initialised tiny checkpoint, a grayscale query of odd size, one RGB support + 0/255 mask."""
+    root = tmp_path_factory.mktemp("predict")
+    config = load({"model": dict(TINY_MODEL), "evaluation": {"test_size": 64}})
+    torch.manual_seed(0)
+    model, backbone = ckpt.build_fss_model(config["model"])
+    ckpt.save(root / "model.pt", config=config, method="unsup", model=ckpt.trainable_state(model, backbone), epoch=0, step=0)
+    Image.fromarray((np.random.default_rng(0).random((37, 53)) * 255).astype(np.uint8), mode="L").save(root / "query.jpg")
+    support = np.zeros((30, 44, 3), np.uint8)
+    support[5:20, 10:30] = (200, 30, 30)
+    write_png(root / "support.png", support)
+    mask = np.zeros((30, 44), np.uint8)
+    mask[5:20, 10:30] = 255
+    write_png(root / "mask.png", mask)
+    write_png(root / "small_mask.png", mask[:20])
+    return root
+
+
+def test_predict_writes_a_binary_mask_of_the_query_size(files, tmp_path):
+    out, overlay = tmp_path / "out" / "mask.png", tmp_path / "overlay.png"
+    code = main(["predict", "--checkpoint", str(files / "model.pt"), "--support", str(files / "support.png"),
+                 str(files / "mask.png"), "--support", str(files / "support.png"), str(files / "mask.png"),
+                 "--query", str(files / "query.jpg"), "--out", str(out), "--overlay", str(overlay), "--device", "cpu"])
+    assert code == 0
+    result = np.asarray(Image.open(out))
+    assert result.shape == (37, 53) and set(np.unique(result)) <= {0, 255}
+    assert np.asarray(Image.open(overlay)).shape == (37, 53, 3)
+    assert not list(out.parent.glob("*tmp*"))
+
+
+class RedIsForeground(torch.nn.Module):
+    """Stand-in model: foreground wherever the query is red; ignores the supports."""
+
+    def forward(self, query, supports, support_masks):
+        score = query[:, 0] - query[:, 1:].amax(1) - 0.5
+        return torch.stack([-score, score], dim=1)
+
+
+def test_prediction_is_mapped_back_to_the_original_geometry():
+    query = np.zeros((45, 90, 3), np.uint8)
+    query[10:30, 50:80] = (255, 0, 0)
+    support = (np.zeros((20, 20, 3), np.uint8), np.ones((20, 20), np.uint8))
+    mask = predict_mask(RedIsForeground(), query, [support], size=64)
+    expected = (query[..., 0] == 255).astype(np.uint8)
+    assert mask.shape == (45, 90)
+    assert (mask != expected).mean() < 0.02  # only boundary pixels may differ
+
+
+def test_support_mask_reading_conventions(tmp_path):
+    binary = np.array([[0, 255], [255, 0]], np.uint8)
+    write_png(tmp_path / "binary.png", binary)
+    np.testing.assert_array_equal(read_support_mask(tmp_path / "binary.png"), [[0, 1], [1, 0]])
+    indexed = np.array([[0, 7], [255, 3]], np.uint8)
+    write_png(tmp_path / "indexed.png", indexed)
+    np.testing.assert_array_equal(read_support_mask(tmp_path / "indexed.png"), [[0, 1], [255, 1]])
+    write_png(tmp_path / "rgb.png", np.stack([binary * 0, binary, binary * 0], axis=2))
+    np.testing.assert_array_equal(read_support_mask(tmp_path / "rgb.png"), [[0, 1], [1, 0]])
+
+
+def test_missing_and_mismatched_files_are_named(files, tmp_path, capsys):
+    base = ["predict", "--checkpoint", str(files / "model.pt"), "--query", str(files / "query.jpg"),
+            "--out", str(tmp_path / "m.png"), "--device", "cpu"]
+    assert main(base + ["--support", str(files / "support.png"), str(files / "nope.png")]) == 1
+    err = capsys.readouterr().err
+    assert "support mask" in err and "nope.png" in err
+    assert main(base + ["--support", str(files / "support.png"), str(files / "small_mask.png")]) == 1
+    err = capsys.readouterr().err
+    assert "small_mask.png" in err and "same size" in err
+    bad_ckpt = ["--checkpoint", str(tmp_path / "absent.pt")]
+    assert main(base[:1] + bad_ckpt + base[3:] + ["--support", str(files / "support.png"), str(files / "mask.png")]) == 1
+    assert "absent.pt" in capsys.readouterr().err
+    assert not (tmp_path / "m.png").exists()

@@ -1,0 +1,195 @@
+"""Pseudo episodes: region filters, the top-fraction candidate rule, and the sampler's masks and supports."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+import zarr
+from PIL import Image
+
+from umtfss import cli
+from umtfss.pseudo_episodes import (
+    CANDIDATES_FILE, FEATURES_FILE, REGIONS_FILE, PseudoEpisodes, build_regions, candidates_of,
+    compute_candidates, read_metadata, resize_nearest,
+)
+
+GRID = 8
+DIM = 6
+
+
+def write_stores(tmp_path, labels, features, valid, image_ids, clusters, name="shard-0-of-1"):
+    """A label store and an embedding store in the architecture's layout."""
+    n = len(image_ids)
+    emb = zarr.open_group(str(tmp_path / f"emb-{name}.zarr"), mode="w")
+    emb.create_array("features", data=features.astype(np.float16), chunks=(1, GRID, GRID, DIM))
+    emb.create_array("valid", data=np.asarray(valid, np.int32))
+    emb.create_array("sizes", data=np.full((n, 2), 32, np.int32))
+    emb.attrs.update({"image_ids": image_ids, "stride": 8, "image_size": 64, "dim": DIM})
+    lab = zarr.open_group(str(tmp_path / f"lab-{name}.zarr"), mode="w")
+    lab.create_array("labels", data=labels.astype(np.int16), chunks=(1, GRID, GRID))
+    lab.attrs.update({"image_ids": image_ids, "clusters": clusters, "image_size": 64})
+    return tmp_path / f"lab-{name}.zarr", tmp_path / f"emb-{name}.zarr"
+
+
+def unit(rng, shape):
+    x = rng.normal(size=shape)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_region_filters_and_masked_average(tmp_path):
+    labels = np.full((1, GRID, GRID), -1)
+    labels[0, :6, :7] = 3            # valid part 6 x 7, cluster 3 fills what is left
+    labels[0, :6, 0] = 0             # spans the full valid height -> background-like
+    labels[0, 1, 2:4] = 1            # 2 cells -> below min area 3
+    labels[0, 2:4, 3:6] = 2          # 6 cells, 2 x 3 box -> kept
+    rng = np.random.default_rng(0)
+    features = unit(rng, (1, GRID, GRID, DIM))
+    lab, emb = write_stores(tmp_path, labels, features, [[6, 7]], ["img"], clusters=4)
+
+    table, feats = build_regions([lab], [emb], 4, min_region_pixels=3, drop_background_like=True, background_span=0.95)
+    # cluster 3 covers 6*7 - 6 - 2 - 6 = 28 cells and spans the full width -> background-like too
+    assert table["cluster"].tolist() == [2]
+    row = table.iloc[0]
+    assert (row.area, row.y0, row.x0, row.y1, row.x1, row.valid_h, row.valid_w) == (6, 2, 3, 4, 6, 6, 7)
+    expected = features[0, 2:4, 3:6].astype(np.float16).astype(np.float32).reshape(-1, DIM).mean(0)
+    np.testing.assert_allclose(feats[0], expected / np.linalg.norm(expected), atol=2e-3)
+
+    kept = build_regions([lab], [emb], 4, min_region_pixels=3, drop_background_like=False)[0]
+    assert sorted(kept["cluster"]) == [0, 2, 3]
+    assert sorted(build_regions([lab], [emb], 4, min_region_pixels=1, drop_background_like=False)[0]["cluster"]) == [0, 1, 2, 3]
+
+
+def brute_force_candidates(features, clusters, images, query, pool_rows, fraction, cap):
+    eligible = [r for r in pool_rows if images[r] != images[query]]
+    sims = features[eligible].astype(np.float64) @ features[query].astype(np.float64)
+    k = min(cap, math.ceil(fraction * len(eligible)))
+    return set(np.asarray(eligible)[np.argsort(-sims)[:k]].tolist())
+
+
+@pytest.mark.parametrize("fraction,cap,max_pool", [(0.5, 5000, 20000), (0.3, 4, 20000), (0.5, 5000, 17)])
+def test_candidates_match_brute_force_top_fraction(fraction, cap, max_pool):
+    rng = np.random.default_rng(1)
+    n = 90
+    features = unit(rng, (n, 16)).astype(np.float16)
+    clusters = rng.integers(0, 3, size=n)
+    images = rng.integers(0, 40, size=n)  # some images hold several regions of a cluster
+    table = compute_candidates(features, clusters, images, fraction, cap, max_pool, seed=3, progress=False)
+    for query in range(n):
+        pool = np.flatnonzero((clusters == clusters[query]) & table["in_pool"].to_numpy())
+        expected = brute_force_candidates(features, clusters, images, query, pool, fraction, cap)
+        got = candidates_of(query, features, pool, images, float(table["threshold"][query]))
+        assert set(got.tolist()) == expected
+        assert table["num_candidates"][query] == len(expected)
+        assert query not in expected and all(images[r] != images[query] for r in got)
+    sizes = np.bincount(clusters)
+    assert table.groupby("cluster")["in_pool"].sum().tolist() == np.minimum(sizes, max_pool).tolist()
+
+
+def write_dataset(tmp_path, n_images=8, clusters=3):
+    """Images of varied sizes with label/embedding stores in 2 shards and an images table."""
+    rng = np.random.default_rng(5)
+    centres = unit(rng, (clusters, DIM))
+    rows, paths = [], []
+    for shard in range(2):
+        ids = [f"im{shard}{i}" for i in range(n_images // 2)]
+        labels = np.full((len(ids), GRID, GRID), -1)
+        features = np.zeros((len(ids), GRID, GRID, DIM))
+        valid = []
+        for j, image_id in enumerate(ids):
+            vh, vw = (GRID, 6) if j % 2 else (5, GRID)
+            cells = np.zeros((vh, vw), int)  # quadrants; quadrants 0 and 3 share a cluster (background-like)
+            for q, (ys, xs) in enumerate([(slice(0, vh // 2), slice(0, vw // 2)), (slice(0, vh // 2), slice(vw // 2, vw)),
+                                          (slice(vh // 2, vh), slice(0, vw // 2)), (slice(vh // 2, vh), slice(vw // 2, vw))]):
+                cells[ys, xs] = (j + shard + q) % clusters
+            labels[j, :vh, :vw] = cells
+            features[j, :vh, :vw] = unit(rng, (vh, vw, DIM)) * 0.3 + centres[cells]
+            features[j] /= np.maximum(np.linalg.norm(features[j], axis=-1, keepdims=True), 1e-9)
+            valid.append([vh, vw])
+            h, w = (37, 23) if j % 2 else (20, 31)
+            path = tmp_path / f"{image_id}.png"
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+            rows.append({"image_id": image_id, "split": "train", "image_path": str(path), "label_path": None,
+                         "height": h, "width": w})
+        paths.append(write_stores(tmp_path, labels, features, valid, ids, clusters, name=f"shard-{shard}-of-2"))
+    images = tmp_path / "images.parquet"
+    pd.DataFrame(rows).to_parquet(images)
+    return [p[0] for p in paths], [p[1] for p in paths], images
+
+
+def torch_nearest(grid_mask, size):
+    return F.interpolate(torch.from_numpy(grid_mask.astype(np.float32))[None, None], size=size, mode="nearest")[0, 0].numpy()
+
+
+def test_episodes_stage_and_sampler(tmp_path):
+    labels, embeddings, images = write_dataset(tmp_path)
+    out = tmp_path / "episodes"
+    config = '{"episodes": {"min_region_pixels": 2}}'
+    assert cli.main(["episodes", "--config", config, "--labels", *map(str, labels),
+                     "--embeddings", *map(str, embeddings), "--out-dir", str(out)]) == 0
+    for name in (REGIONS_FILE, CANDIDATES_FILE, FEATURES_FILE):
+        assert (out / name).is_file()
+    assert not list(out.glob("*tmp*"))
+    meta = read_metadata(out / CANDIDATES_FILE)
+    assert meta["parameters"]["min_region_pixels"] == 2 and meta["clusters"] == 3
+
+    episodes = PseudoEpisodes(out, labels, images)
+    regions = episodes.regions
+    assert len(episodes) == int((pd.read_parquet(out / CANDIDATES_FILE)["num_candidates"] > 0).sum()) > 0
+    store = {}
+    for path in labels:
+        group = zarr.open_group(str(path), mode="r")
+        store.update(zip(group.attrs["image_ids"], np.asarray(group["labels"][:])))
+    rng = np.random.default_rng(0)
+    for index in range(len(episodes)):
+        ep = episodes.episode(index, rng, shots=2)
+        query = int(episodes.queries[index])
+        assert ep.query_id == regions["image_id"][query] and ep.class_id == regions["cluster"][query]
+        assert ep.query_image.shape[:2] == ep.query_mask.shape
+        grid = store[ep.query_id]
+        vh, vw = (grid >= 0).any(1).sum(), (grid >= 0).any(0).sum()
+        np.testing.assert_array_equal(ep.query_mask, torch_nearest(grid[:vh, :vw] == ep.class_id, ep.query_mask.shape))
+        candidates = set(regions["image_id"][episodes.candidate_rows(query)])
+        assert len(ep.support_ids) == 2 and set(ep.support_ids) <= candidates
+        assert ep.query_id not in ep.support_ids
+        for image, mask, image_id in zip(ep.support_images, ep.support_masks, ep.support_ids):
+            assert image.shape[:2] == mask.shape and mask.any()
+            sgrid = store[image_id]
+            sh, sw = (sgrid >= 0).any(1).sum(), (sgrid >= 0).any(0).sum()
+            np.testing.assert_array_equal(mask, resize_nearest((sgrid[:sh, :sw] == ep.class_id).astype(np.uint8), mask.shape))
+
+    # 'fold' setting: queries and supports only from the allowed images
+    allowed = ["im00", "im01", "im10", "im11", "im12"]
+    restricted = PseudoEpisodes(out, labels, images, image_ids=allowed)
+    assert 0 < len(restricted) < len(episodes)
+    for index in range(len(restricted)):
+        ep = restricted.episode(index, rng, shots=1)
+        assert ep.query_id in allowed and set(ep.support_ids) <= set(allowed)
+
+
+def test_draws_are_uniform_over_candidates(tmp_path):
+    labels, embeddings, images = write_dataset(tmp_path, n_images=16, clusters=2)
+    out = tmp_path / "episodes"
+    assert cli.main(["episodes", "--config", '{"episodes": {"min_region_pixels": 1, "drop_background_like": false}}',
+                     "--labels", *map(str, labels), "--embeddings", *map(str, embeddings), "--out-dir", str(out)]) == 0
+    episodes = PseudoEpisodes(out, labels, images)
+    query = int(episodes.queries[0])
+    candidates = episodes.candidate_rows(query)
+    assert candidates.size >= 3
+    rng = np.random.default_rng(0)
+    draws = np.array([episodes.draw_supports(query, rng, 1)[0] for _ in range(600 * candidates.size // 10)])
+    counts = pd.Series(draws).value_counts()
+    assert set(counts.index) == set(candidates.tolist())
+    assert counts.max() / counts.min() < 2.2
+
+
+def test_bad_inputs_name_the_problem(tmp_path):
+    labels, embeddings, images = write_dataset(tmp_path)
+    with pytest.raises(ValueError, match="made with 3 clusters"):
+        build_regions(labels, embeddings, 5)
+    with pytest.raises(ValueError, match="not in the embedding stores"):
+        build_regions(labels, embeddings[:1], 3)
+    with pytest.raises(FileNotFoundError, match="umtfss episodes"):
+        PseudoEpisodes(tmp_path / "missing", labels, images)

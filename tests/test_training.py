@@ -1,0 +1,332 @@
+"""Training: augmentation, labelled episodes, fine-tuning subsets, the loop, its log and exact resume."""
+
+import csv
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from umtfss.config import load
+from umtfss.episode import Episode
+from umtfss.io import write_png
+from umtfss.training import checkpoint as ckpt
+from umtfss.training.augment import Augmentation
+from umtfss.training.sources import EpisodeDataset, LabelledEpisodes, finetune_subset
+from umtfss.training.train import NonFiniteLossError, lr_factor, train
+
+torch.set_num_threads(1)
+
+TINY_MODEL = {"backbone": "demo-colortexture", "dim": 16, "heads": 2, "layers": 1, "prototypes_fg": 4,
+              "prototypes_bg": 8, "hash_bits": 8, "hash_iterations": 2}
+
+
+def tiny_config(**training):
+    settings = {"epochs": 2, "batch_size": 2, "crop_size": 48, "workers": 0, "device": "cpu"}
+    settings.update(training)
+    return load({"model": dict(TINY_MODEL), "training": settings})
+
+
+def square_pair(seed: int, size=(40, 52)):
+    """An image with a red square on dark noise and its 0/1 mask."""
+    rng = np.random.default_rng(seed)
+    image = (rng.random((*size, 3)) * 60).astype(np.uint8)
+    mask = np.zeros(size, np.uint8)
+    top, left = rng.integers(0, size[0] // 2), rng.integers(0, size[1] // 2)
+    mask[top : top + size[0] // 2, left : left + size[1] // 2] = 1
+    image[mask == 1] = (210, 40, 40)
+    return image, mask
+
+
+class SquareEpisodes:
+    """A stand-in pseudo-episode source: red squares to segment."""
+
+    def __init__(self, count=6):
+        self.count = count
+
+    def __len__(self):
+        return self.count
+
+    def episode(self, index, rng, shots):
+        query = square_pair(int(rng.integers(1 << 30)))
+        supports = [square_pair(int(rng.integers(1 << 30))) for _ in range(shots)]
+        return Episode(query[0], query[1], [s[0] for s in supports], [s[1] for s in supports], class_id=index)
+
+
+# ------------------------------------------------------------------------------- augmentation
+
+
+def test_augmentation_keeps_image_and_mask_aligned():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((70, 90), np.uint8)
+    mask[10:50, 20:70] = 1
+    mask[60:, :] = 255
+    image = np.zeros((70, 90, 3), np.uint8)
+    image[..., 1] = 255  # green = background
+    image[mask == 1] = (255, 0, 0)  # red = object
+    image[mask == 255] = (0, 0, 255)  # blue = ignore region
+    aug = Augmentation(crop_size=64, scale_min=0.8, scale_max=1.2, rotation=20)
+    for _ in range(10):
+        img, msk = aug(image, mask, rng)
+        assert img.shape == (3, 64, 64) and msk.shape == (64, 64) and msk.dtype == torch.long
+        # away from edges (bilinear blur), the colour tells the mask value
+        dominant = img.argmax(0)
+        bright = img.max(0).values > 0.9
+        agree = ((msk == 1) & (dominant == 0)) | ((msk == 0) & (dominant == 1)) | ((msk == 255) & (dominant == 2))
+        assert agree[bright].float().mean() > 0.97
+        # where the image is black (rotation/pad fill), the mask is 255
+        black = img.max(0).values == 0
+        assert (msk[black] == 255).all()
+
+
+def test_small_image_is_padded_with_zero_and_ignore():
+    image = np.full((20, 30, 3), 200, np.uint8)
+    mask = np.ones((20, 30), np.uint8)
+    aug = Augmentation(crop_size=48, scale_min=1.0, scale_max=1.0, rotation=0)
+    img, msk = aug(image, mask, np.random.default_rng(1))
+    assert img.shape == (3, 48, 48)
+    assert (msk == 1).sum() == 20 * 30 and (msk == 255).sum() == 48 * 48 - 600
+    assert torch.all(img[:, msk == 255] == 0)
+    assert torch.allclose(img[:, msk == 1], torch.tensor(200 / 255))
+
+
+def test_rotation_fills_corners_with_ignore():
+    image = np.full((64, 64, 3), 255, np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    aug = Augmentation(crop_size=64, scale_min=1.0, scale_max=1.0, rotation=30)
+    rotated = [aug(image, mask, np.random.default_rng(s))[1] for s in range(6)]
+    assert any((m == 255).sum() > 50 for m in rotated)
+    assert all(set(torch.unique(m).tolist()) <= {0, 255} for m in rotated)
+
+
+# ------------------------------------------------------------------------- labelled episodes
+
+NOVEL = [1, 2]  # fold 0 of a 4-class toy data set: classes 1, 2 novel, 3, 4 base
+
+
+@pytest.fixture(scope="module")
+def toy_tables(tmp_path_factory):
+    """Six train images: each label holds some of classes 1..4, 255 on a border row."""
+    root = tmp_path_factory.mktemp("toy")
+    contents = {"a": [3], "b": [3, 1], "c": [4, 2], "d": [4], "e": [3, 4], "f": [1]}
+    images, image_classes = [], []
+    for image_id, classes in contents.items():
+        label = np.zeros((32, 40), np.uint8)
+        for k, class_id in enumerate(classes):
+            label[4 + 12 * k : 14 + 12 * k, 5:35] = class_id
+        label[-1, :] = 255
+        image = np.zeros((32, 40, 3), np.uint8)
+        image[..., 0] = label * 40
+        write_png(root / f"{image_id}.png", image)
+        write_png(root / f"{image_id}_label.png", label)
+        images.append({"image_id": image_id, "split": "train", "image_path": str(root / f"{image_id}.png"),
+                       "label_path": str(root / f"{image_id}_label.png"), "height": 32, "width": 40})
+        for class_id in classes:
+            image_classes.append({"image_id": image_id, "split": "train", "class_id": class_id,
+                                  "pixels": 300, "present": True})
+    classes = pd.DataFrame({"class_id": [1, 2, 3, 4], "name": list("wxyz"), "fold": [0, 0, 1, 1]})
+    return SimpleNamespace(images=pd.DataFrame(images), classes=classes, image_classes=pd.DataFrame(image_classes))
+
+
+def test_labelled_episodes_use_base_classes_and_hide_novel_pixels(toy_tables):
+    source = LabelledEpisodes(toy_tables, "toy", fold=0)
+    assert source.base_classes == [3, 4] and source.novel_classes == NOVEL
+    assert source.query_ids == ["a", "b", "c", "d", "e"]  # f holds only a novel class
+    for index in range(len(source)):
+        for seed in range(4):
+            episode = source.episode(index, np.random.default_rng(seed), shots=2)
+            assert episode.class_id in (3, 4)
+            assert episode.query_id not in episode.support_ids
+            label = np.asarray(Image.open(toy_tables.images.set_index("image_id").loc[episode.query_id, "label_path"]))
+            assert set(np.unique(episode.query_mask)) <= {0, 1, 255}
+            np.testing.assert_array_equal(episode.query_mask == 1, label == episode.class_id)
+            assert (episode.query_mask[np.isin(label, NOVEL)] == 0).all()  # novel pixels -> background
+            assert (episode.query_mask[label == 255] == 255).all()
+            for sid, smask in zip(episode.support_ids, episode.support_masks):
+                assert (smask == 1).any(), f"support {sid} lacks class {episode.class_id}"
+
+
+def test_remove_novel_and_subset_and_threshold(toy_tables):
+    removed = LabelledEpisodes(toy_tables, "toy", fold=0, remove_novel_train=True)
+    assert removed.query_ids == ["a", "d", "e"]
+    subset = LabelledEpisodes(toy_tables, "toy", fold=0, image_ids=["a", "e", "d"])
+    assert subset.query_ids == ["a", "d", "e"]
+    with pytest.raises(ValueError, match="no train image"):
+        LabelledEpisodes(toy_tables, "toy", fold=0, min_class_pixels=301)
+    with pytest.raises(ValueError, match="not in the train split"):
+        LabelledEpisodes(toy_tables, "toy", fold=0, image_ids=["zz"])
+
+
+def test_finetune_subset_sizes_determinism_and_independence():
+    ids = [f"img{i:05d}" for i in range(5953)]
+    tables = SimpleNamespace(images=pd.DataFrame({"image_id": ids, "split": "train"}))
+    sizes = {p: len(finetune_subset(tables, p, seed=0)) for p in (0.05, 0.1, 0.2, 1.0)}
+    assert sizes == {0.05: 297, 0.1: 595, 0.2: 1190, 1.0: 5953}  # the reference lists' sizes
+    assert finetune_subset(tables, 0.1, 0) == finetune_subset(tables, 0.1, 0)
+    assert finetune_subset(tables, 0.1, 0) != finetune_subset(tables, 0.1, 1)
+    small, large = set(finetune_subset(tables, 0.05, 0)), set(finetune_subset(tables, 0.1, 0))
+    assert not small <= large  # drawn independently, not nested
+    with pytest.raises(ValueError, match="fraction"):
+        finetune_subset(tables, 0.0, 0)
+
+
+def test_episode_dataset_is_deterministic_per_epoch_and_index():
+    dataset = EpisodeDataset(SquareEpisodes(5), shots=2, crop_size=48, augment=Augmentation(48), seed=3,
+                             episodes_per_epoch=7)
+    first = dataset[4]
+    assert first["query"].shape == (3, 48, 48) and first["supports"].shape == (2, 3, 48, 48)
+    assert first["support_masks"].shape == (2, 48, 48)
+    assert torch.equal(dataset[4]["query"], first["query"])
+    assert sorted(dataset.order[:5].tolist()) == list(range(5))  # a permutation, then repeats
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[4]["query"], first["query"])
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+def final_weights(path):
+    return ckpt.load(path)["model"]
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    straight = train(tiny_config(epochs=2), SquareEpisodes(), tmp_path / "straight", progress=False)
+    killed = tmp_path / "killed"
+    _run_first_epoch_then_kill(killed)
+    resumed = train(tiny_config(epochs=2), SquareEpisodes(), killed, progress=False)
+    a, b = final_weights(straight), final_weights(resumed)
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert not any(k.startswith("backbone.") for k in a)  # frozen backbone is not stored
+    log = list(csv.DictReader(open(killed / "log.csv")))
+    straight_log = list(csv.DictReader(open(tmp_path / "straight" / "log.csv")))
+    assert [r["step"] for r in log] == [r["step"] for r in straight_log]
+    assert [r["loss"] for r in log] == [r["loss"] for r in straight_log]
+
+
+class _Killed(Exception):
+    pass
+
+
+def _run_first_epoch_then_kill(out_dir):
+    """Run a 2-epoch training and kill it right after last.pt of epoch 1 is written."""
+    original = ckpt.save
+
+    def save_then_die(path, **payload):
+        result = original(path, **payload)
+        if path.name == "last.pt" and payload["epoch"] == 1:
+            raise _Killed()
+        return result
+
+    ckpt.save = save_then_die
+    try:
+        with pytest.raises(_Killed):
+            train(tiny_config(epochs=2), SquareEpisodes(), out_dir, progress=False)
+    finally:
+        ckpt.save = original
+    assert (out_dir / "last.pt").exists() and not (out_dir / "checkpoint.pt").exists()
+
+
+def test_resume_refuses_another_config(tmp_path):
+    _run_first_epoch_then_kill(tmp_path)
+    with pytest.raises(ValueError, match="training.lr_sgd"):
+        train(tiny_config(epochs=2, lr_sgd=0.5), SquareEpisodes(), tmp_path, progress=False)
+
+
+def test_log_columns_and_explicit_learning_rates(tmp_path):
+    config = tiny_config(epochs=2, lr_sgd=0.02, lr_adamw=3e-4, warmup_steps=2, poly_power=0.9)
+    train(config, SquareEpisodes(4), tmp_path, progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert list(rows[0]) == ["step", "epoch", "loss", "lr_sgd", "lr_adamw", "seconds"]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and [int(r["epoch"]) for r in rows] == [1, 1, 2, 2]
+    for row in rows:
+        factor = lr_factor(int(row["step"]) - 1, 4, 0.9, 2)
+        assert float(row["lr_sgd"]) == pytest.approx(0.02 * factor)
+        assert float(row["lr_adamw"]) == pytest.approx(3e-4 * factor)
+        assert math.isfinite(float(row["loss"])) and float(row["seconds"]) > 0
+    assert float(rows[0]["lr_sgd"]) == pytest.approx(0.01)  # warm-up: step 1 of 2
+
+
+def test_finetune_uses_finetune_settings_and_init(tmp_path):
+    base = train(tiny_config(epochs=1), SquareEpisodes(4), tmp_path / "base", progress=False)
+    config = tiny_config(finetune_epochs=1, finetune_batch_size=4, finetune_lr=5e-3)
+    tuned = train(config, SquareEpisodes(4), tmp_path / "tuned", init_checkpoint=base, finetune=True,
+                  method_name="finetune-20%", progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "tuned" / "log.csv")))
+    assert len(rows) == 1 and float(rows[0]["lr_sgd"]) == float(rows[0]["lr_adamw"]) == 5e-3
+    assert ckpt.load(tuned)["method"] == "finetune-20%"
+    model = ckpt.load_model(tuned)
+    assert not model.training
+
+
+def test_nan_loss_stops_naming_the_step(tmp_path, monkeypatch):
+    import umtfss.training.train as train_module
+
+    calls = {"n": 0}
+
+    def loss_that_breaks(logits, target):
+        calls["n"] += 1
+        value = logits.float().mean() * 0 + 1.0
+        return value * float("nan") if calls["n"] == 3 else value
+
+    monkeypatch.setattr(train_module, "build_loss", lambda name: loss_that_breaks)
+    with pytest.raises(NonFiniteLossError, match=r"step 3 \(epoch 2\)"):
+        train(tiny_config(epochs=2), SquareEpisodes(4), tmp_path, progress=False)
+    assert (tmp_path / "last.pt").exists() and not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_checkpoint_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        ckpt.load(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt"):
+        ckpt.load(tmp_path / "junk.pt")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_sup_then_finetune_on_prepare_tables(toy_tables, tmp_path):
+    import json
+
+    from umtfss.cli import main
+
+    tables_dir = tmp_path / "prepare"
+    tables_dir.mkdir()
+    for name in ("images", "classes", "image_classes"):
+        getattr(toy_tables, name).to_parquet(tables_dir / f"{name}.parquet")
+    config = json.dumps({"model": TINY_MODEL, "training": {"epochs": 1, "batch_size": 4, "crop_size": 48, "workers": 0,
+                                                           "device": "cpu", "finetune_epochs": 1, "finetune_batch_size": 2},
+                         "datasets": {"pascal": {"min_class_pixels": 100}}})
+    common = ["--config", config, "--tables", str(tables_dir), "--dataset", "pascal", "--fold", "0", "--quiet"]
+    assert main(["train", "--method", "sup", "--out-dir", str(tmp_path / "sup"), *common]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "sup" / "log.csv")))
+    assert len(rows) == 2  # 5 eligible query images, batch 4
+    assert main(["train", "--method", "finetune-50%", "--out-dir", str(tmp_path / "ft"), "--init",
+                 str(tmp_path / "sup" / "checkpoint.pt"), *common]) == 0
+    subset = (tmp_path / "ft" / "train_subset.txt").read_text().split()
+    assert len(subset) == 3 and subset == finetune_subset(toy_tables, 0.5, 0)
+    assert ckpt.load(tmp_path / "ft" / "checkpoint.pt")["method"] == "finetune-50%"
+
+
+def test_cli_names_missing_arguments(tmp_path, capsys):
+    from umtfss.cli import main
+
+    assert main(["train", "--config", "{}", "--method", "finetune-20%", "--out-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "--tables" in err and "--init" in err
+    assert main(["train", "--config", "{}", "--method", "unsup", "--out-dir", str(tmp_path)]) == 1
+    assert "--episodes" in capsys.readouterr().err
+    assert main(["train", "--config", "{}", "--method", "semi", "--out-dir", str(tmp_path)]) == 1
+    assert "finetune-P%" in capsys.readouterr().err
+
+
+def test_worker_processes_do_not_change_the_result(tmp_path):
+    single = train(tiny_config(epochs=1), SquareEpisodes(4), tmp_path / "w0", progress=False)
+    multi = train(tiny_config(epochs=1, workers=2), SquareEpisodes(4), tmp_path / "w2", progress=False)
+    a, b = final_weights(single), final_weights(multi)
+    assert all(torch.equal(a[k], b[k]) for k in a)

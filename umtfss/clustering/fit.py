@@ -1,0 +1,150 @@
+"""The fit stage: spherical k-means centroids (paper Eq. 3) on a uniform random subset of the valid embedded pixels."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+from umtfss.io import atomic_path
+from umtfss.stores import EMBEDDING_ATTRS, EmbeddingStore, array_sha256
+
+READ_BATCH_IMAGES = 32  # images read per Zarr call while sampling; bounds the transient memory
+
+
+def faiss_gpu(device: str) -> bool:
+    """Whether to train on a GPU: 'auto' -> when faiss sees one; 'cpu' -> no; 'cuda*' -> yes, or a clear error."""
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if device == "auto":
+        return gpus > 0
+    if device == "cpu":
+        return False
+    if device.startswith("cuda"):
+        if gpus == 0:
+            raise ValueError(f"config key 'clustering.device' is '{device}' but faiss sees no GPU "
+                             "(install the 'gpu' extra, faiss-gpu, or use 'auto'/'cpu')")
+        return True
+    raise ValueError(f"config key 'clustering.device' is '{device}', expected auto, cpu, cuda or cuda:N")
+
+
+def sample_pixels(store: EmbeddingStore, subset_pixels: int, seed: int, progress: bool = False) -> np.ndarray:
+    """A uniform random subset (without replacement) of the valid pixels of all images, float32 [n, C].
+
+    The global pixel indices are drawn first (seeded), so every image contributes in proportion to its
+    valid area; images are then streamed one batch at a time and only the drawn pixels are kept, so
+    memory is bounded by the subset, not the data set. All valid pixels are taken when there are
+    fewer than `subset_pixels`. Rows are L2-normalised again (the stored float16 rounding is undone).
+    """
+    valid = store.valid_all.astype(np.int64)
+    per_image = valid[:, 0] * valid[:, 1]
+    offsets = np.concatenate([[0], np.cumsum(per_image)])
+    total = int(offsets[-1])
+    if total == 0:
+        raise ValueError(f"embedding stores {', '.join(map(str, store.paths))} hold no valid pixel")
+    rng = np.random.default_rng(seed)
+    take = min(subset_pixels, total)
+    chosen = np.sort(rng.choice(total, size=take, replace=False)) if take < total else np.arange(total)
+    bounds = np.searchsorted(chosen, offsets)  # chosen[bounds[i]:bounds[i+1]] fall in image i
+    subset = np.empty((take, store.dim), np.float32)
+    filled = 0
+    bar = tqdm(total=len(store), desc="sample pixels", unit="img", file=sys.stderr, disable=not progress)
+    for indices, block, block_valid in store.iter_batches(READ_BATCH_IMAGES):
+        for row, index in enumerate(indices):
+            picks = chosen[bounds[index]:bounds[index + 1]] - offsets[index]
+            if len(picks) == 0:
+                continue
+            rows, cols = block_valid[row]
+            cells = block[row, :rows, :cols].reshape(-1, store.dim)
+            subset[filled:filled + len(picks)] = cells[picks]
+            filled += len(picks)
+        bar.update(len(indices))
+    bar.close()
+    assert filled == take, (filled, take)
+    norms = np.linalg.norm(subset, axis=1, keepdims=True)
+    np.divide(subset, np.maximum(norms, 1e-12), out=subset)
+    return subset
+
+
+def train_kmeans(points: np.ndarray, clusters: int, iterations: int, redo: int, seed: int,
+                 gpu: bool, spherical: bool = True, init_centroids: np.ndarray | None = None) -> faiss.Kmeans:
+    """faiss k-means on ALL of `points` (max_points_per_centroid raised so faiss does not subsample)."""
+    n, d = points.shape
+    if n < clusters:
+        raise ValueError(f"only {n} pixels to fit {clusters} clusters; lower 'clustering.clusters' "
+                         "or raise 'clustering.subset_pixels' / embed more images")
+    kmeans = faiss.Kmeans(d, clusters, niter=iterations, nredo=redo, spherical=spherical, seed=seed,
+                          max_points_per_centroid=math.ceil(n / clusters) + 1, min_points_per_centroid=1,
+                          gpu=gpu, verbose=False)
+    kmeans.train(points, init_centroids=init_centroids)
+    return kmeans
+
+
+def fit_centroids(store: EmbeddingStore | list, clusters: int, subset_pixels: int = 1_000_000, iterations: int = 20,
+                  redo: int = 1, seed: int = 0, device: str = "auto", progress: bool = True) -> tuple[np.ndarray, dict]:
+    """Spherical k-means of a random pixel subset: (centroids float32 [clusters, C] L2-normalised, metadata)."""
+    if not isinstance(store, EmbeddingStore):
+        store = EmbeddingStore(store)
+    gpu = faiss_gpu(device)
+    started = time.perf_counter()
+    points = sample_pixels(store, subset_pixels, seed, progress=progress)
+    sampled = time.perf_counter()
+    kmeans = train_kmeans(points, clusters, iterations, redo, seed, gpu)
+    centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
+    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    total_valid = int((store.valid_all[:, 0].astype(np.int64) * store.valid_all[:, 1]).sum())
+    meta = {
+        "clusters": clusters,
+        "subset_pixels_requested": subset_pixels,
+        "subset_pixels": int(points.shape[0]),
+        "valid_pixels": total_valid,
+        "images": len(store),
+        "dim": int(points.shape[1]),
+        "iterations": iterations,
+        "redo": redo,
+        "seed": seed,
+        # sum over the subset of the cosine similarity to the nearest centroid, per iteration of every restart
+        # (faiss ends a restart early once the objective stops changing)
+        "objective": [float(v) for v in kmeans.obj],
+        "objective_final": float(kmeans.obj[-1]) if len(kmeans.obj) else None,
+        "seconds_sampling": round(sampled - started, 3),
+        "seconds_kmeans": round(time.perf_counter() - sampled, 3),
+        "faiss_version": faiss.__version__,
+        "gpu": gpu,
+        "centroids_sha256": array_sha256(centroids),
+        "embeddings": [str(p) for p in store.paths],
+        "embedding": {key: store.attrs.get(key) for key in EMBEDDING_ATTRS if key not in ("shard",)},
+    }
+    return centroids, meta
+
+
+def write_fit(centroids: np.ndarray, meta: dict, out_centroids: str | Path, out_meta: str | Path) -> None:
+    """centroids.npy and fit.json, each written atomically."""
+    with atomic_path(out_centroids) as temp:
+        with open(temp, "wb") as handle:
+            np.save(handle, centroids.astype(np.float32))
+    with atomic_path(out_meta) as temp:
+        Path(temp).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def cli(parser):
+    """`umtfss fit`: centroids.npy + fit.json from one or more embedding shards."""
+    parser.add_argument("--config", required=True, help="YAML path or inline JSON (section 'clustering')")
+    parser.add_argument("--embeddings", nargs="+", required=True, help="embedding shard stores")
+    parser.add_argument("--out-centroids", required=True, help="output centroids.npy")
+    parser.add_argument("--out-meta", required=True, help="output fit.json")
+
+    def run(args):
+        from umtfss.config import load
+
+        cfg = load(args.config)["clustering"]
+        centroids, meta = fit_centroids(EmbeddingStore(args.embeddings), cfg["clusters"], cfg["subset_pixels"],
+                                        cfg["iterations"], cfg["redo"], cfg["seed"], cfg["device"])
+        write_fit(centroids, meta, args.out_centroids, args.out_meta)
+
+    return run

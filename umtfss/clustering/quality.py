@@ -1,0 +1,192 @@
+"""Pseudo-mask quality against ground truth; labels are read here for measurement only, never for training.
+
+Per image of the label stores that has a ground-truth mask (images.parquet `label_path`), the mask
+is brought to the grid: nearest-neighbour downsampling of the whole mask to the image's valid grid
+extent (the cells that are not padding); 255 cells are ignored. A confusion matrix clusters x
+classes (0 = background, 1..C) is accumulated over the data set, then:
+
+- many-to-one: each cluster is mapped to its majority class; IoU per class over the data set
+  (sum of intersections / sum of unions), mIoU = mean over the classes present in the ground truth,
+  background included; pixel accuracy = share of cells whose cluster's class is right.
+- Hungarian one-to-one: scipy's linear_sum_assignment maximising the summed cluster-class IoU;
+  classes left without a cluster (fewer clusters than classes) count IoU 0.
+- best-cluster IoU of each class: the largest IoU any single cluster reaches with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import linear_sum_assignment
+from tqdm import tqdm
+
+from umtfss.episode import IGNORE
+from umtfss.io import atomic_path, read_label
+from umtfss.pseudo_episodes import resize_nearest, valid_extent
+from umtfss.stores import LabelStore
+
+LABEL_VALUES = 256  # uint8 ground truth: class ids 0..254, 255 ignored
+
+
+def label_paths_by_image(images_table: str | Path | pd.DataFrame) -> dict[str, str]:
+    """image_id -> ground-truth mask path for the images of the table that have one."""
+    if isinstance(images_table, (str, Path)):
+        if not Path(images_table).is_file():
+            raise FileNotFoundError(f"images table '{images_table}' does not exist")
+        images_table = pd.read_parquet(images_table)
+    missing = {"image_id", "label_path"} - set(images_table.columns)
+    if missing:
+        raise ValueError(f"images table lacks column(s) {sorted(missing)}; expected image_id and label_path")
+    labelled = images_table[images_table["label_path"].notna()].drop_duplicates("image_id")
+    return dict(zip(labelled["image_id"].astype(str), labelled["label_path"].astype(str)))
+
+
+def grid_ground_truth(ground_truth: np.ndarray, valid: tuple[int, int]) -> np.ndarray:
+    """Ground truth HxW brought to the valid grid extent (rows, cols) by nearest-neighbour downsampling."""
+    return resize_nearest(ground_truth, valid)
+
+
+def confusion_matrix(label_paths: Sequence[str | Path], images_table, clusters: int | None = None,
+                     progress: bool = True) -> tuple[np.ndarray, int]:
+    """(confusion int64 [clusters, 256] counting grid cells per cluster x ground-truth value, images measured)."""
+    store = LabelStore(label_paths)
+    clusters = int(clusters or store.clusters or 0)
+    if clusters < 1:
+        raise ValueError(f"label store(s) {[str(p) for p in label_paths]} have no 'clusters' attribute; pass --clusters")
+    ground_truth_path = label_paths_by_image(images_table)
+    confusion = np.zeros((clusters, LABEL_VALUES), np.int64)
+    measured = 0
+    bar = tqdm(total=len(store), desc="quality", unit="img", disable=not progress)
+    for index_range, block in store.iter_batches(16):
+        for offset, index in enumerate(index_range):
+            bar.update(1)
+            path = ground_truth_path.get(store.image_ids[index])
+            if path is None:
+                continue
+            cells = block[offset]
+            vh, vw = valid_extent(cells)
+            if vh == 0:
+                continue
+            cells = cells[:vh, :vw].astype(np.int64).ravel()
+            truth = grid_ground_truth(read_label(path), (vh, vw)).astype(np.int64).ravel()
+            if cells.max() >= clusters:
+                raise ValueError(f"image '{store.image_ids[index]}' has cluster id {cells.max()}, expected < {clusters}")
+            confusion += np.bincount(cells * LABEL_VALUES + truth, minlength=clusters * LABEL_VALUES).reshape(clusters, LABEL_VALUES)
+            measured += 1
+    bar.close()
+    return confusion, measured
+
+
+def iou_matrix(confusion: np.ndarray) -> np.ndarray:
+    """IoU of every cluster (rows) with every class (columns)."""
+    rows = confusion.sum(axis=1, keepdims=True)
+    cols = confusion.sum(axis=0, keepdims=True)
+    union = rows + cols - confusion
+    return np.divide(confusion, union, out=np.zeros(confusion.shape, np.float64), where=union > 0)
+
+
+def quality_metrics(confusion: np.ndarray) -> dict:
+    """Many-to-one, Hungarian and best-cluster IoUs of a clusters x classes confusion (255 column dropped)."""
+    confusion = np.asarray(confusion, np.int64)
+    if confusion.shape[1] > IGNORE:
+        confusion = confusion[:, :IGNORE]
+    num_classes = confusion.shape[1]
+    class_cells = confusion.sum(axis=0)
+    present = class_cells > 0
+    if not present.any():
+        raise ValueError("the confusion matrix is empty: no labelled cell was measured")
+
+    majority = confusion.argmax(axis=1)
+    used = confusion.sum(axis=1) > 0
+    intersection = np.zeros(num_classes, np.int64)
+    predicted = np.zeros(num_classes, np.int64)
+    np.add.at(intersection, majority[used], confusion[used, majority[used]])
+    np.add.at(predicted, majority[used], confusion[used].sum(axis=1))
+    union = predicted + class_cells - intersection
+    many_to_one = np.divide(intersection, union, out=np.zeros(num_classes), where=union > 0)
+
+    ious = iou_matrix(confusion)
+    cluster_rows, class_cols = linear_sum_assignment(ious[:, present], maximize=True)
+    present_ids = np.flatnonzero(present)
+    hungarian = np.zeros(num_classes)
+    hungarian_cluster = np.full(num_classes, -1)
+    hungarian[present_ids[class_cols]] = ious[cluster_rows, present_ids[class_cols]]
+    hungarian_cluster[present_ids[class_cols]] = cluster_rows
+
+    return {
+        "present": present,
+        "class_cells": class_cells,
+        "many_to_one_iou": many_to_one,
+        "many_to_one_miou": float(many_to_one[present].mean()),
+        "many_to_one_pixel_accuracy": float(intersection.sum() / class_cells.sum()),
+        "hungarian_iou": hungarian,
+        "hungarian_cluster": hungarian_cluster,
+        "hungarian_miou": float(hungarian[present].mean()),
+        "best_cluster_iou": ious.max(axis=0),
+        "best_cluster": ious.argmax(axis=0),
+        "mean_best_cluster_iou": float(ious.max(axis=0)[present].mean()),
+        "majority_class": np.where(used, majority, -1),
+    }
+
+
+def quality_table(metrics: dict, images: int, class_names: dict[int, str] | None = None) -> pd.DataFrame:
+    """Tidy table (metric, class_id, class_name, value): summaries with an empty class, then per class."""
+    names = {0: "background", **(class_names or {})}
+    rows = [{"metric": "images", "class_id": None, "class_name": "", "value": images}]
+    for key in ("many_to_one_miou", "hungarian_miou", "mean_best_cluster_iou", "many_to_one_pixel_accuracy"):
+        rows.append({"metric": key, "class_id": None, "class_name": "", "value": metrics[key]})
+    for class_id in np.flatnonzero(metrics["present"]):
+        for key in ("many_to_one_iou", "hungarian_iou", "hungarian_cluster", "best_cluster_iou", "best_cluster", "class_cells"):
+            rows.append({"metric": key, "class_id": int(class_id), "class_name": names.get(int(class_id), str(class_id)),
+                         "value": float(metrics[key][class_id])})
+    table = pd.DataFrame(rows)
+    table["class_id"] = table["class_id"].astype("Int64")
+    return table
+
+
+def read_class_names(path: str | Path | None) -> dict[int, str]:
+    """class_id -> name from classes.parquet (class_id, name, fold), or {} without one."""
+    if path is None:
+        return {}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"classes table '{path}' does not exist")
+    table = pd.read_parquet(path)
+    if not {"class_id", "name"} <= set(table.columns):
+        raise ValueError(f"classes table '{path}' has columns {list(table.columns)}, expected class_id and name")
+    return dict(zip(table["class_id"].astype(int), table["name"].astype(str)))
+
+
+def summary(metrics: dict, images: int) -> str:
+    """A few lines for the log."""
+    return (f"pseudo-mask quality over {images} labelled images, {int(metrics['present'].sum())} classes present: "
+            f"many-to-one mIoU {metrics['many_to_one_miou']:.4f} (pixel accuracy {metrics['many_to_one_pixel_accuracy']:.4f}), "
+            f"Hungarian mIoU {metrics['hungarian_miou']:.4f}, mean best-cluster IoU {metrics['mean_best_cluster_iou']:.4f}")
+
+
+def cli(parser: argparse.ArgumentParser):
+    """`umtfss quality`: confusion of clusters with ground-truth classes, written as a tidy CSV."""
+    parser.add_argument("--config", required=True, help="YAML file or inline JSON (no key is read; kept for uniformity)")
+    parser.add_argument("--labels", nargs="+", required=True, help="label store shards (*.zarr)")
+    parser.add_argument("--images", required=True, help="images.parquet (image_id, label_path)")
+    parser.add_argument("--classes", default=None, help="classes.parquet for class names (optional)")
+    parser.add_argument("--out", required=True, help="output CSV (metric, class_id, class_name, value)")
+
+    def run(args: argparse.Namespace) -> None:
+        from umtfss.config import load
+
+        load(args.config)
+        names = read_class_names(args.classes)
+        confusion, images = confusion_matrix(args.labels, args.images)
+        if images == 0:
+            raise ValueError(f"no image of the label stores has a ground-truth mask in '{args.images}' (label_path); "
+                             f"pseudo-mask quality needs a labelled source")
+        metrics = quality_metrics(confusion)
+        with atomic_path(args.out) as temp:
+            quality_table(metrics, images, names).to_csv(temp, index=False)
+        print(summary(metrics, images))
+
+    return run

@@ -1,0 +1,263 @@
+"""The embed stage: L2-normalised per-pixel self-supervised features of one shard of images into a Zarr store."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Callable, Collection
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import umtfss
+from umtfss.io import atomic_path, read_rgb
+from umtfss.stores import BackgroundWriter, EmbeddingStore, create_embedding_store  # noqa: F401  (EmbeddingStore re-exported)
+from umtfss.transforms import resize_pad
+
+PROJECTION_SEED = 0  # the random orthogonal projection is fixed so that every shard uses the same one
+REQUIRED_COLUMNS = ("image_id", "split", "image_path")
+
+
+# --------------------------------------------------------------------------------------------
+# the image list and its shards
+# --------------------------------------------------------------------------------------------
+
+def load_image_table(images: str | Path | pd.DataFrame) -> pd.DataFrame:
+    """The prepare stage's image table (a parquet path or a DataFrame), checked for the needed columns."""
+    name = "<DataFrame>"
+    if not isinstance(images, pd.DataFrame):
+        name = str(images)
+        if not Path(images).is_file():
+            raise FileNotFoundError(f"image table '{images}' does not exist (expected the prepare stage's images.parquet)")
+        images = pd.read_parquet(images)
+    missing = [c for c in REQUIRED_COLUMNS if c not in images.columns]
+    if missing:
+        raise ValueError(f"image table '{name}' lacks column(s) {', '.join(missing)}; expected {', '.join(REQUIRED_COLUMNS)}")
+    return images
+
+
+def shard_rows(table: pd.DataFrame, shard: int, num_shards: int, split: str = "train",
+               image_filter: Collection[str] | Callable[[str], bool] | None = None) -> pd.DataFrame:
+    """The rows of one shard: the split's images sorted by image_id, cut by np.array_split into
+    `num_shards` contiguous slices (sizes differ by at most one), slice number `shard`.
+
+    Sorting makes the split a pure function of the image list, so shards of a rerun line up.
+    `image_filter` keeps only some image ids (a collection, or a predicate) before the split.
+    """
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} of {num_shards} is not valid; expected 0 <= shard < num_shards")
+    rows = table[table["split"] == split]
+    if image_filter is not None:
+        keep = image_filter if callable(image_filter) else set(image_filter).__contains__
+        rows = rows[[bool(keep(str(i))) for i in rows["image_id"]]]
+    rows = rows.sort_values("image_id", kind="stable").reset_index(drop=True)
+    if rows["image_id"].duplicated().any():
+        dup = rows.loc[rows["image_id"].duplicated(), "image_id"].iloc[0]
+        raise ValueError(f"image table lists image_id '{dup}' twice in split '{split}'")
+    bounds = np.array_split(np.arange(len(rows)), num_shards)[shard]
+    return rows.iloc[bounds].reset_index(drop=True) if len(bounds) else rows.iloc[0:0]
+
+
+class _ShardImages(Dataset):
+    """Decodes and resize-pads the images of a shard (in DataLoader workers); errors come back as text."""
+
+    def __init__(self, paths: list[str], image_size: int):
+        self.paths = paths
+        self.image_size = image_size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        path = self.paths[index]
+        try:
+            image = read_rgb(path)
+            if not image.flags.writeable:  # torch.from_numpy warns on read-only arrays
+                image = image.copy()
+            tensor, _, valid_hw = resize_pad(image, None, self.image_size)
+        except Exception as err:  # reported by the main process with the image path
+            return {"index": index, "error": f"{type(err).__name__}: {err}"}
+        return {"index": index, "error": None, "image": tensor, "valid_hw": valid_hw, "size": image.shape[:2]}
+
+
+def _collate(items):
+    return items
+
+
+# --------------------------------------------------------------------------------------------
+# features
+# --------------------------------------------------------------------------------------------
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else as torch names it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device '{device}' is not valid; expected auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' was requested but torch sees no CUDA device")
+    return resolved
+
+
+def resolve_layer(backbone, layer: str | None) -> str:
+    """The backbone output to store: `layer` when the backbone has it, else its embed_layer (with a note)."""
+    if layer in (None, "default"):
+        return backbone.embed_layer
+    if layer in backbone.channels:
+        return layer
+    print(f"umtfss embed: note: backbone '{backbone.name}' has no layer '{layer}' "
+          f"(it has {', '.join(backbone.channels)}); using its embed layer '{backbone.embed_layer}'", file=sys.stderr)
+    return backbone.embed_layer
+
+
+def random_projection(in_dim: int, out_dim: int, seed: int = PROJECTION_SEED) -> torch.Tensor:
+    """A seeded [in_dim, out_dim] matrix with orthonormal columns (QR of a Gaussian matrix)."""
+    if not 1 <= out_dim <= in_dim:
+        raise ValueError(f"config key 'embedding.dim' is {out_dim}, expected 1..{in_dim} (the layer's channels)")
+    generator = torch.Generator().manual_seed(seed)
+    gaussian = torch.randn(in_dim, out_dim, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    q = q * torch.sign(torch.diagonal(r))[None]  # unique QR: the draw, not the LAPACK build, fixes the signs
+    return q.float()
+
+
+def pixel_features(backbone, layer: str, images: torch.Tensor, projection: torch.Tensor | None,
+                   amp: bool) -> torch.Tensor:
+    """[B,3,S,S] images -> [B,gh,gw,C] float32 features, projected (optional) then L2-normalised per pixel."""
+    use_amp = amp and images.device.type == "cuda"
+    with torch.inference_mode(), torch.autocast("cuda", enabled=use_amp):
+        maps = backbone(images)[layer]
+    maps = maps.float().permute(0, 2, 3, 1)
+    if projection is not None:
+        maps = maps @ projection
+    return torch.nn.functional.normalize(maps, dim=-1, eps=1e-12)
+
+
+def _probe(backbone, layer: str, image_size: int, device: torch.device) -> tuple[int, int, int]:
+    """(gh, gw, channels) of the layer for an image_size square input, from one blank forward."""
+    with torch.inference_mode():
+        out = backbone(torch.zeros(1, 3, image_size, image_size, device=device))[layer]
+    return int(out.shape[2]), int(out.shape[3]), int(out.shape[1])
+
+
+def _valid_cells(valid_hw: tuple[int, int], stride: int, grid: tuple[int, int]) -> tuple[int, int]:
+    """Grid rows/cols that overlap the resized image (cell j spans pixels [j*stride, (j+1)*stride))."""
+    return (min(grid[0], max(1, math.ceil(valid_hw[0] / stride))),
+            min(grid[1], max(1, math.ceil(valid_hw[1] / stride))))
+
+
+def _default_workers() -> int:
+    import os
+
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def embed_shard(images, shard: int, num_shards: int, out: str | Path, backbone, layer: str | None = None,
+                image_size: int = 473, dtype: str = "float16", dim: int | None = None, batch_size: int = 32,
+                device: str = "auto", amp: bool = True, split: str = "train",
+                image_filter: Collection[str] | Callable[[str], bool] | None = None,
+                workers: int | None = None, progress: bool = True) -> Path:
+    """Embed shard `shard` of `num_shards` of the split's images into the Zarr store `out`.
+
+    `backbone` is a FeatureBackbone (see docs/architecture.md). The store is written into a temporary
+    sibling and renamed at the end, so a killed job leaves nothing under `out`. Returns `out`.
+    """
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"config key 'embedding.dtype' is '{dtype}', expected float16 or float32")
+    if batch_size < 1:
+        raise ValueError(f"config key 'embedding.batch_size' is {batch_size}, expected >= 1")
+    rows = shard_rows(load_image_table(images), shard, num_shards, split, image_filter)
+    torch_device = resolve_device(device)
+    backbone = backbone.to(torch_device).eval()
+    layer = resolve_layer(backbone, layer)
+    gh, gw, channels = _probe(backbone, layer, image_size, torch_device)
+    stride = int(backbone.strides[layer])
+    projection = random_projection(channels, dim) if dim is not None and dim != channels else None
+    stored_dim = channels if projection is None else dim
+    paths = [str(p) for p in rows["image_path"]]
+    ids = [str(i) for i in rows["image_id"]]
+    attrs = {
+        "image_ids": ids, "backbone": backbone.name, "layer": layer, "stride": stride, "image_size": image_size,
+        "dim": stored_dim, "input_dim": channels, "projected": projection is not None, "dtype": dtype,
+        "grid": [gh, gw], "checkpoint_sha256": getattr(backbone, "checkpoint_sha256", None),
+        "preprocessing": (f"RGB in [0,1]; longer side resized to {image_size} (bilinear), padded bottom/right with 0 "
+                          f"to {image_size}x{image_size}; backbone layer '{layer}' (stride {stride}); "
+                          + (f"random orthogonal projection {channels}->{stored_dim} (seed {PROJECTION_SEED}, array "
+                             "'projection'); " if projection is not None else "")
+                          + f"L2-normalised per pixel; stored as {dtype}"),
+        "split": split, "shard": shard, "num_shards": num_shards, "umtfss_version": umtfss.__version__,
+    }
+    proj_device = projection.to(torch_device) if projection is not None else None
+    loader = DataLoader(_ShardImages(paths, image_size), batch_size=batch_size, shuffle=False,
+                        num_workers=_default_workers() if workers is None else workers, collate_fn=_collate,
+                        pin_memory=torch_device.type == "cuda")
+    valid = np.zeros((len(ids), 2), np.int32)
+    sizes = np.zeros((len(ids), 2), np.int32)
+    with atomic_path(out) as temp:
+        group = create_embedding_store(temp, len(ids), (gh, gw), stored_dim, dtype, attrs)
+        if projection is not None:
+            group.create_array("projection", data=projection.numpy(), chunks=projection.shape)
+        writer = BackgroundWriter(group["features"])
+        try:
+            bar = tqdm(total=len(ids), desc=f"embed shard {shard}/{num_shards}", unit="img", file=sys.stderr,
+                       disable=not progress)
+            for items in loader:
+                for item in items:
+                    if item["error"] is not None:
+                        raise ValueError(f"cannot read image '{paths[item['index']]}' (image_id '{ids[item['index']]}'): {item['error']}")
+                batch = torch.stack([item["image"] for item in items]).to(torch_device, non_blocking=True)
+                feats = pixel_features(backbone, layer, batch, proj_device, amp)
+                writer.put(items[0]["index"], feats.to(getattr(torch, dtype)).cpu().numpy())
+                for item in items:
+                    valid[item["index"]] = _valid_cells(item["valid_hw"], stride, (gh, gw))
+                    sizes[item["index"]] = item["size"]
+                bar.update(len(items))
+            bar.close()
+        finally:
+            writer.close()
+        group["valid"][:] = valid
+        group["sizes"][:] = sizes
+    return Path(out)
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+def _read_id_list(path: str) -> set[str]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image id list '{path}' does not exist")
+    return {line.strip() for line in Path(path).read_text().splitlines() if line.strip()}
+
+
+def cli(parser):
+    """`umtfss embed`: one shard of the embedding store."""
+    parser.add_argument("--config", required=True, help="YAML path or inline JSON (section 'embedding')")
+    parser.add_argument("--images", required=True, help="images.parquet from the prepare stage")
+    parser.add_argument("--shard", type=int, required=True, help="shard number, 0-based")
+    parser.add_argument("--num-shards", type=int, required=True, help="number of shards")
+    parser.add_argument("--out", required=True, help="output store, e.g. shard-0-of-8.zarr")
+    parser.add_argument("--split", default="train", help="split of the image table to embed (default train)")
+    parser.add_argument("--image-ids", default=None, help="optional text file of image ids to keep (one per line)")
+    parser.add_argument("--workers", type=int, default=None, help="image-decoding worker processes")
+
+    def run(args):
+        from umtfss.config import load
+
+        cfg = load(args.config)["embedding"]
+        from umtfss.backbones import build_backbone
+
+        backbone = build_backbone(cfg["backbone"], checkpoint=cfg["checkpoint"], checkpoint_url=cfg["checkpoint_url"],
+                                  checkpoint_sha256=cfg["checkpoint_sha256"], output_stride=cfg["output_stride"])
+        embed_shard(args.images, args.shard, args.num_shards, args.out, backbone, layer=cfg["layer"],
+                    image_size=cfg["image_size"], dtype=cfg["dtype"], dim=cfg["dim"], batch_size=cfg["batch_size"],
+                    device=cfg["device"], amp=cfg["amp"], split=args.split,
+                    image_filter=_read_id_list(args.image_ids) if args.image_ids else None, workers=args.workers)
+
+    return run

@@ -1,0 +1,328 @@
+"""The `evaluate` stage: meta-test every method on the held-out classes of each fold, write score tables."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from umtfss import config as config_module
+from umtfss.episode import IGNORE
+from umtfss.io import atomic_path, read_label, read_rgb
+from umtfss.evaluation.evaluator import IoUAccumulator
+from umtfss.evaluation.predictors import Predictor, build_predictor, resolve_device
+from umtfss.evaluation.sampler import sample_episodes
+from umtfss.transforms import resize_pad, resize_square, unpad_to
+
+SPLIT = "val"
+SCORE_COLUMNS = ["method", "backbone", "embedder", "clusters", "fold", "shot", "seed", "miou", "fbiou", "episodes",
+                 "resolution", "test_size"]
+CLASS_COLUMNS = ["method", "fold", "shot", "seed", "class_id", "class_name", "iou", "episodes"]
+TABLE_FILES = ("images.parquet", "classes.parquet", "image_classes.parquet")
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def read_tables(tables_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """The prepare stage's three tables, keyed by file stem."""
+    tables_dir = Path(tables_dir)
+    tables = {}
+    for name in TABLE_FILES:
+        path = tables_dir / name
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"table '{path}' does not exist; expected the prepare stage's output in '{tables_dir}'")
+        tables[path.stem] = pd.read_parquet(path)
+    return tables
+
+
+def fold_classes(classes: pd.DataFrame, fold: int) -> list[int]:
+    """Novel class ids of a fold (classes.parquet's fold column)."""
+    ids = sorted(int(c) for c in classes.loc[classes["fold"] == fold, "class_id"])
+    if not ids:
+        raise ValueError(f"classes table has no class in fold {fold}; folds present: {sorted(set(classes['fold']))}")
+    return ids
+
+
+def binary_mask(label: np.ndarray, class_id: int) -> np.ndarray:
+    """uint8 mask: 1 where the label is the class, 255 where it is ignore, 0 elsewhere."""
+    mask = (label == class_id).astype(np.uint8)
+    mask[label == IGNORE] = IGNORE
+    return mask
+
+
+# ---------------------------------------------------------------- batches
+
+
+class EpisodeBatches(Dataset):
+    """Batches of test episodes as tensors; each image of a batch is decoded once (DataLoader workers welcome).
+
+    An item holds the predictor inputs at test size and, per episode, the target to score against:
+    the original-size mask (resolution 'original') or the mask resized to test size ('resized').
+    """
+
+    def __init__(self, episodes: pd.DataFrame, paths: dict[str, tuple[str, str]], batch_size: int,
+                 test_size: int, resolution: str):
+        if resolution not in ("original", "resized"):
+            raise ValueError(f"evaluation.resolution '{resolution}' is not allowed; expected original or resized")
+        self.episodes = episodes.reset_index(drop=True)
+        self.paths = paths
+        self.batch_size = batch_size
+        self.test_size = test_size
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.episodes) / self.batch_size)
+
+    def _load(self, image_ids) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        loaded = {}
+        for image_id in image_ids:
+            if image_id not in self.paths:
+                raise ValueError(f"image '{image_id}' of an episode is not in images.parquet (split '{SPLIT}')")
+            image_path, label_path = self.paths[image_id]
+            # writable copies: torch.from_numpy warns on the read-only arrays PIL hands out
+            image = np.require(read_rgb(image_path), requirements="W")
+            label = np.require(read_label(label_path), requirements="W")
+            if image.shape[:2] != label.shape:
+                raise ValueError(
+                    f"image '{image_path}' is {image.shape[:2]} but its label '{label_path}' is {label.shape}")
+            loaded[image_id] = (image, label)
+        return loaded
+
+    def _transform(self, image, mask):
+        transform = resize_pad if self.resolution == "original" else resize_square
+        return transform(image, mask, self.test_size)
+
+    def __getitem__(self, index: int) -> dict:
+        rows = self.episodes.iloc[index * self.batch_size:(index + 1) * self.batch_size]
+        needed = set(rows["query_id"]) | {s for ids in rows["support_ids"] for s in ids}
+        images = self._load(sorted(needed))
+        queries, supports, support_masks, targets, valid = [], [], [], [], []
+        for row in rows.itertuples(index=False):
+            image, label = images[row.query_id]
+            target = binary_mask(label, row.class_id)
+            query, resized_target, extent = self._transform(image, target)
+            queries.append(query)
+            valid.append(extent)
+            targets.append(target if self.resolution == "original" else resized_target.numpy().astype(np.uint8))
+            shot_images, shot_masks = [], []
+            for support_id in row.support_ids:
+                s_image, s_label = images[support_id]
+                s_tensor, s_mask, _ = self._transform(s_image, binary_mask(s_label, row.class_id))
+                shot_images.append(s_tensor)
+                shot_masks.append((s_mask == 1).float())  # ignore and padding -> 0
+            supports.append(torch.stack(shot_images))
+            support_masks.append(torch.stack(shot_masks))
+        return {
+            "query": torch.stack(queries),
+            "supports": torch.stack(supports),
+            "support_masks": torch.stack(support_masks),
+            "targets": targets,
+            "valid": valid,
+            "class_ids": [int(c) for c in rows["class_id"]],
+        }
+
+
+def _collate_one(item):
+    return item
+
+
+def score_batch(logits: torch.Tensor, batch: dict, resolution: str, accumulator: IoUAccumulator) -> None:
+    """Argmax each episode's logits at the scoring resolution and add it to the accumulator."""
+    logits = logits.float().cpu()
+    for b, (target, class_id) in enumerate(zip(batch["targets"], batch["class_ids"])):
+        episode_logits = logits[b]
+        if resolution == "original":
+            episode_logits = unpad_to(episode_logits, batch["valid"][b], target.shape)
+        pred = episode_logits.argmax(0).numpy().astype(np.uint8)
+        accumulator.update(pred, target, class_id)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _image_paths(images: pd.DataFrame) -> dict[str, tuple[str, str]]:
+    rows = images[images["split"] == SPLIT]
+    missing_labels = rows["label_path"].isna()
+    if missing_labels.any():
+        first = rows.loc[missing_labels, "image_id"].iloc[0]
+        raise ValueError(f"images.parquet: '{SPLIT}' image '{first}' has no label_path; evaluation needs labels")
+    return {str(i): (str(p), str(lab)) for i, p, lab in zip(rows["image_id"], rows["image_path"], rows["label_path"])}
+
+
+def evaluate_predictor(predictor: Predictor, episodes: pd.DataFrame, paths, class_ids, eval_cfg: dict,
+                       device: torch.device, workers: int = 0, progress: tqdm | None = None) -> IoUAccumulator:
+    """Score one predictor on one episode table."""
+    batches = EpisodeBatches(episodes, paths, eval_cfg["batch_size"], eval_cfg["test_size"], eval_cfg["resolution"])
+    loader = DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_collate_one,
+                        pin_memory=device.type == "cuda")
+    accumulator = IoUAccumulator(class_ids)
+    with torch.no_grad():
+        for batch in loader:
+            logits = predictor.predict(batch["query"].to(device), batch["supports"].to(device),
+                                       batch["support_masks"].to(device))
+            score_batch(logits, batch, eval_cfg["resolution"], accumulator)
+            if progress is not None:
+                progress.update(len(batch["class_ids"]))
+    return accumulator
+
+
+def _default_meta(config: dict, meta: dict) -> dict:
+    """backbone / embedder / clusters from --meta, else from the config."""
+    filled = {
+        "backbone": config["model"]["backbone"],
+        "embedder": config["embedding"]["backbone"],
+        "clusters": config["clustering"]["clusters"],
+    }
+    filled.update(meta)
+    return filled
+
+
+def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: dict[str, str | None],
+             out_csv: str | Path, classes_csv: str | Path, meta: dict | None = None, workers: int = 0,
+             build: Callable[..., Predictor] = build_predictor) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Meta-test each method over evaluation.folds x shots x seeds; write the score and per-class tables.
+
+    Every method sees the same episodes for a given fold, shot and seed (paired comparison). `build`
+    makes a predictor from (method, config, checkpoint, device); tests swap it for their own.
+    """
+    if dataset_name not in config_module.DEFAULT_TEST_EPISODES:
+        raise ValueError(f"dataset '{dataset_name}' is not a benchmark; expected one of "
+                         f"{', '.join(config_module.DEFAULT_TEST_EPISODES)}")
+    if not methods:
+        raise ValueError("no method to evaluate; pass at least one --method")
+    eval_cfg = config["evaluation"]
+    tables = read_tables(tables_dir)
+    paths = _image_paths(tables["images"])
+    class_names = {int(c): str(n) for c, n in zip(tables["classes"]["class_id"], tables["classes"]["name"])}
+    n_episodes = config_module.test_episodes(config, dataset_name)
+    device = resolve_device(eval_cfg["device"])
+    meta = _default_meta(config, dict(meta or {}))
+    reserved = sorted(set(meta) & (set(SCORE_COLUMNS) - {"backbone", "embedder", "clusters"}))
+    if reserved:
+        raise ValueError(f"meta column(s) {reserved} would overwrite a score column; choose other names")
+
+    plan = [(fold, shot, seed)
+            for fold in eval_cfg["folds"] for shot in eval_cfg["shots"] for seed in eval_cfg["seeds"]]
+    classes_of = {fold: fold_classes(tables["classes"], fold) for fold in eval_cfg["folds"]}
+    episode_tables = {
+        (fold, shot, seed): sample_episodes(tables["image_classes"], classes_of[fold], shot, n_episodes, seed, SPLIT)
+        for fold, shot, seed in plan
+    }
+    score_rows, class_rows = [], []
+    progress = tqdm(total=len(methods) * len(plan) * n_episodes, desc="evaluate", unit="episode", file=sys.stderr)
+    for method, checkpoint in methods.items():
+        predictors: dict = {}  # a checkpoint path with "{fold}" names one model per fold (sup, finetune)
+        for fold, shot, seed in plan:
+            path = checkpoint.format(fold=fold) if checkpoint else checkpoint
+            if path not in predictors:
+                predictors.clear()
+                predictors[path] = build(method, config, path, device)
+            predictor = predictors[path]
+            progress.set_description(f"{method} fold {fold} {shot}-shot seed {seed}")
+            acc = evaluate_predictor(predictor, episode_tables[fold, shot, seed], paths, classes_of[fold], eval_cfg,
+                                     device, workers, progress)
+            score_rows.append({
+                **{k: meta[k] for k in ("backbone", "embedder", "clusters")},
+                "method": method, "fold": fold, "shot": shot, "seed": seed,
+                "miou": round(100 * acc.miou(), 2), "fbiou": round(100 * acc.fbiou(), 2),
+                "episodes": acc.total_episodes,
+                "resolution": eval_cfg["resolution"], "test_size": eval_cfg["test_size"],
+                **{k: v for k, v in meta.items() if k not in ("backbone", "embedder", "clusters")},
+            })
+            for class_id, iou in acc.per_class().items():
+                class_rows.append({"method": method, "fold": fold, "shot": shot, "seed": seed, "class_id": class_id,
+                                   "class_name": class_names.get(class_id, str(class_id)),
+                                   "iou": round(100 * iou, 2), "episodes": acc.episodes[class_id]})
+    progress.close()
+    extra = [k for k in meta if k not in SCORE_COLUMNS]
+    scores = pd.DataFrame(score_rows, columns=SCORE_COLUMNS + extra)
+    per_class = pd.DataFrame(class_rows, columns=CLASS_COLUMNS)
+    write_csv(scores, out_csv)
+    write_csv(per_class, classes_csv)
+    print(summary(scores).to_string(index=False))
+    return scores, per_class
+
+
+def summary(scores: pd.DataFrame) -> pd.DataFrame:
+    """mean ± std over seeds per method/shot/fold, then over the fold means per seed as fold 'mean'."""
+    def spread(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+        stats = frame.groupby(keys, sort=True)[["miou", "fbiou"]].agg(["mean", "std"])
+        stats.columns = [f"{name}_{stat}" for name, stat in stats.columns]
+        return stats.reset_index()
+
+    by_fold = spread(scores, ["method", "shot", "fold"])
+    by_fold["fold"] = by_fold["fold"].astype(str)
+    fold_means = scores.groupby(["method", "shot", "seed"], sort=True)[["miou", "fbiou"]].mean().reset_index()
+    over_folds = spread(fold_means, ["method", "shot"]).assign(fold="mean")
+    table = pd.concat([by_fold, over_folds], ignore_index=True)
+    table["_last"] = table["fold"] == "mean"
+    table = table.sort_values(["method", "shot", "_last"], kind="stable")
+    return pd.DataFrame({
+        "method": table["method"], "shot": table["shot"], "fold": table["fold"],
+        "mIoU": [_pm(m, s) for m, s in zip(table["miou_mean"], table["miou_std"])],
+        "FB-IoU": [_pm(m, s) for m, s in zip(table["fbiou_mean"], table["fbiou_std"])],
+    })
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:.2f} ± {0.0 if pd.isna(std) else std:.2f}"
+
+
+def write_csv(frame: pd.DataFrame, path: str | Path) -> None:
+    """Write a CSV atomically (temporary sibling, then rename)."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_method(text: str) -> tuple[str, str | None]:
+    """NAME or NAME=CHECKPOINT."""
+    name, sep, checkpoint = text.partition("=")
+    if not name or (sep and not checkpoint):
+        raise argparse.ArgumentTypeError(f"--method '{text}' is not NAME or NAME=CHECKPOINT")
+    return name, checkpoint or None
+
+
+def parse_meta(text: str) -> tuple[str, str]:
+    """key=value."""
+    key, sep, value = text.partition("=")
+    if not key or not sep:
+        raise argparse.ArgumentTypeError(f"--meta '{text}' is not key=value")
+    return key, value
+
+
+def cli(parser: argparse.ArgumentParser):
+    parser.add_argument("--config", required=True, help="YAML file or inline JSON object")
+    parser.add_argument("--dataset", required=True, choices=sorted(config_module.DEFAULT_TEST_EPISODES))
+    parser.add_argument("--tables", required=True, help="folder with the prepare stage's parquet tables")
+    parser.add_argument("--method", action="append", type=parse_method, required=True, metavar="NAME[=CHECKPOINT]",
+                        help="method to evaluate (repeatable): all-background, prototype-threshold, or a trained "
+                             "model name with its checkpoint")
+    parser.add_argument("--out", required=True, help="score table CSV (results/eval_<dataset>.csv)")
+    parser.add_argument("--classes-out", required=True, help="per-class IoU CSV (results/eval_<dataset>_classes.csv)")
+    parser.add_argument("--meta", action="append", type=parse_meta, default=[], metavar="KEY=VALUE",
+                        help="extra column of every score row (repeatable), "
+                             "e.g. backbone=..., embedder=..., clusters=50")
+    parser.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (0 = in process)")
+
+    def run(args: argparse.Namespace) -> None:
+        config = config_module.load(args.config)
+        methods = dict(args.method)
+        if len(methods) != len(args.method):
+            raise ValueError(f"--method names repeat: {[m for m, _ in args.method]}")
+        evaluate(config, args.dataset, args.tables, methods, args.out, args.classes_out, dict(args.meta),
+                 workers=max(0, args.workers))
+
+    return run

@@ -1,0 +1,285 @@
+"""`umtfss inspect`: a readable summary of any artifact (Zarr store, parquet, npy, json, checkpoint), and overlays."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from umtfss.io import atomic_path, read_rgb
+from umtfss.pseudo_episodes import METADATA_KEY, resize_nearest, valid_extent
+
+BAR_WIDTH = 40
+NORM_SAMPLE_ROWS = 10000
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".tar", ".ckpt")
+
+
+def summarise(path: str | Path, n: int = 16) -> str:
+    """A multi-line text summary of the artifact at `path`; the kind is told by its suffix / layout."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"'{path}' does not exist")
+    if path.is_dir():
+        if (path / "zarr.json").is_file() or (path / ".zgroup").is_file() or path.suffix == ".zarr":
+            return summarise_zarr(path)
+        raise ValueError(f"'{path}' is a folder but not a Zarr store (no zarr.json)")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return summarise_parquet(path)
+    if suffix == ".npy":
+        return summarise_npy(path)
+    if suffix == ".json":
+        return f"{path} (JSON, {_size(path.stat().st_size)})\n" + json.dumps(json.loads(path.read_text()), indent=2)
+    if suffix == ".csv":
+        table = pd.read_csv(path)
+        return f"{path} (CSV, {len(table)} rows, {_size(path.stat().st_size)})\n" + table.head(n).to_string()
+    if suffix in CHECKPOINT_SUFFIXES:
+        return summarise_checkpoint(path)
+    raise ValueError(f"'{path}' has suffix '{suffix}'; expected a .zarr store, .parquet, .npy, .json, .csv or a "
+                     f"checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
+
+
+# --------------------------------------------------------------------------------------------
+# formatting helpers
+# --------------------------------------------------------------------------------------------
+
+def _size(n_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    return ""
+
+
+def _disk_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def bars(counts: dict, label: str = "cluster") -> list[str]:
+    """Text histogram lines: '  cluster 3   1234  ########'."""
+    if not counts:
+        return ["  (none)"]
+    top = max(counts.values()) or 1
+    width = max(len(str(k)) for k in counts)
+    return [f"  {label} {str(k).rjust(width)} {v:>10d}  {'#' * max(1 if v else 0, round(BAR_WIDTH * v / top))}"
+            for k, v in counts.items()]
+
+
+def _short(value, limit: int = 200) -> str:
+    if isinstance(value, list) and len(value) > 5:
+        return f"[{len(value)} items: {', '.join(map(repr, value[:3]))}, ...]"
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _norm_stats(rows: np.ndarray) -> str:
+    norms = np.linalg.norm(np.asarray(rows, np.float32).reshape(len(rows), -1), axis=1)
+    return f"min {norms.min():.4f}, mean {norms.mean():.4f}, max {norms.max():.4f}"
+
+
+# --------------------------------------------------------------------------------------------
+# Zarr
+# --------------------------------------------------------------------------------------------
+
+def summarise_zarr(path: Path) -> str:
+    """Arrays (shape, dtype, chunks, codecs, bytes on disk), attributes, and a label store's cluster sizes."""
+    import zarr
+
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as err:  # zarr raises several types for unreadable folders
+        raise ValueError(f"'{path}' is not a readable Zarr store: {err}") from None
+    lines = [f"{path} (Zarr v{node.metadata.zarr_format} {'group' if isinstance(node, zarr.Group) else 'array'}, "
+             f"{_size(_disk_size(path))} on disk)"]
+    arrays = dict(node.arrays()) if isinstance(node, zarr.Group) else {"": node}
+    for name, array in arrays.items():
+        codecs = [type(c).__name__ + _codec_detail(c) for c in getattr(array.metadata, "codecs", [])]
+        stored = _disk_size(path / name) if name else _disk_size(path)
+        raw = int(np.prod(array.shape)) * array.dtype.itemsize
+        lines.append(f"  array '{name}': shape {tuple(array.shape)}, dtype {array.dtype}, chunks {tuple(array.chunks)}, "
+                     f"codecs {codecs}, {_size(stored)} on disk ({_size(raw)} raw)")
+    lines.append("  attributes:")
+    lines += [f"    {key}: {_short(value)}" for key, value in dict(node.attrs).items()]
+    if isinstance(node, zarr.Group) and "labels" in arrays:
+        lines.append("  cluster sizes (grid cells over all images):")
+        lines += bars(cluster_sizes(arrays["labels"]))
+    if isinstance(node, zarr.Group) and "features" in arrays and arrays["features"].shape[0]:
+        first = np.asarray(arrays["features"][0])
+        rows = np.asarray(node["valid"][0]) if "valid" in arrays else first.shape[:2]
+        cells = first[: int(rows[0]), : int(rows[1])].reshape(-1, first.shape[-1])
+        lines.append(f"  feature norms of image 0 (valid cells): {_norm_stats(cells)}")
+    return "\n".join(lines)
+
+
+def _codec_detail(codec) -> str:
+    detail = [f"{k}={getattr(codec, k)}" for k in ("cname", "clevel", "level") if getattr(codec, k, None) is not None]
+    return f"({', '.join(str(d).replace('BloscCname.', '') for d in detail)})" if detail else ""
+
+
+def cluster_sizes(labels) -> dict[int, int]:
+    """Grid cells per cluster id (padding -1 excluded), streamed image by image."""
+    total = np.zeros(0, np.int64)
+    for index in tqdm(range(labels.shape[0]), desc="cluster sizes", unit="img", disable=labels.shape[0] < 200):
+        cells = np.asarray(labels[index]).ravel()
+        counts = np.bincount(cells[cells >= 0].astype(np.int64))
+        if counts.size > total.size:
+            total = np.pad(total, (0, counts.size - total.size))
+        total[: counts.size] += counts
+    return {int(k): int(v) for k, v in enumerate(total)}
+
+
+# --------------------------------------------------------------------------------------------
+# parquet, npy, checkpoints
+# --------------------------------------------------------------------------------------------
+
+def summarise_parquet(path: Path) -> str:
+    """Rows, columns and dtypes, recorded parameters, and region / candidate statistics when present."""
+    file = pq.ParquetFile(path)
+    schema = file.schema_arrow
+    lines = [f"{path} (parquet, {file.metadata.num_rows} rows, {file.metadata.num_row_groups} row groups, "
+             f"{_size(path.stat().st_size)})", "  columns:"]
+    lines += [f"    {field.name}: {field.type}" for field in schema]
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw:
+        lines.append("  umtfss metadata:")
+        lines += [f"    {key}: {_short(value)}" for key, value in json.loads(raw).items()]
+    names = set(schema.names)
+    if {"cluster", "area"} <= names:
+        clusters = file.read(columns=["cluster"]).column("cluster").to_numpy()
+        lines.append("  regions per cluster:")
+        lines += bars({int(k): int(v) for k, v in zip(*np.unique(clusters, return_counts=True))})
+    if "num_candidates" in names:
+        counts = file.read(columns=["num_candidates"]).column("num_candidates").to_numpy()
+        if counts.size:
+            lines.append(f"  candidate-list lengths: min {counts.min()}, median {np.median(counts):.0f}, mean {counts.mean():.1f}, "
+                         f"max {counts.max()}; {(counts == 0).sum()} regions without candidates")
+    return "\n".join(lines)
+
+
+def summarise_npy(path: Path) -> str:
+    """Shape, dtype and (for float arrays) row norms of the first rows."""
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    lines = [f"{path} (npy, shape {array.shape}, dtype {array.dtype}, {_size(path.stat().st_size)})"]
+    if np.issubdtype(array.dtype, np.floating) and array.size:
+        rows = array[:NORM_SAMPLE_ROWS] if array.ndim > 1 else array[None]
+        lines.append(f"  row norms (first {len(rows)} rows): {_norm_stats(rows)}")
+    return "\n".join(lines)
+
+
+def summarise_checkpoint(path: Path) -> str:
+    """Keys (tensor shapes, state-dict sizes), step / epoch and the recorded config of a torch checkpoint."""
+    import torch
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors have many types
+        raise ValueError(f"'{path}' is not a checkpoint loadable with weights_only=True: {err}") from None
+    lines = [f"{path} (torch checkpoint, {_size(path.stat().st_size)})"]
+    if not isinstance(data, dict):
+        return "\n".join(lines + [f"  {_describe_value(data)}"])
+    for key, value in data.items():
+        if key == "config":
+            continue
+        lines.append(f"  {key}: {_describe_value(value)}")
+    if "config" in data:
+        lines.append("  config:")
+        lines += ["    " + line for line in json.dumps(data["config"], indent=2, default=str).splitlines()]
+    return "\n".join(lines)
+
+
+def _describe_value(value) -> str:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return f"tensor {tuple(value.shape)} {value.dtype}"
+    if isinstance(value, dict):
+        tensors = [v for v in value.values() if isinstance(v, torch.Tensor)]
+        if tensors:
+            return f"dict of {len(value)} entries, {len(tensors)} tensors, {sum(t.numel() for t in tensors):,} values"
+        return _short(value)
+    return _short(value)
+
+
+# --------------------------------------------------------------------------------------------
+# overlays
+# --------------------------------------------------------------------------------------------
+
+def cluster_colours(clusters: int) -> np.ndarray:
+    """uint8 [clusters, 3] distinct, deterministic colours (golden-ratio hues)."""
+    import colorsys
+
+    hues = (np.arange(clusters) * 0.618033988749895) % 1.0
+    return np.array([[round(255 * c) for c in colorsys.hsv_to_rgb(h, 0.85, 0.95 - 0.25 * (i % 2))]
+                     for i, h in enumerate(hues)], np.uint8).reshape(-1, 3)
+
+
+def overlay_image(image: np.ndarray, labels: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """An image with its grid labels (valid part upsampled nearest to the image size) blended in colour."""
+    vh, vw = valid_extent(labels)
+    if vh == 0:
+        return image
+    cells = resize_nearest(labels[:vh, :vw], image.shape[:2]).astype(np.int64)
+    coloured = colours[cells % len(colours)].astype(np.float32)
+    return (image.astype(np.float32) * (1 - alpha) + coloured * alpha).round().astype(np.uint8)
+
+
+def write_overlay(label_store: str | Path, images_table: str | Path, out: str | Path, n: int = 16,
+                  tile: int = 192) -> Path:
+    """A PNG grid of the first n images of a label store with their pseudo masks coloured by cluster."""
+    from PIL import Image
+
+    from umtfss.stores import LabelStore
+
+    store = LabelStore([label_store])
+    if not Path(images_table).is_file():
+        raise FileNotFoundError(f"images table '{images_table}' does not exist")
+    table = pd.read_parquet(images_table, columns=["image_id", "image_path"]).drop_duplicates("image_id")
+    paths = dict(zip(table["image_id"].astype(str), table["image_path"].astype(str)))
+    shown = [i for i, image_id in enumerate(store.image_ids) if image_id in paths][:n]
+    if not shown:
+        raise ValueError(f"none of the images of '{label_store}' is in the images table '{images_table}'")
+    colours = cluster_colours(max(store.clusters, 1))
+    columns = math.ceil(math.sqrt(len(shown)))
+    rows = math.ceil(len(shown) / columns)
+    canvas = Image.new("RGB", (columns * tile, rows * tile), (32, 32, 32))
+    for slot, index in enumerate(tqdm(shown, desc="overlay", unit="img", disable=len(shown) < 32)):
+        picture = Image.fromarray(overlay_image(read_rgb(paths[store.image_ids[index]]), store.labels(index), colours))
+        scale = tile / max(picture.size)
+        picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
+                                 Image.Resampling.BILINEAR if scale < 1 else Image.Resampling.NEAREST)
+        canvas.paste(picture, ((slot % columns) * tile, (slot // columns) * tile))
+    out = Path(out)
+    with atomic_path(out) as temp:
+        canvas.save(temp, format="PNG")
+    return out
+
+
+def cli(parser: argparse.ArgumentParser):
+    """`umtfss inspect PATH`: print the summary; `--overlay OUT.png` renders a label store's pseudo masks."""
+    parser.add_argument("path", help="a Zarr store, parquet, npy, json, csv or checkpoint file")
+    parser.add_argument("--config", default=None, help="YAML file or inline JSON (optional; no key is read)")
+    parser.add_argument("--overlay", default=None, help="write a PNG grid of images with pseudo masks (label stores)")
+    parser.add_argument("--images", default=None, help="images.parquet, needed by --overlay")
+    parser.add_argument("--n", type=int, default=16, help="images in the overlay / table rows shown (default 16)")
+
+    def run(args: argparse.Namespace) -> None:
+        if args.config is not None:
+            from umtfss.config import load
+
+            load(args.config)
+        print(summarise(args.path, n=args.n))
+        if args.overlay:
+            if not args.images:
+                raise ValueError("--overlay needs --images images.parquet to find the image files")
+            print(f"overlay written to {write_overlay(args.path, args.images, args.overlay, n=args.n)}")
+
+    return run

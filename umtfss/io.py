@@ -1,0 +1,275 @@
+"""Image and label I/O that accepts what real folders hold, and atomic output paths."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Suffixes read as images everywhere (folder scans, converters); compared case-insensitively.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+
+# EXIF orientations that swap height and width (transpose, rotate 90/270, transverse).
+_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+class ImageReadError(ValueError):
+    """An image or label file exists but cannot be decoded; the message names the path and the reason."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot read image '{path}': {reason}")
+
+    def __reduce__(self):  # keeps (path, reason) when raised in a worker process
+        return (type(self), (self.path, self.reason))
+
+
+def is_image_path(path: str | Path) -> bool:
+    """True when the file name ends in one of IMAGE_SUFFIXES (any case)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _open_image(path: str | Path) -> Iterator[Image.Image]:
+    """Open and fully decode the first frame; decoding failures become ImageReadError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file '{path}' does not exist")
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(path, f"larger than PIL's safety limit; raise PIL.Image.MAX_IMAGE_PIXELS to allow it "
+                                   f"({err})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise ImageReadError(path, f"not a readable image ({err})") from None
+    try:
+        with image:
+            try:
+                image.seek(0)  # multi-page TIFF / animated files: the first frame
+                image.load()
+            except (OSError, ValueError, SyntaxError, EOFError) as err:
+                raise ImageReadError(path, f"corrupt or truncated image data ({err})") from None
+            yield image
+    finally:
+        image.close()
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(_EXIF_ORIENTATION_TAG, 1))
+    except Exception:  # malformed EXIF blocks are ignored, as viewers do
+        return 1
+
+
+def _high_depth_to_uint8(image: Image.Image) -> np.ndarray:
+    """16/32-bit integer and float grayscale -> uint8, by the value range of the format.
+
+    Integer images are mapped from 0..65535 (16-bit range; values beyond are clipped), float images
+    from 0..1 when they lie in it, otherwise min-max stretched. A fixed range keeps brightness
+    comparable across the images of a folder, which a per-image stretch would not.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+        if low >= 0.0 and high <= 1.0:
+            scaled = values * 255.0
+        else:
+            scaled = (values - low) / max(high - low, 1e-12) * 255.0
+    else:
+        scaled = values / 257.0  # 65535 -> 255
+    return np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8)
+
+
+def _to_rgb_array(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode == "RGB":
+        return np.asarray(image, dtype=np.uint8)
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        gray = _high_depth_to_uint8(image)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+        # composited on black: pixels hidden by alpha carry no colour (cut-outs have junk under alpha 0)
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
+        rgb = rgba[:, :, :3] * (rgba[:, :, 3:4] / 255.0)
+        return rgb.round().astype(np.uint8)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Any supported image file as uint8 HxWx3 RGB, upright.
+
+    Grayscale (1, L), palette (P), CMYK, YCbCr -> RGB by PIL; alpha (RGBA, LA, PA, P with a
+    transparent index) is composited on black; 16-bit (I;16, I) from 0..65535, float (F) from 0..1
+    or min-max; multi-page TIFF: the first page. The EXIF orientation is applied (as OpenCV's
+    imread does in the reference code), so `image_size` gives the same height and width.
+    Raises FileNotFoundError for a missing file and ImageReadError for one that cannot be decoded.
+    """
+    with _open_image(path) as image:
+        try:
+            if _exif_orientation(image) != 1:
+                image = ImageOps.exif_transpose(image)
+            rgb = _to_rgb_array(image)
+        except (OSError, ValueError) as err:
+            raise ImageReadError(path, f"cannot convert mode {image.mode} to RGB ({err})") from None
+    return _writable(rgb)
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous array callers may modify (PIL hands out read-only buffers)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    return array if array.flags.writeable else array.copy()
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image as read_rgb returns it, from the header only (no decoding)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file '{path}' does not exist")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if _exif_orientation(image) in _SWAPPING_ORIENTATIONS:
+                width, height = height, width
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise ImageReadError(path, f"not a readable image ({err})") from None
+    return int(height), int(width)
+
+
+def label_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of a label file from its header (labels are never EXIF-rotated)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"label file '{path}' does not exist")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise ImageReadError(path, f"not a readable image ({err})") from None
+    return int(height), int(width)
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """A class-index mask as uint8 HxW (0 background, 1..C classes, 255 ignore).
+
+    Palette PNGs (VOC SegmentationClass) keep their indices, not their colours; 16-bit masks are
+    accepted when every value fits in 0..255. Colour-coded RGB masks are rejected: they need a
+    conversion to class indices first.
+    """
+    with _open_image(path) as image:
+        mode = image.mode
+        if mode in ("P", "L", "1"):
+            values = np.asarray(image if mode != "1" else image.convert("L"))
+        elif mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+            values = np.asarray(image, dtype=np.int64)
+            if values.size and (values.min() < 0 or values.max() > 255):
+                raise ImageReadError(path, f"label values span {values.min()}..{values.max()}, expected 0..255")
+        else:
+            raise ImageReadError(
+                path, f"label image has mode {mode}; expected a single-channel class-index PNG (L or P)")
+    return _writable(values)
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+
+def voc_palette() -> list[tuple[int, int, int]]:
+    """The 256-entry PASCAL VOC colour map (index 255 is the cream boundary colour)."""
+    palette = []
+    for index in range(256):
+        red = green = blue = 0
+        code = index
+        for shift in range(7, -1, -1):
+            red |= ((code >> 0) & 1) << shift
+            green |= ((code >> 1) & 1) << shift
+            blue |= ((code >> 2) & 1) << shift
+            code >>= 3
+        palette.append((red, green, blue))
+    return palette
+
+
+def _flat_palette(palette) -> list[int]:
+    flat = np.asarray(palette, dtype=np.int64).reshape(-1)
+    if flat.size % 3 or flat.size > 768 or flat.min(initial=0) < 0 or flat.max(initial=0) > 255:
+        raise ValueError(f"palette must hold at most 256 RGB triples in 0..255, got {flat.size} values")
+    return flat.tolist() + [0] * (768 - flat.size)
+
+
+def write_png(path: str | Path, array: np.ndarray, palette: Sequence | np.ndarray | None = None) -> None:
+    """Write uint8 HxW (grayscale, or palette indices when `palette` is given) or HxWx3 RGB, atomically."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        raise ValueError(f"write_png('{path}'): array dtype is {array.dtype}, expected uint8")
+    if array.ndim == 2:
+        image = Image.fromarray(np.ascontiguousarray(array))  # mode L
+        if palette is not None:
+            image.putpalette(_flat_palette(palette))  # mode P, same indices
+    elif array.ndim == 3 and array.shape[2] == 3:
+        if palette is not None:
+            raise ValueError(f"write_png('{path}'): a palette needs a HxW index array, got shape {array.shape}")
+        image = Image.fromarray(np.ascontiguousarray(array))  # mode RGB
+    else:
+        raise ValueError(f"write_png('{path}'): array shape is {array.shape}, expected HxW or HxWx3")
+    with atomic_path(path) as temp:
+        image.save(temp, format="PNG")
+
+
+# --------------------------------------------------------------------------------------------
+# atomic outputs
+# --------------------------------------------------------------------------------------------
+
+def _temp_sibling(path: Path) -> Path:
+    """`name.tmp-XXXXXXXX.suffix` next to `path`: same suffix, so writers that check it still work."""
+    token = f"tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    return path.with_name(f"{path.stem}.{token}{path.suffix}" if path.suffix else f"{path.name}.{token}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _replace(temp: Path, final: Path) -> None:
+    """Move `temp` onto `final`; an existing directory is moved aside first and deleted after."""
+    if final.is_dir() and not final.is_symlink():
+        trash = final.with_name(f"{final.name}.old-{secrets.token_hex(4)}")
+        os.replace(final, trash)
+        os.replace(temp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(temp, final)  # atomic for files, also over an existing file
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it onto `path` on success, delete it on error.
+
+    The caller creates the file or directory at the yielded path. A killed job thus never leaves a
+    half-written output under the final name. An existing file or directory at `path` is replaced.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temp = _temp_sibling(final)
+    try:
+        yield temp
+    except BaseException:
+        if temp.exists() or temp.is_symlink():
+            _remove(temp)
+        raise
+    if not (temp.exists() or temp.is_symlink()):
+        raise FileNotFoundError(f"nothing was written to the temporary path '{temp}' for '{final}'")
+    _replace(temp, final)

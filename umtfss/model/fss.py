@@ -1,0 +1,261 @@
+"""The Transformer FSS model of the paper (Fig. 2): frozen backbone, PFENet-style features, attention layers, FCN head.
+
+Parameter groups for the two optimisers are explicit: `transformer_parameters()` (AdamW) and
+`other_parameters()` (SGD); the frozen backbone contributes to neither.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from umtfss.model.attention import PrototypeCrossAttention, TransformerBlock, VanillaCrossAttention
+
+__all__ = ["FSSModel", "build_model", "masked_average_pool", "prior_mask", "sine_positional_encoding", "MODEL_KEYS"]
+
+# config["model"] keys that shape the network (the others name the backbone and its checkpoint)
+MODEL_KEYS = ("dim", "heads", "layers", "dropout", "attention", "prototypes_fg", "prototypes_bg", "hash_bits", "hash_iterations")
+ATTENTIONS = ("prototype", "vanilla")
+POSITIONALS = ("sine", "learned", "none")
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize with align_corners=True, the PFENet convention for features and masks."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+def masked_average_pool(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mask-weighted mean feature [B,C] of features [B,C,h,w] under a soft mask [B,1,h,w] (PFENet's Weighted_GAP)."""
+    area = mask.sum(dim=(2, 3)) + 5e-4
+    return (features * mask).sum(dim=(2, 3)) / area
+
+
+@torch.no_grad()
+def prior_mask(query_high: torch.Tensor, support_high: torch.Tensor, support_masks: torch.Tensor) -> torch.Tensor:
+    """PFENet prior [B,1,h,w]: per query pixel, max cosine to the masked support pixels, min-max normalised, shot mean.
+
+    query_high [B,C,h,w]; support_high [B,K,C,h,w]; support_masks [B,K,H,W] float 0/1.
+    """
+    batch, shots, channels, height, width = support_high.shape
+    masks = _resize(support_masks.flatten(0, 1)[:, None].float(), (height, width)).view(batch, shots, 1, height, width)
+    query = F.normalize(query_high.flatten(2).float(), dim=1, eps=1e-7)  # [B,C,Nq]
+    support = F.normalize((support_high * masks).flatten(3).float(), dim=2, eps=1e-7)  # [B,K,C,Ns]
+    similarity = torch.einsum("bcn,bkcm->bknm", query, support).amax(dim=3)  # [B,K,Nq]
+    low = similarity.amin(dim=2, keepdim=True)
+    high = similarity.amax(dim=2, keepdim=True)
+    normalised = (similarity - low) / (high - low + 1e-7)
+    return normalised.mean(dim=1).view(batch, 1, query_high.shape[2], query_high.shape[3])
+
+
+def sine_positional_encoding(height: int, width: int, dim: int, device=None, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 2-D sine/cosine encoding [h*w, dim] (DETR style): half the channels encode y, half x."""
+    def axis(length: int, channels: int) -> torch.Tensor:
+        coords = (torch.arange(length, device=device, dtype=torch.float32) + 0.5) / length * 2 * math.pi
+        index = torch.arange(channels, device=device)
+        freq = temperature ** (2 * (index // 2) / max(channels, 1))
+        angles = coords[:, None] / freq[None, :]
+        return torch.where(index % 2 == 0, angles.sin(), angles.cos())  # [length, channels]
+
+    y = axis(height, dim // 2)[:, None, :].expand(height, width, dim // 2)
+    x = axis(width, dim - dim // 2)[None, :, :].expand(height, width, dim - dim // 2)
+    return torch.cat([y, x], dim=2).reshape(height * width, dim)
+
+
+class LearnedPositionalEncoding(nn.Module):
+    """Learned encoding on a base grid, bilinearly resized to the feature grid [h*w, dim]."""
+
+    def __init__(self, dim: int, base: int = 32):
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(1, dim, base, base))
+        nn.init.trunc_normal_(self.table, std=0.02)
+
+    def forward(self, height: int, width: int) -> torch.Tensor:
+        return _resize(self.table, (height, width))[0].flatten(1).transpose(0, 1)
+
+
+class AttentionLayer(nn.Module):
+    """One repeat of the Transformer part: self-attention on query, on support, then cross-attention."""
+
+    def __init__(self, cross: nn.Module, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.self_query = TransformerBlock(dim, heads, dropout)
+        self.self_support = TransformerBlock(dim, heads, dropout)
+        self.cross = cross
+
+    def forward(self, query, support, support_foreground, shots: int):
+        """query [B,N,d]; support [B*K,N,d] (self-attention within each shot); fg bool [B,K*N]."""
+        query = self.self_query(query)
+        support = self.self_support(support)
+        pooled = support.reshape(query.shape[0], shots * support.shape[1], support.shape[2])
+        return self.cross(query, pooled, support_foreground), support
+
+
+def _reduce_layer(in_channels: int, dim: int) -> nn.Sequential:
+    """PFENet's down layer: 1x1 conv, ReLU, Dropout2d(0.5)."""
+    return nn.Sequential(nn.Conv2d(in_channels, dim, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(0.5))
+
+
+class FSSModel(nn.Module):
+    """Few-shot segmenter: forward(query [B,3,H,W], supports [B,K,3,H,W], support_masks [B,K,H,W]) -> logits [B,2,H,W].
+
+    Images are RGB in [0,1] (the backbone normalises). The backbone stays frozen and in eval mode
+    (BatchNorm statistics included) whatever `train()` is called with.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        dim: int = 256,
+        heads: int = 8,
+        layers: int = 2,
+        dropout: float = 0.1,
+        attention: str = "prototype",
+        prototypes_fg: int = 50,
+        prototypes_bg: int = 100,
+        hash_bits: int = 32,
+        hash_iterations: int = 10,
+        positional: str = "sine",
+    ):
+        super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"model.attention is {attention!r}, expected one of {', '.join(ATTENTIONS)}")
+        if positional not in POSITIONALS:
+            raise ValueError(f"positional encoding is {positional!r}, expected one of {', '.join(POSITIONALS)}")
+        for attr in ("channels", "mid_layers", "high_layer"):
+            if not hasattr(backbone, attr):
+                raise ValueError(f"backbone {type(backbone).__name__} lacks attribute '{attr}' of the FeatureBackbone contract")
+        self.backbone = backbone
+        for parameter in backbone.parameters():
+            parameter.requires_grad_(False)
+        backbone.eval()
+        self.mid_layers = tuple(backbone.mid_layers)
+        self.high_layer = backbone.high_layer
+        self.dim, self.attention_kind, self.positional_kind = dim, attention, positional
+
+        mid_channels = sum(backbone.channels[name] for name in self.mid_layers)
+        self.reduce_query = _reduce_layer(mid_channels, dim)
+        self.reduce_support = _reduce_layer(mid_channels, dim)
+        # shared merge of [features, global support vector, one mask channel]: the prior for the
+        # query, the support's own mask for the support
+        self.merge = nn.Sequential(nn.Conv2d(2 * dim + 1, dim, 1, bias=False), nn.ReLU(inplace=True))
+        self.learned_positional = LearnedPositionalEncoding(dim) if positional == "learned" else None
+        self.transformer = nn.ModuleList(
+            AttentionLayer(self._cross_attention(index, dim, heads, dropout, prototypes_fg, prototypes_bg, hash_bits, hash_iterations), dim, heads, dropout)
+            for index in range(layers)
+        )
+        self.head = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(dim, 2, 1))
+
+    def _cross_attention(self, index, dim, heads, dropout, prototypes_fg, prototypes_bg, hash_bits, hash_iterations) -> nn.Module:
+        if self.attention_kind == "vanilla":
+            return VanillaCrossAttention(dim, heads, dropout)
+        return PrototypeCrossAttention(dim, heads, dropout, prototypes_fg, prototypes_bg, hash_bits, hash_iterations, seed=index)
+
+    # --- parameter groups -------------------------------------------------------------------
+    def transformer_parameters(self) -> list[nn.Parameter]:
+        """Attention/Transformer parameters (AdamW group)."""
+        params = list(self.transformer.parameters())
+        if self.learned_positional is not None:
+            params += list(self.learned_positional.parameters())
+        return [p for p in params if p.requires_grad]
+
+    def other_parameters(self) -> list[nn.Parameter]:
+        """Every other trainable parameter (SGD group); the frozen backbone is excluded."""
+        excluded = {id(p) for p in self.transformer_parameters()} | {id(p) for p in self.backbone.parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in excluded]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()  # frozen BatchNorm: running statistics never update
+        return self
+
+    # --- parts of the forward pass ---------------------------------------------------------
+    def _backbone_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return self.backbone(images)
+
+    def _middle(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        first = features[self.mid_layers[0]]
+        return torch.cat([_resize(features[name], first.shape[-2:]) for name in self.mid_layers], dim=1)
+
+    def _positional(self, height: int, width: int, device) -> torch.Tensor | None:
+        if self.positional_kind == "sine":
+            return sine_positional_encoding(height, width, self.dim, device=device)
+        if self.positional_kind == "learned":
+            return self.learned_positional(height, width)
+        return None
+
+    @staticmethod
+    def _foreground_cells(masks: torch.Tensor) -> torch.Tensor:
+        """Binary fg of grid-resized soft masks [M,1,h,w]: >= 0.5, or the peak cells of a tiny object."""
+        peak = masks.amax(dim=(2, 3), keepdim=True)
+        return (masks >= peak.clamp(max=0.5)) & (masks > 0)
+
+    def forward(self, query: torch.Tensor, supports: torch.Tensor, support_masks: torch.Tensor) -> torch.Tensor:
+        self._check_shapes(query, supports, support_masks)
+        batch, shots = supports.shape[:2]
+        size = query.shape[-2:]
+        query_features = self._backbone_features(query)
+        support_features = self._backbone_features(supports.flatten(0, 1))
+
+        query_mid = self.reduce_query(self._middle(query_features))  # [B,d,h,w]
+        support_mid = self.reduce_support(self._middle(support_features))  # [B*K,d,h,w]
+        height, width = query_mid.shape[-2:]
+        grid_masks = _resize(support_masks.flatten(0, 1)[:, None].to(query_mid.dtype), (height, width))
+
+        global_vector = masked_average_pool(support_mid, grid_masks).view(batch, shots, self.dim).mean(dim=1)
+        support_high = support_features[self.high_layer]
+        prior = prior_mask(
+            query_features[self.high_layer], support_high.view(batch, shots, *support_high.shape[1:]), support_masks
+        )
+        prior = _resize(prior, (height, width)).to(query_mid.dtype)
+
+        def expand(vector: torch.Tensor) -> torch.Tensor:
+            return vector[:, :, None, None].expand(-1, -1, height, width)
+
+        query_map = self.merge(torch.cat([query_mid, expand(global_vector), prior], dim=1))
+        support_map = self.merge(
+            torch.cat([support_mid, expand(global_vector.repeat_interleave(shots, dim=0)), grid_masks], dim=1)
+        )
+
+        query_tokens = query_map.flatten(2).transpose(1, 2)  # [B,hw,d]
+        support_tokens = support_map.flatten(2).transpose(1, 2)  # [B*K,hw,d]
+        positional = self._positional(height, width, query.device)
+        if positional is not None:
+            query_tokens = query_tokens + positional
+            support_tokens = support_tokens + positional
+        foreground = self._foreground_cells(grid_masks).reshape(batch, shots * height * width)
+
+        for layer in self.transformer:
+            query_tokens, support_tokens = layer(query_tokens, support_tokens, foreground, shots)
+
+        output = query_tokens.transpose(1, 2).reshape(batch, self.dim, height, width)
+        return _resize(self.head(output), tuple(size))
+
+    @staticmethod
+    def _check_shapes(query, supports, support_masks) -> None:
+        if query.dim() != 4 or query.shape[1] != 3:
+            raise ValueError(f"query must be [B,3,H,W], got {tuple(query.shape)}")
+        expected = (query.shape[0], supports.shape[1] if supports.dim() == 5 else -1, 3, *query.shape[2:])
+        if supports.dim() != 5 or tuple(supports.shape) != expected:
+            raise ValueError(f"supports must be [B,K,3,H,W] = {expected} with K >= 1, got {tuple(supports.shape)}")
+        if tuple(support_masks.shape) != (supports.shape[0], supports.shape[1], *query.shape[2:]):
+            raise ValueError(
+                f"support_masks must be [B,K,H,W] = {(supports.shape[0], supports.shape[1], *query.shape[2:])}, "
+                f"got {tuple(support_masks.shape)}"
+            )
+
+
+def build_model(model_cfg: dict, backbone: nn.Module) -> FSSModel:
+    """FSSModel from config["model"]; keys missing from model_cfg take the schema defaults."""
+    from umtfss.config import schema
+
+    defaults = {name: spec.get("default") for name, spec in schema()["properties"]["model"]["properties"].items()}
+    settings = {key: model_cfg.get(key, defaults[key]) for key in MODEL_KEYS}
+    if settings["dim"] % settings["heads"]:
+        raise ValueError(f"config key 'model.dim' ({settings['dim']}) must be divisible by 'model.heads' ({settings['heads']})")
+    return FSSModel(backbone, **settings)

@@ -1,0 +1,562 @@
+"""Pseudo episodes (paper "Task constructing"): regions of cluster labels, support candidates, and the sampler.
+
+A *region* is the set of grid cells of one image assigned to one cluster (so an image has at most one
+region per cluster). Its *masked-average feature* is the mean of the region's pixel embeddings,
+L2-normalised. A query region's *support candidates* are the most cosine-similar regions of the same
+cluster (paper: "only top 50 percent nearest regions are used for randomly K-shot support set
+selection"); the reference code's conventions are config keys (section `episodes`):
+
+- regions: `area >= min_region_pixels` grid cells (reference 2,048 px = 32 cells at stride 8);
+  with `drop_background_like`, a region is dropped when its bounding box spans
+  `y1 - y0 >= background_span * valid_h` OR `x1 - x0 >= background_span * valid_w` (bounding box in
+  grid cells with exclusive ends, valid_h x valid_w = the grid cells the image covers, padding
+  excluded): clusters stretching over (nearly) the whole image height or width are background-like.
+- candidates of query q in cluster c: the pool is the cluster's regions, first subsampled to
+  `max_pool` at random (seeded per cluster) when larger; the eligible regions are the pool minus
+  every region of q's own image (q itself included); q gets the
+  `k = min(max_candidates, ceil(top_fraction * eligible))` eligible regions most similar to it.
+  Every region is a query (also those outside a subsampled pool); queries with k = 0 are unused.
+- similarity = dot product of the stored float16 masked-average features computed in float32 (they
+  are unit vectors up to float16 rounding), the same number at build and at draw time.
+
+Storage of the candidate sets, analysed at COCO scale (N = 8*10^5 regions, 50 clusters of ~1.6*10^4,
+d = 256, k = min(0.5 * 1.6*10^4, 5,000) = 5,000 per query):
+
+| storage | bytes | draw |
+|---|---|---|
+| explicit int32 lists (parquet list column) | N*k*4 = 16 GB (~1.5 GB delta-packed, 16 GB in RAM) | O(1) |
+| bitmap over the pool per query | N*n_c/8 = 1.6 GB | O(1) expected (rejection) |
+| **threshold per query + features (chosen)** | 10 MB thresholds + N*d*2 = 410 MB float16 features | O(1) expected |
+
+Chosen: candidates.parquet stores, per query, the similarity of its k-th candidate (`threshold`), k
+(`num_candidates`) and the eligible count; region_features.npy (float16 [N, d], memory-mapped by the
+sampler, shared by data-loader workers through the page cache) holds the features that regions need
+anyway. The candidate set of q is exactly {r in pool(c), image(r) != image(q), sim(q, r) >= threshold
+- SIMILARITY_TOLERANCE} (the tolerance, 1e-5, absorbs float32 summation-order differences between the
+blocked build and a single dot product). A support is drawn uniformly from it by rejection sampling:
+pick a uniform pool member, accept it if it qualifies; expected trials = eligible / k <= 1 / top_fraction
+when the cap is inactive and <= max_pool / max_candidates = 4 at the defaults, each trial one d-dim dot
+product, independent of N. After MAX_DRAW_TRIALS rejections the exact set is materialised (O(n_c d)).
+Build: per cluster, blocked [block x pool] float32 matrix products (torch) and a per-row k-th value
+selection (numpy partition), never an n_c x n_c matrix: sum_c n_c * pool_c * 2d = 6.6 TFLOP at COCO scale
+(benchmarks/episodes_scale.py measures time and bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from umtfss.episode import Episode
+from umtfss.io import atomic_path, read_rgb
+from umtfss.stores import EmbeddingStore, LabelStore
+
+REGIONS_FILE = "regions.parquet"
+FEATURES_FILE = "region_features.npy"
+CANDIDATES_FILE = "candidates.parquet"
+METADATA_KEY = b"umtfss"
+SIMILARITY_TOLERANCE = 1e-5
+MAX_DRAW_TRIALS = 256
+QUERY_BLOCK = 1024  # query rows per similarity block: block x pool x 4 bytes (80 MB at pool 20,000)
+
+
+# --------------------------------------------------------------------------------------------
+# grid geometry (shared with quality and inspect)
+# --------------------------------------------------------------------------------------------
+
+def valid_extent(labels: np.ndarray) -> tuple[int, int]:
+    """(rows, cols) of a label grid covered by the image: padding cells are -1 at the bottom/right."""
+    covered = labels >= 0
+    rows = np.flatnonzero(covered.any(axis=1))
+    cols = np.flatnonzero(covered.any(axis=0))
+    if rows.size == 0:
+        return 0, 0
+    return int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a 2-D array to (h, w): source index floor(i * src / dst), as torch 'nearest'."""
+    src_h, src_w = array.shape[:2]
+    h, w = size
+    rows = np.minimum((np.arange(h) * src_h) // h, src_h - 1)
+    cols = np.minimum((np.arange(w) * src_w) // w, src_w - 1)
+    return array[rows[:, None], cols[None, :]]
+
+
+def cluster_mask(labels: np.ndarray, cluster: int, image_size: tuple[int, int]) -> np.ndarray:
+    """uint8 0/1 mask of `cluster` at image size: crop the grid's valid part, resize it nearest to (H, W)."""
+    vh, vw = valid_extent(labels)
+    if vh == 0:
+        return np.zeros(image_size, np.uint8)
+    cropped = (labels[:vh, :vw] == cluster).astype(np.uint8)
+    return resize_nearest(cropped, image_size)
+
+
+# --------------------------------------------------------------------------------------------
+# regions
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class _ImageRegions:
+    clusters: np.ndarray
+    area: np.ndarray
+    bbox: np.ndarray  # [r, 4] y0, x0, y1, x1 (exclusive ends)
+    features: np.ndarray  # [r, d] float32, L2-normalised
+
+
+def image_regions(cells: np.ndarray, features: np.ndarray) -> _ImageRegions:
+    """Every cluster's region in one image's valid grid `cells` [h, w] with pixel `features` [h, w, d]."""
+    h, w = cells.shape
+    flat = cells.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    order = order[flat[order] >= 0]
+    ordered = flat[order]
+    ids, starts, counts = np.unique(ordered, return_index=True, return_counts=True)
+    if ids.size == 0:
+        d = features.shape[-1]
+        return _ImageRegions(ids.astype(np.int64), counts, np.zeros((0, 4), np.int64), np.zeros((0, d), np.float32))
+    ys, xs = np.divmod(order, w)
+    bbox = np.stack([np.minimum.reduceat(ys, starts), np.minimum.reduceat(xs, starts),
+                     np.maximum.reduceat(ys, starts) + 1, np.maximum.reduceat(xs, starts) + 1], axis=1)
+    pixel_features = features.reshape(h * w, -1)[order].astype(np.float32)
+    sums = np.add.reduceat(pixel_features, starts, axis=0)
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return _ImageRegions(ids.astype(np.int64), counts, bbox, sums / np.maximum(norms, 1e-12))
+
+
+def region_filter(regions: _ImageRegions, valid: tuple[int, int], min_region_pixels: int,
+                  drop_background_like: bool, background_span: float) -> np.ndarray:
+    """Boolean keep-mask: area >= min_region_pixels and, optionally, not background-like (module docstring)."""
+    keep = regions.area >= min_region_pixels
+    if drop_background_like:
+        vh, vw = valid
+        span_h = regions.bbox[:, 2] - regions.bbox[:, 0]
+        span_w = regions.bbox[:, 3] - regions.bbox[:, 1]
+        keep &= ~((span_h >= background_span * vh) | (span_w >= background_span * vw))
+    return keep
+
+
+def build_regions(label_paths: Sequence[str | Path], embedding_paths: Sequence[str | Path],
+                  clusters: int | None = None, min_region_pixels: int = 32, drop_background_like: bool = True,
+                  background_span: float = 0.95, progress: bool = True) -> tuple[pd.DataFrame, np.ndarray]:
+    """Regions of every image of the label stores, streamed shard by shard, image by image.
+
+    Returns (table, features): the table has one row per kept region, sorted by cluster, with
+    region_id (= row), image_id, cluster, area (grid cells), y0, x0, y1, x1 (grid cells, exclusive
+    ends), valid_h, valid_w; `features` is float16 [rows, d], the masked-average features.
+    """
+    labels = LabelStore(label_paths)
+    embeddings = EmbeddingStore(embedding_paths)
+    clusters = _check_cluster_count(labels, clusters)
+    if tuple(labels.grid) != tuple(embeddings.grid):
+        raise ValueError(f"label stores have grid {tuple(labels.grid)} but embedding stores have "
+                         f"{tuple(embeddings.grid)}; expected the labels of these embeddings")
+    embedding_row = _unique_index(embeddings.image_ids, "embedding stores", embedding_paths)
+    _unique_index(labels.image_ids, "label stores", label_paths)
+
+    columns: dict[str, list] = {k: [] for k in ("image_id", "cluster", "area", "bbox", "valid")}
+    feature_blocks: list[np.ndarray] = []
+    bar = tqdm(total=len(labels), desc="regions", unit="img", disable=not progress)
+    for index_range, block in labels.iter_batches(16):
+        for offset, index in enumerate(index_range):
+            image_id = labels.image_ids[index]
+            if image_id not in embedding_row:
+                raise ValueError(f"image '{image_id}' of label store(s) {_names(label_paths)} is not in the "
+                                 f"embedding stores {_names(embedding_paths)}")
+            cells = block[offset]
+            vh, vw = valid_extent(cells)
+            cells = cells[:vh, :vw]
+            if cells.size and (cells.min() < 0 or cells.max() >= clusters):
+                raise ValueError(f"image '{image_id}' has cluster ids in [{cells.min()}, {cells.max()}] inside its "
+                                 f"valid grid, expected 0..{clusters - 1}")
+            features = embeddings.features(embedding_row[image_id])[:vh, :vw]
+            found = image_regions(cells, features)
+            keep = region_filter(found, (vh, vw), min_region_pixels, drop_background_like, background_span)
+            n = int(keep.sum())
+            columns["image_id"].extend([image_id] * n)
+            columns["cluster"].append(found.clusters[keep])
+            columns["area"].append(found.area[keep])
+            columns["bbox"].append(found.bbox[keep])
+            columns["valid"].append(np.tile([vh, vw], (n, 1)))
+            feature_blocks.append(found.features[keep].astype(np.float16))
+            bar.update(1)
+    bar.close()
+    return _region_table(columns, feature_blocks, embeddings.dim)
+
+
+def _region_table(columns: dict, feature_blocks: list[np.ndarray], dim: int) -> tuple[pd.DataFrame, np.ndarray]:
+    def cat(name, shape):
+        return np.concatenate(columns[name]) if columns[name] else np.zeros(shape, np.int64)
+
+    cluster = cat("cluster", (0,))
+    order = np.argsort(cluster, kind="stable")
+    bbox, valid = cat("bbox", (0, 4))[order], cat("valid", (0, 2))[order]
+    table = pd.DataFrame({
+        "region_id": np.arange(order.size, dtype=np.int32),
+        "image_id": np.asarray(columns["image_id"], dtype=object)[order] if order.size else np.zeros(0, object),
+        "cluster": cluster[order].astype(np.int16),
+        "area": cat("area", (0,))[order].astype(np.int32),
+        "y0": bbox[:, 0].astype(np.int16), "x0": bbox[:, 1].astype(np.int16),
+        "y1": bbox[:, 2].astype(np.int16), "x1": bbox[:, 3].astype(np.int16),
+        "valid_h": valid[:, 0].astype(np.int16), "valid_w": valid[:, 1].astype(np.int16),
+    })
+    features = np.concatenate(feature_blocks)[order] if feature_blocks else np.zeros((0, dim), np.float16)
+    return table, np.ascontiguousarray(features)
+
+
+def _check_cluster_count(labels: LabelStore, clusters: int | None) -> int:
+    stored = labels.clusters or None
+    if clusters is None and stored is None:
+        raise ValueError(f"label store(s) {_names(labels.paths)} have no 'clusters' attribute; pass the number of clusters")
+    if clusters is not None and stored is not None and int(clusters) != stored:
+        raise ValueError(f"label store(s) {_names(labels.paths)} were made with {stored} clusters, but {clusters} were requested")
+    return int(clusters if clusters is not None else stored)
+
+
+def _unique_index(image_ids: list[str], what: str, paths) -> dict[str, int]:
+    index = {image_id: row for row, image_id in enumerate(image_ids)}
+    if len(index) != len(image_ids):
+        seen, duplicates = set(), []
+        for image_id in image_ids:
+            if image_id in seen:
+                duplicates.append(image_id)
+            seen.add(image_id)
+        raise ValueError(f"{what} {_names(paths)} list image(s) more than once: {duplicates[:5]}; "
+                         f"expected each image in exactly one shard")
+    return index
+
+
+def _names(paths) -> str:
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    shown = ", ".join(f"'{p}'" for p in paths[:3])
+    return shown + (f" (+{len(paths) - 3} more)" if len(paths) > 3 else "")
+
+
+# --------------------------------------------------------------------------------------------
+# support candidates
+# --------------------------------------------------------------------------------------------
+
+def candidate_count(eligible: np.ndarray, top_fraction: float, max_candidates: int) -> np.ndarray:
+    """k = min(max_candidates, ceil(top_fraction * eligible)); 0 when nothing is eligible."""
+    eligible = np.asarray(eligible, dtype=np.int64)
+    top = np.ceil(top_fraction * eligible - 1e-9).astype(np.int64)
+    return np.minimum(top, max_candidates).clip(min=0)
+
+
+def pool_members(rows: np.ndarray, max_pool: int, seed: int, cluster: int) -> np.ndarray:
+    """The cluster's candidate pool: all its rows, or max_pool of them at random (seeded per cluster), sorted."""
+    if rows.size <= max_pool:
+        return rows
+    rng = np.random.default_rng([seed, int(cluster)])
+    return np.sort(rng.choice(rows, size=max_pool, replace=False))
+
+
+def compute_candidates(features: np.ndarray, clusters: np.ndarray, image_codes: np.ndarray,
+                       top_fraction: float = 0.5, max_candidates: int = 5000, max_pool: int = 20000,
+                       seed: int = 0, progress: bool = True) -> pd.DataFrame:
+    """Per region: in_pool, eligible, num_candidates (k) and threshold (similarity of the k-th candidate).
+
+    features [N, d] (the stored float16 values), clusters [N], image_codes [N] (int per image).
+    Thresholds of queries with k = 0 are NaN.
+    """
+    n = len(clusters)
+    in_pool = np.zeros(n, bool)
+    eligible = np.zeros(n, np.int32)
+    threshold = np.full(n, np.nan, np.float32)
+    clusters = np.asarray(clusters)
+    image_codes = np.asarray(image_codes, dtype=np.int64)
+    by_cluster = _rows_by_cluster(clusters)
+    bar = tqdm(total=n, desc="candidates", unit="region", disable=not progress)
+    for cluster, rows in by_cluster.items():
+        pool = pool_members(rows, max_pool, seed, cluster)
+        in_pool[pool] = True
+        pool_features = torch.from_numpy(np.asarray(features[pool], dtype=np.float32))
+        pool_images = torch.from_numpy(image_codes[pool])
+        for start in range(0, rows.size, QUERY_BLOCK):
+            queries = rows[start:start + QUERY_BLOCK]
+            block_eligible, block_threshold = _block_thresholds(
+                torch.from_numpy(np.asarray(features[queries], dtype=np.float32)),
+                torch.from_numpy(image_codes[queries]), pool_features, pool_images, top_fraction, max_candidates)
+            eligible[queries] = block_eligible
+            threshold[queries] = block_threshold
+            bar.update(queries.size)
+    bar.close()
+    return pd.DataFrame({
+        "region_id": np.arange(n, dtype=np.int32),
+        "cluster": clusters.astype(np.int16),
+        "in_pool": in_pool,
+        "eligible": eligible,
+        "num_candidates": candidate_count(eligible, top_fraction, max_candidates).astype(np.int32),
+        "threshold": threshold,
+    })
+
+
+def candidates_of(query: int, features: np.ndarray, pool: np.ndarray, image_codes: np.ndarray,
+                  threshold: float) -> np.ndarray:
+    """Materialise a query's candidate set: pool rows of other images with similarity >= threshold - tolerance."""
+    if pool.size == 0 or not np.isfinite(threshold):
+        return np.zeros(0, np.int64)
+    similarity = np.asarray(features[pool], np.float32) @ np.asarray(features[query], np.float32)
+    ok = (similarity >= threshold - SIMILARITY_TOLERANCE) & (image_codes[pool] != image_codes[query])
+    return pool[ok]
+
+
+def _rows_by_cluster(clusters: np.ndarray) -> dict[int, np.ndarray]:
+    order = np.argsort(clusters, kind="stable")
+    ids, starts = np.unique(clusters[order], return_index=True)
+    ends = list(starts[1:]) + [order.size]
+    return {int(c): np.sort(order[s:e]) for c, s, e in zip(ids, starts, ends)}
+
+
+def _block_thresholds(queries: torch.Tensor, query_images: torch.Tensor, pool: torch.Tensor,
+                      pool_images: torch.Tensor, top_fraction: float, max_candidates: int):
+    """Eligible counts and k-th largest similarity of a block of queries against a pool."""
+    similarity = queries @ pool.T
+    same_image = query_images[:, None] == pool_images[None, :]
+    similarity.masked_fill_(same_image, -math.inf)
+    eligible = (pool.shape[0] - same_image.sum(dim=1)).numpy()
+    k = candidate_count(eligible, top_fraction, max_candidates)
+    threshold = np.full(len(k), np.nan, np.float32)
+    has_candidates = k > 0
+    if has_candidates.any():
+        # the k-th largest of a row of m values sits at ascending position m - k; -inf entries sort first
+        position = pool.shape[0] - k[has_candidates]
+        rows = similarity.numpy() if has_candidates.all() else similarity.numpy()[has_candidates]
+        rows.partition(np.unique(position), axis=1)
+        threshold[has_candidates] = rows[np.arange(len(rows)), position]
+    return eligible, threshold
+
+
+# --------------------------------------------------------------------------------------------
+# the episodes stage
+# --------------------------------------------------------------------------------------------
+
+def build_episodes(label_paths: Sequence[str | Path], embedding_paths: Sequence[str | Path],
+                   out_dir: str | Path, episodes_config: dict, clusters: int | None = None,
+                   progress: bool = True) -> dict[str, Path]:
+    """Write regions.parquet, region_features.npy and candidates.parquet into out_dir (each atomically)."""
+    cfg = episodes_config
+    table, features = build_regions(label_paths, embedding_paths, clusters, cfg["min_region_pixels"],
+                                    cfg["drop_background_like"], cfg["background_span"], progress)
+    if table.empty:
+        raise ValueError(f"no region survived the filters (min_region_pixels={cfg['min_region_pixels']}, "
+                         f"drop_background_like={cfg['drop_background_like']}, background_span={cfg['background_span']}) "
+                         f"in label store(s) {_names(label_paths)}")
+    image_codes, _ = pd.factorize(table["image_id"])
+    candidates = compute_candidates(features, table["cluster"].to_numpy(), image_codes, cfg["top_fraction"],
+                                    cfg["max_candidates"], cfg["max_pool"], cfg["seed"], progress)
+    labels = LabelStore(label_paths)
+    metadata = {
+        "parameters": {k: cfg[k] for k in ("min_region_pixels", "drop_background_like", "background_span",
+                                           "top_fraction", "max_candidates", "max_pool", "seed")},
+        "clusters": int(clusters if clusters is not None else labels.clusters),
+        "centroids_sha256": labels.attrs.get("centroids_sha256"),
+        "label_stores": [str(p) for p in label_paths],
+        "embedding_stores": [str(p) for p in embedding_paths],
+        "regions": int(len(table)),
+        "images": int(table["image_id"].nunique()),
+        "feature_dim": int(features.shape[1]),
+        "similarity_tolerance": SIMILARITY_TOLERANCE,
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"features": out_dir / FEATURES_FILE, "regions": out_dir / REGIONS_FILE,
+             "candidates": out_dir / CANDIDATES_FILE}
+    with atomic_path(paths["features"]) as temp, open(temp, "wb") as handle:
+        np.save(handle, features)
+    _write_parquet(table, paths["regions"], metadata)
+    _write_parquet(candidates, paths["candidates"], metadata)
+    return paths
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path, metadata: dict) -> None:
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), METADATA_KEY: json.dumps(metadata).encode()})
+    with atomic_path(path) as temp:
+        pq.write_table(table, temp, compression="zstd")
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The umtfss parameters recorded in a regions/candidates parquet file ({} when absent)."""
+    raw = (pq.read_schema(path).metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def cli(parser: argparse.ArgumentParser):
+    """`umtfss episodes`: regions and support candidates from label and embedding stores."""
+    parser.add_argument("--config", required=True, help="YAML file or inline JSON (section 'episodes')")
+    parser.add_argument("--labels", nargs="+", required=True, help="label store shards (*.zarr)")
+    parser.add_argument("--embeddings", nargs="+", required=True, help="embedding store shards (*.zarr)")
+    parser.add_argument("--out-dir", required=True, help="folder for regions.parquet, region_features.npy, candidates.parquet")
+
+    def run(args: argparse.Namespace) -> None:
+        from umtfss.config import load
+
+        config = load(args.config)
+        paths = build_episodes(args.labels, args.embeddings, args.out_dir, config["episodes"])
+        candidates = pd.read_parquet(paths["candidates"], columns=["num_candidates"])["num_candidates"]
+        usable = int((candidates > 0).sum())
+        print(f"{len(candidates)} regions, {usable} usable as queries (>= 1 candidate), "
+              f"median {int(candidates.median()) if len(candidates) else 0} candidates; written to {args.out_dir}")
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# the sampler
+# --------------------------------------------------------------------------------------------
+
+def _image_paths(images_table) -> dict[str, str]:
+    if isinstance(images_table, (str, Path)):
+        if not Path(images_table).is_file():
+            raise FileNotFoundError(f"images table '{images_table}' does not exist")
+        images_table = pd.read_parquet(images_table, columns=["image_id", "image_path"])
+    missing = {"image_id", "image_path"} - set(images_table.columns)
+    if missing:
+        raise ValueError(f"images table lacks column(s) {sorted(missing)}; expected image_id, image_path")
+    table = images_table.drop_duplicates("image_id")
+    return dict(zip(table["image_id"].astype(str), table["image_path"].astype(str)))
+
+
+class PseudoEpisodes:
+    """Training episodes from the episodes stage: a query region, K supports drawn among its candidates.
+
+    `image_ids` restricts queries AND supports to those images (the paper's 'fold' setting); queries
+    left with no allowed candidate are dropped.
+    """
+
+    def __init__(self, episodes_dir: str | Path, label_paths: Sequence[str | Path], images_table,
+                 image_ids: Sequence[str] | None = None):
+        directory = Path(episodes_dir)
+        for name in (REGIONS_FILE, FEATURES_FILE, CANDIDATES_FILE):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"'{directory / name}' does not exist; run `umtfss episodes` first")
+        self.regions = pd.read_parquet(directory / REGIONS_FILE)
+        candidates = pd.read_parquet(directory / CANDIDATES_FILE)
+        self.features = np.load(directory / FEATURES_FILE, mmap_mode="r")
+        if not (len(self.regions) == len(candidates) == self.features.shape[0]):
+            raise ValueError(f"'{directory}' holds {len(self.regions)} regions, {len(candidates)} candidate rows and "
+                             f"{self.features.shape[0]} features; expected equal counts (rerun `umtfss episodes`)")
+        self.labels = LabelStore(label_paths)
+        self._label_index = {image_id: i for i, image_id in enumerate(self.labels.image_ids)}
+        self._image_path = _image_paths(images_table)
+        self._check_images()
+        self.image_codes, self._image_names = pd.factorize(self.regions["image_id"])
+        self.cluster = self.regions["cluster"].to_numpy()
+        self.threshold = candidates["threshold"].to_numpy(np.float32)
+        self.num_candidates = candidates["num_candidates"].to_numpy()
+        self.allowed = self._allowed_images(image_ids)
+        in_pool = candidates["in_pool"].to_numpy() & self.allowed[self.image_codes]
+        self.pool = {c: rows[in_pool[rows]] for c, rows in _rows_by_cluster(self.cluster).items()}
+        queries = (self.num_candidates > 0) & self.allowed[self.image_codes]
+        if image_ids is not None:
+            queries &= self._has_allowed_candidate(queries)
+        self.queries = np.flatnonzero(queries)
+
+    def __len__(self) -> int:
+        return int(self.queries.size)
+
+    def _check_images(self) -> None:
+        ids = self.regions["image_id"].unique()
+        for what, known in (("label stores", self._label_index), ("images table", self._image_path)):
+            missing = [i for i in ids if i not in known]
+            if missing:
+                raise ValueError(f"{len(missing)} region image(s) are not in the {what}, e.g. {missing[:3]}; "
+                                 f"expected the stores the episodes were built from")
+
+    def _allowed_images(self, image_ids) -> np.ndarray:
+        if image_ids is None:
+            return np.ones(len(self._image_names), bool)
+        allowed = set(map(str, image_ids))
+        return np.array([name in allowed for name in self._image_names], bool)
+
+    def _has_allowed_candidate(self, queries: np.ndarray) -> np.ndarray:
+        """Exact check (blocked products) that each query keeps >= 1 candidate among allowed images."""
+        keep = np.zeros(len(queries), bool)
+        for cluster, rows in _rows_by_cluster(self.cluster).items():
+            rows = rows[queries[rows]]
+            pool = self.pool[cluster]
+            if rows.size == 0 or pool.size == 0:
+                continue
+            pool_features = torch.from_numpy(np.asarray(self.features[pool], np.float32))
+            for start in range(0, rows.size, QUERY_BLOCK):
+                block = rows[start:start + QUERY_BLOCK]
+                similarity = torch.from_numpy(np.asarray(self.features[block], np.float32)) @ pool_features.T
+                ok = similarity.numpy() >= self.threshold[block, None] - SIMILARITY_TOLERANCE
+                ok &= self.image_codes[block, None] != self.image_codes[pool][None, :]
+                keep[block] = ok.any(axis=1)
+        return keep
+
+    def _similarity(self, a: int, b: int) -> float:
+        return float(np.dot(np.asarray(self.features[a], np.float32), np.asarray(self.features[b], np.float32)))
+
+    def candidate_rows(self, region: int) -> np.ndarray:
+        """The exact candidate set of a region (region rows), restricted to allowed images."""
+        if self.num_candidates[region] == 0:
+            return np.zeros(0, np.int64)
+        pool = self.pool.get(int(self.cluster[region]), np.zeros(0, np.int64))
+        return candidates_of(region, self.features, pool, self.image_codes, float(self.threshold[region]))
+
+    def draw_supports(self, region: int, rng: np.random.Generator, shots: int) -> list[int]:
+        """`shots` support regions drawn uniformly from the candidates (distinct when there are enough)."""
+        pool = self.pool[int(self.cluster[region])]
+        distinct = self.num_candidates[region] >= shots
+        chosen: list[int] = []
+        for _ in range(MAX_DRAW_TRIALS * shots if pool.size else 0):
+            if len(chosen) == shots:
+                return chosen
+            row = int(pool[rng.integers(pool.size)])
+            if (self.image_codes[row] == self.image_codes[region] or (distinct and row in chosen)
+                    or self._similarity(region, row) < self.threshold[region] - SIMILARITY_TOLERANCE):
+                continue
+            chosen.append(row)
+        exact = self.candidate_rows(region)
+        if exact.size == 0:
+            raise ValueError(f"region {region} (image '{self.regions['image_id'].iat[region]}') has no allowed candidate")
+        needed = shots - len(chosen)
+        unused = np.setdiff1d(exact, chosen)
+        if distinct and unused.size >= needed:
+            extra = rng.choice(unused, size=needed, replace=False)
+        else:
+            extra = rng.choice(exact, size=needed, replace=True)
+        return chosen + [int(r) for r in extra]
+
+    def region_mask(self, region: int, image_size: tuple[int, int]) -> np.ndarray:
+        """uint8 0/1 mask of a region at image size (grid valid part upsampled nearest)."""
+        image_id = self.regions["image_id"].iat[region]
+        labels = self.labels.labels(self._label_index[image_id])
+        return cluster_mask(labels, int(self.cluster[region]), image_size)
+
+    def _image_and_mask(self, region: int) -> tuple[np.ndarray, np.ndarray, str]:
+        image_id = self.regions["image_id"].iat[region]
+        image = read_rgb(self._image_path[image_id])
+        return image, self.region_mask(region, image.shape[:2]), image_id
+
+    def episode(self, index: int, rng: np.random.Generator | int | None, shots: int) -> Episode:
+        """Episode `index` (0 <= index < len): its query region and `shots` supports drawn with rng."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"episode index {index} out of range for {len(self)} query regions")
+        if shots < 1:
+            raise ValueError(f"shots must be >= 1, got {shots}")
+        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        query = int(self.queries[index])
+        query_image, query_mask, query_id = self._image_and_mask(query)
+        support_images, support_masks, support_ids = [], [], []
+        for row in self.draw_supports(query, rng, shots):
+            image, mask, image_id = self._image_and_mask(row)
+            support_images.append(image)
+            support_masks.append(mask)
+            support_ids.append(image_id)
+        return Episode(query_image, query_mask, support_images, support_masks, class_id=int(self.cluster[query]),
+                       query_id=query_id, support_ids=support_ids)

@@ -1,0 +1,1 @@
+"""Training: episode sources, augmentation, losses, the training loop and checkpoints."""

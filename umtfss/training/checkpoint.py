@@ -1,0 +1,92 @@
+"""Checkpoints: atomic save, safe load (weights_only), and the model rebuilt from the stored config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from umtfss.io import atomic_path
+
+FORMAT = "umtfss-checkpoint-1"
+
+
+def save(path: str | Path, **payload) -> Path:
+    """Write a checkpoint atomically; the payload must hold only tensors, numbers, strings, lists, dicts."""
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, **payload}, tmp)
+    return Path(path)
+
+
+def load(path: str | Path, map_location="cpu") -> dict:
+    """Read a checkpoint written by `save` (torch.load with weights_only=True: no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated file, pickle with objects, not a torch file
+        raise ValueError(f"checkpoint '{path}' cannot be read: {err}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"'{path}' is not a umtfss checkpoint (expected format '{FORMAT}')")
+    return data
+
+
+def build_backbone_from_config(model_cfg: dict):
+    """The frozen backbone named in config['model'], its weights from the configured checkpoint."""
+    from umtfss.backbones import build_backbone
+
+    return build_backbone(
+        model_cfg["backbone"],
+        checkpoint=model_cfg.get("checkpoint"),
+        checkpoint_url=model_cfg.get("checkpoint_url"),
+        checkpoint_sha256=model_cfg.get("checkpoint_sha256"),
+        output_stride=8,
+    )
+
+
+def build_fss_model(model_cfg: dict):
+    """(model, backbone): the FSS model of config['model'] around a freshly built frozen backbone."""
+    from umtfss.model.fss import build_model
+
+    backbone = build_backbone_from_config(model_cfg)
+    return build_model(model_cfg, backbone), backbone
+
+
+def _backbone_prefix(model: torch.nn.Module, backbone: torch.nn.Module | None) -> str | None:
+    for name, module in model.named_modules():
+        if module is backbone and name:
+            return name + "."
+    return None
+
+
+def trainable_state(model: torch.nn.Module, backbone: torch.nn.Module | None) -> dict[str, torch.Tensor]:
+    """The model's state dict without the frozen backbone (rebuilt from the registry on load)."""
+    prefix = _backbone_prefix(model, backbone)
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if prefix is None or not k.startswith(prefix)}
+
+
+def load_trainable_state(model: torch.nn.Module, backbone, state: dict, source: str | Path) -> None:
+    """Load a trainable state; every non-backbone key must match, or the error names the checkpoint."""
+    prefix = _backbone_prefix(model, backbone)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint '{source}' does not fit the configured model: {err}") from None
+    missing = [k for k in result.missing_keys if prefix is None or not k.startswith(prefix)]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"checkpoint '{source}' does not fit the configured model: missing {missing[:5]}, "
+            f"unexpected {list(result.unexpected_keys)[:5]} (was it trained with another model config?)"
+        )
+
+
+def load_model(path: str | Path, device="cpu"):
+    """The trained FSSModel of a checkpoint, in eval mode on `device` (backbone from the stored config)."""
+    data = load(path)
+    config = data.get("config")
+    if not isinstance(config, dict) or "model" not in config or "model" not in data:
+        raise ValueError(f"checkpoint '{path}' holds no model config or weights")
+    model, backbone = build_fss_model(config["model"])
+    load_trainable_state(model, backbone, data["model"], path)
+    return model.to(device).eval()

@@ -1,0 +1,369 @@
+"""The train stage: meta-training on pseudo or labelled episodes and fine-tuning, with exact resume."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from umtfss.io import atomic_path
+from umtfss.training import checkpoint as ckpt
+from umtfss.training.augment import Augmentation
+from umtfss.training.losses import build_loss
+from umtfss.training.sources import EpisodeDataset, EpisodeSource
+
+# training keys that do not change the result: a resume may differ in them
+RESUME_FREE_KEYS = {"workers", "device", "finetune_fractions"}
+FINETUNE_METHOD = re.compile(r"^finetune-(\d+)%$")
+
+
+class NonFiniteLossError(ValueError):
+    """The loss became NaN or infinite; the message names the step."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What differs between meta-training and fine-tuning: epochs, batch and every group's base lr."""
+
+    epochs: int
+    batch_size: int
+    lr_sgd: float
+    lr_adamw: float
+
+    @classmethod
+    def from_config(cls, training_cfg: dict, finetune: bool) -> "Schedule":
+        if finetune:
+            lr = float(training_cfg["finetune_lr"])
+            return cls(int(training_cfg["finetune_epochs"]), int(training_cfg["finetune_batch_size"]), lr, lr)
+        return cls(int(training_cfg["epochs"]), int(training_cfg["batch_size"]),
+                   float(training_cfg["lr_sgd"]), float(training_cfg["lr_adamw"]))
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_factor(step: int, total_steps: int, power: float, warmup_steps: int) -> float:
+    """Multiplier of the base lr at `step`: linear warm-up, then poly decay (1 - step/total)^power."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, 1.0 - step / max(1, total_steps)) ** power
+
+
+def build_optimizers(model, training_cfg: dict, schedule: Schedule) -> dict[str, torch.optim.Optimizer]:
+    """SGD over non-Transformer parameters, AdamW over Transformer ones; each group's lr stated explicitly."""
+    other = [p for p in model.other_parameters() if p.requires_grad]
+    transformer = [p for p in model.transformer_parameters() if p.requires_grad]
+    optimizers = {}
+    if other:
+        optimizers["sgd"] = torch.optim.SGD(
+            [{"params": other, "lr": schedule.lr_sgd}], lr=schedule.lr_sgd,
+            momentum=training_cfg["momentum"], weight_decay=training_cfg["weight_decay_sgd"],
+        )
+    if transformer:
+        optimizers["adamw"] = torch.optim.AdamW(
+            [{"params": transformer, "lr": schedule.lr_adamw}], lr=schedule.lr_adamw,
+            weight_decay=training_cfg["weight_decay_adamw"],
+        )
+    if not optimizers:
+        raise ValueError("the model has no trainable parameter")
+    return optimizers
+
+
+def _amp_settings(device: torch.device, enabled: bool) -> tuple[bool, torch.dtype | None]:
+    """(autocast on?, dtype): bf16 where the GPU supports it, else fp16 (with a GradScaler)."""
+    if device.type != "cuda" or not enabled:
+        return False, None
+    return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _resume_conflicts(stored: dict, config: dict) -> list[str]:
+    """Config keys whose values differ between a stored run and this one (those that change results)."""
+    diffs = []
+    for section in ("model", "training"):
+        old, new = stored.get(section, {}), config.get(section, {})
+        for key in sorted(set(old) | set(new)):
+            if section == "training" and key in RESUME_FREE_KEYS:
+                continue
+            if old.get(key) != new.get(key):
+                diffs.append(f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return diffs
+
+
+class StepLog:
+    """Per-step rows (step, epoch, loss, lr per group, seconds), rewritten atomically with each checkpoint."""
+
+    def __init__(self, path: Path, groups: list[str]):
+        self.path = path
+        self.columns = ["step", "epoch", "loss", *[f"lr_{g}" for g in groups], "seconds"]
+        self.rows: list[dict] = []
+
+    def resume(self, up_to_step: int) -> None:
+        """Keep the rows of the steps a checkpoint covers (a killed epoch's rows are dropped)."""
+        if self.path.is_file():
+            with open(self.path, newline="") as handle:
+                self.rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= up_to_step]
+
+    def add(self, **row) -> None:
+        self.rows.append(row)
+
+    def write(self) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=self.columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(buffer.getvalue())
+
+
+def _tensorboard(out_dir: Path):
+    """A SummaryWriter when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def train(
+    config: dict,
+    source: EpisodeSource,
+    out_dir: str | Path,
+    init_checkpoint: str | Path | None = None,
+    finetune: bool = False,
+    method_name: str = "unsup",
+    progress: bool = True,
+) -> Path:
+    """Train the FSS model on `source` into out_dir (last.pt each epoch, checkpoint.pt, log.csv).
+
+    If out_dir/last.pt exists the run continues from it and ends exactly as an uninterrupted run.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tcfg = config["training"]
+    schedule = Schedule.from_config(tcfg, finetune)
+    device = resolve_device(tcfg["device"])
+    use_amp, amp_dtype = _amp_settings(device, tcfg["amp"])
+
+    torch.manual_seed(tcfg["seed"])
+    model, backbone = ckpt.build_fss_model(config["model"])
+    if init_checkpoint is not None:
+        init = ckpt.load(init_checkpoint)
+        ckpt.load_trainable_state(model, backbone, init["model"], init_checkpoint)
+    model.to(device)
+
+    dataset = EpisodeDataset(source, tcfg["shots"], tcfg["crop_size"], Augmentation.from_config(tcfg),
+                             seed=tcfg["seed"], episodes_per_epoch=tcfg["episodes_per_epoch"])
+    steps_per_epoch = math.ceil(len(dataset) / schedule.batch_size)
+    total_steps = schedule.epochs * steps_per_epoch
+
+    optimizers = build_optimizers(model, tcfg, schedule)
+    schedulers = {
+        name: torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, total_steps, tcfg["poly_power"], tcfg["warmup_steps"]))
+        for name, opt in optimizers.items()
+    }
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    loss_fn = build_loss(tcfg["loss"])
+    log = StepLog(out_dir / "log.csv", list(optimizers))
+
+    start_epoch, step = 0, 0
+    last_path = out_dir / "last.pt"
+    if last_path.is_file():
+        start_epoch, step = _resume(last_path, config, method_name, model, backbone, optimizers, schedulers, scaler, device)
+        log.resume(step)
+
+    board = _tensorboard(out_dir)
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {method_name}", unit="step", disable=not progress)
+    for epoch in range(start_epoch, schedule.epochs):
+        model.train()
+        dataset.set_epoch(epoch)
+        loader = DataLoader(
+            dataset, batch_size=schedule.batch_size, shuffle=False, num_workers=tcfg["workers"],
+            pin_memory=device.type == "cuda", drop_last=False,
+            generator=torch.Generator().manual_seed(tcfg["seed"] * 100_003 + epoch),
+        )
+        tick = time.perf_counter()
+        for batch in loader:
+            lrs = {name: opt.param_groups[0]["lr"] for name, opt in optimizers.items()}
+            loss = _train_step(model, batch, loss_fn, optimizers, scaler, device, use_amp, amp_dtype)
+            if not math.isfinite(loss):
+                bar.close()
+                raise NonFiniteLossError(
+                    f"training stopped: the loss is {loss} at step {step + 1} (epoch {epoch + 1}); "
+                    f"the last good state is {last_path if last_path.exists() else 'none (first epoch)'}. "
+                    "Lower training.lr_sgd / training.lr_adamw, or set training.amp to false."
+                )
+            for scheduler in schedulers.values():
+                scheduler.step()
+            step += 1
+            now = time.perf_counter()
+            log.add(step=step, epoch=epoch + 1, loss=loss, **{f"lr_{k}": v for k, v in lrs.items()}, seconds=round(now - tick, 6))
+            tick = now
+            if board is not None:
+                board.add_scalar("loss", loss, step)
+                for name, value in lrs.items():
+                    board.add_scalar(f"lr/{name}", value, step)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}")
+        log.write()
+        ckpt.save(
+            last_path, config=config, method=method_name, model=ckpt.trainable_state(model, backbone),
+            optimizers={k: o.state_dict() for k, o in optimizers.items()},
+            schedulers={k: s.state_dict() for k, s in schedulers.items()},
+            scaler=scaler.state_dict(), epoch=epoch + 1, step=step, rng=_rng_state(device),
+        )
+    bar.close()
+    if board is not None:
+        board.close()
+    if not (out_dir / "log.csv").exists():
+        log.write()
+    final = ckpt.save(out_dir / "checkpoint.pt", config=config, method=method_name,
+                      model=ckpt.trainable_state(model, backbone), epoch=schedule.epochs, step=step)
+    return final
+
+
+def _train_step(model, batch, loss_fn, optimizers, scaler, device, use_amp, amp_dtype) -> float:
+    """One optimisation step on a batch of episodes; returns the loss value (NaN is not applied)."""
+    query = batch["query"].to(device, non_blocking=True)
+    target = batch["query_mask"].to(device, non_blocking=True)
+    supports = batch["supports"].to(device, non_blocking=True)
+    support_masks = (batch["support_masks"] == 1).float().to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+        logits = model(query, supports, support_masks)
+    if logits.shape[-2:] != target.shape[-2:]:
+        logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+    loss = loss_fn(logits.float(), target)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        return value
+    for opt in optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    for opt in optimizers.values():
+        scaler.step(opt)
+    scaler.update()
+    return value
+
+
+def _resume(path, config, method_name, model, backbone, optimizers, schedulers, scaler, device) -> tuple[int, int]:
+    """Restore everything from last.pt; refuses a checkpoint of another method or config."""
+    state = ckpt.load(path)
+    if state.get("method") != method_name:
+        raise ValueError(f"'{path}' belongs to method '{state.get('method')}', not '{method_name}'; delete it to start over")
+    conflicts = _resume_conflicts(state.get("config", {}), config)
+    if conflicts:
+        raise ValueError(f"'{path}' was trained with another configuration ({'; '.join(conflicts)}); delete it to start over")
+    ckpt.load_trainable_state(model, backbone, state["model"], path)
+    if set(state["optimizers"]) != set(optimizers):
+        raise ValueError(f"'{path}' has optimisers {sorted(state['optimizers'])}, expected {sorted(optimizers)}")
+    for name, opt in optimizers.items():
+        opt.load_state_dict(state["optimizers"][name])
+        schedulers[name].load_state_dict(state["schedulers"][name])
+    scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"], device)
+    return int(state["epoch"]), int(state["step"])
+
+
+# ---------------------------------------------------------------- command line
+
+
+def cli(parser: argparse.ArgumentParser):
+    """`umtfss train`: unsup on pseudo episodes, sup / finetune-P% on labelled base-class episodes."""
+    parser.add_argument("--config", required=True, help="YAML file or inline JSON")
+    parser.add_argument("--method", required=True, help="unsup, sup or finetune-P%% (e.g. finetune-20%%)")
+    parser.add_argument("--out-dir", required=True, type=Path, help="folder for checkpoint.pt, last.pt, log.csv")
+    parser.add_argument("--episodes", type=Path, help="unsup: folder with regions.parquet and candidates.parquet")
+    parser.add_argument("--labels", nargs="+", type=Path, help="unsup: label store shards (labels/shard-*.zarr)")
+    parser.add_argument("--images", type=Path, help="unsup: images.parquet of the unlabeled source")
+    parser.add_argument("--tables", type=Path, help="sup/finetune: prepare folder (images/classes/image_classes parquet)")
+    parser.add_argument("--dataset", help="sup/finetune: benchmark of the tables (pascal, coco)")
+    parser.add_argument("--fold", type=int, choices=range(4), help="sup/finetune: fold whose base classes are trained")
+    parser.add_argument("--init", type=Path, help="finetune: checkpoint to start from (the unsup model)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return run
+
+
+def run(args: argparse.Namespace) -> Path:
+    from umtfss.config import load
+
+    config = load(args.config)
+    method = args.method
+    finetune = FINETUNE_METHOD.match(method)
+    if method == "unsup":
+        _require(args, ["episodes", "labels", "images"], method)
+        source = _pseudo_source(args, config)
+    elif method == "sup" or finetune:
+        _require(args, ["tables", "dataset", "fold"] + (["init"] if finetune else []), method)
+        source = _labelled_source(args, config, int(finetune.group(1)) / 100 if finetune else None)
+    else:
+        raise ValueError(f"--method is '{method}', expected unsup, sup or finetune-P% (e.g. finetune-20%)")
+    if args.init is not None and not args.init.is_file():
+        raise FileNotFoundError(f"--init checkpoint '{args.init}' does not exist")
+    return train(config, source, args.out_dir, init_checkpoint=args.init, finetune=bool(finetune),
+                 method_name=method, progress=not args.quiet)
+
+
+def _require(args, names: list[str], method: str) -> None:
+    missing = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is None]
+    if missing:
+        raise ValueError(f"--method {method} needs {', '.join(missing)}")
+
+
+def _pseudo_source(args, config):
+    """Pseudo episodes over all images ('all' setting), or, given --tables/--fold, over the images
+    without any pixel of the fold's novel classes (the paper's 'fold' setting)."""
+    from umtfss.pseudo_episodes import PseudoEpisodes
+
+    image_ids = None
+    if args.tables is not None or args.fold is not None:
+        _require(args, ["tables", "fold"], "unsup in the 'fold' setting")
+        from umtfss.data.prepare import read_tables, train_images_for_fold
+
+        image_ids = train_images_for_fold(read_tables(args.tables), args.fold, remove_novel=True)
+    return PseudoEpisodes(args.episodes, args.labels, args.images, image_ids=image_ids)
+
+
+def _labelled_source(args, config, fraction: float | None):
+    from umtfss.data.prepare import read_tables
+    from umtfss.training.sources import LabelledEpisodes, finetune_subset
+
+    if args.dataset not in ("pascal", "coco"):
+        raise ValueError(f"--dataset is '{args.dataset}', expected pascal or coco (a labelled benchmark)")
+    tables = read_tables(args.tables)
+    dataset_cfg = config["datasets"][args.dataset]
+    image_ids = None
+    if fraction is not None:
+        image_ids = finetune_subset(tables, fraction, config["training"]["seed"])
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(args.out_dir / "train_subset.txt") as tmp:
+            tmp.write_text("".join(f"{i}\n" for i in image_ids))
+    return LabelledEpisodes(tables, args.dataset, args.fold, image_ids=image_ids,
+                            min_class_pixels=dataset_cfg["min_class_pixels"],
+                            remove_novel_train=dataset_cfg["remove_novel_train"])

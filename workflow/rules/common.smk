@@ -1,0 +1,99 @@
+"""Helpers shared by every rule: validated config, artifact paths, per-stage config slices."""
+
+import json
+import os
+import sys
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+from umtfss.config import ConfigError, validate as _validate_config
+
+try:
+    _validate_config(config, check_paths=True)
+except ConfigError as err:
+    sys.exit(f"umtfss: {err}")
+
+
+wildcard_constraints:
+    shard=r"\d+",
+    nshards=r"\d+",
+    clusters=r"\d+",
+    fold=r"\d",
+    pct=r"\d+",
+    dataset=r"pascal|coco",
+    src=r"[^/]+",
+    embedder=r"[^/]+",
+    model=r"[^/]+",
+
+
+DEMO = config["demo"]["enabled"]
+SOURCE = config["unlabeled"]["source"]
+SRC = config["unlabeled"]["name"] if SOURCE == "folder" else SOURCE
+EMBEDDER = config["embedding"]["backbone"] + (
+    f"-d{config['embedding']['dim']}" if config["embedding"]["dim"] else ""
+)
+CLUSTERS = config["clustering"]["clusters"]
+NSHARDS = config["embedding"]["shards"]
+MODEL_TAG = config["model"]["backbone"] + f"-{config['model']['attention']}"
+
+
+def stage_config(*sections):
+    """Only the config sections a stage reads, as JSON: other edits do not rerun it."""
+    return json.dumps({s: config[s] for s in sections}, sort_keys=True)
+
+
+def prepared(ds):
+    return {
+        "images": f"results/{ds}/prepare/images.parquet",
+        "classes": f"results/{ds}/prepare/classes.parquet",
+        "image_classes": f"results/{ds}/prepare/image_classes.parquet",
+    }
+
+
+def dataset_inputs(ds):
+    """Files that must exist before a data set can be prepared (generated demo, converted masks)."""
+    if ds == "pascal":
+        root = config["datasets"]["pascal"]["root"]
+        if DEMO:
+            return [f"{root}/demo.json"]
+        if config["datasets"]["pascal"]["sbd_root"]:
+            return [f"{root}/{config['datasets']['pascal']['train_list']}"]
+    if ds == "coco" and config["datasets"]["coco"]["instances_dir"]:
+        return [f"{config['datasets']['coco']['root']}/.umtfss-converted"]
+    return []
+
+
+def embedding_shards(src=SRC, embedder=EMBEDDER):
+    return [f"results/{src}/{embedder}/embeddings/shard-{i}-of-{NSHARDS}.zarr" for i in range(NSHARDS)]
+
+
+def cluster_dir(src=SRC, embedder=EMBEDDER, clusters=CLUSTERS):
+    return f"results/{src}/{embedder}/clusters-{clusters}"
+
+
+def label_shards(src=SRC, embedder=EMBEDDER, clusters=CLUSTERS):
+    return [f"{cluster_dir(src, embedder, clusters)}/labels/shard-{i}-of-{NSHARDS}.zarr" for i in range(NSHARDS)]
+
+
+def method_checkpoint(method):
+    """Checkpoint (path, possibly with {fold}) behind an evaluation method; None for reference predictors."""
+    if method in ("all-background", "prototype-threshold"):
+        return None
+    models = f"{cluster_dir()}/models/{MODEL_TAG}"
+    if method == "unsup":
+        if config["unlabeled"]["setting"] == "fold":
+            return f"{models}/unsup-fold{{fold}}/checkpoint.pt"
+        return f"{models}/unsup/checkpoint.pt"
+    if method == "sup":
+        return f"results/{{dataset}}/supervised/{MODEL_TAG}/fold{{fold}}/checkpoint.pt"
+    return f"{models}/{method}/fold{{fold}}/checkpoint.pt"
+
+
+def all_targets():
+    """The demo's default: the PASCAL score table plus the pseudo-mask quality table."""
+    targets = ["results/eval_pascal.csv"]
+    if SOURCE in ("pascal", "coco"):
+        targets.append(f"{cluster_dir()}/cluster_quality.csv")
+    return targets

@@ -1,0 +1,75 @@
+"""Data sets: the generated demo, converters for SBD / COCO annotations, and the prepare tables."""
+
+
+if DEMO:
+
+    rule demo:
+        output:
+            f"{config['datasets']['pascal']['root']}/demo.json",
+        params:
+            cfg=stage_config("demo"),
+            root=config["datasets"]["pascal"]["root"],
+        log:
+            "logs/demo.log",
+        shell:
+            "umtfss demo --config {params.cfg:q} --out {params.root:q} > {log} 2>&1"
+
+
+if config["datasets"]["pascal"]["sbd_root"] and not DEMO:
+
+    rule convert_sbd:
+        output:
+            f"{config['datasets']['pascal']['root']}/{config['datasets']['pascal']['train_list']}",
+        params:
+            cfg=stage_config("datasets"),
+        log:
+            "logs/convert_sbd.log",
+        benchmark:
+            "results/benchmarks/convert_sbd.tsv"
+        shell:
+            "umtfss convert-sbd --config {params.cfg:q} > {log} 2>&1"
+
+
+if config["datasets"]["coco"]["instances_dir"]:
+
+    rule convert_coco:
+        output:
+            touch(f"{config['datasets']['coco']['root']}/.umtfss-converted"),
+        params:
+            cfg=stage_config("datasets"),
+        log:
+            "logs/convert_coco.log",
+        benchmark:
+            "results/benchmarks/convert_coco.tsv"
+        shell:
+            "umtfss convert-coco --config {params.cfg:q} > {log} 2>&1"
+
+
+rule prepare:
+    input:
+        lambda w: dataset_inputs(w.dataset),
+    output:
+        **prepared("{dataset}"),
+    params:
+        cfg=lambda w: stage_config("datasets", "demo"),
+        out=lambda w: f"results/{w.dataset}/prepare",
+    threads: 2
+    log:
+        "logs/{dataset}/prepare.log",
+    shell:
+        "umtfss prepare --config {params.cfg:q} --dataset {wildcards.dataset} --out {params.out} "
+        "--workers {threads} > {log} 2>&1"
+
+
+if SOURCE == "folder":
+
+    rule prepare_folder:
+        output:
+            f"results/{SRC}/prepare/images.parquet",
+        params:
+            cfg=stage_config("unlabeled"),
+            out=f"results/{SRC}/prepare",
+        log:
+            f"logs/{SRC}/prepare.log",
+        shell:
+            "umtfss prepare --config {params.cfg:q} --dataset folder --out {params.out} > {log} 2>&1"

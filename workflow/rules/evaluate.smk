@@ -1,0 +1,48 @@
+"""Stage evaluate: the meta-test protocol, one score table per benchmark."""
+
+
+def evaluation_inputs(w):
+    """Tables of the benchmark and the checkpoint of every trained method, for every fold."""
+    inputs = list(prepared(w.dataset).values())
+    for method in config["evaluation"]["methods"]:
+        ckpt = method_checkpoint(method)
+        if ckpt:
+            inputs += [ckpt.format(fold=f, dataset=w.dataset) for f in config["evaluation"]["folds"]]
+    return sorted(set(inputs))
+
+
+def evaluation_methods(w):
+    args = []
+    for method in config["evaluation"]["methods"]:
+        ckpt = method_checkpoint(method)
+        args.append(method if ckpt is None else f"{method}={ckpt.replace('{dataset}', w.dataset)}")
+    return " ".join(f"--method '{a}'" for a in args)
+
+
+rule evaluate:
+    input:
+        evaluation_inputs,
+    output:
+        scores=report(
+            "results/eval_{dataset}.csv",
+            caption="../report/eval.rst",
+            category="Scores",
+        ),
+        classes=report(
+            "results/eval_{dataset}_classes.csv",
+            caption="../report/eval_classes.rst",
+            category="Scores",
+        ),
+    params:
+        cfg=stage_config("evaluation", "model", "datasets"),
+        methods=evaluation_methods,
+        tables="results/{dataset}/prepare",
+        meta=f"--meta embedder={EMBEDDER} --meta clusters={CLUSTERS} --meta unlabeled={SRC}",
+    threads: 2
+    log:
+        "logs/evaluate-{dataset}.log",
+    benchmark:
+        "results/benchmarks/evaluate-{dataset}.tsv"
+    shell:
+        "umtfss evaluate --config {params.cfg:q} --dataset {wildcards.dataset} --tables {params.tables} "
+        "{params.methods} --out {output.scores} --classes-out {output.classes} {params.meta} --workers {threads} > {log} 2>&1"

@@ -1,0 +1,89 @@
+"""Stage train: unsupervised meta-training on pseudo episodes, supervised training, fine-tuning."""
+
+
+rule train_unsup:
+    input:
+        regions="results/{src}/{embedder}/clusters-{clusters}/regions.parquet",
+        candidates="results/{src}/{embedder}/clusters-{clusters}/candidates.parquet",
+        labels=lambda w: label_shards(w.src, w.embedder, w.clusters),
+        images="results/{src}/prepare/images.parquet",
+    output:
+        "results/{src}/{embedder}/clusters-{clusters}/models/{model}/unsup/checkpoint.pt",
+    params:
+        cfg=stage_config("model", "training", "unlabeled"),
+        out=lambda w, output: os.path.dirname(output[0]),
+        episodes="results/{src}/{embedder}/clusters-{clusters}",
+    threads: 2
+    resources:
+        gpu=1 if config["training"]["device"] != "cpu" else 0,
+    log:
+        "logs/{src}/{embedder}/clusters-{clusters}/{model}/train-unsup.log",
+    benchmark:
+        "results/benchmarks/{src}/{embedder}/clusters-{clusters}/{model}/train-unsup.tsv"
+    shell:
+        "umtfss train --config {params.cfg:q} --method unsup --out-dir {params.out} "
+        "--episodes {params.episodes} --labels {input.labels} --images {input.images} > {log} 2>&1"
+
+
+rule train_unsup_fold:
+    input:
+        regions="results/{src}/{embedder}/clusters-{clusters}/regions.parquet",
+        candidates="results/{src}/{embedder}/clusters-{clusters}/candidates.parquet",
+        labels=lambda w: label_shards(w.src, w.embedder, w.clusters),
+        images="results/{src}/prepare/images.parquet",
+        tables=lambda w: list(prepared(w.src).values()),
+    output:
+        "results/{src}/{embedder}/clusters-{clusters}/models/{model}/unsup-fold{fold}/checkpoint.pt",
+    params:
+        cfg=stage_config("model", "training", "unlabeled", "datasets"),
+        out=lambda w, output: os.path.dirname(output[0]),
+        episodes="results/{src}/{embedder}/clusters-{clusters}",
+        tables="results/{src}/prepare",
+    threads: 2
+    log:
+        "logs/{src}/{embedder}/clusters-{clusters}/{model}/train-unsup-fold{fold}.log",
+    benchmark:
+        "results/benchmarks/{src}/{embedder}/clusters-{clusters}/{model}/train-unsup-fold{fold}.tsv"
+    shell:
+        "umtfss train --config {params.cfg:q} --method unsup --out-dir {params.out} "
+        "--episodes {params.episodes} --labels {input.labels} --images {input.images} "
+        "--tables {params.tables} --dataset {wildcards.src} --fold {wildcards.fold} > {log} 2>&1"
+
+
+rule train_sup:
+    input:
+        tables=lambda w: list(prepared(w.dataset).values()),
+    output:
+        "results/{dataset}/supervised/{model}/fold{fold}/checkpoint.pt",
+    params:
+        cfg=stage_config("model", "training", "datasets"),
+        out=lambda w, output: os.path.dirname(output[0]),
+        tables="results/{dataset}/prepare",
+    threads: 2
+    log:
+        "logs/{dataset}/supervised/{model}/fold{fold}.log",
+    benchmark:
+        "results/benchmarks/{dataset}/supervised/{model}/fold{fold}.tsv"
+    shell:
+        "umtfss train --config {params.cfg:q} --method sup --out-dir {params.out} "
+        "--tables {params.tables} --dataset {wildcards.dataset} --fold {wildcards.fold} > {log} 2>&1"
+
+
+rule finetune:
+    input:
+        init="results/{src}/{embedder}/clusters-{clusters}/models/{model}/unsup/checkpoint.pt",
+        tables=lambda w: list(prepared(w.src).values()),
+    output:
+        "results/{src}/{embedder}/clusters-{clusters}/models/{model}/finetune-{pct}%/fold{fold}/checkpoint.pt",
+    params:
+        cfg=stage_config("model", "training", "datasets"),
+        out=lambda w, output: os.path.dirname(output[0]),
+        tables="results/{src}/prepare",
+    threads: 2
+    log:
+        "logs/{src}/{embedder}/clusters-{clusters}/{model}/finetune-{pct}-fold{fold}.log",
+    benchmark:
+        "results/benchmarks/{src}/{embedder}/clusters-{clusters}/{model}/finetune-{pct}-fold{fold}.tsv"
+    shell:
+        "umtfss train --config {params.cfg:q} --method finetune-{wildcards.pct}% --out-dir {params.out} "
+        "--init {input.init} --tables {params.tables} --dataset {wildcards.src} --fold {wildcards.fold} > {log} 2>&1"
