@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from umtfss.pseudo_episodes import CANDIDATES_FILE, FEATURES_FILE, REGIONS_FILE, _write_parquet, compute_candidates
+from umtfss.pseudo_episodes import CANDIDATES_FILE, FEATURES_FILE, REGIONS_FILE, write_parquet, compute_candidates
 
 
 def synthetic_regions(regions: int, clusters: int, dim: int, seed: int = 0):
@@ -73,8 +73,8 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / FEATURES_FILE, "wb") as handle:
             np.save(handle, features)
-        _write_parquet(table, out / REGIONS_FILE, {"benchmark": True})
-        _write_parquet(candidates, out / CANDIDATES_FILE, {"benchmark": True})
+        write_parquet(table, out / REGIONS_FILE, {"benchmark": True})
+        write_parquet(candidates, out / CANDIDATES_FILE, {"benchmark": True})
         sizes = {name: (out / name).stat().st_size for name in (REGIONS_FILE, FEATURES_FILE, CANDIDATES_FILE)}
 
     usable = candidates["num_candidates"] > 0

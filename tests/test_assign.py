@@ -111,3 +111,48 @@ def test_cli(tmp_path, capsys):
     assert len(LabelStore(out)) == 7
     assert cli.main(base + ["--config", json.dumps({"clustering": {"refine": "superpixel"}})]) == 1
     assert "clustering.refine" in capsys.readouterr().err
+
+
+def test_prefetch_keeps_order_and_raises_reader_errors():
+    from umtfss.stores import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(prefetch(broken()))
+    # leaving early stops the reader thread
+    consumer = prefetch(iter(range(1000)))
+    assert next(consumer) == 0
+    consumer.close()
+
+
+def test_background_writer_writes_what_zarr_writes(tmp_path):
+    """The parallel direct chunk writer produces the same chunk files as zarr's own setitem."""
+    from umtfss.stores import BackgroundWriter, create_label_store
+
+    data = np.random.default_rng(0).normal(size=(5, 4, 3, 6)).astype(np.float16)
+    reference = create_embedding_store(tmp_path / "a.zarr", 5, (4, 3), 6, "float16", {})
+    reference["features"][:] = data
+    fast = create_embedding_store(tmp_path / "b.zarr", 5, (4, 3), 6, "float16", {})
+    writer = BackgroundWriter(fast["features"], threads=3)
+    assert writer.folder is not None  # the direct path is taken
+    writer.put(0, data[:2])
+    writer.put(2, data[2:])
+    writer.close()
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "b.zarr"), mode="r")["features"][:], data)
+    for i in range(5):
+        key = f"features/c/{i}/0/0/0"
+        assert (tmp_path / "b.zarr" / key).read_bytes() == (tmp_path / "a.zarr" / key).read_bytes()
+    labels = create_label_store(tmp_path / "l.zarr", 2, (4, 3), {})["labels"]
+    writer = BackgroundWriter(labels)
+    writer.put(0, np.arange(24, dtype=np.int16).reshape(2, 4, 3))
+    writer.close()
+    np.testing.assert_array_equal(labels[:], np.arange(24).reshape(2, 4, 3))
+    writer = BackgroundWriter(labels)
+    writer.put(1, np.zeros((2, 4, 3), np.int16))  # past the end
+    with pytest.raises(ValueError, match="does not fit"):
+        writer.close()

@@ -209,3 +209,11 @@ def test_store_reader_errors(tmp_path, table):
                 workers=0, progress=False)
     with pytest.raises(ValueError, match="layer"):
         EmbeddingStore([a, b])
+
+
+def test_more_shards_than_images_gives_empty_but_valid_stores(table, tmp_path):
+    out = tmp_path / "shard-6-of-7.zarr"
+    embed_shard(table, 6, 7, out, StandInBackbone(), image_size=64, batch_size=2, device="cpu", workers=0,
+                progress=False)
+    store = EmbeddingStore(out)
+    assert len(store) == 0 and store.grid == (8, 8) and list(store.iter_batches(4)) == []

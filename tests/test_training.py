@@ -330,3 +330,23 @@ def test_worker_processes_do_not_change_the_result(tmp_path):
     multi = train(tiny_config(epochs=1, workers=2), SquareEpisodes(4), tmp_path / "w2", progress=False)
     a, b = final_weights(single), final_weights(multi)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_unsup_trains_on_real_pseudo_episodes(tmp_path):
+    import json
+
+    from test_pseudo_episodes import write_dataset
+
+    from umtfss.cli import main
+
+    labels, embeddings, images = write_dataset(tmp_path)
+    episodes = tmp_path / "episodes"
+    assert main(["episodes", "--config", '{"episodes": {"min_region_pixels": 2}}', "--labels", *map(str, labels),
+                 "--embeddings", *map(str, embeddings), "--out-dir", str(episodes)]) == 0
+    config = json.dumps({"model": TINY_MODEL, "training": {"epochs": 1, "batch_size": 4, "crop_size": 48,
+                                                           "workers": 0, "device": "cpu", "episodes_per_epoch": 6}})
+    out = tmp_path / "unsup"
+    assert main(["train", "--config", config, "--method", "unsup", "--out-dir", str(out), "--episodes", str(episodes),
+                 "--labels", *map(str, labels), "--images", str(images), "--quiet"]) == 0
+    assert len(list(csv.DictReader(open(out / "log.csv")))) == 2  # 6 episodes, batch 4
+    assert not ckpt.load_model(out / "checkpoint.pt").training

@@ -6,7 +6,6 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd

@@ -375,12 +375,13 @@ def build_episodes(label_paths: Sequence[str | Path], embedding_paths: Sequence[
              "candidates": out_dir / CANDIDATES_FILE}
     with atomic_path(paths["features"]) as temp, open(temp, "wb") as handle:
         np.save(handle, features)
-    _write_parquet(table, paths["regions"], metadata)
-    _write_parquet(candidates, paths["candidates"], metadata)
+    write_parquet(table, paths["regions"], metadata)
+    write_parquet(candidates, paths["candidates"], metadata)
     return paths
 
 
-def _write_parquet(frame: pd.DataFrame, path: Path, metadata: dict) -> None:
+def write_parquet(frame: pd.DataFrame, path: Path, metadata: dict) -> None:
+    """Write a table atomically (zstd) with `metadata` as JSON under the schema key b"umtfss"."""
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), METADATA_KEY: json.dumps(metadata).encode()})
     with atomic_path(path) as temp:

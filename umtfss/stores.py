@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import threading
 from pathlib import Path
@@ -12,8 +13,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-# zstd at a low level: pixel features compress little, and speed matters more than the last percent.
-COMPRESSION_LEVEL = 3
+# zstd level 1: normalised float features compress little (ratio ~1.1-1.7) and level 3 costs 2-4x the time.
+COMPRESSION_LEVEL = 1
 # attrs a label store copies from its embedding store, so that a label shard says what it came from
 EMBEDDING_ATTRS = ("backbone", "layer", "stride", "image_size", "dim", "dtype", "checkpoint_sha256",
                    "preprocessing", "shard", "num_shards", "umtfss_version")
@@ -80,29 +81,69 @@ def valid_mask(valid_rows_cols: Sequence[int], grid: tuple[int, int]) -> np.ndar
     return mask
 
 
-class BackgroundWriter:
-    """Writes blocks into a Zarr array on a thread, so compression and file creation overlap the next batch.
+def _direct_chunk_path(array) -> Path | None:
+    """The folder of an array whose chunks can be written as files directly, else None.
 
-    At most two blocks wait in the queue (memory stays bounded); an error in the thread is raised by
-    the next put() or by close(), which must always be called (it joins the thread).
+    That holds for a local store, one image per chunk along axis 0, whole extent on the other axes,
+    and the codec chain this module creates (little-endian bytes, then Blosc).
+    """
+    from zarr.codecs import BytesCodec
+    from zarr.storage import LocalStore
+
+    codecs = getattr(array.metadata, "codecs", ())
+    if not isinstance(array.store, LocalStore) or len(codecs) != 2:
+        return None
+    if not isinstance(codecs[0], BytesCodec) or not isinstance(codecs[1], BloscCodec):
+        return None
+    if tuple(array.chunks) != (1, *array.shape[1:]):
+        return None
+    return Path(array.store.root) / array.path
+
+
+class BackgroundWriter:
+    """Writes image blocks into a Zarr array on background threads, overlapping the next batch's compute.
+
+    For the stores this module creates, each image's chunk is compressed and written as its file by a
+    pool of `threads` (zarr's own write path runs about one chunk at a time: 75 images/s of 60x60x256
+    float16 on a 16-core machine); other arrays go through zarr's setitem. At most two blocks wait
+    (memory stays bounded); an error is raised by the next put() or by close(), which must be called.
     """
 
-    def __init__(self, array):
+    def __init__(self, array, threads: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.array = array
+        self.folder = _direct_chunk_path(array)
+        self.pool = ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) if self.folder is not None else None
         self.jobs: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._work, daemon=True)
         self.thread.start()
+
+    def _write_chunk(self, index: int, image: np.ndarray) -> None:
+        codec = self.array.metadata.codecs[1]._blosc_codec
+        data = np.ascontiguousarray(image, dtype=self.array.dtype.newbyteorder("<"))
+        path = self.folder / self.array.metadata.encode_chunk_key((index,) + (0,) * (self.array.ndim - 1))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(codec.encode(data))
+
+    def _write(self, start: int, block: np.ndarray) -> None:
+        if self.pool is None:
+            self.array[start:start + len(block)] = block
+            return
+        if block.shape[1:] != tuple(self.array.shape[1:]) or start + len(block) > self.array.shape[0]:
+            raise ValueError(f"block of shape {block.shape} at {start} does not fit array of shape {self.array.shape}")
+        for future in [self.pool.submit(self._write_chunk, start + i, block[i]) for i in range(len(block))]:
+            future.result()
 
     def _work(self):
         while True:
             job = self.jobs.get()
             if job is None:
                 return
-            start, block = job
             if self.error is None:
                 try:
-                    self.array[start:start + len(block)] = block
+                    self._write(*job)
                 except BaseException as err:  # handed to the main thread
                     self.error = err
 
@@ -116,6 +157,8 @@ class BackgroundWriter:
         """Wait for every queued block to be written; raise the writer's error if there was one."""
         self.jobs.put(None)
         self.thread.join()
+        if self.pool is not None:
+            self.pool.shutdown()
         if self.error is not None:
             raise self.error
 

@@ -11,7 +11,10 @@ from umtfss.episode import IGNORE
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 HxWx3 -> float 3xHxW in [0, 1] (backbones normalise themselves)."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    array = np.ascontiguousarray(image)
+    if not array.flags.writeable:  # PIL-backed arrays are read-only; torch wants writable memory
+        array = array.copy()
+    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
 
 
 def resize_pad(image: np.ndarray, mask: np.ndarray | None, size: int):

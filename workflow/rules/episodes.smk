@@ -8,6 +8,7 @@ rule episodes:
     output:
         regions="results/{src}/{embedder}/clusters-{clusters}/regions.parquet",
         candidates="results/{src}/{embedder}/clusters-{clusters}/candidates.parquet",
+        features="results/{src}/{embedder}/clusters-{clusters}/region_features.npy",
     params:
         cfg=stage_config("episodes"),
         out="results/{src}/{embedder}/clusters-{clusters}",
