@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from umtfss.backbones import build_backbone
-    from umtfss.embedding import embed_shard, resolve_device, resolve_layer
+    from umtfss.devices import resolve_device
+    from umtfss.embedding import embed_shard, resolve_layer
 
     device = resolve_device(args.device)
     name = args.backbone or ("resnet50-imagenet" if device.type == "cuda" else "demo-colortexture")

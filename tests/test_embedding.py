@@ -12,7 +12,8 @@ import zarr
 from PIL import Image
 
 from umtfss import embedding
-from umtfss.embedding import EmbeddingStore, embed_shard, random_projection, shard_rows
+from umtfss.stores import EmbeddingStore
+from umtfss.embedding import embed_shard, random_projection, shard_rows
 
 
 class StandInBackbone(torch.nn.Module):
@@ -121,11 +122,12 @@ def test_two_shards_equal_one(table, tmp_path):
     assert [len(EmbeddingStore(p)) for p in parts] == [3, 2]  # np.array_split: contiguous, sizes differ by <= 1
     assert two.image_ids == one.image_ids
     for index, image_id in enumerate(one.image_ids):
-        np.testing.assert_array_equal(two.features(two.image_ids.index(image_id)), one.features(index))
+        # equal up to float16 rounding: batch composition changes the BLAS summation order
+        np.testing.assert_allclose(two.features(two.image_ids.index(image_id)), one.features(index), atol=1e-3)
         assert two.valid(index) == one.valid(index)
     batches = list(two.iter_batches(2))
     assert [list(r) for r, _, _ in batches] == [[0, 1], [2], [3, 4]]  # never across a shard boundary
-    np.testing.assert_array_equal(batches[2][1][1], one.features(4))
+    np.testing.assert_allclose(batches[2][1][1], one.features(4), atol=1e-3)
 
 
 def test_projection_stored_and_orthonormal(table, tmp_path):

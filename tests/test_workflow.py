@@ -1,7 +1,6 @@
 """The Snakemake workflow end to end on a tiny demo: artifacts, score table, and what a change of N reruns."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import umtfss
+from umtfss.devices import resolve_device
 from umtfss.io import atomic_path, read_rgb
-from umtfss.stores import BackgroundWriter, EmbeddingStore, create_embedding_store  # noqa: F401  (EmbeddingStore re-exported)
+from umtfss.stores import BackgroundWriter, create_embedding_store
 from umtfss.transforms import resize_pad
 
 PROJECTION_SEED = 0  # the random orthogonal projection is fixed so that every shard uses the same one
@@ -91,19 +92,6 @@ def _collate(items):
 # --------------------------------------------------------------------------------------------
 # features
 # --------------------------------------------------------------------------------------------
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else as torch names it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device '{device}' is not valid; expected auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{device}' was requested but torch sees no CUDA device")
-    return resolved
-
 
 def resolve_layer(backbone, layer: str | None) -> str:
     """The backbone output to store: `layer` when the backbone has it, else its embed_layer (with a note)."""

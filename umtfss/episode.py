@@ -28,3 +28,10 @@ class Episode:
     @property
     def shots(self) -> int:
         return len(self.support_images)
+
+
+def binary_mask(label: np.ndarray, class_id: int) -> np.ndarray:
+    """Episode mask of one class from a class-id label: class -> 1, any other class -> 0, 255 stays 255."""
+    mask = (label == class_id).astype(np.uint8)
+    mask[label == IGNORE] = IGNORE
+    return mask

@@ -8,6 +8,7 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+
 REFERENCE_METHODS = ("all-background", "prototype-threshold")
 
 
@@ -113,13 +114,6 @@ class ModelPredictor:
         if logits.shape[-2:] != query.shape[-2:]:
             logits = F.interpolate(logits, size=query.shape[-2:], mode="bilinear", align_corners=False)
         return logits
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else as torch names it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_predictor(method: str, config: dict, checkpoint: str | Path | None = None, device="cpu") -> Predictor:

@@ -15,10 +15,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from umtfss import config as config_module
-from umtfss.episode import IGNORE
+from umtfss.episode import binary_mask
 from umtfss.io import atomic_path, read_label, read_rgb
 from umtfss.evaluation.evaluator import IoUAccumulator
-from umtfss.evaluation.predictors import Predictor, build_predictor, resolve_device
+from umtfss.data.prepare import read_tables
+from umtfss.devices import resolve_device
+from umtfss.evaluation.predictors import Predictor, build_predictor
 from umtfss.evaluation.sampler import sample_episodes
 from umtfss.transforms import resize_pad, resize_square, unpad_to
 
@@ -26,38 +28,6 @@ SPLIT = "val"
 SCORE_COLUMNS = ["method", "backbone", "embedder", "clusters", "fold", "shot", "seed", "miou", "fbiou", "episodes",
                  "resolution", "test_size"]
 CLASS_COLUMNS = ["method", "fold", "shot", "seed", "class_id", "class_name", "iou", "episodes"]
-TABLE_FILES = ("images.parquet", "classes.parquet", "image_classes.parquet")
-
-
-# ---------------------------------------------------------------- inputs
-
-
-def read_tables(tables_dir: str | Path) -> dict[str, pd.DataFrame]:
-    """The prepare stage's three tables, keyed by file stem."""
-    tables_dir = Path(tables_dir)
-    tables = {}
-    for name in TABLE_FILES:
-        path = tables_dir / name
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"table '{path}' does not exist; expected the prepare stage's output in '{tables_dir}'")
-        tables[path.stem] = pd.read_parquet(path)
-    return tables
-
-
-def fold_classes(classes: pd.DataFrame, fold: int) -> list[int]:
-    """Novel class ids of a fold (classes.parquet's fold column)."""
-    ids = sorted(int(c) for c in classes.loc[classes["fold"] == fold, "class_id"])
-    if not ids:
-        raise ValueError(f"classes table has no class in fold {fold}; folds present: {sorted(set(classes['fold']))}")
-    return ids
-
-
-def binary_mask(label: np.ndarray, class_id: int) -> np.ndarray:
-    """uint8 mask: 1 where the label is the class, 255 where it is ignore, 0 elsewhere."""
-    mask = (label == class_id).astype(np.uint8)
-    mask[label == IGNORE] = IGNORE
-    return mask
 
 
 # ---------------------------------------------------------------- batches
@@ -213,7 +183,7 @@ def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: d
 
     plan = [(fold, shot, seed)
             for fold in eval_cfg["folds"] for shot in eval_cfg["shots"] for seed in eval_cfg["seeds"]]
-    classes_of = {fold: fold_classes(tables["classes"], fold) for fold in eval_cfg["folds"]}
+    classes_of = {fold: tables.fold_classes(fold) for fold in eval_cfg["folds"]}
     episode_tables = {
         (fold, shot, seed): sample_episodes(tables["image_classes"], classes_of[fold], shot, n_episodes, seed, SPLIT)
         for fold, shot, seed in plan

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from umtfss.episode import IGNORE, Episode
+from umtfss.episode import Episode, binary_mask  # noqa: F401 (binary_mask re-exported)
 from umtfss.transforms import resize_pad
 
 
@@ -46,13 +46,6 @@ def fold_base_classes(tables, dataset, fold: int) -> tuple[list[int], list[int]]
         raise ValueError(f"fold {fold} has no novel classes in data set '{getattr(dataset, 'name', dataset)}'")
     base = [c for c in all_ids if c not in set(novel)]
     return base, novel
-
-
-def binary_mask(label: np.ndarray, class_id: int) -> np.ndarray:
-    """class -> 1; every other class (novel ones included) and background -> 0; 255 stays 255."""
-    mask = (label == class_id).astype(np.uint8)
-    mask[label == IGNORE] = IGNORE
-    return mask
 
 
 class LabelledEpisodes:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from umtfss.devices import resolve_device  # noqa: F401 (re-exported)
 from umtfss.io import atomic_path
 from umtfss.training import checkpoint as ckpt
 from umtfss.training.augment import Augmentation
@@ -47,13 +48,6 @@ class Schedule:
             return cls(int(training_cfg["finetune_epochs"]), int(training_cfg["finetune_batch_size"]), lr, lr)
         return cls(int(training_cfg["epochs"]), int(training_cfg["batch_size"]),
                    float(training_cfg["lr_sgd"]), float(training_cfg["lr_adamw"]))
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def lr_factor(step: int, total_steps: int, power: float, warmup_steps: int) -> float:
