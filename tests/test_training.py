@@ -253,7 +253,8 @@ def test_log_columns_and_explicit_learning_rates(tmp_path):
 
 def test_finetune_uses_finetune_settings_and_init(tmp_path):
     base = train(tiny_config(epochs=1), SquareEpisodes(4), tmp_path / "base", progress=False)
-    config = tiny_config(finetune_epochs=1, finetune_batch_size=4, finetune_lr=5e-3)
+    # episodes_per_epoch sets meta-training epochs only: a fine-tuning epoch is one pass over the subset
+    config = tiny_config(finetune_epochs=1, finetune_batch_size=4, finetune_lr=5e-3, episodes_per_epoch=40)
     tuned = train(config, SquareEpisodes(4), tmp_path / "tuned", init_checkpoint=base, finetune=True,
                   method_name="finetune-20%", progress=False)
     rows = list(csv.DictReader(open(tmp_path / "tuned" / "log.csv")))

@@ -161,7 +161,7 @@ def embed_shard(images, shard: int, num_shards: int, out: str | Path, backbone, 
     if batch_size < 1:
         raise ValueError(f"config key 'embedding.batch_size' is {batch_size}, expected >= 1")
     rows = shard_rows(load_image_table(images), shard, num_shards, split, image_filter)
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device, "embedding.device")
     backbone = backbone.to(torch_device).eval()
     layer = resolve_layer(backbone, layer)
     gh, gw, channels = _probe(backbone, layer, image_size, torch_device)

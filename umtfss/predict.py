@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> Path:
     size = args.size or int(load(checkpoint)["config"]["evaluation"]["test_size"])
     if size < 32:
         raise ValueError(f"--size is {size}, expected at least 32")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     model = load_model(checkpoint, device)
     mask = predict_mask(model, query, supports, size, device)
     write_png(args.out, (mask * 255).astype(np.uint8))

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from umtfss.devices import resolve_device
 from umtfss.io import atomic_path
 from umtfss.stores import EMBEDDING_ATTRS, BackgroundWriter, EmbeddingStore, array_sha256, create_label_store, prefetch
 
@@ -26,15 +27,6 @@ def load_centroids(centroids: str | Path | np.ndarray) -> np.ndarray:
     if centroids.ndim != 2 or centroids.shape[0] < 1:
         raise ValueError(f"centroids have shape {centroids.shape}, expected [clusters, channels]")
     return np.ascontiguousarray(centroids, dtype=np.float32)
-
-
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"config key 'clustering.device' is '{device}' but torch sees no CUDA device")
-    return resolved
 
 
 ROWS_PER_BLOCK = 4096  # pixels converted to float32 and multiplied at once on CPU: stays in cache
@@ -57,7 +49,8 @@ def nearest_centroid(features: np.ndarray, centroids: torch.Tensor) -> np.ndarra
             transposed = centroids.T.contiguous()
             labels = np.empty(len(flat), np.int16)
             for start in range(0, len(flat), ROWS_PER_BLOCK):
-                block = torch.from_numpy(flat[start:start + ROWS_PER_BLOCK].astype(np.float32, copy=False))
+                # torch's float16 -> float32 conversion is vectorised; numpy's astype is ~8x slower
+                block = torch.from_numpy(flat[start:start + ROWS_PER_BLOCK]).float()
                 labels[start:start + ROWS_PER_BLOCK] = (block @ transposed).argmax(dim=1).numpy()
     return labels.reshape(shape)
 
@@ -83,7 +76,7 @@ def assign_shard(embedding_shard_path: str | Path, centroids: str | Path | np.nd
                          f"has {store.dim}; fit and assign must use the same embeddings")
     if matrix.shape[0] > np.iinfo(np.int16).max:
         raise ValueError(f"{matrix.shape[0]} clusters do not fit the int16 label store (max 32767)")
-    torch_device = _device(device)
+    torch_device = resolve_device(device, "clustering.device")
     centroid_tensor = torch.from_numpy(matrix).to(torch_device)
     if torch_device.type == "cuda" and store.dtype == np.float16:
         centroid_tensor = centroid_tensor.half()

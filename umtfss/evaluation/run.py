@@ -175,7 +175,7 @@ def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: d
     paths = _image_paths(tables["images"])
     class_names = {int(c): str(n) for c, n in zip(tables["classes"]["class_id"], tables["classes"]["name"])}
     n_episodes = config_module.test_episodes(config, dataset_name)
-    device = resolve_device(eval_cfg["device"])
+    device = resolve_device(eval_cfg["device"], "evaluation.device")
     meta = _default_meta(config, dict(meta or {}))
     reserved = sorted(set(meta) & (set(SCORE_COLUMNS) - {"backbone", "embedder", "clusters"}))
     if reserved:

@@ -40,14 +40,15 @@ class Schedule:
     batch_size: int
     lr_sgd: float
     lr_adamw: float
+    episodes_per_epoch: int | None  # None: one episode per query region / labelled image
 
     @classmethod
     def from_config(cls, training_cfg: dict, finetune: bool) -> "Schedule":
-        if finetune:
+        if finetune:  # the paper's fine-tuning epochs are passes over the labelled subset
             lr = float(training_cfg["finetune_lr"])
-            return cls(int(training_cfg["finetune_epochs"]), int(training_cfg["finetune_batch_size"]), lr, lr)
+            return cls(int(training_cfg["finetune_epochs"]), int(training_cfg["finetune_batch_size"]), lr, lr, None)
         return cls(int(training_cfg["epochs"]), int(training_cfg["batch_size"]),
-                   float(training_cfg["lr_sgd"]), float(training_cfg["lr_adamw"]))
+                   float(training_cfg["lr_sgd"]), float(training_cfg["lr_adamw"]), training_cfg["episodes_per_epoch"])
 
 
 def lr_factor(step: int, total_steps: int, power: float, warmup_steps: int) -> float:
@@ -162,7 +163,7 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     tcfg = config["training"]
     schedule = Schedule.from_config(tcfg, finetune)
-    device = resolve_device(tcfg["device"])
+    device = resolve_device(tcfg["device"], "training.device")
     use_amp, amp_dtype = _amp_settings(device, tcfg["amp"])
 
     torch.manual_seed(tcfg["seed"])
@@ -173,7 +174,7 @@ def train(
     model.to(device)
 
     dataset = EpisodeDataset(source, tcfg["shots"], tcfg["crop_size"], Augmentation.from_config(tcfg),
-                             seed=tcfg["seed"], episodes_per_epoch=tcfg["episodes_per_epoch"])
+                             seed=tcfg["seed"], episodes_per_epoch=schedule.episodes_per_epoch)
     steps_per_epoch = math.ceil(len(dataset) / schedule.batch_size)
     total_steps = schedule.epochs * steps_per_epoch
 

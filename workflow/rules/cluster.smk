@@ -10,6 +10,8 @@ rule fit:
     params:
         cfg=lambda w: json.dumps({"clustering": {**config["clustering"], "clusters": int(w.clusters)}}),
     threads: 2
+    conda:
+        CONDA_ENV
     log:
         "logs/{src}/{embedder}/clusters-{clusters}/fit.log",
     benchmark:
@@ -28,6 +30,8 @@ rule assign:
     params:
         cfg=stage_config("clustering"),
     threads: 2
+    conda:
+        CONDA_ENV
     log:
         "logs/{src}/{embedder}/clusters-{clusters}/assign-{shard}-of-{nshards}.log",
     benchmark:
@@ -50,6 +54,8 @@ rule quality:
         ),
     params:
         cfg=stage_config("datasets"),
+    conda:
+        CONDA_ENV
     log:
         "logs/{src}/{embedder}/clusters-{clusters}/quality.log",
     shell:

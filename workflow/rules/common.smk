@@ -36,12 +36,20 @@ EMBEDDER = config["embedding"]["backbone"] + (
 )
 CLUSTERS = config["clustering"]["clusters"]
 NSHARDS = config["embedding"]["shards"]
+CONDA_ENV = f"../../envs/{config['software_env']}.yaml"  # relative to the rule files
 MODEL_TAG = config["model"]["backbone"] + f"-{config['model']['attention']}"
 
 
 def stage_config(*sections):
     """Only the config sections a stage reads, as JSON: other edits do not rerun it."""
     return json.dumps({s: config[s] for s in sections}, sort_keys=True)
+
+
+def meta_training_config(*sections):
+    """stage_config for meta-training: the training section without the fine-tuning keys, so that
+    changing the fine-tuning schedule does not retrain the unsupervised model."""
+    training = {k: v for k, v in config["training"].items() if not k.startswith("finetune_")}
+    return json.dumps({"training": training, **{s: config[s] for s in sections}}, sort_keys=True)
 
 
 def prepared(ds):

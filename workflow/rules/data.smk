@@ -9,6 +9,8 @@ if DEMO:
         params:
             cfg=stage_config("demo"),
             root=config["datasets"]["pascal"]["root"],
+        conda:
+            CONDA_ENV
         log:
             "logs/demo.log",
         shell:
@@ -22,6 +24,8 @@ if config["datasets"]["pascal"]["sbd_root"] and not DEMO:
             f"{config['datasets']['pascal']['root']}/{config['datasets']['pascal']['train_list']}",
         params:
             cfg=stage_config("datasets"),
+        conda:
+            CONDA_ENV
         log:
             "logs/convert_sbd.log",
         benchmark:
@@ -37,6 +41,8 @@ if config["datasets"]["coco"]["instances_dir"]:
             touch(f"{config['datasets']['coco']['root']}/.umtfss-converted"),
         params:
             cfg=stage_config("datasets"),
+        conda:
+            CONDA_ENV
         log:
             "logs/convert_coco.log",
         benchmark:
@@ -54,6 +60,8 @@ rule prepare:
         cfg=lambda w: stage_config("datasets", "demo"),
         out=lambda w: f"results/{w.dataset}/prepare",
     threads: 2
+    conda:
+        CONDA_ENV
     log:
         "logs/{dataset}/prepare.log",
     shell:
@@ -69,6 +77,8 @@ if SOURCE == "folder":
         params:
             cfg=stage_config("unlabeled"),
             out=f"results/{SRC}/prepare",
+        conda:
+            CONDA_ENV
         log:
             f"logs/{SRC}/prepare.log",
         shell:

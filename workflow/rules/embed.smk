@@ -11,6 +11,8 @@ rule embed:
     threads: 2
     resources:
         gpu=1 if config["embedding"]["device"] != "cpu" else 0,
+    conda:
+        CONDA_ENV
     log:
         "logs/{src}/{embedder}/embed-{shard}-of-{nshards}.log",
     benchmark:

@@ -13,6 +13,8 @@ rule episodes:
         cfg=stage_config("episodes"),
         out="results/{src}/{embedder}/clusters-{clusters}",
     threads: 2
+    conda:
+        CONDA_ENV
     log:
         "logs/{src}/{embedder}/clusters-{clusters}/episodes.log",
     benchmark:

@@ -39,6 +39,8 @@ rule evaluate:
         tables="results/{dataset}/prepare",
         meta=f"--meta embedder={EMBEDDER} --meta clusters={CLUSTERS} --meta unlabeled={SRC}",
     threads: 2
+    conda:
+        CONDA_ENV
     log:
         "logs/evaluate-{dataset}.log",
     benchmark:

@@ -10,12 +10,14 @@ rule train_unsup:
     output:
         "results/{src}/{embedder}/clusters-{clusters}/models/{model}/unsup/checkpoint.pt",
     params:
-        cfg=stage_config("model", "training", "unlabeled"),
+        cfg=meta_training_config("model", "unlabeled"),
         out=lambda w, output: os.path.dirname(output[0]),
         episodes="results/{src}/{embedder}/clusters-{clusters}",
     threads: 2
     resources:
         gpu=1 if config["training"]["device"] != "cpu" else 0,
+    conda:
+        CONDA_ENV
     log:
         "logs/{src}/{embedder}/clusters-{clusters}/{model}/train-unsup.log",
     benchmark:
@@ -35,11 +37,13 @@ rule train_unsup_fold:
     output:
         "results/{src}/{embedder}/clusters-{clusters}/models/{model}/unsup-fold{fold}/checkpoint.pt",
     params:
-        cfg=stage_config("model", "training", "unlabeled", "datasets"),
+        cfg=meta_training_config("model", "unlabeled", "datasets"),
         out=lambda w, output: os.path.dirname(output[0]),
         episodes="results/{src}/{embedder}/clusters-{clusters}",
         tables="results/{src}/prepare",
     threads: 2
+    conda:
+        CONDA_ENV
     log:
         "logs/{src}/{embedder}/clusters-{clusters}/{model}/train-unsup-fold{fold}.log",
     benchmark:
@@ -60,6 +64,8 @@ rule train_sup:
         out=lambda w, output: os.path.dirname(output[0]),
         tables="results/{dataset}/prepare",
     threads: 2
+    conda:
+        CONDA_ENV
     log:
         "logs/{dataset}/supervised/{model}/fold{fold}.log",
     benchmark:
@@ -80,6 +86,8 @@ rule finetune:
         out=lambda w, output: os.path.dirname(output[0]),
         tables="results/{src}/prepare",
     threads: 2
+    conda:
+        CONDA_ENV
     log:
         "logs/{src}/{embedder}/clusters-{clusters}/{model}/finetune-{pct}-fold{fold}.log",
     benchmark:

@@ -1,0 +1,115 @@
+"""The shape of the paper's Tables 1-3 on the demo: reference predictors, unsup, finetune-20%, vanilla attention.
+
+Runs the default pipeline (snakemake, so existing artifacts are reused) including
+
+  * `finetune-20%`: the unsup model fine-tuned per fold on 20 % of the labelled train images
+    (base classes only; paper Table 2; training.finetune_epochs of config.yaml),
+
+then trains, on the same pseudo episodes with the same schedule,
+
+  * `unsup-vanilla`: unsupervised meta-training with vanilla cross-attention (paper Table 3),
+
+and meta-tests everything on the same 1-shot episodes (several evaluation seeds give the noise):
+
+    python benchmarks/demo_tables.py                       # default config.yaml, seeds 321 322 323
+
+Writes benchmarks/results/demo_tables.csv (one row per method, fold, seed) and prints the 1-shot mIoU
+per method, averaged over folds, as mean +- std over the evaluation seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from umtfss.config import load
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd[:3]), "...", flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def pipeline_paths(config: dict) -> dict[str, str]:
+    """The default pipeline's artifact paths (the naming of workflow/rules/common.smk)."""
+    src = config["unlabeled"]["name"] if config["unlabeled"]["source"] == "folder" else config["unlabeled"]["source"]
+    embedder = config["embedding"]["backbone"] + (f"-d{config['embedding']['dim']}" if config["embedding"]["dim"] else "")
+    shards = config["embedding"]["shards"]
+    clusters = f"results/{src}/{embedder}/clusters-{config['clustering']['clusters']}"
+    model_tag = f"{config['model']['backbone']}-{config['model']['attention']}"
+    return {
+        "src": src, "clusters_dir": clusters,
+        "labels": [f"{clusters}/labels/shard-{i}-of-{shards}.zarr" for i in range(shards)],
+        "images": f"results/{src}/prepare/images.parquet", "tables": f"results/{src}/prepare",
+        "unsup": f"{clusters}/models/{model_tag}/unsup/checkpoint.pt",
+        "finetune": f"{clusters}/models/{model_tag}/finetune-20%/fold{{fold}}/checkpoint.pt",
+        "embedder": embedder,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="config.yaml")
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[321, 322, 323])
+    parser.add_argument("--out", default="benchmarks/results/demo_tables.csv")
+    args = parser.parse_args()
+
+    config = load(str(ROOT / args.config))
+    if config["unlabeled"]["source"] != "pascal":
+        sys.exit("demo_tables.py measures on the PASCAL-layout benchmark; set unlabeled.source: pascal")
+    paths = pipeline_paths(config)
+    work = ROOT / "benchmarks/results/demo_tables"
+    umtfss = [sys.executable, "-m", "umtfss.cli"]
+    started = time.perf_counter()
+    finetune = paths["finetune"]
+    folds = config["evaluation"]["folds"]
+    run(["snakemake", "results/eval_pascal.csv", *[finetune.format(fold=f) for f in folds], "--cores", str(args.cores),
+         "--configfile", args.config, "--rerun-triggers", "mtime"])
+
+    timings = {}
+    vanilla = work / "unsup-vanilla"
+    if not (vanilla / "checkpoint.pt").exists():
+        section = {"model": {**config["model"], "attention": "vanilla"}, "training": config["training"],
+                   "unlabeled": config["unlabeled"]}
+        t = time.perf_counter()
+        run(umtfss + ["train", "--config", json.dumps(section), "--method", "unsup", "--out-dir", str(vanilla),
+                      "--episodes", paths["clusters_dir"], "--labels", *paths["labels"], "--images", paths["images"],
+                      "--quiet"])
+        timings["train unsup-vanilla"] = time.perf_counter() - t
+    evaluation = {**config["evaluation"], "shots": [1], "seeds": args.seeds}
+    out = ROOT / args.out
+    t = time.perf_counter()
+    run(umtfss + ["evaluate", "--config", json.dumps({"evaluation": evaluation, "model": config["model"],
+                                                      "datasets": config["datasets"]}),
+                  "--dataset", "pascal", "--tables", paths["tables"],
+                  "--method", "all-background", "--method", "prototype-threshold",
+                  "--method", f"unsup={paths['unsup']}", "--method", f"unsup-vanilla={vanilla / 'checkpoint.pt'}",
+                  "--method", f"finetune-20%={finetune}",
+                  "--out", str(out), "--classes-out", str(out.with_name(out.stem + "_classes.csv")),
+                  "--meta", f"embedder={paths['embedder']}", "--meta", f"clusters={config['clustering']['clusters']}",
+                  "--meta", f"unlabeled={paths['src']}"])
+    timings["evaluate"] = time.perf_counter() - t
+
+    scores = pd.read_csv(out)
+    per_seed = scores.groupby(["method", "seed"])[["miou", "fbiou"]].mean()  # mean over folds
+    summary = per_seed.groupby("method").agg(["mean", "std"]).round(2)
+    folds = scores.groupby(["method", "fold"])["miou"].mean().unstack().round(1)
+    print(f"\n1-shot, {evaluation['episodes'] or 1000} episodes per fold, seeds {args.seeds}; "
+          f"mIoU / FB-IoU mean over folds, mean and std over seeds:")
+    print(summary.to_string())
+    print("\nmIoU per fold (mean over seeds):")
+    print(folds.to_string())
+    print("\nseconds:", {k: round(v) for k, v in timings.items()}, "total", round(time.perf_counter() - started))
+
+
+if __name__ == "__main__":
+    main()
