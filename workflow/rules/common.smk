@@ -36,6 +36,11 @@ EMBEDDER = config["embedding"]["backbone"] + (
 )
 CLUSTERS = config["clustering"]["clusters"]
 NSHARDS = config["embedding"]["shards"]
+# A torch job (train, finetune, evaluate) claims every core Snakemake was given: such jobs then run
+# one at a time, which is fastest on a CPU (torch already uses all cores; two jobs thrash) and keeps
+# jobs from sharing one GPU. Executors without --cores (clusters) get this machine's count; set
+# per-rule threads there with --set-threads.
+TORCH_JOB_THREADS = workflow.cores if workflow.cores and workflow.cores <= 1024 else (os.cpu_count() or 1)
 CONDA_ENV = f"../../envs/{config['software_env']}.yaml"  # relative to the rule files
 MODEL_TAG = config["model"]["backbone"] + f"-{config['model']['attention']}"
 

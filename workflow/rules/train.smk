@@ -13,7 +13,7 @@ rule train_unsup:
         cfg=meta_training_config("model", "unlabeled"),
         out=lambda w, output: os.path.dirname(output[0]),
         episodes="results/{src}/{embedder}/clusters-{clusters}",
-    threads: 2
+    threads: TORCH_JOB_THREADS
     resources:
         gpu=1 if config["training"]["device"] != "cpu" else 0,
     conda:
@@ -41,7 +41,7 @@ rule train_unsup_fold:
         out=lambda w, output: os.path.dirname(output[0]),
         episodes="results/{src}/{embedder}/clusters-{clusters}",
         tables="results/{src}/prepare",
-    threads: 2
+    threads: TORCH_JOB_THREADS
     conda:
         CONDA_ENV
     log:
@@ -63,7 +63,7 @@ rule train_sup:
         cfg=stage_config("model", "training", "datasets"),
         out=lambda w, output: os.path.dirname(output[0]),
         tables="results/{dataset}/prepare",
-    threads: 2
+    threads: TORCH_JOB_THREADS
     conda:
         CONDA_ENV
     log:
@@ -85,7 +85,7 @@ rule finetune:
         cfg=stage_config("model", "training", "datasets"),
         out=lambda w, output: os.path.dirname(output[0]),
         tables="results/{src}/prepare",
-    threads: 2
+    threads: TORCH_JOB_THREADS
     conda:
         CONDA_ENV
     log:
