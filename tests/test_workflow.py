@@ -33,6 +33,11 @@ def snakemake(workdir, *args, check=True):
     return proc
 
 
+def planned_jobs(plan: str) -> set[str]:
+    """Rule names in the job-stats table of a dry run."""
+    return {line.split()[0] for line in plan.splitlines() if len(line.split()) == 2 and line.split()[1].isdigit()}
+
+
 def write_config(workdir, config):
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
 
@@ -72,9 +77,23 @@ def test_changing_clusters_reruns_clustering_but_never_embed(pipeline):
         plan = snakemake(pipeline, "-n", "--cores", "2", "results/eval_pascal.csv").stdout
     finally:
         write_config(pipeline, TINY)
-    jobs = [line.split()[0] for line in plan.splitlines() if line.strip() and line.split()[-1].isdigit() and len(line.split()) == 2]
+    jobs = planned_jobs(plan)
     assert "fit" in jobs and "assign" in jobs and "episodes" in jobs and "evaluate" in jobs
     assert "embed" not in jobs and "demo" not in jobs and "prepare" not in jobs
+
+
+def test_fine_tuning_keys_do_not_retrain_the_unsupervised_model(pipeline):
+    config = yaml.safe_load((pipeline / "config.yaml").read_text())
+    config["training"]["finetune_epochs"] = 3
+    write_config(pipeline, config)
+    try:
+        assert "Nothing to be done" in snakemake(pipeline, "-n", "--cores", "2", "results/eval_pascal.csv").stdout
+        config["training"]["batch_size"] = 2
+        write_config(pipeline, config)
+        plan = snakemake(pipeline, "-n", "--cores", "2", "results/eval_pascal.csv").stdout
+    finally:
+        write_config(pipeline, TINY)
+    assert "train_unsup" in planned_jobs(plan) and "embed" not in planned_jobs(plan)
 
 
 def test_unchanged_config_has_nothing_to_do(pipeline):
@@ -98,7 +117,9 @@ def test_missing_dataset_root_is_named(tmp_path):
 
 
 def test_repo_default_config_dry_run():
-    proc = snakemake(REPO, "-n", "--cores", "8", "results/eval_pascal.csv", check=False)
+    # --forceall: the plan of a fresh clone, also in a checkout that already ran the demo
+    proc = snakemake(REPO, "-n", "--forceall", "--cores", "8", "results/eval_pascal.csv", check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    assert "evaluate" in out
+    jobs = planned_jobs(out)
+    assert {"demo", "prepare", "embed", "fit", "assign", "episodes", "train_unsup", "finetune", "evaluate"} <= jobs
