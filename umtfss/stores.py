@@ -6,12 +6,17 @@ import hashlib
 import os
 import queue
 import threading
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
+
+# Snakemake marks directory outputs with a '.snakemake_timestamp' file, which zarr warns about on
+# every listing of the group; it is expected in every store the workflow writes.
+warnings.filterwarnings("ignore", message=r"Object at \.snakemake_timestamp is not recognized")
 
 # zstd level 1: normalised float features compress little (ratio ~1.1-1.7) and level 3 costs 2-4x the time.
 COMPRESSION_LEVEL = 1
