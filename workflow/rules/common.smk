@@ -40,7 +40,11 @@ NSHARDS = config["embedding"]["shards"]
 # one at a time, which is fastest on a CPU (torch already uses all cores; two jobs thrash) and keeps
 # jobs from sharing one GPU. Executors without --cores (clusters) get this machine's count; set
 # per-rule threads there with --set-threads.
-TORCH_JOB_THREADS = workflow.cores if workflow.cores and workflow.cores <= 1024 else (os.cpu_count() or 1)
+try:
+    _CORES = workflow.cores
+except Exception:  # no --cores: a dry run, --report, --dag
+    _CORES = None
+TORCH_JOB_THREADS = _CORES if _CORES and _CORES <= 1024 else (os.cpu_count() or 1)
 CONDA_ENV = f"../../envs/{config['software_env']}.yaml"  # relative to the rule files
 MODEL_TAG = config["model"]["backbone"] + f"-{config['model']['attention']}"
 
