@@ -132,32 +132,29 @@ def _writable(array: np.ndarray) -> np.ndarray:
     return array if array.flags.writeable else array.copy()
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(height, width) of an image as read_rgb returns it, from the header only (no decoding)."""
+def _header_size(path: str | Path, kind: str, exif: bool) -> tuple[int, int]:
+    """(height, width) from the file header only (no decoding); `exif` applies the EXIF rotation."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image file '{path}' does not exist")
+        raise FileNotFoundError(f"{kind} file '{path}' does not exist")
     try:
         with Image.open(path) as image:
             width, height = image.size
-            if _exif_orientation(image) in _SWAPPING_ORIENTATIONS:
+            if exif and _exif_orientation(image) in _SWAPPING_ORIENTATIONS:
                 width, height = height, width
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise ImageReadError(path, f"not a readable image ({err})") from None
     return int(height), int(width)
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image as read_rgb returns it, from the header only (no decoding)."""
+    return _header_size(path, "image", exif=True)
+
+
 def label_size(path: str | Path) -> tuple[int, int]:
     """(height, width) of a label file from its header (labels are never EXIF-rotated)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"label file '{path}' does not exist")
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise ImageReadError(path, f"not a readable image ({err})") from None
-    return int(height), int(width)
+    return _header_size(path, "label", exif=False)
 
 
 def read_label(path: str | Path) -> np.ndarray:
