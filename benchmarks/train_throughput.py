@@ -21,7 +21,8 @@ from umtfss.backbones import build_backbone
 from umtfss.config import load
 from umtfss.model.fss import build_model
 from umtfss.training.losses import build_loss
-from umtfss.training.train import Schedule, _amp_settings, _train_step, build_optimizers, resolve_device
+from umtfss.devices import resolve_device
+from umtfss.training.train import Schedule, _amp_settings, _train_step, build_optimizers
 
 
 def synthetic_batch(batch: int, shots: int, size: int, device, generator: torch.Generator) -> dict:

@@ -99,7 +99,7 @@ def cli(parser: argparse.ArgumentParser):
 def run(args: argparse.Namespace) -> Path:
     from umtfss.io import read_rgb, write_png
     from umtfss.training.checkpoint import load, load_model
-    from umtfss.training.train import resolve_device
+    from umtfss.devices import resolve_device
 
     checkpoint = _check_file(args.checkpoint, "checkpoint")
     query = read_rgb(_check_file(args.query, "query image"))

@@ -59,6 +59,14 @@ class SegmentationDataset:
             raise ValueError(f"split '{split}' does not exist in data set '{self.name}'; expected one of {list(self.splits)}")
 
     def image_ids(self, split: str) -> list[str]:
+        """Ids of a split, in the data set's order; listed once, then cached."""
+        self.check_split(split)
+        cache = self.__dict__.setdefault("_id_cache", {})
+        if split not in cache:
+            cache[split] = self._list_ids(split)
+        return list(cache[split])
+
+    def _list_ids(self, split: str) -> list[str]:
         raise NotImplementedError
 
     def image_path(self, image_id: str, split: str) -> Path:

@@ -32,7 +32,6 @@ class CocoDataset(SegmentationDataset):
         self.cfg = cfg
         self.root = existing_root(cfg["root"], "datasets.coco.root")
         self.convention = cfg["fold_convention"]
-        self._ids: dict[str, list[str]] = {}
 
     def _fold_class_ids(self, fold: int) -> list[int]:
         if self.convention == "contiguous":
@@ -43,14 +42,12 @@ class CocoDataset(SegmentationDataset):
         self.check_split(split)
         return resolve_under(self.root, self.cfg[f"{split}_{kind}_dir"])
 
-    def image_ids(self, split: str) -> list[str]:
-        if split not in self._ids:
-            folder = self._dir(split, "label")
-            if not folder.is_dir():
-                raise FileNotFoundError(f"class-mask folder '{folder}' does not exist (config key "
-                                        f"datasets.coco.{split}_label_dir; the convert_coco rule writes it)")
-            self._ids[split] = sorted(p.stem for p in folder.iterdir() if p.suffix.lower() == ".png")
-        return list(self._ids[split])
+    def _list_ids(self, split: str) -> list[str]:
+        folder = self._dir(split, "label")
+        if not folder.is_dir():
+            raise FileNotFoundError(f"class-mask folder '{folder}' does not exist (config key "
+                                    f"datasets.coco.{split}_label_dir; the convert_coco rule writes it)")
+        return sorted(p.stem for p in folder.iterdir() if p.suffix.lower() == ".png")
 
     def image_path(self, image_id: str, split: str) -> Path:
         return self._dir(split, "image") / f"{image_id}.jpg"

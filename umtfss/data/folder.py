@@ -38,8 +38,7 @@ class FolderDataset(SegmentationDataset):
             self._paths = dict(sorted(paths.items()))
         return self._paths
 
-    def image_ids(self, split: str) -> list[str]:
-        self.check_split(split)
+    def _list_ids(self, split: str) -> list[str]:
         return list(self._scan())
 
     def image_path(self, image_id: str, split: str) -> Path:

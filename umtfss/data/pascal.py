@@ -45,17 +45,13 @@ class PascalDataset(SegmentationDataset):
         self.root = existing_root(cfg["root"], "datasets.pascal.root")
         self.image_dir = resolve_under(self.root, cfg["image_dir"])
         self.label_dir = resolve_under(self.root, cfg["label_dir"])
-        self._ids: dict[str, list[str]] = {}
 
     def _fold_class_ids(self, fold: int) -> list[int]:
         return list(range(5 * fold + 1, 5 * fold + 6))
 
-    def image_ids(self, split: str) -> list[str]:
-        self.check_split(split)
-        if split not in self._ids:
-            key = f"{split}_list"
-            self._ids[split] = read_id_list(resolve_under(self.root, self.cfg[key]), f"datasets.pascal.{key}")
-        return list(self._ids[split])
+    def _list_ids(self, split: str) -> list[str]:
+        key = f"{split}_list"
+        return read_id_list(resolve_under(self.root, self.cfg[key]), f"datasets.pascal.{key}")
 
     def image_path(self, image_id: str, split: str) -> Path:
         self.check_split(split)

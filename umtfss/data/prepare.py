@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from umtfss import io
-from umtfss.data.base import SegmentationDataset, open_dataset
+from umtfss.data.base import FOLDS, SegmentationDataset, open_dataset
 
 TABLE_NAMES = ("images", "classes", "image_classes")
 META_KEY = b"umtfss"
@@ -98,7 +98,7 @@ def _class_table(dataset: SegmentationDataset) -> pd.DataFrame:
     if not dataset.class_names:
         return pd.DataFrame({"class_id": pd.Series(dtype="int64"), "name": pd.Series(dtype="str"),
                              "fold": pd.Series(dtype="int64")})
-    fold_of = {c: fold for fold in range(4) for c in dataset.fold_classes(fold)}
+    fold_of = {c: fold for fold in range(FOLDS) for c in dataset.fold_classes(fold)}
     ids = list(range(1, dataset.num_classes + 1))
     return pd.DataFrame({"class_id": ids, "name": dataset.class_names, "fold": [fold_of[c] for c in ids]})
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from umtfss.episode import Episode, binary_mask  # noqa: F401 (binary_mask re-exported)
+from umtfss.episode import Episode, binary_mask
 from umtfss.transforms import resize_pad
 
 

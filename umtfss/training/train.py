@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from umtfss.devices import resolve_device  # noqa: F401 (re-exported)
+from umtfss.devices import resolve_device
 from umtfss.io import atomic_path
 from umtfss.training import checkpoint as ckpt
 from umtfss.training.augment import Augmentation
