@@ -10,8 +10,11 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 from tqdm import tqdm
 
+from umtfss.clustering.torch_kmeans import TorchKMeans
+from umtfss.devices import resolve_device
 from umtfss.io import atomic_path
 from umtfss.stores import EMBEDDING_ATTRS, EmbeddingStore, array_sha256
 
@@ -28,9 +31,26 @@ def faiss_gpu(device: str) -> bool:
     if device.startswith("cuda"):
         if gpus == 0:
             raise ValueError(f"config key 'clustering.device' is '{device}' but faiss sees no GPU "
-                             "(install the 'gpu' extra, faiss-gpu, or use 'auto'/'cpu')")
+                             "(install the 'gpu' extra, faiss-gpu, or use 'auto'/'cpu', or 'clustering.backend: torch')")
         return True
     raise ValueError(f"config key 'clustering.device' is '{device}', expected auto, cpu, cuda or cuda:N")
+
+
+def choose_backend(backend: str, device: str) -> tuple[str, str]:
+    """(backend, device) that train the k-means: faiss on its GPU or CPU, or torch on a CUDA device.
+
+    'auto' prefers faiss when it can use the requested device; a GPU that only torch sees (PyPI's
+    faiss-cpu on a GPU machine) is used through TorchKMeans rather than left idle.
+    """
+    if backend not in ("auto", "faiss", "torch"):
+        raise ValueError(f"config key 'clustering.backend' is '{backend}', expected auto, faiss or torch")
+    if backend == "torch":
+        return "torch", str(resolve_device(device, "clustering.device"))
+    faiss_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if backend == "faiss" or faiss_gpus > 0 or device == "cpu":
+        return "faiss", "cuda" if faiss_gpu(device) else "cpu"
+    torch_device = resolve_device(device, "clustering.device")
+    return ("torch", str(torch_device)) if torch_device.type == "cuda" else ("faiss", "cpu")
 
 
 def sample_pixels(store: EmbeddingStore, subset_pixels: int, seed: int, progress: bool = False) -> np.ndarray:
@@ -72,12 +92,16 @@ def sample_pixels(store: EmbeddingStore, subset_pixels: int, seed: int, progress
 
 
 def train_kmeans(points: np.ndarray, clusters: int, iterations: int, redo: int, seed: int,
-                 gpu: bool, spherical: bool = True, init_centroids: np.ndarray | None = None) -> faiss.Kmeans:
-    """faiss k-means on ALL of `points` (max_points_per_centroid raised so faiss does not subsample)."""
+                 gpu: bool, spherical: bool = True, init_centroids: np.ndarray | None = None,
+                 backend: str = "faiss", device: str = "cpu") -> faiss.Kmeans | TorchKMeans:
+    """k-means on ALL of `points`: faiss (max_points_per_centroid raised so it does not subsample) or torch."""
     n, d = points.shape
     if n < clusters:
         raise ValueError(f"only {n} pixels to fit {clusters} clusters; lower 'clustering.clusters' "
                          "or raise 'clustering.subset_pixels' / embed more images")
+    if backend == "torch":
+        return TorchKMeans(d, clusters, niter=iterations, nredo=redo, spherical=spherical, seed=seed,
+                           device=device).train(points, init_centroids=init_centroids)
     kmeans = faiss.Kmeans(d, clusters, niter=iterations, nredo=redo, spherical=spherical, seed=seed,
                           max_points_per_centroid=math.ceil(n / clusters) + 1, min_points_per_centroid=1,
                           gpu=gpu, verbose=False)
@@ -86,15 +110,17 @@ def train_kmeans(points: np.ndarray, clusters: int, iterations: int, redo: int, 
 
 
 def fit_centroids(store: EmbeddingStore | list, clusters: int, subset_pixels: int = 1_000_000, iterations: int = 20,
-                  redo: int = 1, seed: int = 0, device: str = "auto", progress: bool = True) -> tuple[np.ndarray, dict]:
+                  redo: int = 1, seed: int = 0, device: str = "auto", backend: str = "auto",
+                  progress: bool = True) -> tuple[np.ndarray, dict]:
     """Spherical k-means of a random pixel subset: (centroids float32 [clusters, C] L2-normalised, metadata)."""
     if not isinstance(store, EmbeddingStore):
         store = EmbeddingStore(store)
-    gpu = faiss_gpu(device)
+    backend, train_device = choose_backend(backend, device)
+    gpu = train_device != "cpu"
     started = time.perf_counter()
     points = sample_pixels(store, subset_pixels, seed, progress=progress)
     sampled = time.perf_counter()
-    kmeans = train_kmeans(points, clusters, iterations, redo, seed, gpu)
+    kmeans = train_kmeans(points, clusters, iterations, redo, seed, gpu, backend=backend, device=train_device)
     centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
     centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
     total_valid = int((store.valid_all[:, 0].astype(np.int64) * store.valid_all[:, 1]).sum())
@@ -109,12 +135,15 @@ def fit_centroids(store: EmbeddingStore | list, clusters: int, subset_pixels: in
         "redo": redo,
         "seed": seed,
         # sum over the subset of the cosine similarity to the nearest centroid, per iteration of every restart
-        # (faiss ends a restart early once the objective stops changing)
+        # (a restart ends early once the objective (faiss) or the assignment (torch) stops changing)
         "objective": [float(v) for v in kmeans.obj],
         "objective_final": float(kmeans.obj[-1]) if len(kmeans.obj) else None,
         "seconds_sampling": round(sampled - started, 3),
         "seconds_kmeans": round(time.perf_counter() - sampled, 3),
+        "backend": backend,
+        "device": train_device,
         "faiss_version": faiss.__version__,
+        "torch_version": torch.__version__,
         "gpu": gpu,
         "centroids_sha256": array_sha256(centroids),
         "embeddings": [str(p) for p in store.paths],
@@ -144,7 +173,7 @@ def cli(parser):
 
         cfg = load(args.config)["clustering"]
         centroids, meta = fit_centroids(EmbeddingStore(args.embeddings), cfg["clusters"], cfg["subset_pixels"],
-                                        cfg["iterations"], cfg["redo"], cfg["seed"], cfg["device"])
+                                        cfg["iterations"], cfg["redo"], cfg["seed"], cfg["device"], cfg["backend"])
         write_fit(centroids, meta, args.out_centroids, args.out_meta)
 
     return run
