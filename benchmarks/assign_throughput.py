@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="images per assign batch")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved read / assign measurements")
+    parser.add_argument("--device", default="cpu", help="device of the nearest-centroid search (cpu, cuda, auto)")
     parser.add_argument("--workdir", default=None, help="where the stores go (default: a temporary folder)")
     args = parser.parse_args(argv)
     images = args.images or (8 if args.quick else 50)
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
     dim = args.dim or (64 if args.quick else 256)
     print("command:", " ".join([sys.executable, *sys.argv]))
     print(f"parameters: images={images} and {4 * images} grid={grid}x{grid} dim={dim} float16 clusters={args.clusters} "
-          f"batch={args.batch} threads={args.threads}")
+          f"batch={args.batch} threads={args.threads} device={args.device}")
 
     import torch
 
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
             reads.append(read_floor(large, args.batch))
             started = time.perf_counter()
             assign_shard(large, work / "centroids.npy", work / f"labels-{repeat}.zarr", batch_images=args.batch,
-                         device="cpu", progress=False)
+                         device=args.device, progress=False)
             assigns.append(time.perf_counter() - started)
         read_seconds, assign_seconds = float(np.median(reads)), float(np.median(assigns))
         n = 4 * images

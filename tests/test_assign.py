@@ -79,8 +79,10 @@ def test_errors_name_the_problem(tmp_path):
         assign_shard(store_path, tmp_path / "nope.npy", tmp_path / "l.zarr", device="cpu", progress=False)
     with pytest.raises(FileNotFoundError, match="missing.zarr"):
         assign_shard(tmp_path / "missing.zarr", random_centroids(), tmp_path / "l.zarr", device="cpu", progress=False)
-    with pytest.raises(ValueError, match="superpixel refinement is not available"):
+    with pytest.raises(ValueError, match="clustering.refine.*no image table"):
         assign_shard(store_path, random_centroids(), tmp_path / "l.zarr", refine="superpixel", progress=False)
+    with pytest.raises(ValueError, match="clustering.refine' is 'crf'"):
+        assign_shard(store_path, random_centroids(), tmp_path / "l.zarr", refine="crf", progress=False)
     assert not (tmp_path / "l.zarr").exists()
 
 
@@ -156,3 +158,28 @@ def test_background_writer_writes_what_zarr_writes(tmp_path):
     writer.put(1, np.zeros((2, 4, 3), np.int16))  # past the end
     with pytest.raises(ValueError, match="does not fit"):
         writer.close()
+
+
+def test_parallel_chunk_reader_reads_what_zarr_reads(tmp_path, monkeypatch):
+    """read_images (threads decoding chunk files) equals zarr's read, fill value included, and names a bad chunk."""
+    from umtfss import stores
+
+    data = np.random.default_rng(0).normal(size=(6, 4, 3, 5)).astype(np.float16)
+    group = create_embedding_store(tmp_path / "e.zarr", 6, (4, 3), 5, "float16", {})
+    group["features"][:5] = data[:5]  # image 5 never written: no chunk file
+    features = zarr.open_group(str(tmp_path / "e.zarr"), mode="r")["features"]
+    zarr_reads = []
+    original_getitem = type(features).__getitem__
+    monkeypatch.setattr(type(features), "__getitem__", lambda self, key: zarr_reads.append(key) or original_getitem(self, key))
+    block = stores.read_images(features, 1, 6)
+    assert zarr_reads == []  # the direct path was taken
+    np.testing.assert_array_equal(block[:4], data[1:5])
+    assert (block[4] == 0).all()
+    np.testing.assert_array_equal(block, original_getitem(features, slice(1, 6)))
+    (tmp_path / "e.zarr" / "features" / "c" / "2" / "0" / "0" / "0").write_bytes(b"not blosc")
+    with pytest.raises(ValueError, match=r"chunk file .*features/c/2/0/0/0.* is corrupt"):
+        stores.read_images(features, 0, 6)
+    # another layout (several images per chunk) goes through zarr
+    other = zarr.open_group(str(tmp_path / "o.zarr"), mode="w").create_array("x", shape=(6, 2), chunks=(3, 2), dtype="int16")
+    other[:] = np.arange(12).reshape(6, 2)
+    np.testing.assert_array_equal(stores.read_images(other, 2, 5), np.arange(4, 10).reshape(3, 2))

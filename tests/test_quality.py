@@ -85,7 +85,8 @@ def test_quality_stage_writes_tidy_csv(tmp_path, capsys):
     assert cli.main(["quality", "--config", "{}", "--labels", str(tmp_path / "labels.zarr"), "--images",
                      str(tmp_path / "images.parquet"), "--classes", str(tmp_path / "classes.parquet"), "--out", str(out)]) == 0
     table = pd.read_csv(out)
-    assert list(table.columns) == ["metric", "class_id", "class_name", "value"]
+    assert list(table.columns) == ["metric", "class_id", "class_name", "value", "resolution"]
+    assert set(table["resolution"]) == {"grid"}  # unrefined stores: the grid, as before refinement existed
     value = table.set_index(["metric", "class_name"])["value"]
     summary = table[table["class_id"].isna()].set_index("metric")["value"]
     assert summary["images"] == 2 and summary["hungarian_miou"] == pytest.approx(1.0)

@@ -82,6 +82,23 @@ def test_changing_clusters_reruns_clustering_but_never_embed(pipeline):
     assert "embed" not in jobs and "demo" not in jobs and "prepare" not in jobs
 
 
+def test_changing_refine_reruns_assign_and_after_but_never_fit_or_embed(pipeline):
+    config = yaml.safe_load((pipeline / "config.yaml").read_text())
+    config["clustering"]["superpixel_min_size"] = 50  # not read while refine is none
+    write_config(pipeline, config)
+    try:
+        assert "Nothing to be done" in snakemake(pipeline, "-n", "--cores", "2", "results/eval_pascal.csv").stdout
+        config["clustering"]["refine"] = "superpixel"
+        write_config(pipeline, config)
+        proc = snakemake(pipeline, "-n", "-p", "--cores", "2", "results/eval_pascal.csv")
+    finally:
+        write_config(pipeline, TINY)
+    jobs = planned_jobs(proc.stdout)
+    assert "assign" in jobs and "episodes" in jobs and "train_unsup" in jobs and "evaluate" in jobs
+    assert not jobs & {"embed", "fit", "demo", "prepare"}
+    assert "--images results/pascal/prepare/images.parquet" in proc.stdout + proc.stderr
+
+
 def test_fine_tuning_keys_do_not_retrain_the_unsupervised_model(pipeline):
     config = yaml.safe_load((pipeline / "config.yaml").read_text())
     config["training"]["finetune_epochs"] = 3

@@ -222,7 +222,7 @@ def cluster_colours(clusters: int) -> np.ndarray:
 
 
 def overlay_image(image: np.ndarray, labels: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """An image with its grid labels (valid part upsampled nearest to the image size) blended in colour."""
+    """An image with its labels (grid or refined; valid part resized nearest to the image size) blended in colour."""
     vh, vw = valid_extent(labels)
     if vh == 0:
         return image
@@ -233,7 +233,8 @@ def overlay_image(image: np.ndarray, labels: np.ndarray, colours: np.ndarray, al
 
 def write_overlay(label_store: str | Path, images_table: str | Path, out: str | Path, n: int = 16,
                   tile: int = 192) -> Path:
-    """A PNG grid of the first n images of a label store with their pseudo masks coloured by cluster."""
+    """A PNG grid of the first n images of a label store with their pseudo masks (the refined ones when the
+    store has them) coloured by cluster."""
     from PIL import Image
 
     from umtfss.stores import LabelStore
@@ -251,7 +252,8 @@ def write_overlay(label_store: str | Path, images_table: str | Path, out: str | 
     rows = math.ceil(len(shown) / columns)
     canvas = Image.new("RGB", (columns * tile, rows * tile), (32, 32, 32))
     for slot, index in enumerate(tqdm(shown, desc="overlay", unit="img", disable=len(shown) < 32)):
-        picture = Image.fromarray(overlay_image(read_rgb(paths[store.image_ids[index]]), store.labels(index), colours))
+        labels = store.refined(index) if store.has_refined else store.labels(index)  # refined: image resolution
+        picture = Image.fromarray(overlay_image(read_rgb(paths[store.image_ids[index]]), labels, colours))
         scale = tile / max(picture.size)
         picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
                                  Image.Resampling.BILINEAR if scale < 1 else Image.Resampling.NEAREST)

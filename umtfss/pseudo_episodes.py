@@ -534,10 +534,15 @@ class PseudoEpisodes:
         return chosen + [int(r) for r in extra]
 
     def region_mask(self, region: int, image_size: tuple[int, int]) -> np.ndarray:
-        """uint8 0/1 mask of a region at image size (grid valid part upsampled nearest)."""
+        """uint8 0/1 mask of a region at image size: the valid part of the superpixel-refined labels when
+        the label store has them, else of the grid labels, resized nearest."""
         image_id = self.regions["image_id"].iat[region]
-        labels = self.labels.labels(self._label_index[image_id])
-        return cluster_mask(labels, int(self.cluster[region]), image_size)
+        index, cluster = self._label_index[image_id], int(self.cluster[region])
+        if self.labels.has_refined:
+            mask = cluster_mask(self.labels.refined(index), cluster, image_size)
+            if mask.any():  # a few refined pixels can vanish when the image is smaller than the embed input
+                return mask
+        return cluster_mask(self.labels.labels(index), cluster, image_size)
 
     def _image_and_mask(self, region: int) -> tuple[np.ndarray, np.ndarray, str]:
         image_id = self.regions["image_id"].iat[region]

@@ -53,12 +53,18 @@ def create_embedding_store(path: str | Path, n_images: int, grid: tuple[int, int
     return group
 
 
-def create_label_store(path: str | Path, n_images: int, grid: tuple[int, int], attrs: dict) -> zarr.Group:
-    """Create the label store layout (docs/architecture.md "Label store") at `path`."""
+def create_label_store(path: str | Path, n_images: int, grid: tuple[int, int], attrs: dict,
+                       refined_size: int | None = None) -> zarr.Group:
+    """Create the label store layout (docs/architecture.md "Label store") at `path`; with `refined_size`
+    also the superpixel-refined labels at the embed input resolution (array 'refined')."""
     gh, gw = grid
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     group.create_array("labels", shape=(n_images, gh, gw), chunks=(1, gh, gw), dtype="int16",
                        compressors=_compressor(np.dtype("int16")), fill_value=-1)
+    if refined_size is not None:
+        size = int(refined_size)
+        group.create_array("refined", shape=(n_images, size, size), chunks=(1, size, size), dtype="int16",
+                           compressors=_compressor(np.dtype("int16")), fill_value=-1)
     group.attrs.update(attrs)
     return group
 
@@ -103,6 +109,53 @@ def _direct_chunk_path(array) -> Path | None:
     if tuple(array.chunks) != (1, *array.shape[1:]):
         return None
     return Path(array.store.root) / array.path
+
+
+_READ_POOL = None  # decoding threads shared by every reader of this process (created on first use)
+
+
+def _read_pool():
+    global _READ_POOL
+    if _READ_POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _READ_POOL = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="umtfss-read")
+    return _READ_POOL
+
+
+def read_images(array, start: int, stop: int) -> np.ndarray:
+    """array[start:stop] of a one-image-per-chunk array, its chunks read and decoded in parallel.
+
+    Blosc releases the GIL, so a pool of threads decodes several images at once (about 30 % faster
+    than zarr's own read path on 2 cores, which also leaves more time to overlap compute). Arrays of
+    any other layout, and big-endian ones, are read through zarr. A missing chunk is the fill value,
+    as zarr reads it.
+    """
+    folder = _direct_chunk_path(array)
+    endian = getattr(array.metadata.codecs[0], "endian", None) if folder is not None else None
+    if folder is None or getattr(endian, "value", endian) not in (None, "little"):
+        return np.asarray(array[start:stop])
+    codec = array.metadata.codecs[1]._blosc_codec
+    dtype = array.dtype.newbyteorder("<")
+    chunk_shape = tuple(array.shape[1:])
+    out = np.empty((stop - start, *chunk_shape), dtype=array.dtype)
+
+    def decode(row: int) -> None:
+        path = folder / array.metadata.encode_chunk_key((start + row,) + (0,) * (array.ndim - 1))
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            out[row] = array.metadata.fill_value
+            return
+        try:
+            out[row] = np.frombuffer(codec.decode(raw), dtype=dtype).reshape(chunk_shape)
+        except Exception as err:  # blosc's RuntimeError, or a wrong size
+            raise ValueError(f"chunk file '{path}' is corrupt: {type(err).__name__}: {err} "
+                             f"(expected a Blosc chunk of {chunk_shape} {array.dtype}); rerun the stage that wrote it") from None
+
+    for future in [_read_pool().submit(decode, row) for row in range(stop - start)]:
+        future.result()
+    return out
 
 
 class BackgroundWriter:
@@ -310,7 +363,7 @@ class EmbeddingStore(_ShardedReader):
             features = group["features"]
             for first in range(start, stop, images_per_batch):
                 last = min(first + images_per_batch, stop)
-                block = np.asarray(features[first - start:last - start])
+                block = read_images(features, first - start, last - start)
                 yield range(first, last), block, self._valid[first:last]
 
 
@@ -325,11 +378,24 @@ class LabelStore(_ShardedReader):
         super().__init__(paths)
         self.grid = tuple(self.groups[0]["labels"].shape[1:])
         self.clusters = int(self.attrs.get("clusters", 0))
+        refined = ["refined" in group for group in self.groups]
+        if any(refined) and not all(refined):
+            raise ValueError(f"label stores {', '.join(map(str, self.paths))} mix refined and unrefined shards "
+                             "(array 'refined'); rerun assign with one clustering.refine setting")
+        self.has_refined = all(refined)
 
     def labels(self, index: int) -> np.ndarray:
         """int16 [gh, gw] cluster ids of one image, -1 on padding."""
         shard, local = self.locate(index)
         return np.asarray(self.groups[shard]["labels"][local])
+
+    def refined(self, index: int) -> np.ndarray:
+        """int16 [S, S] superpixel-refined cluster ids at the embed input size S, -1 on padding."""
+        if not self.has_refined:
+            raise ValueError(f"label store(s) {', '.join(map(str, self.paths))} hold no refined labels "
+                             "(written with clustering.refine: none)")
+        shard, local = self.locate(index)
+        return np.asarray(self.groups[shard]["refined"][local])
 
     def iter_batches(self, images_per_batch: int) -> Iterator[tuple[range, np.ndarray]]:
         """Yield (global index range, labels [b, gh, gw]); batches never span two shards."""

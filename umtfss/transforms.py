@@ -17,14 +17,19 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
 
 
+def resized_extent(height: int, width: int, size: int) -> tuple[int, int]:
+    """(h, w) of an image after resize_pad's resize (longer side -> size), before padding."""
+    scale = size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def resize_pad(image: np.ndarray, mask: np.ndarray | None, size: int):
     """Resize so the longer side is `size`, pad bottom/right to size x size (PFENet's test transform).
 
     Returns (image 3xSxS float, mask SxS long with padding = IGNORE or None, (h, w) valid extent).
     """
     h, w = image.shape[:2]
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    nh, nw = resized_extent(h, w, size)
     img = to_tensor(image)[None]
     img = F.interpolate(img, size=(nh, nw), mode="bilinear", align_corners=False)[0]
     out = torch.zeros(3, size, size)

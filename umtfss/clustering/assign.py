@@ -9,6 +9,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from umtfss.clustering.refine import (
+    SUPERPIXEL_MIN_SIZE, SUPERPIXEL_SCALE, SUPERPIXEL_SIGMA, embedded_view, grid_majority, refine_labels,
+)
 from umtfss.devices import resolve_device
 from umtfss.io import atomic_path
 from umtfss.stores import EMBEDDING_ATTRS, BackgroundWriter, EmbeddingStore, array_sha256, create_label_store, prefetch
@@ -55,21 +58,63 @@ def nearest_centroid(features: np.ndarray, centroids: torch.Tensor) -> np.ndarra
     return labels.reshape(shape)
 
 
+def _image_paths(images, store: EmbeddingStore) -> dict[str, str]:
+    """image_id -> file of every image of the shard, from the prepare stage's image table."""
+    from umtfss.embedding import load_image_table
+
+    if images is None:
+        raise ValueError("config key 'clustering.refine' is 'superpixel' but no image table was given "
+                         "(umtfss assign --images images.parquet): superpixels are computed on the images")
+    table = load_image_table(images).drop_duplicates("image_id")
+    paths = dict(zip(table["image_id"].astype(str), table["image_path"].astype(str)))
+    missing = [i for i in store.image_ids if i not in paths]
+    if missing:
+        name = images if isinstance(images, (str, Path)) else "<DataFrame>"
+        raise ValueError(f"{len(missing)} image(s) of embedding store '{store.paths[0]}' are not in image table "
+                         f"'{name}', e.g. {missing[:3]}; expected the table the shard was embedded from")
+    return paths
+
+
+def _with_views(batches, store: EmbeddingStore, paths: dict[str, str], image_size: int):
+    """Add to each batch the images as the embedder saw them (read on prefetch's thread, beside the compute)."""
+    for indices, block, valid in batches:
+        views = []
+        for index in indices:
+            image_id = store.image_ids[index]
+            view, size = embedded_view(paths[image_id], image_size)
+            if tuple(size) != store.size(index):
+                raise ValueError(f"image '{paths[image_id]}' (image_id '{image_id}') is {size[0]}x{size[1]} but was "
+                                 f"{store.size(index)[0]}x{store.size(index)[1]} when embedded into "
+                                 f"'{store.paths[0]}'; rerun embed")
+            views.append(view)
+        yield indices, block, valid, views
+
+
 def assign_shard(embedding_shard_path: str | Path, centroids: str | Path | np.ndarray, out: str | Path,
-                 batch_images: int = 32, device: str = "auto", refine: str = "none",
-                 progress: bool = True) -> Path:
+                 batch_images: int = 32, device: str = "auto", refine: str = "none", *, images=None,
+                 superpixel_scale: float = SUPERPIXEL_SCALE, superpixel_sigma: float = SUPERPIXEL_SIGMA,
+                 superpixel_min_size: int = SUPERPIXEL_MIN_SIZE, progress: bool = True) -> Path:
     """Write the label store of one embedding shard: nearest centroid per grid cell, -1 on padding.
 
+    With refine='superpixel' (needs `images`, the image table) the labels are refined on each image as
+    the embedder saw it (umtfss/clustering/refine.py): array 'refined' [n, S, S] holds them, -1 on
+    padding, and 'labels' the per-cell majority of the refined labels.
     Streams `batch_images` images at a time (reading the next batch while this one is assigned and the
     previous one written: memory bounded by a few batches); the store is written into a
     temporary sibling and renamed at the end. Returns `out`.
     """
-    if refine != "none":
-        raise ValueError(f"config key 'clustering.refine' is '{refine}': superpixel refinement is not available "
-                         "yet; use 'none'")
+    if refine not in ("none", "superpixel"):
+        raise ValueError(f"config key 'clustering.refine' is '{refine}', expected none or superpixel")
     if batch_images < 1:
         raise ValueError(f"batch_images must be >= 1, got {batch_images}")
     store = EmbeddingStore([embedding_shard_path])
+    refining = refine == "superpixel"
+    if refining:
+        paths = _image_paths(images, store)
+        image_size = store.attrs.get("image_size")
+        if not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"embedding store '{embedding_shard_path}' has image_size={image_size!r}, expected the "
+                             "embed input size (int); superpixel refinement needs it")
     matrix = load_centroids(centroids)
     if matrix.shape[1] != store.dim:
         raise ValueError(f"centroids have {matrix.shape[1]} channels but embedding store '{embedding_shard_path}' "
@@ -82,21 +127,40 @@ def assign_shard(embedding_shard_path: str | Path, centroids: str | Path | np.nd
         centroid_tensor = centroid_tensor.half()
     attrs = {key: store.attrs.get(key) for key in EMBEDDING_ATTRS}
     attrs.update(image_ids=store.image_ids, clusters=int(matrix.shape[0]), centroids_sha256=array_sha256(matrix),
-                 grid=list(store.grid), embeddings=str(embedding_shard_path))
+                 grid=list(store.grid), embeddings=str(embedding_shard_path), refine=refine)
+    if refining:
+        attrs.update(superpixel_scale=superpixel_scale, superpixel_sigma=superpixel_sigma,
+                     superpixel_min_size=superpixel_min_size)
     with atomic_path(out) as temp:
-        writer = BackgroundWriter(create_label_store(temp, len(store), store.grid, attrs)["labels"])
+        group = create_label_store(temp, len(store), store.grid, attrs, refined_size=image_size if refining else None)
+        writer = BackgroundWriter(group["labels"])
+        refined_writer = BackgroundWriter(group["refined"]) if refining else None
         try:
-            bar = tqdm(total=len(store), desc="assign", unit="img", file=sys.stderr, disable=not progress)
-            for indices, block, valid in prefetch(store.iter_batches(batch_images)):
+            bar = tqdm(total=len(store), desc="assign" + (" + superpixels" if refining else ""), unit="img",
+                       file=sys.stderr, disable=not progress)
+            batches = store.iter_batches(batch_images)
+            if refining:
+                batches = _with_views(batches, store, paths, image_size)
+            for indices, block, valid, *views in prefetch(batches):
                 labels = nearest_centroid(block, centroid_tensor)
                 for row, (rows, cols) in enumerate(valid):
                     labels[row, rows:, :] = -1
                     labels[row, :, cols:] = -1
+                if refining:
+                    fine = np.full((len(indices), image_size, image_size), -1, np.int16)
+                    for row, ((rows, cols), view) in enumerate(zip(valid, views[0])):
+                        refined = refine_labels(labels[row, :rows, :cols], view, superpixel_scale,
+                                                superpixel_sigma, superpixel_min_size)
+                        fine[row, :refined.shape[0], :refined.shape[1]] = refined
+                        labels[row, :rows, :cols] = grid_majority(refined, (rows, cols))
+                    refined_writer.put(indices.start, fine)
                 writer.put(indices.start, labels)
                 bar.update(len(indices))
             bar.close()
         finally:
             writer.close()
+            if refined_writer is not None:
+                refined_writer.close()
     return Path(out)
 
 
@@ -107,12 +171,16 @@ def cli(parser):
     parser.add_argument("--centroids", required=True, help="centroids.npy from the fit stage")
     parser.add_argument("--out", required=True, help="output label store, e.g. labels/shard-0-of-8.zarr")
     parser.add_argument("--batch-images", type=int, default=32, help="images per read/assign batch")
+    parser.add_argument("--images", default=None,
+                        help="images.parquet from the prepare stage; needed when clustering.refine is superpixel")
 
     def run(args):
         from umtfss.config import load
 
         cfg = load(args.config)["clustering"]
         assign_shard(args.embeddings, args.centroids, args.out, batch_images=args.batch_images,
-                     device=cfg["device"], refine=cfg["refine"])
+                     device=cfg["device"], refine=cfg["refine"], images=args.images,
+                     superpixel_scale=cfg["superpixel_scale"], superpixel_sigma=cfg["superpixel_sigma"],
+                     superpixel_min_size=cfg["superpixel_min_size"])
 
     return run

@@ -1,9 +1,16 @@
 """Pseudo-mask quality against ground truth; labels are read here for measurement only, never for training.
 
-Per image of the label stores that has a ground-truth mask (images.parquet `label_path`), the mask
-is brought to the grid: nearest-neighbour downsampling of the whole mask to the image's valid grid
-extent (the cells that are not padding); 255 cells are ignored. A confusion matrix clusters x
-classes (0 = background, 1..C) is accumulated over the data set, then:
+Per image of the label stores that has a ground-truth mask (images.parquet `label_path`), labels and
+mask are compared at one of two resolutions (255 pixels are ignored):
+
+- `grid` (default for unrefined stores): the mask is brought to the grid by nearest-neighbour
+  downsampling of the whole mask to the image's valid grid extent (the cells that are not padding);
+- `input` (default for superpixel-refined stores): the embed input resolution, i.e. the mask resized
+  nearest with resize_pad's geometry (longer side -> the store's image_size, padding excluded); the
+  refined labels are compared as they are, grid labels after nearest upsampling of their valid part.
+  This is where refinement can be seen: at the grid, refined and unrefined labels look alike.
+
+A confusion matrix clusters x classes (0 = background, 1..C) is accumulated over the data set, then:
 
 - many-to-one: each cluster is mapped to its majority class; IoU per class over the data set
   (sum of intersections / sum of unions), mIoU = mean over the classes present in the ground truth,
@@ -28,8 +35,10 @@ from umtfss.episode import IGNORE
 from umtfss.io import atomic_path, read_label
 from umtfss.pseudo_episodes import resize_nearest, valid_extent
 from umtfss.stores import LabelStore
+from umtfss.transforms import resized_extent
 
 LABEL_VALUES = 256  # uint8 ground truth: class ids 0..254, 255 ignored
+RESOLUTIONS = ("auto", "grid", "input")
 
 
 def label_paths_by_image(images_table: str | Path | pd.DataFrame) -> dict[str, str]:
@@ -50,10 +59,41 @@ def grid_ground_truth(ground_truth: np.ndarray, valid: tuple[int, int]) -> np.nd
     return resize_nearest(ground_truth, valid)
 
 
+def resolve_resolution(store: LabelStore, resolution: str = "auto") -> str:
+    """'grid' or 'input': 'auto' is 'input' for a refined store (its labels live there), else 'grid'."""
+    if resolution not in RESOLUTIONS:
+        raise ValueError(f"quality resolution '{resolution}' is not one of {', '.join(RESOLUTIONS)}")
+    if resolution == "auto":
+        return "input" if store.has_refined else "grid"
+    return resolution
+
+
+def input_resolution_pair(store: LabelStore, index: int, cells: np.ndarray, truth: np.ndarray,
+                          image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, ground truth) of one image at the embed input resolution (valid part, resize_pad geometry)."""
+    height, width = resized_extent(truth.shape[0], truth.shape[1], image_size)
+    if store.has_refined:
+        refined = store.refined(index)
+        if valid_extent(refined) != (height, width):
+            raise ValueError(f"image '{store.image_ids[index]}': refined labels cover {valid_extent(refined)} pixels but "
+                             f"its {truth.shape} ground truth resizes to {(height, width)} at image_size {image_size}; "
+                             "expected the images the label store was built from")
+        return refined[:height, :width], resize_nearest(truth, (height, width))
+    truth = resize_nearest(truth, (height, width))
+    vh, vw = valid_extent(cells)
+    return resize_nearest(cells[:vh, :vw], (height, width)), truth
+
+
 def confusion_matrix(label_paths: Sequence[str | Path], images_table, clusters: int | None = None,
-                     progress: bool = True) -> tuple[np.ndarray, int]:
-    """(confusion int64 [clusters, 256] counting grid cells per cluster x ground-truth value, images measured)."""
+                     progress: bool = True, resolution: str = "auto") -> tuple[np.ndarray, int]:
+    """(confusion int64 [clusters, 256] counting grid cells (or input pixels, see `resolution`) per
+    cluster x ground-truth value, images measured)."""
     store = LabelStore(label_paths)
+    resolution = resolve_resolution(store, resolution)
+    image_size = store.attrs.get("image_size") if resolution == "input" else None
+    if resolution == "input" and not isinstance(image_size, int):
+        raise ValueError(f"label store '{store.paths[0]}' has image_size={image_size!r}; quality at the input "
+                         "resolution needs the embed input size (int)")
     clusters = int(clusters or store.clusters or 0)
     if clusters < 1:
         raise ValueError(f"label store(s) {[str(p) for p in label_paths]} have no 'clusters' attribute; pass --clusters")
@@ -71,8 +111,11 @@ def confusion_matrix(label_paths: Sequence[str | Path], images_table, clusters: 
             vh, vw = valid_extent(cells)
             if vh == 0:
                 continue
-            cells = cells[:vh, :vw].astype(np.int64).ravel()
-            truth = grid_ground_truth(read_label(path), (vh, vw)).astype(np.int64).ravel()
+            if resolution == "input":
+                cells, truth = input_resolution_pair(store, index, cells, read_label(path), image_size)
+            else:
+                cells, truth = cells[:vh, :vw], grid_ground_truth(read_label(path), (vh, vw))
+            cells, truth = cells.astype(np.int64).ravel(), truth.astype(np.int64).ravel()
             if cells.max() >= clusters:
                 raise ValueError(f"image '{store.image_ids[index]}' has cluster id {cells.max()}, expected < {clusters}")
             confusion += np.bincount(cells * LABEL_VALUES + truth, minlength=clusters * LABEL_VALUES).reshape(clusters, LABEL_VALUES)
@@ -133,8 +176,10 @@ def quality_metrics(confusion: np.ndarray) -> dict:
     }
 
 
-def quality_table(metrics: dict, images: int, class_names: dict[int, str] | None = None) -> pd.DataFrame:
-    """Tidy table (metric, class_id, class_name, value): summaries with an empty class, then per class."""
+def quality_table(metrics: dict, images: int, class_names: dict[int, str] | None = None,
+                  resolution: str = "grid") -> pd.DataFrame:
+    """Tidy table (metric, class_id, class_name, value, resolution): summaries with an empty class, then per
+    class; `resolution` (grid or input) says where cells were counted."""
     names = {0: "background", **(class_names or {})}
     rows = [{"metric": "images", "class_id": None, "class_name": "", "value": images}]
     for key in ("many_to_one_miou", "hungarian_miou", "mean_best_cluster_iou", "many_to_one_pixel_accuracy"):
@@ -145,6 +190,7 @@ def quality_table(metrics: dict, images: int, class_names: dict[int, str] | None
                          "value": float(metrics[key][class_id])})
     table = pd.DataFrame(rows)
     table["class_id"] = table["class_id"].astype("Int64")
+    table["resolution"] = resolution
     return table
 
 
@@ -160,9 +206,10 @@ def read_class_names(path: str | Path | None) -> dict[int, str]:
     return dict(zip(table["class_id"].astype(int), table["name"].astype(str)))
 
 
-def summary(metrics: dict, images: int) -> str:
+def summary(metrics: dict, images: int, resolution: str = "grid") -> str:
     """A few lines for the log."""
-    return (f"pseudo-mask quality over {images} labelled images, {int(metrics['present'].sum())} classes present: "
+    where = "the feature grid" if resolution == "grid" else "the embed input resolution"
+    return (f"pseudo-mask quality at {where} over {images} labelled images, {int(metrics['present'].sum())} classes present: "
             f"many-to-one mIoU {metrics['many_to_one_miou']:.4f} (pixel accuracy {metrics['many_to_one_pixel_accuracy']:.4f}), "
             f"Hungarian mIoU {metrics['hungarian_miou']:.4f}, mean best-cluster IoU {metrics['mean_best_cluster_iou']:.4f}")
 
@@ -173,20 +220,24 @@ def cli(parser: argparse.ArgumentParser):
     parser.add_argument("--labels", nargs="+", required=True, help="label store shards (*.zarr)")
     parser.add_argument("--images", required=True, help="images.parquet (image_id, label_path)")
     parser.add_argument("--classes", default=None, help="classes.parquet for class names (optional)")
-    parser.add_argument("--out", required=True, help="output CSV (metric, class_id, class_name, value)")
+    parser.add_argument("--out", required=True, help="output CSV (metric, class_id, class_name, value, resolution)")
+    parser.add_argument("--resolution", choices=RESOLUTIONS, default="auto",
+                        help="where to compare: grid cells, or input pixels (the embed input size); auto (default): "
+                             "input for superpixel-refined label stores, grid otherwise")
 
     def run(args: argparse.Namespace) -> None:
         from umtfss.config import load
 
         load(args.config)
         names = read_class_names(args.classes)
-        confusion, images = confusion_matrix(args.labels, args.images)
+        resolution = resolve_resolution(LabelStore(args.labels), args.resolution)
+        confusion, images = confusion_matrix(args.labels, args.images, resolution=resolution)
         if images == 0:
             raise ValueError(f"no image of the label stores has a ground-truth mask in '{args.images}' (label_path); "
                              f"pseudo-mask quality needs a labelled source")
         metrics = quality_metrics(confusion)
         with atomic_path(args.out) as temp:
-            quality_table(metrics, images, names).to_csv(temp, index=False)
-        print(summary(metrics, images))
+            quality_table(metrics, images, names, resolution).to_csv(temp, index=False)
+        print(summary(metrics, images, resolution))
 
     return run

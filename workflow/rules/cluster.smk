@@ -1,5 +1,20 @@
 """Stages fit and assign (paper Eq. 3-4): k-means on a pixel subset, then every pixel's cluster."""
 
+REFINE = config["clustering"]["refine"] == "superpixel"
+# read by assign only: changing them reruns assign and what follows, never fit or embed
+SUPERPIXEL_KEYS = ("superpixel_scale", "superpixel_sigma", "superpixel_min_size")
+
+
+def fit_config(clusters):
+    section = {k: v for k, v in config["clustering"].items() if k not in ("refine", *SUPERPIXEL_KEYS)}
+    return json.dumps({"clustering": {**section, "clusters": int(clusters)}})
+
+
+def assign_config():
+    """The clustering section; the superpixel keys only when they are used (refine: superpixel)."""
+    section = {k: v for k, v in config["clustering"].items() if REFINE or k not in SUPERPIXEL_KEYS}
+    return json.dumps({"clustering": section}, sort_keys=True)
+
 
 rule fit:
     input:
@@ -8,7 +23,7 @@ rule fit:
         centroids="results/{src}/{embedder}/clusters-{clusters}/centroids.npy",
         meta="results/{src}/{embedder}/clusters-{clusters}/fit.json",
     params:
-        cfg=lambda w: json.dumps({"clustering": {**config["clustering"], "clusters": int(w.clusters)}}),
+        cfg=lambda w: fit_config(w.clusters),
     threads: 2
     conda:
         CONDA_ENV
@@ -25,10 +40,13 @@ rule assign:
     input:
         embeddings="results/{src}/{embedder}/embeddings/shard-{shard}-of-{nshards}.zarr",
         centroids="results/{src}/{embedder}/clusters-{clusters}/centroids.npy",
+        # superpixels are computed on the images themselves
+        images=lambda w: f"results/{w.src}/prepare/images.parquet" if REFINE else [],
     output:
         directory("results/{src}/{embedder}/clusters-{clusters}/labels/shard-{shard}-of-{nshards}.zarr"),
     params:
-        cfg=stage_config("clustering"),
+        cfg=assign_config(),
+        images=lambda w, input: f"--images {input.images}" if REFINE else "",
     threads: 2
     conda:
         CONDA_ENV
@@ -38,7 +56,7 @@ rule assign:
         "results/benchmarks/{src}/{embedder}/clusters-{clusters}/assign-{shard}-of-{nshards}.tsv"
     shell:
         "umtfss assign --config {params.cfg:q} --embeddings {input.embeddings} "
-        "--centroids {input.centroids} --out {output} > {log} 2>&1"
+        "--centroids {input.centroids} {params.images} --out {output} > {log} 2>&1"
 
 
 rule quality:

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The issue-4 targets that only a GPU machine can settle, in one run (about 5 minutes on an H100):
+# fit (torch k-means on CUDA vs scikit-learn on the CPU), embed (steady state vs bare forward) and
+# assign (on CUDA vs reading the store). Run from the repository root: bash benchmarks/gpu_targets.sh
+set -euo pipefail
+threads=$(nproc)
+python benchmarks/fit_vs_sklearn.py --device cuda --threads "$threads"
+python benchmarks/embed_throughput.py --backbone resnet50-imagenet --image-size 473 --images 4000 \
+    --workers $((threads > 4 ? threads - 4 : 1)) --dim 256 --batch 32
+python benchmarks/assign_throughput.py --threads "$threads" --device cuda
