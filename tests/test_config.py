@@ -65,6 +65,8 @@ def test_missing_root_is_reported_when_paths_are_checked(tmp_path):
 def test_folder_source_needs_a_folder():
     with pytest.raises(cfg.ConfigError, match="unlabeled.folder"):
         cfg.load({"unlabeled": {"source": "folder"}})
+    with pytest.raises(cfg.ConfigError, match="unlabeled.setting' is 'fold'.*use 'all'"):
+        cfg.load({"unlabeled": {"source": "folder", "folder": "imgs", "setting": "fold"}})
 
 
 def test_load_accepts_inline_json_and_yaml_file(tmp_path):

@@ -185,3 +185,16 @@ def test_classes_are_discoverable_without_labels(demo_root):
     baseline_score = _many_to_one_miou(baseline, grid_labels, 50)
     assert demo_score >= 0.55, (demo_score, baseline_score)
     assert demo_score >= 2 * baseline_score, (demo_score, baseline_score)
+
+
+def test_never_replaces_a_folder_that_is_not_a_demo(tmp_path):
+    root = tmp_path / "VOC2012"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "JPEGImages" / "2007_000032.jpg").write_bytes(b"a real photo")
+    with pytest.raises(ValueError, match=r"VOC2012' exists and is not a demo data set.*demo.enabled: false"):
+        generate_demo(root, train_images=20, val_images=20, progress=False)
+    assert (root / "JPEGImages" / "2007_000032.jpg").read_bytes() == b"a real photo"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    generate_demo(empty, train_images=20, val_images=20, progress=False)  # an empty folder is fine
+    assert (empty / "demo.json").is_file()

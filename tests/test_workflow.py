@@ -141,3 +141,34 @@ def test_repo_default_config_dry_run():
     assert proc.returncode == 0, out[-3000:]
     jobs = planned_jobs(out)
     assert {"demo", "prepare", "embed", "fit", "assign", "episodes", "train_unsup", "finetune", "evaluate"} <= jobs
+
+
+@pytest.mark.parametrize("name", ["pascal", "coco"])
+def test_real_data_configs_never_generate_the_demo(tmp_path, name):
+    """The README's real-data command plans the converters, not the demo: the demo rule replaces its root."""
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    config = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+    for root in {config["datasets"][name]["root"], config["datasets"].get("pascal", {}).get("root", "data/demo")}:
+        (tmp_path / root).mkdir(parents=True, exist_ok=True)
+    command = f"results/eval_{name}.csv --cores 16 --resources gpu=1 --configfile {REPO / 'configs' / f'{name}.yaml'}"
+    assert command.replace(str(REPO / "configs") + "/", "configs/") in (REPO / "README.md").read_text() + (
+        REPO / "configs" / f"{name}.yaml").read_text()
+    proc = snakemake(tmp_path, "-n", *command.split(), check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    jobs = planned_jobs(out)
+    assert "demo" not in jobs and f"convert_{'sbd' if name == 'pascal' else 'coco'}" in jobs and "evaluate" in jobs
+
+
+def test_folder_source_fine_tunes_on_the_benchmark_labels(tmp_path):
+    """U_train from a folder: the fine-tuning of the score table uses the benchmark's (PASCAL) labels."""
+    (tmp_path / "images").mkdir()
+    config = {**TINY, "unlabeled": {"source": "folder", "folder": str(tmp_path / "images"), "name": "mine"},
+              "evaluation": {**TINY["evaluation"], "methods": ["unsup", "finetune-20%"]}}
+    write_config(tmp_path, config)
+    proc = snakemake(tmp_path, "-n", "-p", "--cores", "2", "results/eval_pascal.csv", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "results/mine/demo-colortexture/clusters-12/models/demo-colortexture-prototype/finetune-20%/pascal/fold0" in out
+    assert "--tables results/pascal/prepare --dataset pascal" in out
+    assert "results/mine/prepare/classes.parquet" not in out

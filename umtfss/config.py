@@ -78,6 +78,9 @@ def _check_consistency(config: dict, check_paths: bool) -> None:
     unl = config["unlabeled"]
     if unl["source"] == "folder" and not unl.get("folder"):
         problems.append("config key 'unlabeled.folder' is null, expected an image folder when unlabeled.source is 'folder'")
+    if unl["source"] == "folder" and unl["setting"] == "fold":
+        problems.append("config key 'unlabeled.setting' is 'fold', which leaves out each fold's novel classes by their "
+                        "labels; a folder of images has none: use 'all'")
     tr = config["training"]
     if tr["scale_min"] > tr["scale_max"]:
         problems.append(f"config key 'training.scale_min' ({tr['scale_min']}) exceeds 'training.scale_max' ({tr['scale_max']})")

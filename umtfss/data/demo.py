@@ -353,10 +353,15 @@ def generate_demo(root: str | Path, seed: int = 0, train_images: int = 300, val_
     JPEGImages/<id>.jpg, SegmentationClassAug/<id>.png (0 background, 1..20, 255 outlines),
     lists/train_aug.txt and lists/val.txt, demo.json. Ids 2026_000001.. (train first, then val).
     Same arguments give byte-identical files. The tree is built in a temporary sibling and renamed
-    into place, replacing an existing one; an error leaves nothing behind.
+    into place, replacing an earlier demo (never a folder without demo.json: real data may live
+    there); an error leaves nothing behind.
     """
     _check(seed, train_images, val_images, image_size)
     root = Path(root)
+    if root.exists() and not (root / "demo.json").is_file() and (not root.is_dir() or any(root.iterdir())):
+        raise ValueError(f"'{root}' exists and is not a demo data set (it has no demo.json); the demo generator "
+                         "replaces its output folder, so it refuses to touch it. To use the data there, set "
+                         "'demo.enabled: false'; for the demo, point 'datasets.pascal.root' at a new folder")
     splits = (("train_aug", int(train_images)), ("val", int(val_images)))
     with atomic_path(root) as temp:
         images, labels, lists = temp / "JPEGImages", temp / "SegmentationClassAug", temp / "lists"

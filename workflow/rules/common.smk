@@ -105,7 +105,7 @@ def method_checkpoint(method):
         return f"{models}/unsup/checkpoint.pt"
     if method == "sup":
         return f"results/{{dataset}}/supervised/{MODEL_TAG}/fold{{fold}}/checkpoint.pt"
-    return f"{models}/{method}/fold{{fold}}/checkpoint.pt"
+    return f"{models}/{method}/{{dataset}}/fold{{fold}}/checkpoint.pt"  # fine-tuned on the benchmark's labels
 
 
 def all_targets():

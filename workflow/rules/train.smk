@@ -76,22 +76,23 @@ rule train_sup:
 
 
 rule finetune:
+    # the labelled images are the benchmark's ({dataset}), whatever the unlabeled source was
     input:
         init="results/{src}/{embedder}/clusters-{clusters}/models/{model}/unsup/checkpoint.pt",
-        tables=lambda w: list(prepared(w.src).values()),
+        tables=lambda w: list(prepared(w.dataset).values()),
     output:
-        "results/{src}/{embedder}/clusters-{clusters}/models/{model}/finetune-{pct}%/fold{fold}/checkpoint.pt",
+        "results/{src}/{embedder}/clusters-{clusters}/models/{model}/finetune-{pct}%/{dataset}/fold{fold}/checkpoint.pt",
     params:
         cfg=stage_config("model", "training", "datasets"),
         out=lambda w, output: os.path.dirname(output[0]),
-        tables="results/{src}/prepare",
+        tables="results/{dataset}/prepare",
     threads: TORCH_JOB_THREADS
     conda:
         CONDA_ENV
     log:
-        "logs/{src}/{embedder}/clusters-{clusters}/{model}/finetune-{pct}-fold{fold}.log",
+        "logs/{src}/{embedder}/clusters-{clusters}/{model}/finetune-{pct}-{dataset}-fold{fold}.log",
     benchmark:
-        "results/benchmarks/{src}/{embedder}/clusters-{clusters}/{model}/finetune-{pct}-fold{fold}.tsv"
+        "results/benchmarks/{src}/{embedder}/clusters-{clusters}/{model}/finetune-{pct}-{dataset}-fold{fold}.tsv"
     shell:
         "umtfss train --config {params.cfg:q} --method finetune-{wildcards.pct}% --out-dir {params.out} "
-        "--init {input.init} --tables {params.tables} --dataset {wildcards.src} --fold {wildcards.fold} > {log} 2>&1"
+        "--init {input.init} --tables {params.tables} --dataset {wildcards.dataset} --fold {wildcards.fold} > {log} 2>&1"
