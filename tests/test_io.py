@@ -152,3 +152,30 @@ def test_atomic_path_renames_on_success_and_cleans_on_error(tmp_path):
 
 def test_is_image_path_ignores_case():
     assert io.is_image_path("a/B.JPG") and io.is_image_path("x.TiFf") and not io.is_image_path("x.gif")
+
+
+def test_fingerprint_follows_contents_store_metadata_and_extra(tmp_path):
+    from umtfss.io import fingerprint
+
+    table = tmp_path / "regions.parquet"
+    table.write_bytes(b"abc")
+    store = tmp_path / "labels.zarr"
+    (store / "labels" / "c").mkdir(parents=True)
+    (store / "zarr.json").write_text('{"attributes": {"centroids_sha256": "aa"}}')
+    (store / "labels" / "c" / "0").write_bytes(b"chunk")
+    first = fingerprint([table, store], extra={"fold": 0})
+    assert first == fingerprint([table, store], extra={"fold": 0})
+    assert first != fingerprint([table, store], extra={"fold": 1})
+    table.write_bytes(b"abd")
+    second = fingerprint([table, store], extra={"fold": 0})
+    assert second != first
+    (store / "zarr.json").write_text('{"attributes": {"centroids_sha256": "bb"}}')
+    third = fingerprint([table, store], extra={"fold": 0})
+    assert third != second
+    (store / "labels" / "c" / "1").write_bytes(b"another chunk")
+    fourth = fingerprint([table, store], extra={"fold": 0})
+    assert fourth != third
+    (store / ".snakemake_timestamp").write_text("1")  # Snakemake's marker does not count
+    assert fingerprint([table, store], extra={"fold": 0}) == fourth
+    with pytest.raises(FileNotFoundError, match="missing.parquet"):
+        fingerprint([tmp_path / "missing.parquet"])

@@ -231,10 +231,27 @@ def _run_first_epoch_then_kill(out_dir):
     assert (out_dir / "last.pt").exists() and not (out_dir / "checkpoint.pt").exists()
 
 
-def test_resume_refuses_another_config(tmp_path):
-    _run_first_epoch_then_kill(tmp_path)
-    with pytest.raises(ValueError, match="training.lr_sgd"):
-        train(tiny_config(epochs=2, lr_sgd=0.5), SquareEpisodes(), tmp_path, progress=False)
+def test_stale_state_of_another_config_or_data_is_not_resumed(tmp_path, capsys):
+    """The workflow reruns train after a config or input change: last.pt of the old run must not be resumed."""
+    changed = tiny_config(epochs=2, lr_sgd=0.5)
+    straight = final_weights(train(changed, SquareEpisodes(), tmp_path / "straight", progress=False))
+    _run_first_epoch_then_kill(tmp_path / "config")
+    capsys.readouterr()
+    again = final_weights(train(changed, SquareEpisodes(), tmp_path / "config", progress=False))
+    assert "training.lr_sgd: 0.01 -> 0.5" in capsys.readouterr().err
+    assert all(torch.equal(straight[k], again[k]) for k in straight)  # a fresh run, not a resumed one
+    # the same config on other input data (e.g. re-clustered pseudo episodes) starts over too
+    original = ckpt.save
+    ckpt.save = lambda path, **payload: original(path, **{**payload, "inputs": "old data"})
+    try:
+        _run_first_epoch_then_kill(tmp_path / "data")
+    finally:
+        ckpt.save = original
+    train(tiny_config(epochs=2), SquareEpisodes(), tmp_path / "data", progress=False, inputs="new data")
+    assert "other input data" in capsys.readouterr().err
+    assert ckpt.load(tmp_path / "data" / "checkpoint.pt")["inputs"] == "new data"
+    rows = list(csv.DictReader(open(tmp_path / "data" / "log.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, len(rows) + 1))
 
 
 def test_log_columns_and_explicit_learning_rates(tmp_path):

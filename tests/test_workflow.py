@@ -172,3 +172,23 @@ def test_folder_source_fine_tunes_on_the_benchmark_labels(tmp_path):
     assert "results/mine/demo-colortexture/clusters-12/models/demo-colortexture-prototype/finetune-20%/pascal/fold0" in out
     assert "--tables results/pascal/prepare --dataset pascal" in out
     assert "results/mine/prepare/classes.parquet" not in out
+
+
+def test_rerun_after_an_input_change_trains_afresh(pipeline, tmp_path):
+    """A rerun of train_unsup after its episodes changed must not resume the old run's last.pt."""
+    import shutil
+
+    import torch
+
+    work = tmp_path / "copy"
+    shutil.copytree(pipeline, work, symlinks=True)  # copy2 keeps the mtimes: nothing is stale yet
+    model = "results/pascal/demo-colortexture/clusters-12/models/demo-colortexture-prototype/unsup"
+    before = torch.load(work / model / "checkpoint.pt", weights_only=True)["inputs"]
+    config = yaml.safe_load((work / "config.yaml").read_text())
+    config["episodes"]["min_region_pixels"] = 3
+    write_config(work, config)
+    snakemake(work, "--cores", "2", f"{model}/checkpoint.pt")
+    after = torch.load(work / model / "checkpoint.pt", weights_only=True)["inputs"]
+    assert before and after and before != after
+    log = next((work / "logs").rglob("train-unsup.log")).read_text()
+    assert "not resuming" in log and "other input data" in log

@@ -7,6 +7,7 @@ import csv
 import io
 import math
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,10 +155,14 @@ def train(
     finetune: bool = False,
     method_name: str = "unsup",
     progress: bool = True,
+    inputs: str | None = None,
 ) -> Path:
     """Train the FSS model on `source` into out_dir (last.pt each epoch, checkpoint.pt, log.csv).
 
-    If out_dir/last.pt exists the run continues from it and ends exactly as an uninterrupted run.
+    If out_dir/last.pt holds a run of the same method, result-changing config and `inputs` (a
+    fingerprint of the training data, umtfss.io.fingerprint) the run continues from it and ends
+    exactly as an uninterrupted run; a last.pt of anything else is stale (the workflow reruns a job
+    after its config or inputs changed) and the run starts over, saying why on stderr.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,8 +195,11 @@ def train(
 
     start_epoch, step = 0, 0
     last_path = out_dir / "last.pt"
-    if last_path.is_file():
-        start_epoch, step = _resume(last_path, config, method_name, model, backbone, optimizers, schedulers, scaler, device)
+    stale = _stale_reason(last_path, config, method_name, inputs) if last_path.is_file() else None
+    if stale:
+        print(f"umtfss train: not resuming from '{last_path}': {stale}; starting over", file=sys.stderr)
+    elif last_path.is_file():
+        start_epoch, step = _resume(last_path, model, backbone, optimizers, schedulers, scaler, device)
         log.resume(step)
 
     board = _tensorboard(out_dir)
@@ -232,7 +240,7 @@ def train(
             last_path, config=config, method=method_name, model=ckpt.trainable_state(model, backbone),
             optimizers={k: o.state_dict() for k, o in optimizers.items()},
             schedulers={k: s.state_dict() for k, s in schedulers.items()},
-            scaler=scaler.state_dict(), epoch=epoch + 1, step=step, rng=_rng_state(device),
+            scaler=scaler.state_dict(), epoch=epoch + 1, step=step, rng=_rng_state(device), inputs=inputs,
         )
     bar.close()
     if board is not None:
@@ -240,7 +248,7 @@ def train(
     if not (out_dir / "log.csv").exists():
         log.write()
     final = ckpt.save(out_dir / "checkpoint.pt", config=config, method=method_name,
-                      model=ckpt.trainable_state(model, backbone), epoch=schedule.epochs, step=step)
+                      model=ckpt.trainable_state(model, backbone), epoch=schedule.epochs, step=step, inputs=inputs)
     return final
 
 
@@ -267,14 +275,25 @@ def _train_step(model, batch, loss_fn, optimizers, scaler, device, use_amp, amp_
     return value
 
 
-def _resume(path, config, method_name, model, backbone, optimizers, schedulers, scaler, device) -> tuple[int, int]:
-    """Restore everything from last.pt; refuses a checkpoint of another method or config."""
-    state = ckpt.load(path)
+def _stale_reason(path: Path, config: dict, method_name: str, inputs: str | None) -> str | None:
+    """Why last.pt cannot be resumed by this run (another method, config or input data), or None."""
+    try:
+        state = ckpt.load(path)
+    except ValueError as err:
+        return str(err)
     if state.get("method") != method_name:
-        raise ValueError(f"'{path}' belongs to method '{state.get('method')}', not '{method_name}'; delete it to start over")
+        return f"it belongs to method '{state.get('method')}', not '{method_name}'"
     conflicts = _resume_conflicts(state.get("config", {}), config)
     if conflicts:
-        raise ValueError(f"'{path}' was trained with another configuration ({'; '.join(conflicts)}); delete it to start over")
+        return f"it was trained with another configuration ({'; '.join(conflicts)})"
+    if state.get("inputs") != inputs:
+        return "it was trained on other input data (episodes, labels, tables or init checkpoint changed)"
+    return None
+
+
+def _resume(path, model, backbone, optimizers, schedulers, scaler, device) -> tuple[int, int]:
+    """Restore everything from last.pt (checked by _stale_reason first)."""
+    state = ckpt.load(path)
     ckpt.load_trainable_state(model, backbone, state["model"], path)
     if set(state["optimizers"]) != set(optimizers):
         raise ValueError(f"'{path}' has optimisers {sorted(state['optimizers'])}, expected {sorted(optimizers)}")
@@ -322,7 +341,23 @@ def run(args: argparse.Namespace) -> Path:
     if args.init is not None and not args.init.is_file():
         raise FileNotFoundError(f"--init checkpoint '{args.init}' does not exist")
     return train(config, source, args.out_dir, init_checkpoint=args.init, finetune=bool(finetune),
-                 method_name=method, progress=not args.quiet)
+                 method_name=method, progress=not args.quiet, inputs=_inputs_fingerprint(args))
+
+
+def _inputs_fingerprint(args) -> str:
+    """The identity of the training data named on the command line (see train(): resume or start over)."""
+    from umtfss.io import fingerprint
+
+    from umtfss.pseudo_episodes import CANDIDATES_FILE, REGIONS_FILE
+
+    paths = []
+    if args.episodes is not None:
+        paths += [args.episodes / REGIONS_FILE, args.episodes / CANDIDATES_FILE]
+    paths += list(args.labels or [])
+    paths += [args.images] if args.images is not None else []
+    paths += sorted(args.tables.glob("*.parquet")) if args.tables is not None else []
+    paths += [args.init] if args.init is not None else []
+    return fingerprint(paths, extra={"dataset": args.dataset, "fold": args.fold})
 
 
 def _require(args, names: list[str], method: str) -> None:
