@@ -50,7 +50,7 @@ def pipeline_paths(config: dict) -> dict[str, str]:
         "labels": [f"{clusters}/labels/shard-{i}-of-{shards}.zarr" for i in range(shards)],
         "images": f"results/{src}/prepare/images.parquet", "tables": f"results/{src}/prepare",
         "unsup": f"{clusters}/models/{model_tag}/unsup/checkpoint.pt",
-        "finetune": f"{clusters}/models/{model_tag}/finetune-20%/fold{{fold}}/checkpoint.pt",
+        "finetune": f"{clusters}/models/{model_tag}/finetune-20%/pascal/fold{{fold}}/checkpoint.pt",
         "embedder": embedder,
     }
 
@@ -77,14 +77,14 @@ def main() -> None:
 
     timings = {}
     vanilla = work / "unsup-vanilla"
-    if not (vanilla / "checkpoint.pt").exists():
-        section = {"model": {**config["model"], "attention": "vanilla"}, "training": config["training"],
-                   "unlabeled": config["unlabeled"]}
-        t = time.perf_counter()
-        run(umtfss + ["train", "--config", json.dumps(section), "--method", "unsup", "--out-dir", str(vanilla),
-                      "--episodes", paths["clusters_dir"], "--labels", *paths["labels"], "--images", paths["images"],
-                      "--quiet"])
-        timings["train unsup-vanilla"] = time.perf_counter() - t
+    # always run: train resumes a finished run of the same config and inputs at once, and starts over otherwise
+    section = {"model": {**config["model"], "attention": "vanilla"}, "training": config["training"],
+               "unlabeled": config["unlabeled"]}
+    t = time.perf_counter()
+    run(umtfss + ["train", "--config", json.dumps(section), "--method", "unsup", "--out-dir", str(vanilla),
+                  "--episodes", paths["clusters_dir"], "--labels", *paths["labels"], "--images", paths["images"],
+                  "--quiet"])
+    timings["train unsup-vanilla"] = time.perf_counter() - t
     evaluation = {**config["evaluation"], "shots": [1], "seeds": args.seeds}
     out = ROOT / args.out
     t = time.perf_counter()
