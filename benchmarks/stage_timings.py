@@ -40,7 +40,7 @@ def main() -> None:
     config["datasets"]["pascal"]["root"] = str(root)
     for section in ("embedding", "clustering", "training", "evaluation"):
         config[section]["device"] = args.device
-    if args.device != "cpu":  # fit needs faiss-gpu for a GPU; 'auto' falls back to faiss on the CPU
+    if args.device != "cpu":  # fit: 'auto' is faiss-gpu when installed, else torch k-means on the GPU
         config["clustering"]["device"] = "auto"
     config["training"]["workers"] = args.workers
     cfg = json.dumps(config)
@@ -56,7 +56,7 @@ def main() -> None:
         ("fit", ["fit", "--config", cfg, "--embeddings", str(emb), "--out-centroids", str(clus / "centroids.npy"),
                  "--out-meta", str(clus / "fit.json")]),
         ("assign", ["assign", "--config", cfg, "--embeddings", str(emb), "--centroids", str(clus / "centroids.npy"),
-                    "--out", str(clus / "labels.zarr")]),
+                    "--images", str(prep / "images.parquet"), "--out", str(clus / "labels.zarr")]),
         ("episodes", ["episodes", "--config", cfg, "--labels", str(clus / "labels.zarr"), "--embeddings", str(emb),
                       "--out-dir", str(clus)]),
         ("train unsup", ["train", "--config", cfg, "--method", "unsup", "--out-dir", str(models / "unsup"),
