@@ -111,6 +111,11 @@ def _direct_chunk_path(array) -> Path | None:
     return Path(array.store.root) / array.path
 
 
+def _image_chunk_file(array, folder: Path, index: int) -> Path:
+    """The file of image `index`'s chunk in an array with one image per chunk (see _direct_chunk_path)."""
+    return folder / array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))
+
+
 _READ_POOL = None  # decoding threads shared by every reader of this process (created on first use)
 
 
@@ -141,7 +146,7 @@ def read_images(array, start: int, stop: int) -> np.ndarray:
     out = np.empty((stop - start, *chunk_shape), dtype=array.dtype)
 
     def decode(row: int) -> None:
-        path = folder / array.metadata.encode_chunk_key((start + row,) + (0,) * (array.ndim - 1))
+        path = _image_chunk_file(array, folder, start + row)
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
@@ -181,7 +186,7 @@ class BackgroundWriter:
     def _write_chunk(self, index: int, image: np.ndarray) -> None:
         codec = self.array.metadata.codecs[1]._blosc_codec
         data = np.ascontiguousarray(image, dtype=self.array.dtype.newbyteorder("<"))
-        path = self.folder / self.array.metadata.encode_chunk_key((index,) + (0,) * (self.array.ndim - 1))
+        path = _image_chunk_file(self.array, self.folder, index)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(codec.encode(data))
 
