@@ -183,3 +183,19 @@ def test_parallel_chunk_reader_reads_what_zarr_reads(tmp_path, monkeypatch):
     other = zarr.open_group(str(tmp_path / "o.zarr"), mode="w").create_array("x", shape=(6, 2), chunks=(3, 2), dtype="int16")
     other[:] = np.arange(12).reshape(6, 2)
     np.testing.assert_array_equal(stores.read_images(other, 2, 5), np.arange(4, 10).reshape(3, 2))
+
+
+def test_chunk_reader_works_in_a_forked_child(tmp_path):
+    """A DataLoader worker is a fork: the parent's decoding threads are gone there, the reader makes new ones."""
+    import multiprocessing
+
+    from umtfss import stores
+
+    data = np.random.default_rng(1).normal(size=(4, 3, 3, 2)).astype(np.float16)
+    group = create_embedding_store(tmp_path / "e.zarr", 4, (3, 3), 2, "float16", {})
+    group["features"][:] = data
+    features = zarr.open_group(str(tmp_path / "e.zarr"), mode="r")["features"]
+    np.testing.assert_array_equal(stores.read_images(features, 0, 4), data)  # the parent's pool exists now
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        child = pool.apply_async(stores.read_images, (features, 0, 4)).get(timeout=60)
+    np.testing.assert_array_equal(child, data)

@@ -117,14 +117,16 @@ def _image_chunk_file(array, folder: Path, index: int) -> Path:
 
 
 _READ_POOL = None  # decoding threads shared by every reader of this process (created on first use)
+_READ_POOL_PID = None  # a forked child (DataLoader worker) gets a pool of its own: threads do not survive fork
 
 
 def _read_pool():
-    global _READ_POOL
-    if _READ_POOL is None:
+    global _READ_POOL, _READ_POOL_PID
+    if _READ_POOL is None or _READ_POOL_PID != os.getpid():
         from concurrent.futures import ThreadPoolExecutor
 
         _READ_POOL = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="umtfss-read")
+        _READ_POOL_PID = os.getpid()
     return _READ_POOL
 
 
