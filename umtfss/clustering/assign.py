@@ -32,7 +32,8 @@ def load_centroids(centroids: str | Path | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(centroids, dtype=np.float32)
 
 
-ROWS_PER_BLOCK = 4096  # pixels converted to float32 and multiplied at once on CPU: stays in cache
+ROWS_PER_BLOCK = 2048  # pixels converted to float32 and multiplied at once on CPU: 2 MB at 256 channels
+# stays in a 1-2 MB L2 cache (4,096 rows were 20-30 % slower per pixel on the project's CPU)
 
 
 def nearest_centroid(features: np.ndarray, centroids: torch.Tensor) -> np.ndarray:
@@ -54,8 +55,31 @@ def nearest_centroid(features: np.ndarray, centroids: torch.Tensor) -> np.ndarra
             for start in range(0, len(flat), ROWS_PER_BLOCK):
                 # torch's float16 -> float32 conversion is vectorised; numpy's astype is ~8x slower
                 block = torch.from_numpy(flat[start:start + ROWS_PER_BLOCK]).float()
-                labels[start:start + ROWS_PER_BLOCK] = (block @ transposed).argmax(dim=1).numpy()
+                labels[start:start + ROWS_PER_BLOCK] = (block @ transposed).numpy().argmax(axis=1)
     return labels.reshape(shape)
+
+
+def valid_cells_nearest(block: np.ndarray, valid: np.ndarray, centroids: torch.Tensor) -> np.ndarray:
+    """int16 [b, gh, gw] labels of a batch [b, gh, gw, C]: nearest centroid of every valid cell, -1 on padding.
+
+    Only the valid cells are searched (gathered into one array first): padding is a quarter of the
+    grid for a 4:3 photo at a square input, and would cost the same matmul as the image itself.
+    """
+    labels = np.full(block.shape[:3], -1, np.int16)
+    counts = [int(rows) * int(cols) for rows, cols in valid]
+    if sum(counts) == 0:
+        return labels
+    cells = np.empty((sum(counts), block.shape[-1]), block.dtype)
+    start = 0
+    for row, ((rows, cols), count) in enumerate(zip(valid, counts)):  # one copy per image, into place
+        cells[start:start + count].reshape(rows, cols, -1)[...] = block[row, :rows, :cols]
+        start += count
+    nearest = nearest_centroid(cells, centroids)
+    start = 0
+    for row, (rows, cols) in enumerate(valid):
+        labels[row, :rows, :cols] = nearest[start:start + rows * cols].reshape(rows, cols)
+        start += rows * cols
+    return labels
 
 
 def _image_paths(images, store: EmbeddingStore) -> dict[str, str]:
@@ -142,10 +166,7 @@ def assign_shard(embedding_shard_path: str | Path, centroids: str | Path | np.nd
             if refining:
                 batches = _with_views(batches, store, paths, image_size)
             for indices, block, valid, *views in prefetch(batches):
-                labels = nearest_centroid(block, centroid_tensor)
-                for row, (rows, cols) in enumerate(valid):
-                    labels[row, rows:, :] = -1
-                    labels[row, :, cols:] = -1
+                labels = valid_cells_nearest(block, valid, centroid_tensor)
                 if refining:
                     fine = np.full((len(indices), image_size, image_size), -1, np.int16)
                     for row, ((rows, cols), view) in enumerate(zip(valid, views[0])):
