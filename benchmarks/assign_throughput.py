@@ -6,6 +6,7 @@ assign_shard on it, target assign within 2x of the floor; (2) peak RSS (ru_maxrs
 run in a fresh subprocess on a store and on one 4x larger, target the same (memory bounded by a batch).
 
     python benchmarks/assign_throughput.py            # 60x60x256 grids, 50 and 200 images
+    python benchmarks/assign_throughput.py --images 200   # 200 and 800 (about a PASCAL shard: start-up amortised)
     python benchmarks/assign_throughput.py --quick    # 20x20x64 grids, 8 and 32 images
 """
 
