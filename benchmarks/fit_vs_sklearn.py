@@ -86,9 +86,9 @@ def main(argv=None) -> int:
         return result, time.perf_counter() - started
 
     runs = {}
-    runs["faiss (cpu)"] = timed(lambda: train_kmeans(data, clusters, args.iterations, redo=1, seed=args.seed, gpu=False,
+    runs["faiss (cpu)"] = timed(lambda: train_kmeans(data, clusters, args.iterations, redo=1, seed=args.seed,
                                                      spherical=False, init_centroids=init))
-    runs[f"torch ({device})"] = timed(lambda: train_kmeans(data, clusters, args.iterations, 1, args.seed, False,
+    runs[f"torch ({device})"] = timed(lambda: train_kmeans(data, clusters, args.iterations, 1, args.seed,
                                                           spherical=False, init_centroids=init, backend="torch",
                                                           device=str(device)))
     with threadpool_limits(args.threads):

@@ -96,7 +96,7 @@ def test_fit_uses_the_whole_subset(tmp_path, monkeypatch):
     all_points_objective = (subset @ centroids.T).max(1).sum()
     assert meta["objective_final"] == pytest.approx(all_points_objective, rel=0.02)
     # the same as a direct faiss run on the full subset
-    direct = train_kmeans(subset, 2, 5, 1, 3, gpu=False)
+    direct = train_kmeans(subset, 2, 5, 1, 3)
     expected = direct.centroids / np.linalg.norm(direct.centroids, axis=1, keepdims=True)
     np.testing.assert_allclose(centroids, expected, atol=1e-6)
 

@@ -92,9 +92,10 @@ def sample_pixels(store: EmbeddingStore, subset_pixels: int, seed: int, progress
 
 
 def train_kmeans(points: np.ndarray, clusters: int, iterations: int, redo: int, seed: int,
-                 gpu: bool, spherical: bool = True, init_centroids: np.ndarray | None = None,
-                 backend: str = "faiss", device: str = "cpu") -> faiss.Kmeans | TorchKMeans:
-    """k-means on ALL of `points`: faiss (max_points_per_centroid raised so it does not subsample) or torch."""
+                 backend: str = "faiss", device: str = "cpu", spherical: bool = True,
+                 init_centroids: np.ndarray | None = None) -> faiss.Kmeans | TorchKMeans:
+    """k-means on ALL of `points`: faiss (max_points_per_centroid raised so it does not subsample) or torch,
+    on `device` as choose_backend gives it ('cpu', or a GPU: faiss's own or torch's)."""
     n, d = points.shape
     if n < clusters:
         raise ValueError(f"only {n} pixels to fit {clusters} clusters; lower 'clustering.clusters' "
@@ -104,7 +105,7 @@ def train_kmeans(points: np.ndarray, clusters: int, iterations: int, redo: int, 
                            device=device).train(points, init_centroids=init_centroids)
     kmeans = faiss.Kmeans(d, clusters, niter=iterations, nredo=redo, spherical=spherical, seed=seed,
                           max_points_per_centroid=math.ceil(n / clusters) + 1, min_points_per_centroid=1,
-                          gpu=gpu, verbose=False)
+                          gpu=device != "cpu", verbose=False)
     kmeans.train(points, init_centroids=init_centroids)
     return kmeans
 
@@ -116,11 +117,10 @@ def fit_centroids(store: EmbeddingStore | list, clusters: int, subset_pixels: in
     if not isinstance(store, EmbeddingStore):
         store = EmbeddingStore(store)
     backend, train_device = choose_backend(backend, device)
-    gpu = train_device != "cpu"
     started = time.perf_counter()
     points = sample_pixels(store, subset_pixels, seed, progress=progress)
     sampled = time.perf_counter()
-    kmeans = train_kmeans(points, clusters, iterations, redo, seed, gpu, backend=backend, device=train_device)
+    kmeans = train_kmeans(points, clusters, iterations, redo, seed, backend=backend, device=train_device)
     centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
     centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
     total_valid = int((store.valid_all[:, 0].astype(np.int64) * store.valid_all[:, 1]).sum())
@@ -144,7 +144,7 @@ def fit_centroids(store: EmbeddingStore | list, clusters: int, subset_pixels: in
         "device": train_device,
         "faiss_version": faiss.__version__,
         "torch_version": torch.__version__,
-        "gpu": gpu,
+        "gpu": train_device != "cpu",
         "centroids_sha256": array_sha256(centroids),
         "embeddings": [str(p) for p in store.paths],
         "embedding": {key: store.attrs.get(key) for key in EMBEDDING_ATTRS if key not in ("shard",)},
