@@ -12,6 +12,12 @@ then trains, on the same pseudo episodes with the same schedule,
 and meta-tests everything on the same 1-shot episodes (several evaluation seeds give the noise):
 
     python benchmarks/demo_tables.py                       # default config.yaml, seeds 321 322 323
+    python benchmarks/demo_tables.py --training-seeds 0 1  # Table 3 over two training seeds as well
+
+Each extra training seed trains `unsup` and `unsup-vanilla` once more on the same pseudo episodes
+(training.seed changes episode order, augmentation and initialisation; about 3 min each on the demo
+CPU), evaluated as `unsup@seed<s>` and `unsup-vanilla@seed<s>`: one training seed can move the demo's
+score by a point or two, more than the prototype/vanilla difference.
 
 Writes benchmarks/results/demo_tables.csv (one row per method, fold, seed) and prints the 1-shot mIoU
 per method, averaged over folds, as mean +- std over the evaluation seeds.
@@ -59,7 +65,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="config.yaml")
     parser.add_argument("--cores", type=int, default=2)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[321, 322, 323])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[321, 322, 323], help="evaluation seeds")
+    parser.add_argument("--training-seeds", type=int, nargs="+", default=None,
+                        help="training seeds of unsup and unsup-vanilla (default: config's training.seed only)")
     parser.add_argument("--out", default="benchmarks/results/demo_tables.csv")
     args = parser.parse_args()
 
@@ -76,15 +84,27 @@ def main() -> None:
          "--configfile", args.config, "--rerun-triggers", "mtime"])
 
     timings = {}
-    vanilla = work / "unsup-vanilla"
-    # always run: train resumes a finished run of the same config and inputs at once, and starts over otherwise
-    section = {"model": {**config["model"], "attention": "vanilla"}, "training": config["training"],
-               "unlabeled": config["unlabeled"]}
-    t = time.perf_counter()
-    run(umtfss + ["train", "--config", json.dumps(section), "--method", "unsup", "--out-dir", str(vanilla),
-                  "--episodes", paths["clusters_dir"], "--labels", *paths["labels"], "--images", paths["images"],
-                  "--quiet"])
-    timings["train unsup-vanilla"] = time.perf_counter() - t
+    base_seed = config["training"]["seed"]
+    training_seeds = list(dict.fromkeys(args.training_seeds or [base_seed]))
+    models = {}  # method name -> checkpoint
+    for seed in training_seeds:
+        suffix = "" if seed == base_seed else f"@seed{seed}"
+        folder = work if seed == base_seed else work / f"seed{seed}"
+        for attention in ("prototype", "vanilla"):
+            name = ("unsup" if attention == "prototype" else "unsup-vanilla") + suffix
+            if attention == "prototype" and seed == base_seed:
+                models[name] = paths["unsup"]  # the pipeline's own model
+                continue
+            out_dir = folder / ("unsup" if attention == "prototype" else "unsup-vanilla")
+            # always run: train resumes a finished run of the same config and inputs at once, and starts over otherwise
+            section = {"model": {**config["model"], "attention": attention},
+                       "training": {**config["training"], "seed": seed}, "unlabeled": config["unlabeled"]}
+            t = time.perf_counter()
+            run(umtfss + ["train", "--config", json.dumps(section), "--method", "unsup", "--out-dir", str(out_dir),
+                          "--episodes", paths["clusters_dir"], "--labels", *paths["labels"],
+                          "--images", paths["images"], "--quiet"])
+            timings[f"train {name}"] = time.perf_counter() - t
+            models[name] = str(out_dir / "checkpoint.pt")
     evaluation = {**config["evaluation"], "shots": [1], "seeds": args.seeds}
     out = ROOT / args.out
     t = time.perf_counter()
@@ -92,7 +112,7 @@ def main() -> None:
                                                       "datasets": config["datasets"]}),
                   "--dataset", "pascal", "--tables", paths["tables"],
                   "--method", "all-background", "--method", "prototype-threshold",
-                  "--method", f"unsup={paths['unsup']}", "--method", f"unsup-vanilla={vanilla / 'checkpoint.pt'}",
+                  *[part for name, checkpoint in models.items() for part in ("--method", f"{name}={checkpoint}")],
                   "--method", f"finetune-20%={finetune}",
                   "--out", str(out), "--classes-out", str(out.with_name(out.stem + "_classes.csv")),
                   "--meta", f"embedder={paths['embedder']}", "--meta", f"clusters={config['clustering']['clusters']}",
@@ -108,6 +128,14 @@ def main() -> None:
     print(summary.to_string())
     print("\nmIoU per fold (mean over seeds):")
     print(folds.to_string())
+    if len(training_seeds) > 1:
+        scores["model"] = scores["method"].str.split("@").str[0]
+        per_run = scores[scores["model"].isin(["unsup", "unsup-vanilla"])].groupby(
+            ["model", "method", "seed"])[["miou", "fbiou"]].mean()  # mean over folds
+        by_training_seed = per_run.groupby(["model", "method"]).mean().round(2)
+        print(f"\nTable 3 over training seeds {training_seeds} (mean over evaluation seeds, then over training seeds):")
+        print(by_training_seed.to_string())
+        print(by_training_seed.groupby("model").agg(["mean", "std"]).round(2).to_string())
     print("\nseconds:", {k: round(v) for k, v in timings.items()}, "total", round(time.perf_counter() - started))
 
 
