@@ -68,7 +68,7 @@ def test_episode_artifacts_npy_json_and_checkpoint(tmp_path, capsys):
     lab = zarr.open_group(str(tmp_path / "lab.zarr"), mode="w")
     lab.create_array("labels", data=labels, chunks=(1, 6, 6))
     lab.attrs.update({"image_ids": ids, "clusters": 2})
-    config = {"min_region_pixels": 4, "drop_background_like": True, "background_span": 0.95, "top_fraction": 0.5,
+    config = {"min_region_pixels": 4, "drop_background_like": True, "background_rule": "bbox", "background_span": 0.95, "top_fraction": 0.5,
               "max_candidates": 5000, "max_pool": 20000, "seed": 0}
     paths = build_episodes([tmp_path / "lab.zarr"], [tmp_path / "emb.zarr"], tmp_path / "ep", config, progress=False)
 

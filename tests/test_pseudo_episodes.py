@@ -49,7 +49,8 @@ def test_region_filters_and_masked_average(tmp_path):
     features = unit(rng, (1, GRID, GRID, DIM))
     lab, emb = write_stores(tmp_path, labels, features, [[6, 7]], ["img"], clusters=4)
 
-    table, feats = build_regions([lab], [emb], 4, min_region_pixels=3, drop_background_like=True, background_span=0.95)
+    table, feats = build_regions([lab], [emb], 4, min_region_pixels=3, drop_background_like=True, background_span=0.95,
+                                 background_rule="bbox")
     # cluster 3 covers 6*7 - 6 - 2 - 6 = 28 cells and spans the full width -> background-like too
     assert table["cluster"].tolist() == [2]
     row = table.iloc[0]
@@ -60,6 +61,29 @@ def test_region_filters_and_masked_average(tmp_path):
     kept = build_regions([lab], [emb], 4, min_region_pixels=3, drop_background_like=False)[0]
     assert sorted(kept["cluster"]) == [0, 2, 3]
     assert sorted(build_regions([lab], [emb], 4, min_region_pixels=1, drop_background_like=False)[0]["cluster"]) == [0, 1, 2, 3]
+
+
+def test_background_rules_occupancy_and_bbox(tmp_path):
+    """occupancy (reference): cells in more than span of the rows/columns; bbox: the box spans them."""
+    labels = np.full((1, GRID, GRID), -1)
+    labels[0] = 0                    # cluster 0 fills the rest: every row and column
+    labels[0, 0:2, 3:5] = 1          # two blobs, top and bottom: the box spans all 8 rows, 4 rows occupied
+    labels[0, 6:8, 3:5] = 1
+    labels[0, :, 6] = 2              # a column through every row: background-like by either rule
+    labels[0, 0:7, 1] = 3            # 7 of 8 rows: background-like only at span 0.85
+    features = unit(np.random.default_rng(0), (1, GRID, GRID, DIM))
+    lab, emb = write_stores(tmp_path, labels, features, [[GRID, GRID]], ["img"], clusters=4)
+
+    def kept(rule, span):
+        table = build_regions([lab], [emb], 4, min_region_pixels=1, background_span=span, background_rule=rule,
+                              progress=False)[0]
+        return sorted(table["cluster"].tolist())
+
+    assert kept("occupancy", 0.99) == [1, 3]    # reference: 0 spans all rows and columns, 2 all rows
+    assert kept("bbox", 0.99) == [3]            # the two blobs' box spans the full height
+    assert kept("occupancy", 0.85) == [1]
+    with pytest.raises(ValueError, match="background_rule"):
+        build_regions([lab], [emb], 4, background_rule="area", progress=False)
 
 
 def brute_force_candidates(features, clusters, images, query, pool_rows, fraction, cap):
@@ -135,7 +159,7 @@ def test_episodes_stage_and_sampler(tmp_path):
     meta = read_metadata(out / CANDIDATES_FILE)
     assert meta["parameters"]["min_region_pixels"] == 2 and meta["clusters"] == 3
 
-    episodes = PseudoEpisodes(out, labels, images)
+    episodes = PseudoEpisodes(out, labels, images, sampling="region")
     regions = episodes.regions
     assert len(episodes) == int((pd.read_parquet(out / CANDIDATES_FILE)["num_candidates"] > 0).sum()) > 0
     store = {}
@@ -167,6 +191,33 @@ def test_episodes_stage_and_sampler(tmp_path):
     for index in range(len(restricted)):
         ep = restricted.episode(index, rng, shots=1)
         assert ep.query_id in allowed and set(ep.support_ids) <= set(allowed)
+
+
+def test_image_sampling_is_one_episode_per_image_with_its_region_uniform(tmp_path):
+    """Reference code: an epoch passes over the query images; each draws one of its own regions uniformly."""
+    labels, embeddings, images = write_dataset(tmp_path, n_images=16, clusters=3)
+    out = tmp_path / "episodes"
+    assert cli.main(["episodes", "--config", '{"episodes": {"min_region_pixels": 1, "drop_background_like": false}}',
+                     "--labels", *map(str, labels), "--embeddings", *map(str, embeddings), "--out-dir", str(out)]) == 0
+    by_region = PseudoEpisodes(out, labels, images, sampling="region")
+    by_image = PseudoEpisodes(out, labels, images)  # the default
+    regions = by_image.regions
+    query_images = regions["image_id"].to_numpy()[by_region.queries]
+    assert len(by_image) == len(set(query_images)) < len(by_region)
+    rng = np.random.default_rng(0)
+    seen_images = set()
+    for index in range(len(by_image)):
+        own = set(by_image.queries_of_image[index].tolist())
+        image_id = {regions["image_id"].iat[r] for r in own}
+        assert len(image_id) == 1  # all of one image
+        seen_images |= image_id
+        draws = [by_image.episode(index, rng, shots=1) for _ in range(12 * len(own))]
+        assert {ep.query_id for ep in draws} == image_id
+        drawn = pd.Series([ep.class_id for ep in draws]).value_counts()
+        assert set(drawn.index) == {int(regions["cluster"].iat[r]) for r in own}  # every region of it is drawn
+    assert seen_images == set(query_images)
+    with pytest.raises(ValueError, match="episode_sampling"):
+        PseudoEpisodes(out, labels, images, sampling="cluster")
 
 
 def test_draws_are_uniform_over_candidates(tmp_path):

@@ -1,4 +1,4 @@
-"""`umtfss predict`: segment a query image from K support images and masks with a trained checkpoint."""
+"""`umtfss predict`: segment query images (files or whole folders) from K support images and masks."""
 
 from __future__ import annotations
 
@@ -57,22 +57,69 @@ def load_supports(pairs: list[tuple[str, str]]) -> list[tuple[np.ndarray, np.nda
     return supports
 
 
-@torch.no_grad()
-def predict_mask(model, query: np.ndarray, supports: list[tuple[np.ndarray, np.ndarray]], size: int,
-                 device="cpu") -> np.ndarray:
-    """Foreground 0/1 uint8 mask at the query's own size (resize longer side to `size`, pad, unpad back)."""
-    query_t, _, valid = resize_pad(query, None, size)
+def support_tensors(supports: list[tuple[np.ndarray, np.ndarray]], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[K, 3, size, size] images and [K, size, size] foreground masks, resized and padded as the queries are."""
     images, masks = [], []
     for image, mask in supports:
         image_t, mask_t, _ = resize_pad(image, mask, size)
         images.append(image_t)
         masks.append((mask_t == 1).float())
-    logits = model(query_t[None].to(device), torch.stack(images)[None].to(device), torch.stack(masks)[None].to(device))
-    logits = logits.float()
+    return torch.stack(images), torch.stack(masks)
+
+
+@torch.no_grad()
+def predict_masks(model, queries: list[np.ndarray], support_images: torch.Tensor, support_masks: torch.Tensor,
+                  size: int, device="cpu") -> list[np.ndarray]:
+    """Foreground 0/1 uint8 masks of several queries (one forward pass), each at its query's own size."""
+    prepared = [resize_pad(query, None, size) for query in queries]
+    batch = torch.stack([query_t for query_t, _, _ in prepared]).to(device)
+    shots = len(support_images)
+    images = support_images[None].expand(len(queries), *support_images.shape).to(device)
+    masks = support_masks[None].expand(len(queries), *support_masks.shape).to(device)
+    logits = model(batch, images, masks).float()
     if logits.shape[-2:] != (size, size):
         logits = torch.nn.functional.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
-    full = unpad_to(logits[0].cpu(), valid, query.shape[:2])
-    return full.argmax(0).numpy().astype(np.uint8)
+    assert shots == images.shape[1]
+    return [unpad_to(logits[row].cpu(), valid, query.shape[:2]).argmax(0).numpy().astype(np.uint8)
+            for row, ((_, _, valid), query) in enumerate(zip(prepared, queries))]
+
+
+def predict_mask(model, query: np.ndarray, supports: list[tuple[np.ndarray, np.ndarray]], size: int,
+                 device="cpu") -> np.ndarray:
+    """Foreground 0/1 uint8 mask at the query's own size (resize longer side to `size`, pad, unpad back)."""
+    return predict_masks(model, [query], *support_tensors(supports, size), size, device)[0]
+
+
+def query_plan(queries: list[Path], out: Path, overlay: Path | None) -> list[tuple[Path, Path, Path | None]]:
+    """(query image, mask file, overlay file or None) for each image of the --query files and folders.
+
+    One query file: `out` (and `overlay`) are the files themselves. Otherwise they are folders: a
+    folder's images (searched recursively) keep their relative path, loose files their name, with .png.
+    """
+    from umtfss.io import IMAGE_SUFFIXES, is_image_path
+
+    single = len(queries) == 1 and not queries[0].is_dir()
+    if single:
+        return [(_check_file(queries[0], "query image"), out, overlay)]
+    for option, path in (("--out", out), ("--overlay", overlay)):
+        if path is not None and (path.is_file() or path.suffix.lower() in IMAGE_SUFFIXES):
+            raise ValueError(f"{option} '{path}' is a file name, but the queries are {len(queries)} path(s) "
+                             "including a folder or several files; expected a folder to write one PNG per query into")
+    named: dict[Path, Path] = {}
+    for query in queries:
+        if query.is_dir():
+            found = sorted(p for p in query.rglob("*") if p.is_file() and is_image_path(p))
+            if not found:
+                raise ValueError(f"query folder '{query}' holds no image ({', '.join(IMAGE_SUFFIXES)})")
+            names = [p.relative_to(query).with_suffix(".png") for p in found]
+        else:
+            found, names = [_check_file(query, "query image")], [Path(query.name).with_suffix(".png")]
+        for path, name in zip(found, names):
+            if name in named:
+                raise ValueError(f"query images '{named[name]}' and '{path}' would both write '{name}'; "
+                                 "rename one or predict them separately")
+            named[name] = path
+    return [(path, out / name, overlay / name if overlay is not None else None) for name, path in named.items()]
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -88,29 +135,46 @@ def cli(parser: argparse.ArgumentParser):
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt written by umtfss train")
     parser.add_argument("--support", required=True, action="append", nargs=2, metavar=("IMAGE", "MASK"),
                         help="a support image and its mask PNG (nonzero = foreground); repeat for K shots")
-    parser.add_argument("--query", required=True, type=Path, help="image to segment")
-    parser.add_argument("--out", required=True, type=Path, help="output mask PNG (0/255, the query's size)")
+    parser.add_argument("--query", required=True, action="append", type=Path,
+                        help="image to segment, or a folder of images (searched recursively); repeatable")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="output mask PNG (0/255, the query's size); a folder when --query is a folder or repeated")
     parser.add_argument("--size", type=int, help="test size (default: evaluation.test_size of the checkpoint's config)")
-    parser.add_argument("--overlay", type=Path, help="also write the query with the mask tinted red")
+    parser.add_argument("--overlay", type=Path, help="also write the query with the mask tinted red (file or folder, as --out)")
+    parser.add_argument("--batch", type=int, default=8, help="queries per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     return run
 
 
 def run(args: argparse.Namespace) -> Path:
+    import sys
+
+    from tqdm import tqdm
+
     from umtfss.io import read_rgb, write_png
     from umtfss.training.checkpoint import load, load_model
     from umtfss.devices import resolve_device
 
     checkpoint = _check_file(args.checkpoint, "checkpoint")
-    query = read_rgb(_check_file(args.query, "query image"))
+    if args.batch < 1:
+        raise ValueError(f"--batch is {args.batch}, expected at least 1")
+    plan = query_plan(list(args.query), args.out, args.overlay)
     supports = load_supports(args.support)
     size = args.size or int(load(checkpoint)["config"]["evaluation"]["test_size"])
     if size < 32:
         raise ValueError(f"--size is {size}, expected at least 32")
     device = resolve_device(args.device, "--device")
     model = load_model(checkpoint, device)
-    mask = predict_mask(model, query, supports, size, device)
-    write_png(args.out, (mask * 255).astype(np.uint8))
-    if args.overlay is not None:
-        write_png(args.overlay, overlay(query, mask))
+    support_images, support_masks = support_tensors(supports, size)
+    bar = tqdm(total=len(plan), desc="predict", unit="img", file=sys.stderr, disable=len(plan) == 1)
+    for start in range(0, len(plan), args.batch):
+        chunk = plan[start:start + args.batch]
+        queries = [read_rgb(query) for query, _, _ in chunk]  # an unreadable image stops here, named
+        masks = predict_masks(model, queries, support_images, support_masks, size, device)
+        for (_, out, overlay_path), query, mask in zip(chunk, queries, masks):
+            write_png(out, (mask * 255).astype(np.uint8))
+            if overlay_path is not None:
+                write_png(overlay_path, overlay(query, mask))
+        bar.update(len(chunk))
+    bar.close()
     return args.out

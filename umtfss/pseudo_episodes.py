@@ -7,10 +7,12 @@ cluster (paper: "only top 50 percent nearest regions are used for randomly K-sho
 selection"); the reference code's conventions are config keys (section `episodes`):
 
 - regions: `area >= min_region_pixels` grid cells (reference 2,048 px = 32 cells at stride 8);
-  with `drop_background_like`, a region is dropped when its bounding box spans
-  `y1 - y0 >= background_span * valid_h` OR `x1 - x0 >= background_span * valid_w` (bounding box in
-  grid cells with exclusive ends, valid_h x valid_w = the grid cells the image covers, padding
-  excluded): clusters stretching over (nearly) the whole image height or width are background-like.
+  with `drop_background_like`, clusters stretching over (nearly) the whole image height or width are
+  background-like and dropped. `background_rule` occupancy (reference code): the region has cells in
+  more than `background_span * valid_h` of the rows or `background_span * valid_w` of the columns;
+  bbox: its bounding box spans `y1 - y0 >= background_span * valid_h` OR
+  `x1 - x0 >= background_span * valid_w` (grid cells with exclusive ends; valid_h x valid_w = the
+  grid cells the image covers, padding excluded).
 - candidates of query q in cluster c: the pool is the cluster's regions, first subsampled to
   `max_pool` at random (seeded per cluster) when larger; the eligible regions are the pool minus
   every region of q's own image (q itself included); q gets the
@@ -113,6 +115,7 @@ class _ImageRegions:
     area: np.ndarray
     bbox: np.ndarray  # [r, 4] y0, x0, y1, x1 (exclusive ends)
     features: np.ndarray  # [r, d] float32, L2-normalised
+    occupied: np.ndarray  # [r, 2] number of grid rows, columns holding at least one cell of the region
 
 
 def image_regions(cells: np.ndarray, features: np.ndarray) -> _ImageRegions:
@@ -125,31 +128,45 @@ def image_regions(cells: np.ndarray, features: np.ndarray) -> _ImageRegions:
     ids, starts, counts = np.unique(ordered, return_index=True, return_counts=True)
     if ids.size == 0:
         d = features.shape[-1]
-        return _ImageRegions(ids.astype(np.int64), counts, np.zeros((0, 4), np.int64), np.zeros((0, d), np.float32))
+        return _ImageRegions(ids.astype(np.int64), counts, np.zeros((0, 4), np.int64), np.zeros((0, d), np.float32),
+                             np.zeros((0, 2), np.int64))
     ys, xs = np.divmod(order, w)
     bbox = np.stack([np.minimum.reduceat(ys, starts), np.minimum.reduceat(xs, starts),
                      np.maximum.reduceat(ys, starts) + 1, np.maximum.reduceat(xs, starts) + 1], axis=1)
+    group = np.repeat(np.arange(ids.size), counts)
+    occupied = np.stack([np.bincount(np.unique(group * h + ys) // h, minlength=ids.size),
+                         np.bincount(np.unique(group * w + xs) // w, minlength=ids.size)], axis=1)
     pixel_features = features.reshape(h * w, -1)[order].astype(np.float32)
     sums = np.add.reduceat(pixel_features, starts, axis=0)
     norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    return _ImageRegions(ids.astype(np.int64), counts, bbox, sums / np.maximum(norms, 1e-12))
+    return _ImageRegions(ids.astype(np.int64), counts, bbox, sums / np.maximum(norms, 1e-12), occupied)
+
+
+BACKGROUND_RULES = ("occupancy", "bbox")
 
 
 def region_filter(regions: _ImageRegions, valid: tuple[int, int], min_region_pixels: int,
-                  drop_background_like: bool, background_span: float) -> np.ndarray:
+                  drop_background_like: bool, background_span: float, background_rule: str = "occupancy") -> np.ndarray:
     """Boolean keep-mask: area >= min_region_pixels and, optionally, not background-like (module docstring)."""
+    if background_rule not in BACKGROUND_RULES:
+        raise ValueError(f"config key 'episodes.background_rule' is '{background_rule}', expected occupancy or bbox")
     keep = regions.area >= min_region_pixels
     if drop_background_like:
         vh, vw = valid
-        span_h = regions.bbox[:, 2] - regions.bbox[:, 0]
-        span_w = regions.bbox[:, 3] - regions.bbox[:, 1]
-        keep &= ~((span_h >= background_span * vh) | (span_w >= background_span * vw))
+        if background_rule == "occupancy":  # reference: fewer than (1 - span) of the rows or columns free of it
+            rows, cols = regions.occupied[:, 0], regions.occupied[:, 1]
+            keep &= ~((rows > background_span * vh) | (cols > background_span * vw))
+        else:
+            span_h = regions.bbox[:, 2] - regions.bbox[:, 0]
+            span_w = regions.bbox[:, 3] - regions.bbox[:, 1]
+            keep &= ~((span_h >= background_span * vh) | (span_w >= background_span * vw))
     return keep
 
 
 def build_regions(label_paths: Sequence[str | Path], embedding_paths: Sequence[str | Path],
                   clusters: int | None = None, min_region_pixels: int = 32, drop_background_like: bool = True,
-                  background_span: float = 0.95, progress: bool = True) -> tuple[pd.DataFrame, np.ndarray]:
+                  background_span: float = 0.99, progress: bool = True,
+                  background_rule: str = "occupancy") -> tuple[pd.DataFrame, np.ndarray]:
     """Regions of every image of the label stores, streamed shard by shard, image by image.
 
     Returns (table, features): the table has one row per kept region, sorted by cluster, with
@@ -182,7 +199,8 @@ def build_regions(label_paths: Sequence[str | Path], embedding_paths: Sequence[s
                                  f"valid grid, expected 0..{clusters - 1}")
             features = embeddings.features(embedding_row[image_id])[:vh, :vw]
             found = image_regions(cells, features)
-            keep = region_filter(found, (vh, vw), min_region_pixels, drop_background_like, background_span)
+            keep = region_filter(found, (vh, vw), min_region_pixels, drop_background_like, background_span,
+                                 background_rule)
             n = int(keep.sum())
             columns["image_id"].extend([image_id] * n)
             columns["cluster"].append(found.clusters[keep])
@@ -348,18 +366,20 @@ def build_episodes(label_paths: Sequence[str | Path], embedding_paths: Sequence[
     """Write regions.parquet, region_features.npy and candidates.parquet into out_dir (each atomically)."""
     cfg = episodes_config
     table, features = build_regions(label_paths, embedding_paths, clusters, cfg["min_region_pixels"],
-                                    cfg["drop_background_like"], cfg["background_span"], progress)
+                                    cfg["drop_background_like"], cfg["background_span"], progress,
+                                    cfg["background_rule"])
     if table.empty:
         raise ValueError(f"no region survived the filters (min_region_pixels={cfg['min_region_pixels']}, "
-                         f"drop_background_like={cfg['drop_background_like']}, background_span={cfg['background_span']}) "
+                         f"drop_background_like={cfg['drop_background_like']}, background_rule={cfg['background_rule']}, "
+                         f"background_span={cfg['background_span']}) "
                          f"in label store(s) {_names(label_paths)}")
     image_codes, _ = pd.factorize(table["image_id"])
     candidates = compute_candidates(features, table["cluster"].to_numpy(), image_codes, cfg["top_fraction"],
                                     cfg["max_candidates"], cfg["max_pool"], cfg["seed"], progress)
     labels = LabelStore(label_paths)
     metadata = {
-        "parameters": {k: cfg[k] for k in ("min_region_pixels", "drop_background_like", "background_span",
-                                           "top_fraction", "max_candidates", "max_pool", "seed")},
+        "parameters": {k: cfg[k] for k in ("min_region_pixels", "drop_background_like", "background_rule",
+                                           "background_span", "top_fraction", "max_candidates", "max_pool", "seed")},
         "clusters": int(clusters if clusters is not None else labels.clusters),
         "centroids_sha256": labels.attrs.get("centroids_sha256"),
         "label_stores": [str(p) for p in label_paths],
@@ -433,12 +453,17 @@ def _image_paths(images_table) -> dict[str, str]:
 class PseudoEpisodes:
     """Training episodes from the episodes stage: a query region, K supports drawn among its candidates.
 
-    `image_ids` restricts queries AND supports to those images (the paper's 'fold' setting); queries
-    left with no allowed candidate are dropped.
+    `sampling` 'image' (reference code): episode i is query image i, its query region drawn
+    uniformly among the image's query regions, so an epoch is one pass over the images; 'region':
+    episode i is query region i. `image_ids` restricts queries AND supports to those images (the
+    paper's 'fold' setting); queries left with no allowed candidate are dropped.
     """
 
     def __init__(self, episodes_dir: str | Path, label_paths: Sequence[str | Path], images_table,
-                 image_ids: Sequence[str] | None = None):
+                 image_ids: Sequence[str] | None = None, sampling: str = "image"):
+        if sampling not in ("image", "region"):
+            raise ValueError(f"config key 'training.episode_sampling' is '{sampling}', expected image or region")
+        self.sampling = sampling
         directory = Path(episodes_dir)
         for name in (REGIONS_FILE, FEATURES_FILE, CANDIDATES_FILE):
             if not (directory / name).is_file():
@@ -464,9 +489,13 @@ class PseudoEpisodes:
         if image_ids is not None:
             queries &= self._has_allowed_candidate(queries)
         self.queries = np.flatnonzero(queries)
+        codes = self.image_codes[self.queries]
+        order = np.argsort(codes, kind="stable")
+        _, starts = np.unique(codes[order], return_index=True)
+        self.queries_of_image = np.split(self.queries[order], starts[1:]) if self.queries.size else []
 
     def __len__(self) -> int:
-        return int(self.queries.size)
+        return len(self.queries_of_image) if self.sampling == "image" else int(self.queries.size)
 
     def _check_images(self) -> None:
         ids = self.regions["image_id"].unique()
@@ -550,13 +579,18 @@ class PseudoEpisodes:
         return image, self.region_mask(region, image.shape[:2]), image_id
 
     def episode(self, index: int, rng: np.random.Generator | int | None, shots: int) -> Episode:
-        """Episode `index` (0 <= index < len): its query region and `shots` supports drawn with rng."""
+        """Episode `index` (0 <= index < len): its query region (of query image `index` when sampling
+        by image) and `shots` supports, drawn with rng."""
         if not 0 <= index < len(self):
-            raise IndexError(f"episode index {index} out of range for {len(self)} query regions")
+            raise IndexError(f"episode index {index} out of range for {len(self)} query {self.sampling}s")
         if shots < 1:
             raise ValueError(f"shots must be >= 1, got {shots}")
         rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-        query = int(self.queries[index])
+        if self.sampling == "image":
+            regions = self.queries_of_image[index]
+            query = int(regions[rng.integers(regions.size)])
+        else:
+            query = int(self.queries[index])
         query_image, query_mask, query_id = self._image_and_mask(query)
         support_images, support_masks, support_ids = [], [], []
         for row in self.draw_supports(query, rng, shots):

@@ -156,12 +156,16 @@ class FSSModel(nn.Module):
         return PrototypeCrossAttention(dim, heads, dropout, prototypes_fg, prototypes_bg, hash_bits, hash_iterations, seed=index)
 
     # --- parameter groups -------------------------------------------------------------------
+    def named_transformer_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of the attention/Transformer parameters (AdamW group)."""
+        named = [(f"transformer.{n}", p) for n, p in self.transformer.named_parameters()]
+        if self.learned_positional is not None:
+            named += [(f"learned_positional.{n}", p) for n, p in self.learned_positional.named_parameters()]
+        return [(n, p) for n, p in named if p.requires_grad]
+
     def transformer_parameters(self) -> list[nn.Parameter]:
         """Attention/Transformer parameters (AdamW group)."""
-        params = list(self.transformer.parameters())
-        if self.learned_positional is not None:
-            params += list(self.learned_positional.parameters())
-        return [p for p in params if p.requires_grad]
+        return [p for _, p in self.named_transformer_parameters()]
 
     def other_parameters(self) -> list[nn.Parameter]:
         """Every other trainable parameter (SGD group); the frozen backbone is excluded."""

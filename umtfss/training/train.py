@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +42,13 @@ class Schedule:
     batch_size: int
     lr_sgd: float
     lr_adamw: float
-    episodes_per_epoch: int | None  # None: one episode per query region / labelled image
+    episodes_per_epoch: int | None  # None: one episode per query image (or region) / labelled image
 
     @classmethod
     def from_config(cls, training_cfg: dict, finetune: bool) -> "Schedule":
         if finetune:  # the paper's fine-tuning epochs are passes over the labelled subset
-            lr = float(training_cfg["finetune_lr"])
-            return cls(int(training_cfg["finetune_epochs"]), int(training_cfg["finetune_batch_size"]), lr, lr, None)
+            return cls(int(training_cfg["finetune_epochs"]), int(training_cfg["finetune_batch_size"]),
+                       float(training_cfg["finetune_lr"]), float(training_cfg["finetune_lr_adamw"]), None)
         return cls(int(training_cfg["epochs"]), int(training_cfg["batch_size"]),
                    float(training_cfg["lr_sgd"]), float(training_cfg["lr_adamw"]), training_cfg["episodes_per_epoch"])
 
@@ -59,10 +60,28 @@ def lr_factor(step: int, total_steps: int, power: float, warmup_steps: int) -> f
     return max(0.0, 1.0 - step / max(1, total_steps)) ** power
 
 
+def lr_factors(training_cfg: dict, total_steps: int, steps_per_epoch: int) -> dict[str, Callable[[int], float]]:
+    """Per optimizer, the lr multiplier at a step: SGD warms up (warmup_steps; null = one epoch) and
+    decays (poly); AdamW stays constant unless adamw_schedule is poly (reference code: constant)."""
+    warmup = training_cfg["warmup_steps"]
+    warmup = steps_per_epoch if warmup is None else int(warmup)
+    power = training_cfg["poly_power"]
+
+    def scheduled(step: int) -> float:
+        return lr_factor(step, total_steps, power, warmup)
+
+    def constant(step: int) -> float:
+        return 1.0
+
+    return {"sgd": scheduled, "adamw": scheduled if training_cfg["adamw_schedule"] == "poly" else constant}
+
+
 def build_optimizers(model, training_cfg: dict, schedule: Schedule) -> dict[str, torch.optim.Optimizer]:
-    """SGD over non-Transformer parameters, AdamW over Transformer ones; each group's lr stated explicitly."""
+    """SGD over non-Transformer parameters, AdamW over Transformer ones; each group's lr stated explicitly.
+
+    Transformer biases get no weight decay unless adamw_bias_decay (reference code)."""
     other = [p for p in model.other_parameters() if p.requires_grad]
-    transformer = [p for p in model.transformer_parameters() if p.requires_grad]
+    transformer = [(n, p) for n, p in model.named_transformer_parameters() if p.requires_grad]
     optimizers = {}
     if other:
         optimizers["sgd"] = torch.optim.SGD(
@@ -70,10 +89,16 @@ def build_optimizers(model, training_cfg: dict, schedule: Schedule) -> dict[str,
             momentum=training_cfg["momentum"], weight_decay=training_cfg["weight_decay_sgd"],
         )
     if transformer:
-        optimizers["adamw"] = torch.optim.AdamW(
-            [{"params": transformer, "lr": schedule.lr_adamw}], lr=schedule.lr_adamw,
-            weight_decay=training_cfg["weight_decay_adamw"],
-        )
+        decay = training_cfg["weight_decay_adamw"]
+        if training_cfg["adamw_bias_decay"]:
+            groups = [{"params": [p for _, p in transformer], "lr": schedule.lr_adamw, "weight_decay": decay}]
+        else:
+            weights = [p for n, p in transformer if not n.endswith("bias")]
+            biases = [p for n, p in transformer if n.endswith("bias")]
+            groups = [{"params": weights, "lr": schedule.lr_adamw, "weight_decay": decay},
+                      {"params": biases, "lr": schedule.lr_adamw, "weight_decay": 0.0}]
+            groups = [g for g in groups if g["params"]]
+        optimizers["adamw"] = torch.optim.AdamW(groups, lr=schedule.lr_adamw, weight_decay=decay)
     if not optimizers:
         raise ValueError("the model has no trainable parameter")
     return optimizers
@@ -184,11 +209,8 @@ def train(
     total_steps = schedule.epochs * steps_per_epoch
 
     optimizers = build_optimizers(model, tcfg, schedule)
-    schedulers = {
-        name: torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, total_steps, tcfg["poly_power"], tcfg["warmup_steps"]))
-        for name, opt in optimizers.items()
-    }
+    factors = lr_factors(tcfg, total_steps, steps_per_epoch)
+    schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, factors[name]) for name, opt in optimizers.items()}
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     loss_fn = build_loss(tcfg["loss"])
     log = StepLog(out_dir / "log.csv", list(optimizers))
@@ -377,7 +399,8 @@ def _pseudo_source(args, config):
         from umtfss.data.prepare import read_tables, train_images_for_fold
 
         image_ids = train_images_for_fold(read_tables(args.tables), args.fold, remove_novel=True)
-    return PseudoEpisodes(args.episodes, args.labels, args.images, image_ids=image_ids)
+    return PseudoEpisodes(args.episodes, args.labels, args.images, image_ids=image_ids,
+                          sampling=config["training"]["episode_sampling"])
 
 
 def _labelled_source(args, config, fraction: float | None):
