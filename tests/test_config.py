@@ -69,6 +69,16 @@ def test_folder_source_needs_a_folder():
         cfg.load({"unlabeled": {"source": "folder", "folder": "imgs", "setting": "fold"}})
 
 
+def test_folder_names_that_would_clash_are_refused(tmp_path, monkeypatch):
+    for name in ("pascal", "coco", "..", ".hidden"):
+        with pytest.raises(cfg.ConfigError, match="unlabeled.name"):
+            cfg.load({"unlabeled": {"source": "folder", "folder": "imgs", "name": name}})
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "mine").mkdir()
+    loaded = cfg.load({"unlabeled": {"source": "folder", "folder": "~/mine", "name": "mine"}}, check_paths=True)
+    assert loaded["unlabeled"]["folder"] == "~/mine"  # '~' is the user's home, as for umtfss prepare
+
+
 def test_load_accepts_inline_json_and_yaml_file(tmp_path):
     inline = json.dumps({"clustering": {"clusters": 7}})
     assert cfg.load(inline)["clustering"]["clusters"] == 7

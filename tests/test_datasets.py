@@ -126,6 +126,47 @@ def test_folder_errors(tmp_path):
         open_dataset("folder", config).image_ids("train")
 
 
+def test_folder_scan_follows_links_skips_hidden_and_names_bad_files(tmp_path, capsys):
+    import os
+
+    from umtfss.data.folder import folder_fingerprint, scan_image_folder
+
+    folder, extra = tmp_path / "f", tmp_path / "extra"
+    (folder / ".thumbnails").mkdir(parents=True)
+    extra.mkdir()
+    Image.new("RGB", (4, 4)).save(folder / "own.jpg")
+    Image.new("RGB", (4, 4)).save(folder / "._own.jpg")            # macOS resource fork: hidden
+    Image.new("RGB", (4, 4)).save(folder / ".thumbnails" / "t.jpg")
+    Image.new("RGB", (4, 4)).save(extra / "e1.jpg")
+    (folder / "linked").symlink_to(extra, target_is_directory=True)
+    (folder / "loop").symlink_to(folder, target_is_directory=True)  # a link loop is walked once
+    (folder / "again.jpg").symlink_to(folder / "own.jpg")           # the same picture twice: used once
+    assert list(scan_image_folder(folder)) == ["linked/e1", "own"]
+    assert "again.jpg" in capsys.readouterr().err
+    before = folder_fingerprint(folder)
+    Image.new("RGB", (5, 5)).save(extra / "e2.png")
+    assert folder_fingerprint(folder) != before  # a new image changes the fingerprint
+
+    (folder / "broken.jpg").symlink_to(folder / "nowhere.jpg")
+    with pytest.raises(FileNotFoundError, match=r"broken\.jpg.*symbolic link.*does not exist"):
+        scan_image_folder(folder)
+    (folder / "broken.jpg").unlink()
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.png"), "wb") as handle:  # a Latin-1 name from an archive
+        handle.write((folder / "own.jpg").read_bytes())
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        scan_image_folder(folder)
+
+
+def test_image_over_the_pixel_limit_is_named(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    Image.new("1", (300, 300)).save(tmp_path / "panorama.png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 10_000)  # 300 x 300 > 2 x limit: PIL refuses
+    for read in (io.image_size, io.read_rgb):
+        with pytest.raises(io.ImageReadError, match=r"panorama\.png.*UMTFSS_MAX_IMAGE_PIXELS"):
+            read(tmp_path / "panorama.png")
+
+
 def test_folder_corrupt_image_names_the_path(tmp_path):
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

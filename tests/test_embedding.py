@@ -185,6 +185,8 @@ def test_shard_rows_and_table_errors(tmp_path):
     assert list(shard_rows(frame, 0, 3)["image_id"]) == ["a", "b"]
     assert list(shard_rows(frame, 2, 3)["image_id"]) == ["d"]
     assert list(shard_rows(frame, 0, 1, image_filter={"d", "a"})["image_id"]) == ["a", "d"]
+    with pytest.raises(ValueError, match=r"not in split 'train'.*'zz'"):
+        shard_rows(frame, 0, 1, image_filter={"a", "zz"})
     assert len(shard_rows(frame, 5, 6)) == 0
     with pytest.raises(ValueError, match="shard 3 of 3"):
         shard_rows(frame, 3, 3)

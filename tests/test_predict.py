@@ -90,3 +90,35 @@ def test_missing_and_mismatched_files_are_named(files, tmp_path, capsys):
     assert main(base[:1] + bad_ckpt + base[3:] + ["--support", str(files / "support.png"), str(files / "mask.png")]) == 1
     assert "absent.pt" in capsys.readouterr().err
     assert not (tmp_path / "m.png").exists()
+
+
+def test_predict_a_folder_of_queries(files, tmp_path, capsys):
+    """A folder (and loose files) of queries: one 0/255 mask per image under --out, same relative path."""
+    queries = tmp_path / "queries"
+    (queries / "sub").mkdir(parents=True)
+    Image.fromarray(np.zeros((21, 34, 3), np.uint8)).save(queries / "a.jpg")
+    Image.fromarray(np.zeros((40, 18), np.uint8), mode="L").save(queries / "sub" / "b.png")
+    (queries / "notes.txt").write_text("not an image")
+    out, overlays = tmp_path / "masks", tmp_path / "overlays"
+    support = ["--support", str(files / "support.png"), str(files / "mask.png")]
+    common = ["predict", "--checkpoint", str(files / "model.pt"), *support, "--device", "cpu", "--batch", "2"]
+    code = main(common + ["--query", str(queries), "--query", str(files / "query.jpg"), "--out", str(out),
+                          "--overlay", str(overlays)])
+    assert code == 0
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert written == ["a.png", "query.png", "sub/b.png"]
+    for name, shape in (("a.png", (21, 34)), ("sub/b.png", (40, 18)), ("query.png", (37, 53))):
+        mask = np.asarray(Image.open(out / name))
+        assert mask.shape == shape and set(np.unique(mask)) <= {0, 255}
+        assert np.asarray(Image.open(overlays / name)).shape == (*shape, 3)
+    # the batched masks equal one-at-a-time predictions
+    assert main(common + ["--query", str(queries / "sub" / "b.png"), "--out", str(tmp_path / "single.png")]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "single.png")), np.asarray(Image.open(out / "sub/b.png")))
+
+    assert main(common + ["--query", str(queries), "--out", str(tmp_path / "one.png")]) == 1
+    assert "one.png" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "other" / "a.png")
+    assert main(common + ["--query", str(queries / "a.jpg"), "--query", str(tmp_path / "other" / "a.png"),
+                          "--out", str(tmp_path / "clash")]) == 1
+    assert "would both write 'a.png'" in capsys.readouterr().err

@@ -162,7 +162,10 @@ def test_real_data_configs_never_generate_the_demo(tmp_path, name):
 
 def test_folder_source_fine_tunes_on_the_benchmark_labels(tmp_path):
     """U_train from a folder: the fine-tuning of the score table uses the benchmark's (PASCAL) labels."""
+    from PIL import Image
+
     (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "images" / "a.jpg")
     config = {**TINY, "unlabeled": {"source": "folder", "folder": str(tmp_path / "images"), "name": "mine"},
               "evaluation": {**TINY["evaluation"], "methods": ["unsup", "finetune-20%"]}}
     write_config(tmp_path, config)
@@ -171,7 +174,25 @@ def test_folder_source_fine_tunes_on_the_benchmark_labels(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert "results/mine/demo-colortexture/clusters-12/models/demo-colortexture-prototype/finetune-20%/pascal/fold0" in out
     assert "--tables results/pascal/prepare --dataset pascal" in out
-    assert "results/mine/prepare/classes.parquet" not in out
+    inputs = [line for line in out.splitlines() if line.strip().startswith("input:")]
+    assert not any("results/mine/prepare/classes.parquet" in line for line in inputs)
+
+
+def test_folder_changes_rerun_prepare(tmp_path):
+    """Adding an image to the folder reruns prepare_folder (and so everything after it)."""
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "images" / "a.jpg")
+    config = {**TINY, "demo": {**TINY["demo"], "enabled": False},
+              "unlabeled": {"source": "folder", "folder": str(tmp_path / "images"), "name": "mine"}}
+    write_config(tmp_path, config)
+    target = "results/mine/prepare/images.parquet"
+    snakemake(tmp_path, "--cores", "1", target)
+    assert "Nothing to be done" in (lambda p: p.stdout + p.stderr)(snakemake(tmp_path, "-n", "--cores", "1", target))
+    Image.new("RGB", (20, 20)).save(tmp_path / "images" / "b.png")
+    proc = snakemake(tmp_path, "-n", "--cores", "1", target)
+    assert "prepare_folder" in planned_jobs(proc.stdout + proc.stderr)
 
 
 def test_rerun_after_an_input_change_trains_afresh(pipeline, tmp_path):

@@ -78,6 +78,9 @@ def _check_consistency(config: dict, check_paths: bool) -> None:
     unl = config["unlabeled"]
     if unl["source"] == "folder" and not unl.get("folder"):
         problems.append("config key 'unlabeled.folder' is null, expected an image folder when unlabeled.source is 'folder'")
+    if unl["source"] == "folder" and unl.get("name") in ("pascal", "coco"):
+        problems.append(f"config key 'unlabeled.name' is '{unl['name']}', the results folder of the benchmark of that "
+                        "name; expected another name for an image folder")
     if unl["source"] == "folder" and unl["setting"] == "fold":
         problems.append("config key 'unlabeled.setting' is 'fold', which leaves out each fold's novel classes by their "
                         "labels; a folder of images has none: use 'all'")
@@ -88,11 +91,11 @@ def _check_consistency(config: dict, check_paths: bool) -> None:
         problems.append(f"config key 'model.dim' ({config['model']['dim']}) must be divisible by 'model.heads' ({config['model']['heads']})")
     if check_paths:
         for name in used_datasets(config):
-            root = Path(config["datasets"][name]["root"])
+            root = Path(config["datasets"][name]["root"]).expanduser()
             generated = name == "pascal" and config["demo"]["enabled"]
             if not generated and not root.is_dir():
                 problems.append(f"config key 'datasets.{name}.root' is '{root}', which is not a directory; expected the data set root")
-        if unl["source"] == "folder" and unl.get("folder") and not Path(unl["folder"]).is_dir():
+        if unl["source"] == "folder" and unl.get("folder") and not Path(unl["folder"]).expanduser().is_dir():
             problems.append(f"config key 'unlabeled.folder' is '{unl['folder']}', which is not a directory")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))

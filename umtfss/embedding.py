@@ -53,7 +53,13 @@ def shard_rows(table: pd.DataFrame, shard: int, num_shards: int, split: str = "t
         raise ValueError(f"shard {shard} of {num_shards} is not valid; expected 0 <= shard < num_shards")
     rows = table[table["split"] == split]
     if image_filter is not None:
-        keep = image_filter if callable(image_filter) else set(image_filter).__contains__
+        if not callable(image_filter):
+            wanted = set(image_filter)
+            unknown = sorted(wanted - set(rows["image_id"].astype(str)))
+            if unknown:
+                raise ValueError(f"{len(unknown)} image id(s) to keep are not in split '{split}' of the image table, "
+                                 f"e.g. {unknown[:3]}")
+        keep = image_filter if callable(image_filter) else wanted.__contains__
         rows = rows[[bool(keep(str(i))) for i in rows["image_id"]]]
     rows = rows.sort_values("image_id", kind="stable").reset_index(drop=True)
     if rows["image_id"].duplicated().any():
@@ -221,7 +227,8 @@ def embed_shard(images, shard: int, num_shards: int, out: str | Path, backbone, 
 def _read_id_list(path: str) -> set[str]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"image id list '{path}' does not exist")
-    return {line.strip() for line in Path(path).read_text().splitlines() if line.strip()}
+    # ids may start or end with spaces (file names do): only the line ending is removed
+    return {line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()}
 
 
 def cli(parser):

@@ -15,6 +15,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Suffixes read as images everywhere (folder scans, converters); compared case-insensitively.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
+# PIL refuses images over ~179 megapixels (decompression-bomb guard); UMTFSS_MAX_IMAGE_PIXELS sets
+# another limit for trusted folders of huge images (0 = none).
+if os.environ.get("UMTFSS_MAX_IMAGE_PIXELS", "").strip():
+    _limit = int(os.environ["UMTFSS_MAX_IMAGE_PIXELS"])
+    Image.MAX_IMAGE_PIXELS = _limit if _limit > 0 else None
+_TOO_LARGE = ("larger than PIL's decompression-bomb limit; if the file is trusted, set the environment variable "
+              "UMTFSS_MAX_IMAGE_PIXELS to a higher pixel count (0 = no limit)")
+
 # EXIF orientations that swap height and width (transpose, rotate 90/270, transverse).
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION_TAG = 0x0112
@@ -50,8 +58,7 @@ def _open_image(path: str | Path) -> Iterator[Image.Image]:
     try:
         image = Image.open(path)
     except Image.DecompressionBombError as err:
-        raise ImageReadError(path, f"larger than PIL's safety limit; raise PIL.Image.MAX_IMAGE_PIXELS to allow it "
-                                   f"({err})") from None
+        raise ImageReadError(path, f"{_TOO_LARGE} ({err})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise ImageReadError(path, f"not a readable image ({err})") from None
     try:
@@ -142,6 +149,8 @@ def _header_size(path: str | Path, kind: str, exif: bool) -> tuple[int, int]:
             width, height = image.size
             if exif and _exif_orientation(image) in _SWAPPING_ORIENTATIONS:
                 width, height = height, width
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(path, f"{_TOO_LARGE} ({err})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise ImageReadError(path, f"not a readable image ({err})") from None
     return int(height), int(width)

@@ -73,13 +73,11 @@ def predict_masks(model, queries: list[np.ndarray], support_images: torch.Tensor
     """Foreground 0/1 uint8 masks of several queries (one forward pass), each at its query's own size."""
     prepared = [resize_pad(query, None, size) for query in queries]
     batch = torch.stack([query_t for query_t, _, _ in prepared]).to(device)
-    shots = len(support_images)
     images = support_images[None].expand(len(queries), *support_images.shape).to(device)
     masks = support_masks[None].expand(len(queries), *support_masks.shape).to(device)
     logits = model(batch, images, masks).float()
     if logits.shape[-2:] != (size, size):
         logits = torch.nn.functional.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
-    assert shots == images.shape[1]
     return [unpad_to(logits[row].cpu(), valid, query.shape[:2]).argmax(0).numpy().astype(np.uint8)
             for row, ((_, _, valid), query) in enumerate(zip(prepared, queries))]
 

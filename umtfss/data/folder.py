@@ -2,10 +2,80 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import sys
 from pathlib import Path
 
 from umtfss.data.base import SegmentationDataset
-from umtfss.io import is_image_path
+from umtfss.io import IMAGE_SUFFIXES, is_image_path
+
+
+def scan_image_folder(folder: str | Path) -> dict[str, Path]:
+    """image id ('sub/img': path relative to the folder, no suffix) -> file, for every image below `folder`.
+
+    Follows symbolic links to folders (each real folder once) and files; skips hidden files and
+    folders (names starting with '.', e.g. macOS '._x.jpg', '.thumbnails/'). A link to an image found
+    elsewhere in the folder is used once (said on stderr). A dangling link, a name that is not valid
+    UTF-8 and two files with the same id are errors naming the files.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder '{folder}' does not exist (config key unlabeled.folder)")
+    paths: dict[str, Path] = {}
+    by_target: dict[str, Path] = {}
+    duplicates: list[tuple[Path, Path]] = []
+    seen_folders: set[str] = set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen_folders:  # a link loop, or a second link to the same folder
+            dirs[:] = []
+            continue
+        seen_folders.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = Path(top) / name
+            if name.startswith(".") or not is_image_path(path):
+                continue
+            try:
+                str(path).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"image file {str(path)!r} has a name that is not valid UTF-8 (e.g. unpacked from an "
+                                 "archive made on another system); rename it") from None
+            if not path.exists():
+                raise FileNotFoundError(f"image file '{path}' is a symbolic link to '{os.readlink(path)}', which does "
+                                        "not exist; remove the link or restore its target")
+            target = os.path.realpath(path)
+            kept = by_target.get(target)
+            if kept is None or (kept.is_symlink() and not path.is_symlink()):  # the file itself beats a link to it
+                by_target[target] = path
+                if kept is not None:
+                    duplicates.append((kept, path))
+            else:
+                duplicates.append((path, kept))
+    for path in by_target.values():
+        image_id = path.relative_to(folder).with_suffix("").as_posix()
+        if image_id in paths:
+            raise ValueError(f"'{paths[image_id]}' and '{path}' have the same name up to the suffix; "
+                             "rename one, ids must be unique")
+        paths[image_id] = path
+    if duplicates:
+        path, first = duplicates[0]
+        print(f"umtfss: image folder '{folder}': {len(duplicates)} file(s) are links to images already used, e.g. "
+              f"'{path}' -> '{first}'; each image is used once", file=sys.stderr)
+    if not paths:
+        raise ValueError(f"image folder '{folder}' holds no image ({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)})")
+    return dict(sorted(paths.items()))
+
+
+def folder_fingerprint(folder: str | Path) -> str:
+    """sha256 of the folder's image list (ids, sizes, modification times): it changes when an image is
+    added, removed, renamed or rewritten, so the workflow reruns `prepare` and what follows."""
+    digest = hashlib.sha256()
+    for image_id, path in scan_image_folder(folder).items():
+        stat = path.stat()
+        digest.update(f"{image_id}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8"))
+    return digest.hexdigest()
 
 
 class FolderDataset(SegmentationDataset):
@@ -24,18 +94,7 @@ class FolderDataset(SegmentationDataset):
 
     def _scan(self) -> dict[str, Path]:
         if self._paths is None:
-            if not self.folder.is_dir():
-                raise FileNotFoundError(f"image folder '{self.folder}' does not exist (config key unlabeled.folder)")
-            paths: dict[str, Path] = {}
-            for path in sorted(p for p in self.folder.rglob("*") if p.is_file() and is_image_path(p)):
-                image_id = path.relative_to(self.folder).with_suffix("").as_posix()
-                if image_id in paths:
-                    raise ValueError(f"'{paths[image_id]}' and '{path}' have the same name up to the suffix; "
-                                     "rename one, ids must be unique")
-                paths[image_id] = path
-            if not paths:
-                raise ValueError(f"image folder '{self.folder}' holds no image (jpg, jpeg, png, tif, tiff, bmp)")
-            self._paths = dict(sorted(paths.items()))
+            self._paths = scan_image_folder(self.folder)
         return self._paths
 
     def _list_ids(self, split: str) -> list[str]:

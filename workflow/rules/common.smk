@@ -9,6 +9,7 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 from umtfss.config import ConfigError, validate as _validate_config
+from umtfss.data.folder import folder_fingerprint as _folder_fingerprint
 
 try:
     _validate_config(config, check_paths=True)
@@ -47,6 +48,14 @@ except Exception:  # no --cores: a dry run, --report, --dag
 TORCH_JOB_THREADS = _CORES if _CORES and _CORES <= 1024 else (os.cpu_count() or 1)
 CONDA_ENV = f"../../envs/{config['software_env']}.yaml"  # relative to the rule files
 MODEL_TAG = config["model"]["backbone"] + f"-{config['model']['attention']}"
+
+
+def folder_images():
+    """Fingerprint of the unlabeled image folder's image list (a params value of prepare_folder)."""
+    try:
+        return _folder_fingerprint(config["unlabeled"]["folder"])
+    except (OSError, ValueError) as err:
+        sys.exit(f"umtfss: {err}")
 
 
 def stage_config(*sections):

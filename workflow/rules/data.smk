@@ -74,9 +74,13 @@ if SOURCE == "folder":
     rule prepare_folder:
         output:
             f"results/{SRC}/prepare/images.parquet",
+            f"results/{SRC}/prepare/classes.parquet",
+            f"results/{SRC}/prepare/image_classes.parquet",
         params:
             cfg=stage_config("unlabeled"),
             out=f"results/{SRC}/prepare",
+            # the folder's image list (names, sizes, times): adding, removing or rewriting an image reruns prepare
+            images=folder_images(),
         conda:
             CONDA_ENV
         log:
