@@ -74,8 +74,8 @@ class QuadrantColourOracle:
     scoring paths give different, independently computable scores.
     """
 
-    def predict(self, query, supports, support_masks):
-        weights = support_masks[:, :, None]
+    def predict(self, query, supports, support_masks, query_valid=None):
+        weights = (support_masks == 1).float()[:, :, None]  # 255 = ignore or padding
         colour = (supports * weights).sum((1, 3, 4)) / weights.sum((1, 3, 4))
         to_object = ((query - colour[:, :, None, None]) ** 2).sum(1)
         to_grey = ((query - GREY / 255) ** 2).sum(1)
@@ -137,7 +137,7 @@ def test_oracle_scores_match_independent_computation(tmp_path, resolution, regio
              meta={"embedder": "demo", "run": "t"}, build=_oracle_build)
     scores, per_class = pd.read_csv(out), pd.read_csv(classes_out)
     assert list(scores.columns) == ["method", "backbone", "embedder", "clusters", "fold", "shot", "seed", "miou",
-                                    "fbiou", "episodes", "resolution", "test_size", "run"]
+                                    "fbiou", "episodes", "resolution", "test_size", "sampling", "run"]
     assert list(per_class.columns) == ["method", "fold", "shot", "seed", "class_id", "class_name", "iou", "episodes"]
     assert len(scores) == 4 and set(scores["episodes"]) == {12} and set(scores["resolution"]) == {resolution}
     assert set(scores["embedder"]) == {"demo"} and set(scores["backbone"]) == {"resnet50-imagenet"}
@@ -229,3 +229,35 @@ def test_checkpoint_with_fold_placeholder_loads_one_model_per_fold(tmp_path):
                          tmp_path / "s.csv", tmp_path / "c.csv", build=build)
     assert built == ["models/fold0/checkpoint.pt", "models/fold1/checkpoint.pt"]
     assert sorted(scores["fold"]) == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("resolution", ["original", "resized"])
+def test_batches_mark_padding_for_the_model(tmp_path, resolution):
+    """Query pixels outside the resized image are not valid; support masks are 255 there."""
+    from umtfss.evaluation.run import EpisodeBatches, _image_paths
+    from umtfss.evaluation.sampler import sample_episodes
+
+    tables = _make_val_set(tmp_path)
+    images = pd.read_parquet(tables / "images.parquet")
+    episodes = sample_episodes(pd.read_parquet(tables / "image_classes.parquet"), [1, 2], 1, 6, 0)
+    batch = EpisodeBatches(episodes, _image_paths(images), 3, TEST_SIZE, resolution)[0]
+    sizes = dict(zip(images["image_id"], zip(images["height"], images["width"])))
+
+    def extent(image_id):
+        h, w = sizes[image_id]
+        if resolution == "resized":
+            return TEST_SIZE, TEST_SIZE
+        return (TEST_SIZE, round(w * TEST_SIZE / h)) if h >= w else (round(h * TEST_SIZE / w), TEST_SIZE)
+
+    padded_somewhere = False
+    for row in range(3):
+        rows, cols = extent(episodes["query_id"][row])
+        valid = batch["query_valid"][row]
+        assert abs(int(valid.sum()) - rows * cols) <= TEST_SIZE  # rounding of the resized side
+        assert not valid[rows:].any() and not valid[:, cols:].any() and valid[: rows - 1, : cols - 1].all()
+        for shot, support_id in enumerate(episodes["support_ids"][row]):
+            mask = batch["support_masks"][row, shot]
+            rows, cols = extent(support_id)
+            assert (mask[rows + 1:] == 255).all() and (mask[:, cols + 1:] == 255).all()
+            padded_somewhere |= rows < TEST_SIZE - 1 or cols < TEST_SIZE - 1
+    assert padded_somewhere == (resolution == "original")

@@ -64,11 +64,11 @@ def test_episode_artifacts_npy_json_and_checkpoint(tmp_path, capsys):
     emb.create_array("valid", data=np.full((4, 2), 6, np.int32))
     emb.create_array("sizes", data=np.full((4, 2), 48, np.int32))
     ids = ["p", "q", "r", "s"]
-    emb.attrs.update({"image_ids": ids, "stride": 8})
+    emb.attrs.update({"image_ids": ids, "stride": 8, "image_size": 48})
     lab = zarr.open_group(str(tmp_path / "lab.zarr"), mode="w")
     lab.create_array("labels", data=labels, chunks=(1, 6, 6))
     lab.attrs.update({"image_ids": ids, "clusters": 2})
-    config = {"min_region_pixels": 4, "drop_background_like": True, "background_rule": "bbox", "background_span": 0.95, "top_fraction": 0.5,
+    config = {"min_region_pixels": 4, "area_unit": "grid", "drop_background_like": True, "background_rule": "bbox", "background_span": 0.95, "top_fraction": 0.5,
               "max_candidates": 5000, "max_pool": 20000, "seed": 0}
     paths = build_episodes([tmp_path / "lab.zarr"], [tmp_path / "emb.zarr"], tmp_path / "ep", config, progress=False)
 

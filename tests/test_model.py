@@ -184,3 +184,58 @@ def test_build_model_reads_the_config_and_rejects_bad_values():
         build_model({"dim": 30, "heads": 4}, TinyBackbone())
     with pytest.raises(ValueError, match="supports must be"):
         make_model()(torch.rand(1, 3, SIZE, SIZE), torch.rand(1, 3, SIZE, SIZE), torch.rand(1, 1, SIZE, SIZE))
+
+
+@pytest.mark.parametrize("attention", ["prototype", "vanilla"])
+def test_padded_cells_are_never_attended_to(attention):
+    """With validity masks, tokens of padded query / support cells cannot change any valid query output."""
+    from umtfss.model.fss import AttentionLayer
+
+    torch.manual_seed(0)
+    model = make_model(attention, fg=50, bg=50)
+    layer = model.transformer[0].eval()
+    assert isinstance(layer, AttentionLayer)
+    batch, shots, cells, dim = 2, 2, 16, 32
+    query, support = torch.randn(batch, cells, dim), torch.randn(batch * shots, cells, dim)
+    foreground = torch.zeros(batch, shots * cells, dtype=torch.bool)
+    foreground[:, :5] = True
+    foreground[:, cells:cells + 4] = True
+    query_valid = torch.ones(batch, cells, dtype=torch.bool)
+    query_valid[:, 12:] = False               # bottom row of a 4x4 grid is padding
+    support_valid = torch.ones(batch * shots, cells, dtype=torch.bool)
+    support_valid[:, 10:] = False
+    with torch.no_grad():
+        out, _ = layer(query, support, foreground, shots, query_valid, support_valid)
+        noisy_query, noisy_support = query.clone(), support.clone()
+        noisy_query[:, 12:] = torch.randn(batch, 4, dim) * 10
+        noisy_support[:, 10:] = torch.randn(batch * shots, 6, dim) * 10
+        again, _ = layer(noisy_query, noisy_support, foreground, shots, query_valid, support_valid)
+        torch.testing.assert_close(again[:, :12], out[:, :12])
+        unmasked, _ = layer(noisy_query, noisy_support, foreground, shots)
+        assert not torch.allclose(unmasked[:, :12], out[:, :12])  # without the masks the padding leaks in
+
+
+def test_mask_padding_switch_and_unpadded_inputs():
+    """255 in the support masks (and query_valid) change the result only with mask_padding; plain 0/1
+    masks without query_valid give the same logits either way."""
+    model = make_model().eval()
+    plain = copy.deepcopy(model)
+    plain.mask_padding = False
+    query, supports, masks = episode(shots=2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(query, supports, masks), plain(query, supports, masks))
+        padded = masks.clone()
+        padded[..., 24:, :] = 255.0                        # the bottom grid row of every support is padding
+        query_valid = torch.ones(query.shape[0], SIZE, SIZE, dtype=torch.bool)
+        query_valid[:, :, 24:] = False
+        masked = model(query, supports, padded, query_valid)
+        assert torch.isfinite(masked).all()
+        assert not torch.allclose(masked, plain(query, supports, padded, query_valid))
+        # with the switch off, 255 is background: the same as passing 0 there
+        background = padded.clone()
+        background[background == 255] = 0
+        torch.testing.assert_close(plain(query, supports, padded, query_valid), plain(query, supports, background))
+    from umtfss.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.mask_padding"):
+        load({"model": {"mask_padding": "yes"}})

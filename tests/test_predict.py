@@ -51,7 +51,7 @@ def test_predict_writes_a_binary_mask_of_the_query_size(files, tmp_path):
 class RedIsForeground(torch.nn.Module):
     """Stand-in model: foreground wherever the query is red; ignores the supports."""
 
-    def forward(self, query, supports, support_masks):
+    def forward(self, query, supports, support_masks, query_valid=None):
         score = query[:, 0] - query[:, 1:].amax(1) - 0.5
         return torch.stack([-score, score], dim=1)
 

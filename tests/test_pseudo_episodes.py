@@ -20,13 +20,13 @@ GRID = 8
 DIM = 6
 
 
-def write_stores(tmp_path, labels, features, valid, image_ids, clusters, name="shard-0-of-1"):
-    """A label store and an embedding store in the architecture's layout."""
+def write_stores(tmp_path, labels, features, valid, image_ids, clusters, name="shard-0-of-1", sizes=None):
+    """A label store and an embedding store in the architecture's layout (original images 32x32 unless `sizes`)."""
     n = len(image_ids)
     emb = zarr.open_group(str(tmp_path / f"emb-{name}.zarr"), mode="w")
     emb.create_array("features", data=features.astype(np.float16), chunks=(1, GRID, GRID, DIM))
     emb.create_array("valid", data=np.asarray(valid, np.int32))
-    emb.create_array("sizes", data=np.full((n, 2), 32, np.int32))
+    emb.create_array("sizes", data=np.full((n, 2), 32, np.int32) if sizes is None else np.asarray(sizes, np.int32))
     emb.attrs.update({"image_ids": image_ids, "stride": 8, "image_size": 64, "dim": DIM})
     lab = zarr.open_group(str(tmp_path / f"lab-{name}.zarr"), mode="w")
     lab.create_array("labels", data=labels.astype(np.int16), chunks=(1, GRID, GRID))
@@ -50,7 +50,7 @@ def test_region_filters_and_masked_average(tmp_path):
     lab, emb = write_stores(tmp_path, labels, features, [[6, 7]], ["img"], clusters=4)
 
     table, feats = build_regions([lab], [emb], 4, min_region_pixels=3, drop_background_like=True, background_span=0.95,
-                                 background_rule="bbox")
+                                 background_rule="bbox", area_unit="grid")
     # cluster 3 covers 6*7 - 6 - 2 - 6 = 28 cells and spans the full width -> background-like too
     assert table["cluster"].tolist() == [2]
     row = table.iloc[0]
@@ -58,9 +58,28 @@ def test_region_filters_and_masked_average(tmp_path):
     expected = features[0, 2:4, 3:6].astype(np.float16).astype(np.float32).reshape(-1, DIM).mean(0)
     np.testing.assert_allclose(feats[0], expected / np.linalg.norm(expected), atol=2e-3)
 
-    kept = build_regions([lab], [emb], 4, min_region_pixels=3, drop_background_like=False)[0]
+    kept = build_regions([lab], [emb], 4, min_region_pixels=3, drop_background_like=False, area_unit="grid")[0]
     assert sorted(kept["cluster"]) == [0, 2, 3]
     assert sorted(build_regions([lab], [emb], 4, min_region_pixels=1, drop_background_like=False)[0]["cluster"]) == [0, 1, 2, 3]
+
+
+def test_minimum_area_in_original_image_pixels(tmp_path):
+    """area_unit image (reference): a cell of an image twice as large (same grid) counts 4x the pixels."""
+    labels = np.full((2, GRID, GRID), -1)
+    labels[:, :4, :4] = 0
+    labels[:, 1, 1:3] = 1            # 2 cells in each image
+    features = unit(np.random.default_rng(0), (2, GRID, GRID, DIM))
+    # embed image_size 64, stride 8: a cell is (8 * 32/64)^2 = 16 px of a 32 px image, 256 px of a 128 px one
+    lab, emb = write_stores(tmp_path, labels, features, [[4, 4], [4, 4]], ["small", "large"], clusters=2,
+                            sizes=[[32, 20], [128, 100]])
+    table = build_regions([lab], [emb], 2, min_region_pixels=100, drop_background_like=False, progress=False)[0]
+    ones = table[table["cluster"] == 1]
+    assert ones["image_id"].tolist() == ["large"] and ones["area_pixels"].tolist() == [512]
+    grid = build_regions([lab], [emb], 2, min_region_pixels=2, drop_background_like=False, area_unit="grid",
+                         progress=False)[0]
+    assert sorted(grid.loc[grid["cluster"] == 1, "image_id"]) == ["large", "small"]
+    with pytest.raises(ValueError, match="area_unit"):
+        build_regions([lab], [emb], 2, area_unit="cells", progress=False)
 
 
 def test_background_rules_occupancy_and_bbox(tmp_path):
@@ -150,7 +169,7 @@ def torch_nearest(grid_mask, size):
 def test_episodes_stage_and_sampler(tmp_path):
     labels, embeddings, images = write_dataset(tmp_path)
     out = tmp_path / "episodes"
-    config = '{"episodes": {"min_region_pixels": 2}}'
+    config = '{"episodes": {"min_region_pixels": 2, "area_unit": "grid"}}'
     assert cli.main(["episodes", "--config", config, "--labels", *map(str, labels),
                      "--embeddings", *map(str, embeddings), "--out-dir", str(out)]) == 0
     for name in (REGIONS_FILE, CANDIDATES_FILE, FEATURES_FILE):

@@ -19,27 +19,32 @@ def _image_classes():
     return pd.DataFrame(rows, columns=["image_id", "split", "class_id", "pixels", "present"])
 
 
-def test_same_seed_same_episodes_and_row_order_does_not_matter():
+SCHEMES = pytest.mark.parametrize("scheme", ["image_walk", "class_uniform"])
+
+
+@SCHEMES
+def test_same_seed_same_episodes_and_row_order_does_not_matter(scheme):
     table = _image_classes()
-    first = sample_episodes(table, [1, 2], shots=2, episodes=50, seed=321)
+    first = sample_episodes(table, [1, 2], shots=2, episodes=50, seed=321, scheme=scheme)
     shuffled = table.sample(frac=1.0, random_state=7).reset_index(drop=True)
-    again = sample_episodes(shuffled, [2, 1], shots=2, episodes=50, seed=321)
+    again = sample_episodes(shuffled, [2, 1], shots=2, episodes=50, seed=321, scheme=scheme)
     pd.testing.assert_frame_equal(first, again)
     assert list(first.columns) == ["episode", "class_id", "query_id", "support_ids"]
     assert list(first["episode"]) == list(range(50))
 
 
-def test_different_seed_differs():
+@SCHEMES
+def test_different_seed_differs(scheme):
     table = _image_classes()
-    a = sample_episodes(table, [1, 2], shots=1, episodes=50, seed=1)
-    b = sample_episodes(table, [1, 2], shots=1, episodes=50, seed=2)
+    a = sample_episodes(table, [1, 2], shots=1, episodes=50, seed=1, scheme=scheme)
+    b = sample_episodes(table, [1, 2], shots=1, episodes=50, seed=2, scheme=scheme)
     assert not a.equals(b)
 
 
-def test_episode_invariants():
+def test_class_uniform_invariants():
     table = _image_classes()
     present = {(r.image_id, r.class_id) for r in table.itertuples() if r.present and r.split == "val"}
-    episodes = sample_episodes(table, [1, 2], shots=5, episodes=200, seed=0)
+    episodes = sample_episodes(table, [1, 2], shots=5, episodes=200, seed=0, scheme="class_uniform")
     for row in episodes.itertuples():
         assert row.class_id in (1, 2)
         assert len(row.support_ids) == 5
@@ -54,23 +59,47 @@ def test_episode_invariants():
     assert set(episodes.loc[episodes["class_id"] == 1, "query_id"]) == {f"img{i:02d}" for i in range(8)}
 
 
-def test_prefix_stable_and_shots_nested():
+def test_image_walk_follows_the_reference_test_code():
+    """Query e = image e of the test images holding a fold class; its class any fold class with a pixel
+    in it (a 10-pixel object too); supports where the class is present, never the query."""
     table = _image_classes()
-    one = sample_episodes(table, [1, 2], shots=1, episodes=30, seed=5)
-    five = sample_episodes(table, [1, 2], shots=5, episodes=60, seed=5)
+    present = {(r.image_id, r.class_id) for r in table.itertuples() if r.present and r.split == "val"}
+    touched = {(r.image_id, r.class_id) for r in table.itertuples() if r.pixels > 0 and r.split == "val"}
+    episodes = sample_episodes(table, [1, 2], shots=5, episodes=240, seed=0)  # the default scheme
+    images = [f"img{i:02d}" for i in range(12)]
+    assert list(episodes["query_id"]) == images * 20
+    for row in episodes.itertuples():
+        assert (row.query_id, row.class_id) in touched
+        assert len(set(row.support_ids)) == 5 and row.query_id not in row.support_ids
+        assert all((s, row.class_id) in present for s in row.support_ids)
+    # img08-11 hold class 1 with 10 pixels (not 'present'): still a query of class 1 sometimes
+    tiny = episodes[episodes["query_id"].isin(images[8:]) & (episodes["class_id"] == 1)]
+    assert len(tiny) > 10
+    # img00-03 hold only class 1: always class 1; classes follow the images, not uniform
+    assert set(episodes.loc[episodes["query_id"].isin(images[:4]), "class_id"]) == {1}
+    with pytest.raises(ValueError, match="evaluation.sampling"):
+        sample_episodes(table, [1, 2], 1, 3, 0, scheme="hsnet")
+
+
+@SCHEMES
+def test_prefix_stable_and_shots_nested(scheme):
+    table = _image_classes()
+    one = sample_episodes(table, [1, 2], shots=1, episodes=30, seed=5, scheme=scheme)
+    five = sample_episodes(table, [1, 2], shots=5, episodes=60, seed=5, scheme=scheme)
     assert list(one["class_id"]) == list(five["class_id"][:30])
     assert list(one["query_id"]) == list(five["query_id"][:30])
     assert [s[0] for s in one["support_ids"]] == [s[0] for s in five["support_ids"][:30]]
 
 
-def test_too_few_images_is_a_clear_error():
+@SCHEMES
+def test_too_few_images_is_a_clear_error(scheme):
     table = _image_classes()
     with pytest.raises(ValueError, match="class 3: 3"):
-        sample_episodes(table, [1, 3], shots=3, episodes=5, seed=0)
+        sample_episodes(table, [1, 3], shots=3, episodes=5, seed=0, scheme=scheme)
     with pytest.raises(ValueError, match="class 9: 0"):
-        sample_episodes(table, [9], shots=1, episodes=5, seed=0)
+        sample_episodes(table, [9], shots=1, episodes=5, seed=0, scheme=scheme)
     # 3 images allow a 2-shot episode (query + 2 supports)
-    assert len(sample_episodes(table, [3], shots=2, episodes=5, seed=0)) == 5
+    assert len(sample_episodes(table, [3], shots=2, episodes=5, seed=0, scheme=scheme)) == 5
 
 
 def test_missing_column_is_named():

@@ -68,7 +68,7 @@ def test_augmentation_keeps_image_and_mask_aligned():
     image[..., 1] = 255  # green = background
     image[mask == 1] = (255, 0, 0)  # red = object
     image[mask == 255] = (0, 0, 255)  # blue = ignore region
-    aug = Augmentation(crop_size=64, scale_min=0.8, scale_max=1.2, rotation=20)
+    aug = Augmentation(crop_size=64, scale_min=0.8, scale_max=1.2, rotation=20, pad_fill="zero")
     for _ in range(10):
         img, msk = aug(image, mask, rng)
         assert img.shape == (3, 64, 64) and msk.shape == (64, 64) and msk.dtype == torch.long
@@ -82,15 +82,42 @@ def test_augmentation_keeps_image_and_mask_aligned():
         assert (msk[black] == 255).all()
 
 
-def test_small_image_is_padded_with_zero_and_ignore():
+@pytest.mark.parametrize("fill", ["mean", "zero"])
+def test_small_image_is_padded_with_the_fill_and_ignore(fill):
     image = np.full((20, 30, 3), 200, np.uint8)
     mask = np.ones((20, 30), np.uint8)
-    aug = Augmentation(crop_size=48, scale_min=1.0, scale_max=1.0, rotation=0)
+    aug = Augmentation(crop_size=48, scale_min=1.0, scale_max=1.0, rotation=0, pad_fill=fill)
     img, msk = aug(image, mask, np.random.default_rng(1))
     assert img.shape == (3, 48, 48)
     assert (msk == 1).sum() == 20 * 30 and (msk == 255).sum() == 48 * 48 - 600
-    assert torch.all(img[:, msk == 255] == 0)
+    expected = torch.tensor([0.485, 0.456, 0.406] if fill == "mean" else [0.0, 0.0, 0.0])  # reference: ImageNet mean
+    torch.testing.assert_close(img[:, msk == 255], expected[:, None].expand(3, int((msk == 255).sum())))
     assert torch.allclose(img[:, msk == 1], torch.tensor(200 / 255))
+    with pytest.raises(ValueError, match="pad_fill"):
+        Augmentation(crop_size=48, pad_fill="grey")
+
+
+def test_blur_and_flip_switches():
+    """Half the draws blur the image (a sharp edge gets intermediate values); blur / flip false never do."""
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[:, 12:] = 255
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:, 12:] = 1
+
+    def draws(**switches):
+        aug = Augmentation(crop_size=32, scale_min=1.0, scale_max=1.0, rotation=0, **switches)
+        return [aug(image, mask, np.random.default_rng(seed)) for seed in range(16)]
+
+    def blurred(img):
+        return bool(((img > 0.05) & (img < 0.95)).any())
+
+    def flipped(msk):
+        return bool(msk[0, 0] == 1)  # the object was on the right
+
+    both = draws()
+    assert 3 <= sum(blurred(img) for img, _ in both) <= 13 and 3 <= sum(flipped(m) for _, m in both) <= 13
+    assert not any(blurred(img) for img, _ in draws(blur=False))
+    assert not any(flipped(m) for _, m in draws(flip=False))
 
 
 def test_rotation_fills_corners_with_ignore():
@@ -383,7 +410,7 @@ def test_cli_unsup_trains_on_real_pseudo_episodes(tmp_path):
 
     labels, embeddings, images = write_dataset(tmp_path)
     episodes = tmp_path / "episodes"
-    assert main(["episodes", "--config", '{"episodes": {"min_region_pixels": 2}}', "--labels", *map(str, labels),
+    assert main(["episodes", "--config", '{"episodes": {"min_region_pixels": 2, "area_unit": "grid"}}', "--labels", *map(str, labels),
                  "--embeddings", *map(str, embeddings), "--out-dir", str(episodes)]) == 0
     config = json.dumps({"model": TINY_MODEL, "training": {"epochs": 1, "batch_size": 4, "crop_size": 48,
                                                            "workers": 0, "device": "cpu", "episodes_per_epoch": 6}})

@@ -17,7 +17,7 @@ TINY = {
     "datasets": {"pascal": {"root": "data/demo/VOC2012", "min_class_pixels": 300}},
     "embedding": {"backbone": "demo-colortexture", "image_size": 96, "shards": 2, "batch_size": 8, "device": "cpu"},
     "clustering": {"clusters": 12, "subset_pixels": 5000, "iterations": 5},
-    "episodes": {"min_region_pixels": 2},
+    "episodes": {"min_region_pixels": 2, "area_unit": "grid"},
     "model": {"backbone": "demo-colortexture", "dim": 32, "heads": 4, "layers": 1, "prototypes_fg": 8, "prototypes_bg": 8},
     "training": {"epochs": 1, "episodes_per_epoch": 8, "batch_size": 4, "crop_size": 96, "workers": 0, "device": "cpu"},
     "evaluation": {"folds": [0], "shots": [1], "episodes": 6, "seeds": [321], "test_size": 96, "device": "cpu",

@@ -63,7 +63,7 @@ def support_tensors(supports: list[tuple[np.ndarray, np.ndarray]], size: int) ->
     for image, mask in supports:
         image_t, mask_t, _ = resize_pad(image, mask, size)
         images.append(image_t)
-        masks.append((mask_t == 1).float())
+        masks.append(mask_t.float())  # 0/1, 255 = ignore or padding
     return torch.stack(images), torch.stack(masks)
 
 
@@ -73,9 +73,12 @@ def predict_masks(model, queries: list[np.ndarray], support_images: torch.Tensor
     """Foreground 0/1 uint8 masks of several queries (one forward pass), each at its query's own size."""
     prepared = [resize_pad(query, None, size) for query in queries]
     batch = torch.stack([query_t for query_t, _, _ in prepared]).to(device)
+    query_valid = torch.zeros(len(queries), size, size, dtype=torch.bool)
+    for row, (_, _, (h, w)) in enumerate(prepared):
+        query_valid[row, :h, :w] = True
     images = support_images[None].expand(len(queries), *support_images.shape).to(device)
     masks = support_masks[None].expand(len(queries), *support_masks.shape).to(device)
-    logits = model(batch, images, masks).float()
+    logits = model(batch, images, masks, query_valid.to(device)).float()
     if logits.shape[-2:] != (size, size):
         logits = torch.nn.functional.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
     return [unpad_to(logits[row].cpu(), valid, query.shape[:2]).argmax(0).numpy().astype(np.uint8)

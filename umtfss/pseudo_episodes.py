@@ -6,7 +6,9 @@ L2-normalised. A query region's *support candidates* are the most cosine-similar
 cluster (paper: "only top 50 percent nearest regions are used for randomly K-shot support set
 selection"); the reference code's conventions are config keys (section `episodes`):
 
-- regions: `area >= min_region_pixels` grid cells (reference 2,048 px = 32 cells at stride 8);
+- regions: `area >= min_region_pixels`, counted (`area_unit` image, reference) in pixels of the original
+  image: a grid cell stands for (stride * longer side / embed image_size)^2 of them, so 2,048 px is
+  32 cells of a 473 px image and 18 of a 640 px one; or (`area_unit` grid) in feature-grid cells;
   with `drop_background_like`, clusters stretching over (nearly) the whole image height or width are
   background-like and dropped. `background_rule` occupancy (reference code): the region has cells in
   more than `background_span * valid_h` of the rows or `background_span * valid_w` of the columns;
@@ -145,12 +147,22 @@ def image_regions(cells: np.ndarray, features: np.ndarray) -> _ImageRegions:
 BACKGROUND_RULES = ("occupancy", "bbox")
 
 
-def region_filter(regions: _ImageRegions, valid: tuple[int, int], min_region_pixels: int,
-                  drop_background_like: bool, background_span: float, background_rule: str = "occupancy") -> np.ndarray:
-    """Boolean keep-mask: area >= min_region_pixels and, optionally, not background-like (module docstring)."""
+AREA_UNITS = ("image", "grid")
+
+
+def pixels_per_cell(image_size_hw: tuple[int, int], embed_size: int, stride: int) -> float:
+    """Original-image pixels one feature-grid cell stands for: the embedder resized the longer side to embed_size."""
+    return (stride * max(image_size_hw) / embed_size) ** 2
+
+
+def region_filter(regions: _ImageRegions, valid: tuple[int, int], min_region_pixels: float,
+                  drop_background_like: bool, background_span: float, background_rule: str = "occupancy",
+                  pixels_per_cell: float = 1.0) -> np.ndarray:
+    """Boolean keep-mask: area * pixels_per_cell >= min_region_pixels and, optionally, not background-like
+    (module docstring); pixels_per_cell 1 counts grid cells."""
     if background_rule not in BACKGROUND_RULES:
         raise ValueError(f"config key 'episodes.background_rule' is '{background_rule}', expected occupancy or bbox")
-    keep = regions.area >= min_region_pixels
+    keep = regions.area * pixels_per_cell >= min_region_pixels
     if drop_background_like:
         vh, vw = valid
         if background_rule == "occupancy":  # reference: fewer than (1 - span) of the rows or columns free of it
@@ -164,25 +176,32 @@ def region_filter(regions: _ImageRegions, valid: tuple[int, int], min_region_pix
 
 
 def build_regions(label_paths: Sequence[str | Path], embedding_paths: Sequence[str | Path],
-                  clusters: int | None = None, min_region_pixels: int = 32, drop_background_like: bool = True,
-                  background_span: float = 0.99, progress: bool = True,
-                  background_rule: str = "occupancy") -> tuple[pd.DataFrame, np.ndarray]:
+                  clusters: int | None = None, min_region_pixels: int = 2048, drop_background_like: bool = True,
+                  background_span: float = 0.99, progress: bool = True, background_rule: str = "occupancy",
+                  area_unit: str = "image") -> tuple[pd.DataFrame, np.ndarray]:
     """Regions of every image of the label stores, streamed shard by shard, image by image.
 
     Returns (table, features): the table has one row per kept region, sorted by cluster, with
-    region_id (= row), image_id, cluster, area (grid cells), y0, x0, y1, x1 (grid cells, exclusive
-    ends), valid_h, valid_w; `features` is float16 [rows, d], the masked-average features.
+    region_id (= row), image_id, cluster, area (grid cells), area_pixels (original-image pixels),
+    y0, x0, y1, x1 (grid cells, exclusive ends), valid_h, valid_w; `features` is float16 [rows, d],
+    the masked-average features.
     """
+    if area_unit not in AREA_UNITS:
+        raise ValueError(f"config key 'episodes.area_unit' is '{area_unit}', expected image or grid")
     labels = LabelStore(label_paths)
     embeddings = EmbeddingStore(embedding_paths)
     clusters = _check_cluster_count(labels, clusters)
+    embed_size, stride = embeddings.attrs.get("image_size"), embeddings.attrs.get("stride")
+    if not all(isinstance(v, int) and v > 0 for v in (embed_size, stride)):
+        raise ValueError(f"embedding store(s) {_names(embedding_paths)} have image_size={embed_size!r}, "
+                         f"stride={stride!r}; expected positive ints (rerun embed)")
     if tuple(labels.grid) != tuple(embeddings.grid):
         raise ValueError(f"label stores have grid {tuple(labels.grid)} but embedding stores have "
                          f"{tuple(embeddings.grid)}; expected the labels of these embeddings")
     embedding_row = _unique_index(embeddings.image_ids, "embedding stores", embedding_paths)
     _unique_index(labels.image_ids, "label stores", label_paths)
 
-    columns: dict[str, list] = {k: [] for k in ("image_id", "cluster", "area", "bbox", "valid")}
+    columns: dict[str, list] = {k: [] for k in ("image_id", "cluster", "area", "area_pixels", "bbox", "valid")}
     feature_blocks: list[np.ndarray] = []
     bar = tqdm(total=len(labels), desc="regions", unit="img", disable=not progress)
     for index_range, block in labels.iter_batches(16):
@@ -199,12 +218,14 @@ def build_regions(label_paths: Sequence[str | Path], embedding_paths: Sequence[s
                                  f"valid grid, expected 0..{clusters - 1}")
             features = embeddings.features(embedding_row[image_id])[:vh, :vw]
             found = image_regions(cells, features)
+            per_cell = pixels_per_cell(embeddings.size(embedding_row[image_id]), embed_size, stride)
             keep = region_filter(found, (vh, vw), min_region_pixels, drop_background_like, background_span,
-                                 background_rule)
+                                 background_rule, per_cell if area_unit == "image" else 1.0)
             n = int(keep.sum())
             columns["image_id"].extend([image_id] * n)
             columns["cluster"].append(found.clusters[keep])
             columns["area"].append(found.area[keep])
+            columns["area_pixels"].append(np.round(found.area[keep] * per_cell))
             columns["bbox"].append(found.bbox[keep])
             columns["valid"].append(np.tile([vh, vw], (n, 1)))
             feature_blocks.append(found.features[keep].astype(np.float16))
@@ -225,6 +246,7 @@ def _region_table(columns: dict, feature_blocks: list[np.ndarray], dim: int) -> 
         "image_id": np.asarray(columns["image_id"], dtype=object)[order] if order.size else np.zeros(0, object),
         "cluster": cluster[order].astype(np.int16),
         "area": cat("area", (0,))[order].astype(np.int32),
+        "area_pixels": cat("area_pixels", (0,))[order].astype(np.int64),
         "y0": bbox[:, 0].astype(np.int16), "x0": bbox[:, 1].astype(np.int16),
         "y1": bbox[:, 2].astype(np.int16), "x1": bbox[:, 3].astype(np.int16),
         "valid_h": valid[:, 0].astype(np.int16), "valid_w": valid[:, 1].astype(np.int16),
@@ -367,9 +389,10 @@ def build_episodes(label_paths: Sequence[str | Path], embedding_paths: Sequence[
     cfg = episodes_config
     table, features = build_regions(label_paths, embedding_paths, clusters, cfg["min_region_pixels"],
                                     cfg["drop_background_like"], cfg["background_span"], progress,
-                                    cfg["background_rule"])
+                                    cfg["background_rule"], cfg["area_unit"])
     if table.empty:
-        raise ValueError(f"no region survived the filters (min_region_pixels={cfg['min_region_pixels']}, "
+        raise ValueError(f"no region survived the filters (min_region_pixels={cfg['min_region_pixels']} "
+                         f"{cfg['area_unit']} {'pixels' if cfg['area_unit'] == 'image' else 'cells'}, "
                          f"drop_background_like={cfg['drop_background_like']}, background_rule={cfg['background_rule']}, "
                          f"background_span={cfg['background_span']}) "
                          f"in label store(s) {_names(label_paths)}")
@@ -378,7 +401,7 @@ def build_episodes(label_paths: Sequence[str | Path], embedding_paths: Sequence[
                                     cfg["max_candidates"], cfg["max_pool"], cfg["seed"], progress)
     labels = LabelStore(label_paths)
     metadata = {
-        "parameters": {k: cfg[k] for k in ("min_region_pixels", "drop_background_like", "background_rule",
+        "parameters": {k: cfg[k] for k in ("min_region_pixels", "area_unit", "drop_background_like", "background_rule",
                                            "background_span", "top_fraction", "max_candidates", "max_pool", "seed")},
         "clusters": int(clusters if clusters is not None else labels.clusters),
         "centroids_sha256": labels.attrs.get("centroids_sha256"),

@@ -16,11 +16,13 @@ REFERENCE_METHODS = ("all-background", "prototype-threshold")
 class Predictor(Protocol):
     """Maps a batch of episodes at test size S to two-class logits (index 1 = the support's class).
 
-    query [B,3,S,S] float in [0,1]; supports [B,K,3,S,S]; support_masks [B,K,S,S] float 0/1
-    (ignore pixels given as 0) -> logits [B,2,S,S]. Inputs are already on the predictor's device.
+    query [B,3,S,S] float in [0,1]; supports [B,K,3,S,S]; support_masks [B,K,S,S] float 0/1 with
+    255 on ignored and padded pixels; query_valid [B,S,S] bool (the query's image pixels, None = all)
+    -> logits [B,2,S,S]. Inputs are already on the predictor's device.
     """
 
-    def predict(self, query: torch.Tensor, supports: torch.Tensor, support_masks: torch.Tensor) -> torch.Tensor: ...
+    def predict(self, query: torch.Tensor, supports: torch.Tensor, support_masks: torch.Tensor,
+                query_valid: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 def _check_inputs(query: torch.Tensor, supports: torch.Tensor, support_masks: torch.Tensor) -> None:
@@ -39,7 +41,7 @@ def _check_inputs(query: torch.Tensor, supports: torch.Tensor, support_masks: to
 class AllBackground:
     """Predicts background everywhere: the floor of every score (mIoU 0)."""
 
-    def predict(self, query, supports, support_masks):
+    def predict(self, query, supports, support_masks, query_valid=None):
         _check_inputs(query, supports, support_masks)
         b, _, h, w = query.shape
         logits = torch.zeros(b, 2, h, w, device=query.device)
@@ -84,7 +86,8 @@ class PrototypeThreshold:
         b, k = supports.shape[:2]
         query_features = self._features(query)
         support_features = self._features(supports.flatten(0, 1))
-        prototypes, has_mask = masked_average(support_features, support_masks.flatten(0, 1))
+        foreground = (support_masks == 1).float()  # ignore and padding (255) are not foreground
+        prototypes, has_mask = masked_average(support_features, foreground.flatten(0, 1))
         prototypes, has_mask = prototypes.view(b, k, -1), has_mask.view(b, k, 1).float()
         prototype = (prototypes * has_mask).sum(1) / has_mask.sum(1).clamp_min(1.0)
         cosine = F.cosine_similarity(query_features, prototype[:, :, None, None], dim=1)
@@ -92,7 +95,7 @@ class PrototypeThreshold:
         high = cosine.flatten(1).max(1).values[:, None, None]
         return (cosine - low) / (high - low).clamp_min(1e-6)
 
-    def predict(self, query, supports, support_masks):
+    def predict(self, query, supports, support_masks, query_valid=None):
         _check_inputs(query, supports, support_masks)
         similarity = self.similarity(query, supports, support_masks)
         similarity = F.interpolate(similarity[:, None], size=query.shape[-2:], mode="bilinear", align_corners=False)
@@ -101,14 +104,24 @@ class PrototypeThreshold:
 
 
 class ModelPredictor:
-    """Wraps any nn.Module with the FSSModel forward signature (query, supports, support_masks) -> logits."""
+    """Wraps any nn.Module with the FSSModel forward signature (query, supports, support_masks[, query_valid]).
+
+    A forward without `query_valid` (another meta-learner) gets 0/1 support masks, ignore and padding
+    as 0; FSSModel gets the 255s and the query's valid pixels, to leave padding out of its attention.
+    """
 
     def __init__(self, model: torch.nn.Module):
-        self.model = model.eval()
+        import inspect
 
-    def predict(self, query, supports, support_masks):
+        self.model = model.eval()
+        self.takes_valid = "query_valid" in inspect.signature(model.forward).parameters
+
+    def predict(self, query, supports, support_masks, query_valid=None):
         _check_inputs(query, supports, support_masks)
-        logits = self.model(query, supports, support_masks)
+        if self.takes_valid:
+            logits = self.model(query, supports, support_masks, query_valid=query_valid)
+        else:
+            logits = self.model(query, supports, (support_masks == 1).float())
         if logits.ndim != 4 or logits.shape[:2] != (query.shape[0], 2):
             raise ValueError(f"model returned logits of shape {tuple(logits.shape)}, expected [B,2,H,W]")
         if logits.shape[-2:] != query.shape[-2:]:

@@ -26,7 +26,7 @@ from umtfss.transforms import resize_pad, resize_square, unpad_to
 
 SPLIT = "val"
 SCORE_COLUMNS = ["method", "backbone", "embedder", "clusters", "fold", "shot", "seed", "miou", "fbiou", "episodes",
-                 "resolution", "test_size"]
+                 "resolution", "test_size", "sampling"]
 CLASS_COLUMNS = ["method", "fold", "shot", "seed", "class_id", "class_name", "iou", "episodes"]
 
 
@@ -89,11 +89,16 @@ class EpisodeBatches(Dataset):
                 s_image, s_label = images[support_id]
                 s_tensor, s_mask, _ = self._transform(s_image, binary_mask(s_label, row.class_id))
                 shot_images.append(s_tensor)
-                shot_masks.append((s_mask == 1).float())  # ignore and padding -> 0
+                shot_masks.append(s_mask.float())  # 0/1, 255 = ignore or padding
             supports.append(torch.stack(shot_images))
             support_masks.append(torch.stack(shot_masks))
+        size = self.test_size
+        query_valid = torch.zeros(len(valid), size, size, dtype=torch.bool)
+        for row, (h, w) in enumerate(valid):
+            query_valid[row, :h, :w] = True
         return {
             "query": torch.stack(queries),
+            "query_valid": query_valid,
             "supports": torch.stack(supports),
             "support_masks": torch.stack(support_masks),
             "targets": targets,
@@ -139,7 +144,7 @@ def evaluate_predictor(predictor: Predictor, episodes: pd.DataFrame, paths, clas
     with torch.no_grad():
         for batch in loader:
             logits = predictor.predict(batch["query"].to(device), batch["supports"].to(device),
-                                       batch["support_masks"].to(device))
+                                       batch["support_masks"].to(device), batch["query_valid"].to(device))
             score_batch(logits, batch, eval_cfg["resolution"], accumulator)
             if progress is not None:
                 progress.update(len(batch["class_ids"]))
@@ -185,7 +190,8 @@ def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: d
             for fold in eval_cfg["folds"] for shot in eval_cfg["shots"] for seed in eval_cfg["seeds"]]
     classes_of = {fold: tables.fold_classes(fold) for fold in eval_cfg["folds"]}
     episode_tables = {
-        (fold, shot, seed): sample_episodes(tables["image_classes"], classes_of[fold], shot, n_episodes, seed, SPLIT)
+        (fold, shot, seed): sample_episodes(tables["image_classes"], classes_of[fold], shot, n_episodes, seed, SPLIT,
+                                            eval_cfg["sampling"])
         for fold, shot, seed in plan
     }
     score_rows, class_rows = [], []
@@ -206,7 +212,7 @@ def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: d
                 "method": method, "fold": fold, "shot": shot, "seed": seed,
                 "miou": round(100 * acc.miou(), 2), "fbiou": round(100 * acc.fbiou(), 2),
                 "episodes": acc.total_episodes,
-                "resolution": eval_cfg["resolution"], "test_size": eval_cfg["test_size"],
+                "resolution": eval_cfg["resolution"], "test_size": eval_cfg["test_size"], "sampling": eval_cfg["sampling"],
                 **{k: v for k, v in meta.items() if k not in ("backbone", "embedder", "clusters")},
             })
             for class_id, iou in acc.per_class().items():

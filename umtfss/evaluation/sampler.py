@@ -45,6 +45,9 @@ def _distinct_supports(rng: np.random.Generator, pool_size: int, query_index: in
     return chosen
 
 
+SAMPLING_SCHEMES = ("image_walk", "class_uniform")
+
+
 def sample_episodes(
     image_classes: pd.DataFrame,
     classes: Sequence[int],
@@ -52,35 +55,64 @@ def sample_episodes(
     episodes: int,
     seed: int,
     split: str = "val",
+    scheme: str = "image_walk",
 ) -> pd.DataFrame:
     """Sample `episodes` test episodes over `classes`: columns episode, class_id, query_id, support_ids.
 
-    Scheme (per episode e, from its own generator numpy default_rng([seed, e])):
-      1. the class uniformly among `classes` (sorted),
-      2. the query uniformly among the split's images where that class is present (sorted ids),
-      3. the `shots` supports uniformly among the other such images, drawn one at a time without repeats
-         (the reference code takes supports from the same val list, distinct from the query).
-    Consequences: episode e does not depend on how many episodes are drawn, and the 1-shot episode e has
-    the same class and query as the 5-shot episode e with its support as the first of the five. This
-    differs from PFENet, which walks the val image list and picks a class present in each image (classes
-    weighted by frequency); uniform classes give every class of the fold a similar number of episodes.
+    Every episode e draws from its own generator numpy default_rng([seed, e]).
+
+    'image_walk' (PFENet / CyCTR / UMTFSS test code):
+      1. the query is image e (cyclically) of the split's images, sorted by id, in which at least one of
+         `classes` is present (>= the data set's min_class_pixels);
+      2. the class uniformly among `classes` that have any pixel in the query (a small object counts);
+      3. the supports among the other images where that class is present.
+      Frequent classes (person) get more episodes, and small query objects are scored.
+    'class_uniform': the class uniformly among `classes`, then the query among the images where it is
+      present, then the supports as above: every class gets a similar number of episodes.
+
+    The `shots` supports are drawn one at a time without repeats, so the 1-shot episode e has the same
+    class and query as the 5-shot episode e, with its support first of the five; episode e does not
+    depend on how many episodes are drawn.
     """
+    if scheme not in SAMPLING_SCHEMES:
+        raise ValueError(f"config key 'evaluation.sampling' is '{scheme}', expected one of {', '.join(SAMPLING_SCHEMES)}")
     if shots < 1 or episodes < 1:
         raise ValueError(f"shots and episodes must be >= 1, got shots={shots}, episodes={episodes}")
     class_ids = sorted({int(c) for c in classes})
     if not class_ids:
         raise ValueError("sample_episodes needs at least one class id, got an empty list")
     lists = class_image_lists(image_classes, class_ids, split)
-    _check_enough_images(lists, shots, split)
+    _check_enough_images(lists, shots, split)  # every class of the fold is scored, so each needs episodes
+    if scheme == "image_walk":
+        queries, choices = _walk_queries(image_classes, class_ids, lists, split)
     records = []
     for episode in range(episodes):
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, episode])
-        class_id = class_ids[int(rng.integers(len(class_ids)))]
-        pool = lists[class_id]
-        query_index = int(rng.integers(len(pool)))
-        supports = _distinct_supports(rng, len(pool), query_index, shots)
-        records.append((episode, class_id, pool[query_index], [pool[i] for i in supports]))
+        if scheme == "class_uniform":
+            class_id = class_ids[int(rng.integers(len(class_ids)))]
+            pool = lists[class_id]
+            query_index = int(rng.integers(len(pool)))
+            query_id = pool[query_index]
+        else:
+            query_id, options = queries[episode % len(queries)], choices[episode % len(queries)]
+            class_id = options[int(rng.integers(len(options)))]
+            pool = lists[class_id]
+            query_index = pool.index(query_id) if query_id in pool else len(pool)  # tiny object: not a support
+        supports = _distinct_supports(rng, len(pool) + (query_index == len(pool)), query_index, shots)
+        records.append((episode, class_id, query_id, [pool[i] for i in supports]))
     return pd.DataFrame.from_records(records, columns=EPISODE_COLUMNS)
+
+
+def _walk_queries(image_classes: pd.DataFrame, class_ids: list[int], lists: dict[int, list[str]],
+                  split: str) -> tuple[list[str], list[list[int]]]:
+    """The image walk's query ids (sorted) and, per query, the classes with any pixel in it."""
+    if "pixels" not in image_classes.columns:
+        raise ValueError("image_classes table lacks column 'pixels'; expected the prepare stage's image_classes.parquet")
+    queries = sorted({image_id for ids in lists.values() for image_id in ids})
+    rows = image_classes[(image_classes["split"] == split) & (image_classes["pixels"] > 0)
+                         & image_classes["class_id"].isin(class_ids)]
+    present = rows.groupby(rows["image_id"].astype(str))["class_id"].agg(lambda c: sorted({int(x) for x in c}))
+    return queries, [list(present[q]) for q in queries]
 
 
 def sample_episodes_per_seed(
@@ -90,6 +122,7 @@ def sample_episodes_per_seed(
     episodes: int,
     seeds: Iterable[int],
     split: str = "val",
+    scheme: str = "image_walk",
 ) -> dict[int, pd.DataFrame]:
     """One episode table per evaluation seed."""
-    return {int(s): sample_episodes(image_classes, classes, shots, episodes, int(s), split) for s in seeds}
+    return {int(s): sample_episodes(image_classes, classes, shots, episodes, int(s), split, scheme) for s in seeds}

@@ -17,7 +17,9 @@ from umtfss.model.attention import PrototypeCrossAttention, TransformerBlock, Va
 __all__ = ["FSSModel", "build_model", "masked_average_pool", "prior_mask", "sine_positional_encoding", "MODEL_KEYS"]
 
 # config["model"] keys that shape the network (the others name the backbone and its checkpoint)
-MODEL_KEYS = ("dim", "heads", "layers", "dropout", "attention", "prototypes_fg", "prototypes_bg", "hash_bits", "hash_iterations")
+MODEL_KEYS = ("dim", "heads", "layers", "dropout", "attention", "prototypes_fg", "prototypes_bg", "hash_bits", "hash_iterations",
+              "mask_padding")
+IGNORE = 255  # support-mask value of ignored and padded pixels
 ATTENTIONS = ("prototype", "vanilla")
 POSITIONALS = ("sine", "learned", "none")
 
@@ -87,12 +89,14 @@ class AttentionLayer(nn.Module):
         self.self_support = TransformerBlock(dim, heads, dropout)
         self.cross = cross
 
-    def forward(self, query, support, support_foreground, shots: int):
-        """query [B,N,d]; support [B*K,N,d] (self-attention within each shot); fg bool [B,K*N]."""
-        query = self.self_query(query)
-        support = self.self_support(support)
+    def forward(self, query, support, support_foreground, shots: int, query_valid=None, support_valid=None):
+        """query [B,N,d]; support [B*K,N,d] (self-attention within each shot); fg bool [B,K*N];
+        query_valid [B,N] / support_valid [B*K,N] bool: padded cells are never attended to (None: all valid)."""
+        query = self.self_query(query, key_padding_mask=query_valid)
+        support = self.self_support(support, key_padding_mask=support_valid)
         pooled = support.reshape(query.shape[0], shots * support.shape[1], support.shape[2])
-        return self.cross(query, pooled, support_foreground), support
+        pooled_valid = None if support_valid is None else support_valid.reshape(query.shape[0], -1)
+        return self.cross(query, pooled, support_foreground, pooled_valid), support
 
 
 def _reduce_layer(in_channels: int, dim: int) -> nn.Sequential:
@@ -103,7 +107,10 @@ def _reduce_layer(in_channels: int, dim: int) -> nn.Sequential:
 class FSSModel(nn.Module):
     """Few-shot segmenter: forward(query [B,3,H,W], supports [B,K,3,H,W], support_masks [B,K,H,W]) -> logits [B,2,H,W].
 
-    Images are RGB in [0,1] (the backbone normalises). The backbone stays frozen and in eval mode
+    Images are RGB in [0,1] (the backbone normalises). Support masks are 0/1 with 255 on ignored and
+    padded pixels; forward's optional query_valid [B,H,W] bool marks the query's image pixels. With
+    mask_padding (reference code) padded cells are left out of every attention and of the support
+    background; without it they count as background. The backbone stays frozen and in eval mode
     (BatchNorm statistics included) whatever `train()` is called with.
     """
 
@@ -120,8 +127,10 @@ class FSSModel(nn.Module):
         hash_bits: int = 32,
         hash_iterations: int = 10,
         positional: str = "sine",
+        mask_padding: bool = True,
     ):
         super().__init__()
+        self.mask_padding = bool(mask_padding)
         if attention not in ATTENTIONS:
             raise ValueError(f"model.attention is {attention!r}, expected one of {', '.join(ATTENTIONS)}")
         if positional not in POSITIONALS:
@@ -199,10 +208,20 @@ class FSSModel(nn.Module):
         peak = masks.amax(dim=(2, 3), keepdim=True)
         return (masks >= peak.clamp(max=0.5)) & (masks > 0)
 
-    def forward(self, query: torch.Tensor, supports: torch.Tensor, support_masks: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _valid_cells(valid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Grid cells [M,h*w] bool that are mostly image (>= half), from pixel validity [M,H,W]; an image
+        with no such cell keeps all of them."""
+        cells = (_resize(valid[:, None].float(), size) >= 0.5).flatten(1)
+        return cells | ~cells.any(dim=1, keepdim=True)
+
+    def forward(self, query: torch.Tensor, supports: torch.Tensor, support_masks: torch.Tensor,
+                query_valid: torch.Tensor | None = None) -> torch.Tensor:
         self._check_shapes(query, supports, support_masks)
         batch, shots = supports.shape[:2]
         size = query.shape[-2:]
+        support_ignored = support_masks == IGNORE
+        support_masks = (support_masks == 1).to(query.dtype)  # ignore and padding are not foreground
         query_features = self._backbone_features(query)
         support_features = self._backbone_features(supports.flatten(0, 1))
 
@@ -210,6 +229,12 @@ class FSSModel(nn.Module):
         support_mid = self.reduce_support(self._middle(support_features))  # [B*K,d,h,w]
         height, width = query_mid.shape[-2:]
         grid_masks = _resize(support_masks.flatten(0, 1)[:, None].to(query_mid.dtype), (height, width))
+        query_cells = support_cells = None
+        if self.mask_padding:
+            if query_valid is not None:
+                query_cells = self._valid_cells(query_valid, (height, width))
+            if support_ignored.any():
+                support_cells = self._valid_cells(~support_ignored.flatten(0, 1), (height, width))
 
         global_vector = masked_average_pool(support_mid, grid_masks).view(batch, shots, self.dim).mean(dim=1)
         support_high = support_features[self.high_layer]
@@ -235,7 +260,7 @@ class FSSModel(nn.Module):
         foreground = self._foreground_cells(grid_masks).reshape(batch, shots * height * width)
 
         for layer in self.transformer:
-            query_tokens, support_tokens = layer(query_tokens, support_tokens, foreground, shots)
+            query_tokens, support_tokens = layer(query_tokens, support_tokens, foreground, shots, query_cells, support_cells)
 
         output = query_tokens.transpose(1, 2).reshape(batch, self.dim, height, width)
         return _resize(self.head(output), tuple(size))

@@ -1,4 +1,4 @@
-"""Training augmentation (PFENet style): random scale, rotation, flip, then pad and random crop."""
+"""Training augmentation (PFENet style): random scale, rotation, Gaussian blur, flip, then pad and random crop."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ from umtfss.episode import IGNORE
 from umtfss.transforms import to_tensor
 
 
+# Padding of rotated / scaled-down training images: the ImageNet mean (reference code; 0 after the
+# backbone's normalisation) or black.
+PAD_FILLS = {"mean": (0.485, 0.456, 0.406), "zero": (0.0, 0.0, 0.0)}
+BLUR_KERNEL, BLUR_SIGMA = 5, 1.1  # the reference's cv2.GaussianBlur((5, 5), 0): sigma 0.3*((5-1)/2-1)+0.8
+
+
 @dataclass(frozen=True)
 class Augmentation:
     """Parameters of the training transform; `from_config` reads them from config['training']."""
@@ -23,6 +29,8 @@ class Augmentation:
     scale_max: float = 1.1
     rotation: float = 10.0
     flip: bool = True
+    blur: bool = True
+    pad_fill: str = "mean"
 
     @classmethod
     def from_config(cls, training_cfg: dict) -> "Augmentation":
@@ -31,7 +39,14 @@ class Augmentation:
             scale_min=float(training_cfg["scale_min"]),
             scale_max=float(training_cfg["scale_max"]),
             rotation=float(training_cfg["rotation"]),
+            flip=bool(training_cfg["flip"]),
+            blur=bool(training_cfg["blur"]),
+            pad_fill=str(training_cfg["pad_fill"]),
         )
+
+    def __post_init__(self):
+        if self.pad_fill not in PAD_FILLS:
+            raise ValueError(f"config key 'training.pad_fill' is '{self.pad_fill}', expected one of {', '.join(PAD_FILLS)}")
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
         """uint8 HxWx3 image + uint8 HxW mask -> (float 3xSxS in [0,1], long SxS with 255 outside)."""
@@ -44,11 +59,14 @@ def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, 
         raise ValueError(f"image {image.shape[:2]} and mask {mask.shape[:2]} differ in size")
     img = to_tensor(image)
     msk = torch.from_numpy(np.ascontiguousarray(mask)).to(torch.uint8)[None]
+    fill = PAD_FILLS[aug.pad_fill]
     img, msk = _random_scale(img, msk, rng, aug.scale_min, aug.scale_max)
-    img, msk = _random_rotate(img, msk, rng, aug.rotation)
+    img, msk = _random_rotate(img, msk, rng, aug.rotation, fill)
+    if aug.blur and rng.random() < 0.5:
+        img = TF.gaussian_blur(img, kernel_size=[BLUR_KERNEL, BLUR_KERNEL], sigma=[BLUR_SIGMA, BLUR_SIGMA])
     if aug.flip and rng.random() < 0.5:
         img, msk = img.flip(-1), msk.flip(-1)
-    img, msk = _pad_to(img, msk, aug.crop_size)
+    img, msk = _pad_to(img, msk, aug.crop_size, fill)
     img, msk = _random_crop(img, msk, rng, aug.crop_size)
     return img.contiguous(), msk[0].long().contiguous()
 
@@ -64,24 +82,24 @@ def _random_scale(img, msk, rng, scale_min, scale_max):
     return img, msk
 
 
-def _random_rotate(img, msk, rng, max_degrees):
-    """Rotate about the centre keeping the size; pixels from outside become 0 (image) and 255 (mask)."""
+def _random_rotate(img, msk, rng, max_degrees, fill=(0.0, 0.0, 0.0)):
+    """Rotate about the centre keeping the size; pixels from outside become `fill` (image) and 255 (mask)."""
     if max_degrees <= 0:
         return img, msk
     angle = float(rng.uniform(-max_degrees, max_degrees))
-    img = TF.rotate(img, angle, interpolation=InterpolationMode.BILINEAR, fill=0.0)
+    img = TF.rotate(img, angle, interpolation=InterpolationMode.BILINEAR, fill=list(fill))
     msk = TF.rotate(msk, angle, interpolation=InterpolationMode.NEAREST, fill=IGNORE)
     return img, msk
 
 
-def _pad_to(img, msk, size):
-    """Pad evenly on both sides up to size x size: image with 0, mask with 255."""
+def _pad_to(img, msk, size, fill=(0.0, 0.0, 0.0)):
+    """Pad evenly on both sides up to size x size: image with `fill` per channel, mask with 255."""
     h, w = img.shape[-2:]
     pad_h, pad_w = max(0, size - h), max(0, size - w)
     if not (pad_h or pad_w):
         return img, msk
     borders = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
-    img = F.pad(img, borders, value=0.0)
+    img = torch.stack([F.pad(channel, borders, value=float(v)) for channel, v in zip(img, fill)])
     msk = F.pad(msk, borders, value=IGNORE)
     return img, msk
 

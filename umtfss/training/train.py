@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from umtfss.devices import resolve_device
+from umtfss.episode import IGNORE
 from umtfss.io import atomic_path
 from umtfss.training import checkpoint as ckpt
 from umtfss.training.augment import Augmentation
@@ -279,9 +280,10 @@ def _train_step(model, batch, loss_fn, optimizers, scaler, device, use_amp, amp_
     query = batch["query"].to(device, non_blocking=True)
     target = batch["query_mask"].to(device, non_blocking=True)
     supports = batch["supports"].to(device, non_blocking=True)
-    support_masks = (batch["support_masks"] == 1).float().to(device, non_blocking=True)
+    support_masks = batch["support_masks"].float().to(device, non_blocking=True)  # 0/1, 255 = ignore or padding
+    query_valid = target != IGNORE  # padding from resize / rotation / crop (and the labels' own ignore pixels)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-        logits = model(query, supports, support_masks)
+        logits = model(query, supports, support_masks, query_valid)
     if logits.shape[-2:] != target.shape[-2:]:
         logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
     loss = loss_fn(logits.float(), target)
