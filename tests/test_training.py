@@ -419,3 +419,23 @@ def test_cli_unsup_trains_on_real_pseudo_episodes(tmp_path):
                  "--labels", *map(str, labels), "--images", str(images), "--quiet"]) == 0
     assert len(list(csv.DictReader(open(out / "log.csv")))) == 2  # 6 episodes, batch 4
     assert not ckpt.load_model(out / "checkpoint.pt").training
+
+
+@pytest.mark.parametrize("rule, expected", [("base_present", ["a", "b", "c", "d", "e"]), ("no_novel", ["a", "d", "e"])])
+def test_fold_setting_images(toy_tables, tmp_path, monkeypatch, rule, expected):
+    """'fold' setting: by default (reference code) the images where a base class is present, novel
+    classes allowed (b, c hold novel 1, 2; f holds only novel 1); no_novel drops every image with one."""
+    import umtfss.pseudo_episodes
+    from umtfss.config import load
+    from umtfss.training.train import _pseudo_source
+
+    tables_dir = tmp_path / "prepare"
+    tables_dir.mkdir()
+    for name in ("images", "classes", "image_classes"):
+        getattr(toy_tables, name).to_parquet(tables_dir / f"{name}.parquet")
+    seen = {}
+    monkeypatch.setattr(umtfss.pseudo_episodes, "PseudoEpisodes", lambda *a, image_ids, sampling: seen.update(ids=image_ids))
+    args = SimpleNamespace(tables=tables_dir, fold=0, episodes=None, labels=None, images=None)
+    config = load({"unlabeled": {"setting": "fold", "fold_images": rule}})
+    _pseudo_source(args, config)
+    assert seen["ids"] == expected

@@ -164,8 +164,9 @@ def train_images_for_fold(tables: Tables, fold: int, remove_novel: bool,
                           require_base_class: bool = False) -> list[str]:
     """Train image ids (table order) usable for a fold.
 
-    remove_novel drops images holding any pixel of a novel class (BAM; the paper's 'fold' setting);
-    require_base_class keeps only images where some base class is present (>= min_class_pixels).
+    remove_novel drops images holding any pixel of a novel class (BAM-style);
+    require_base_class keeps only images where some base class is present (>= min_class_pixels): the
+    reference code's 'fold' setting, novel classes allowed.
     """
     novel = set(tables.fold_classes(fold))
     train = tables.images.loc[tables.images["split"] == "train", "image_id"].tolist()

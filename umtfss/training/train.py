@@ -391,8 +391,9 @@ def _require(args, names: list[str], method: str) -> None:
 
 
 def _pseudo_source(args, config):
-    """Pseudo episodes over all images ('all' setting), or, given --tables/--fold, over the images
-    without any pixel of the fold's novel classes (the paper's 'fold' setting)."""
+    """Pseudo episodes over all images ('all' setting), or, given --tables/--fold, over the fold's
+    images (the paper's 'fold' setting; unlabeled.fold_images says which: by default, as the reference
+    code, those where a base class is present)."""
     from umtfss.pseudo_episodes import PseudoEpisodes
 
     image_ids = None
@@ -400,7 +401,9 @@ def _pseudo_source(args, config):
         _require(args, ["tables", "fold"], "unsup in the 'fold' setting")
         from umtfss.data.prepare import read_tables, train_images_for_fold
 
-        image_ids = train_images_for_fold(read_tables(args.tables), args.fold, remove_novel=True)
+        rule = config["unlabeled"]["fold_images"]
+        image_ids = train_images_for_fold(read_tables(args.tables), args.fold, remove_novel=rule == "no_novel",
+                                          require_base_class=rule == "base_present")
     return PseudoEpisodes(args.episodes, args.labels, args.images, image_ids=image_ids,
                           sampling=config["training"]["episode_sampling"])
 
