@@ -101,3 +101,17 @@ def test_unknown_artifact_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError):
         summarise(tmp_path / "missing.parquet")
     assert cli.main(["inspect", str(write_label_store(tmp_path)), "--overlay", str(tmp_path / "o.png")]) == 1
+
+
+def test_benchmark_tsv_and_empty_shard(tmp_path):
+    (tmp_path / "train.tsv").write_text("s\th:m:s\tmax_rss\n177.7\t0:02:57\t1907.5\n")
+    text = summarise(tmp_path / "train.tsv")
+    assert "TSV, 1 rows" in text and "max_rss" in text and "1907.5" in text
+    empty = zarr.open_group(str(tmp_path / "empty.zarr"), mode="w")
+    empty.create_array("labels", shape=(0, 6, 6), dtype="int16", chunks=(1, 6, 6))
+    empty.attrs.update({"image_ids": [], "clusters": 5})
+    pd.DataFrame({"image_id": ["a"], "image_path": ["a.png"]}).to_parquet(tmp_path / "images.parquet")
+    from umtfss.inspect import write_overlay
+
+    with pytest.raises(ValueError, match="holds no image"):
+        write_overlay(tmp_path / "empty.zarr", tmp_path / "images.parquet", tmp_path / "o.png")

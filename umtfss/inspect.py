@@ -36,12 +36,13 @@ def summarise(path: str | Path, n: int = 16) -> str:
         return summarise_npy(path)
     if suffix == ".json":
         return f"{path} (JSON, {_size(path.stat().st_size)})\n" + json.dumps(json.loads(path.read_text()), indent=2)
-    if suffix == ".csv":
-        table = pd.read_csv(path)
-        return f"{path} (CSV, {len(table)} rows, {_size(path.stat().st_size)})\n" + table.head(n).to_string()
+    if suffix in (".csv", ".tsv"):  # score tables, cluster_quality.csv, log.csv; Snakemake benchmark .tsv files
+        table = pd.read_csv(path, sep="," if suffix == ".csv" else "\t")
+        return (f"{path} ({suffix[1:].upper()}, {len(table)} rows, {_size(path.stat().st_size)})\n"
+                + table.head(n).to_string())
     if suffix in CHECKPOINT_SUFFIXES:
         return summarise_checkpoint(path)
-    raise ValueError(f"'{path}' has suffix '{suffix}'; expected a .zarr store, .parquet, .npy, .json, .csv or a "
+    raise ValueError(f"'{path}' has suffix '{suffix}'; expected a .zarr store, .parquet, .npy, .json, .csv, .tsv or a "
                      f"checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
 
 
@@ -244,6 +245,9 @@ def write_overlay(label_store: str | Path, images_table: str | Path, out: str | 
         raise FileNotFoundError(f"images table '{images_table}' does not exist")
     table = pd.read_parquet(images_table, columns=["image_id", "image_path"]).drop_duplicates("image_id")
     paths = dict(zip(table["image_id"].astype(str), table["image_path"].astype(str)))
+    if len(store) == 0:
+        raise ValueError(f"label store '{label_store}' holds no image (a shard of a folder with fewer images than "
+                         "embedding.shards); inspect another shard")
     shown = [i for i, image_id in enumerate(store.image_ids) if image_id in paths][:n]
     if not shown:
         raise ValueError(f"none of the images of '{label_store}' is in the images table '{images_table}'")
