@@ -51,6 +51,15 @@ def pipeline(tmp_path_factory):
     return workdir
 
 
+def test_report_of_the_run(pipeline, tmp_path):
+    """`snakemake --report` (README) builds an HTML report holding the score tables; its dependency is declared."""
+    out = tmp_path / "report.html"
+    snakemake(pipeline, "--report", str(out), "results/eval_pascal.csv")
+    assert out.is_file() and out.stat().st_size > 10_000
+    required = (REPO / "pyproject.toml").read_text().split("[project.optional-dependencies]")[0]
+    assert '"pygments' in required  # snakemake's report needs it; pytest brings it to the test install only
+
+
 def test_pipeline_writes_inspectable_artifacts_and_scores(pipeline):
     base = pipeline / "results/pascal/demo-colortexture"
     assert (base / "embeddings/shard-0-of-2.zarr").is_dir() and (base / "embeddings/shard-1-of-2.zarr").is_dir()
