@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from umtfss.episode import IGNORE
-from umtfss.transforms import resize_pad, unpad_to
+from umtfss.transforms import resize_pad, unpad_to, valid_pixels
 
 
 def read_support_mask(path: str | Path) -> np.ndarray:
@@ -58,7 +58,8 @@ def load_supports(pairs: list[tuple[str, str]]) -> list[tuple[np.ndarray, np.nda
 
 
 def support_tensors(supports: list[tuple[np.ndarray, np.ndarray]], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[K, 3, size, size] images and [K, size, size] foreground masks, resized and padded as the queries are."""
+    """[K, 3, size, size] images and [K, size, size] masks (0/1, 255 on ignore and padding), resized and
+    padded as the queries are."""
     images, masks = [], []
     for image, mask in supports:
         image_t, mask_t, _ = resize_pad(image, mask, size)
@@ -73,9 +74,7 @@ def predict_masks(model, queries: list[np.ndarray], support_images: torch.Tensor
     """Foreground 0/1 uint8 masks of several queries (one forward pass), each at its query's own size."""
     prepared = [resize_pad(query, None, size) for query in queries]
     batch = torch.stack([query_t for query_t, _, _ in prepared]).to(device)
-    query_valid = torch.zeros(len(queries), size, size, dtype=torch.bool)
-    for row, (_, _, (h, w)) in enumerate(prepared):
-        query_valid[row, :h, :w] = True
+    query_valid = valid_pixels([extent for _, _, extent in prepared], size)
     images = support_images[None].expand(len(queries), *support_images.shape).to(device)
     masks = support_masks[None].expand(len(queries), *support_masks.shape).to(device)
     logits = model(batch, images, masks, query_valid.to(device)).float()

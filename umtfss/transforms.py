@@ -43,6 +43,14 @@ def resize_pad(image: np.ndarray, mask: np.ndarray | None, size: int):
     return out, m, (nh, nw)
 
 
+def valid_pixels(extents: list[tuple[int, int]], size: int) -> torch.Tensor:
+    """[B, size, size] bool: True on the image part (top-left h x w) of each resize_pad canvas, False on padding."""
+    valid = torch.zeros(len(extents), size, size, dtype=torch.bool)
+    for row, (h, w) in enumerate(extents):
+        valid[row, :h, :w] = True
+    return valid
+
+
 def resize_square(image: np.ndarray, mask: np.ndarray | None, size: int):
     """Resize to size x size regardless of aspect (HSNet's test transform)."""
     img = F.interpolate(to_tensor(image)[None], size=(size, size), mode="bilinear", align_corners=False)[0]

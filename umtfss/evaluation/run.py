@@ -22,7 +22,7 @@ from umtfss.data.prepare import read_tables
 from umtfss.devices import resolve_device
 from umtfss.evaluation.predictors import Predictor, build_predictor
 from umtfss.evaluation.sampler import sample_episodes
-from umtfss.transforms import resize_pad, resize_square, unpad_to
+from umtfss.transforms import resize_pad, resize_square, unpad_to, valid_pixels
 
 SPLIT = "val"
 SCORE_COLUMNS = ["method", "backbone", "embedder", "clusters", "fold", "shot", "seed", "miou", "fbiou", "episodes",
@@ -92,13 +92,9 @@ class EpisodeBatches(Dataset):
                 shot_masks.append(s_mask.float())  # 0/1, 255 = ignore or padding
             supports.append(torch.stack(shot_images))
             support_masks.append(torch.stack(shot_masks))
-        size = self.test_size
-        query_valid = torch.zeros(len(valid), size, size, dtype=torch.bool)
-        for row, (h, w) in enumerate(valid):
-            query_valid[row, :h, :w] = True
         return {
             "query": torch.stack(queries),
-            "query_valid": query_valid,
+            "query_valid": valid_pixels(valid, self.test_size),
             "supports": torch.stack(supports),
             "support_masks": torch.stack(support_masks),
             "targets": targets,

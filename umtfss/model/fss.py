@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from umtfss.episode import IGNORE  # support-mask value of ignored and padded pixels
 from umtfss.model.attention import PrototypeCrossAttention, TransformerBlock, VanillaCrossAttention
 
 __all__ = ["FSSModel", "build_model", "masked_average_pool", "prior_mask", "sine_positional_encoding", "MODEL_KEYS"]
@@ -19,7 +20,6 @@ __all__ = ["FSSModel", "build_model", "masked_average_pool", "prior_mask", "sine
 # config["model"] keys that shape the network (the others name the backbone and its checkpoint)
 MODEL_KEYS = ("dim", "heads", "layers", "dropout", "attention", "prototypes_fg", "prototypes_bg", "hash_bits", "hash_iterations",
               "mask_padding")
-IGNORE = 255  # support-mask value of ignored and padded pixels
 ATTENTIONS = ("prototype", "vanilla")
 POSITIONALS = ("sine", "learned", "none")
 
