@@ -91,15 +91,11 @@ def build_optimizers(model, training_cfg: dict, schedule: Schedule) -> dict[str,
         )
     if transformer:
         decay = training_cfg["weight_decay_adamw"]
-        if training_cfg["adamw_bias_decay"]:
-            groups = [{"params": [p for _, p in transformer], "lr": schedule.lr_adamw, "weight_decay": decay}]
-        else:
-            weights = [p for n, p in transformer if not n.endswith("bias")]
-            biases = [p for n, p in transformer if n.endswith("bias")]
-            groups = [{"params": weights, "lr": schedule.lr_adamw, "weight_decay": decay},
-                      {"params": biases, "lr": schedule.lr_adamw, "weight_decay": 0.0}]
-            groups = [g for g in groups if g["params"]]
-        optimizers["adamw"] = torch.optim.AdamW(groups, lr=schedule.lr_adamw, weight_decay=decay)
+        bias_decay = decay if training_cfg["adamw_bias_decay"] else 0.0
+        groups = [{"params": [p for n, p in transformer if not n.endswith("bias")], "weight_decay": decay},
+                  {"params": [p for n, p in transformer if n.endswith("bias")], "weight_decay": bias_decay}]
+        optimizers["adamw"] = torch.optim.AdamW([dict(g, lr=schedule.lr_adamw) for g in groups if g["params"]],
+                                                lr=schedule.lr_adamw, weight_decay=decay)
     if not optimizers:
         raise ValueError("the model has no trainable parameter")
     return optimizers
