@@ -1,5 +1,7 @@
 """Image/label reading of odd modes, corrupt files, PNG writing and atomic output paths."""
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -148,6 +150,29 @@ def test_atomic_path_renames_on_success_and_cleans_on_error(tmp_path):
         assert temp.suffix == ".parquet"
         temp.write_text("new")
     assert table.read_text() == "new" and len(list(tmp_path.iterdir())) == 2
+
+
+def test_sweep_removes_what_killed_writers_left(tmp_path):
+    """A SIGKILLed job leaves `name.tmp-<pid>-<hex>.zarr`; the next writer of that output removes it
+    (dead pid only), other outputs' temporaries and live writers' are kept."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # that process has exited
+    stale = tmp_path / f"shard-0-of-2.tmp-{pid}-0123abcd.zarr"
+    (stale / "features").mkdir(parents=True)
+    live = tmp_path / f"shard-0-of-2.tmp-{os.getpid()}-89abcdef.zarr"
+    live.mkdir()
+    other = tmp_path / f"shard-1-of-2.tmp-{pid}-0123abcd.zarr"
+    other.mkdir()
+    with io.atomic_path(tmp_path / "shard-0-of-2.zarr", sweep=True) as temp:
+        temp.mkdir()
+    assert not stale.exists() and live.exists() and other.exists()
+    assert (tmp_path / "shard-0-of-2.zarr").is_dir()
+    with io.atomic_path(tmp_path / "shard-1-of-2.zarr") as temp:  # without sweep: left alone
+        temp.mkdir()
+    assert other.exists()
 
 
 def test_is_image_path_ignores_case():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -242,6 +243,43 @@ def _temp_sibling(path: Path) -> Path:
     return path.with_name(f"{path.stem}.{token}{path.suffix}" if path.suffix else f"{path.name}.{token}")
 
 
+# atomic_path's temporary names: `<stem>.tmp-<pid>-<8 hex>[<suffix>]`.
+_TEMP_NAME = re.compile(r"^(?P<stem>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}(?P<suffix>\.[^.]*)?$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path, stem: str | None = None) -> int:
+    """Delete temporaries that a killed run left in `folder` (only those of processes no longer alive).
+
+    A killed job (SIGKILL, out of memory, a scheduler's time limit) cannot clean up its temporary
+    sibling; the next writer of the same output removes it. COCO readers list every PNG in a label
+    folder, so a leftover `x.tmp-123-abcd0123.png` would otherwise become an image id. `stem`
+    restricts the clean-up to temporaries of one output name.
+    """
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for entry in folder.iterdir():
+        match = _TEMP_NAME.match(entry.name)
+        if not match or (stem is not None and match["stem"] != stem) or _process_alive(int(match["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -261,14 +299,18 @@ def _replace(temp: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, sweep: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto `path` on success, delete it on error.
 
     The caller creates the file or directory at the yielded path. A killed job thus never leaves a
     half-written output under the final name. An existing file or directory at `path` is replaced.
+    `sweep` first deletes the temporaries of `path` that killed processes left behind (a scan of the
+    folder: meant for big outputs such as stores, not for one file among thousands).
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    if sweep:
+        remove_stale_temps(final.parent, stem=final.stem if final.suffix else final.name)
     temp = _temp_sibling(final)
     try:
         yield temp

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -21,8 +18,6 @@ IGNORE = 255
 LIST_RULES = ("reference", "trainaug")
 CROWD_MODES = ("ignore", "class", "skip")
 
-# io.atomic_path's temporary names: `<stem>.tmp-<pid>-<8 hex>[<suffix>]`.
-_TEMP_NAME = re.compile(r"^(?P<stem>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}(?P<suffix>\.[^.]*)?$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,37 +44,6 @@ def _write_ids(path: Path, ids: Sequence[str]) -> None:
 def _quoted(ids: Sequence[str], limit: int = 10) -> str:
     shown = ", ".join(repr(i) for i in ids[:limit])
     return shown + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_temps(folder: Path, stem: str | None = None) -> int:
-    """Delete temporaries that a killed run left in `folder` (only those of dead processes).
-
-    COCO readers list every PNG in a label folder, so a leftover `x.tmp-123-abcd0123.png` would
-    otherwise become an image id. `stem` restricts the clean-up to temporaries of one output name.
-    """
-    if not folder.is_dir():
-        return 0
-    removed = 0
-    for entry in folder.iterdir():
-        match = _TEMP_NAME.match(entry.name)
-        if not match or (stem is not None and match["stem"] != stem) or _process_alive(int(match["pid"])):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed += 1
-    return removed
 
 
 def _check_class_ids(mask: np.ndarray, num_classes: int, path: Path) -> None:
@@ -209,7 +173,7 @@ def convert_sbd(voc_root: str | Path, sbd_root: str | Path, label_dir: str | Pat
             raise FileNotFoundError(f"{len(no_image)} listed image(s) have no '<id>.jpg' in '{image_dir}': "
                                     f"{_quoted(no_image)}")
 
-    _remove_stale_temps(label_dir.parent, stem=label_dir.name)
+    io.remove_stale_temps(label_dir.parent, stem=label_dir.name)
     from_voc = 0
     with io.atomic_path(label_dir) as temp:
         temp.mkdir()
@@ -330,7 +294,7 @@ def convert_coco(instances_json: str | Path, label_dir: str | Path, crowd: str =
         if not (is_crowd and crowd == "skip"):
             per_image[image_id].append(ann)
 
-    _remove_stale_temps(label_dir)
+    io.remove_stale_temps(label_dir)
     label_dir.mkdir(parents=True, exist_ok=True)
     drawn = 0
     order = sorted(images, key=lambda i: images[i][0])
