@@ -67,7 +67,10 @@ def test_image_walk_follows_the_reference_test_code():
     touched = {(r.image_id, r.class_id) for r in table.itertuples() if r.pixels > 0 and r.split == "val"}
     episodes = sample_episodes(table, [1, 2], shots=5, episodes=240, seed=0)  # the default scheme
     images = [f"img{i:02d}" for i in range(12)]
-    assert list(episodes["query_id"]) == images * 20
+    walk = list(episodes["query_id"][:12])
+    assert sorted(walk) == images and list(episodes["query_id"]) == walk * 20  # each image once per round
+    other = list(sample_episodes(table, [1, 2], shots=5, episodes=12, seed=1)["query_id"])
+    assert sorted(other) == images and other != walk  # the order is a random sample per seed
     for row in episodes.itertuples():
         assert (row.query_id, row.class_id) in touched
         assert len(set(row.support_ids)) == 5 and row.query_id not in row.support_ids

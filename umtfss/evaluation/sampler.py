@@ -46,6 +46,7 @@ def _distinct_supports(rng: np.random.Generator, pool_size: int, query_index: in
 
 
 SAMPLING_SCHEMES = ("image_walk", "class_uniform")
+WALK_STREAM = 0x57A1C  # generator stream of the image walk's order, apart from the per-episode streams
 
 
 def sample_episodes(
@@ -62,8 +63,10 @@ def sample_episodes(
     Every episode e draws from its own generator numpy default_rng([seed, e]).
 
     'image_walk' (PFENet / CyCTR / UMTFSS test code):
-      1. the query is image e (cyclically) of the split's images, sorted by id, in which at least one of
-         `classes` is present (>= the data set's min_class_pixels);
+      1. the query is image e (cyclically) of the split's images in which at least one of `classes` is
+         present (>= the data set's min_class_pixels), in an order shuffled once per seed (the reference
+         walks its list file in order; with fewer episodes than images, a seeded order keeps the queries
+         a random sample, as the paper describes, instead of the first ids);
       2. the class uniformly among `classes` that have any pixel in the query (a small object counts);
       3. the supports among the other images where that class is present.
       Frequent classes (person) get more episodes, and small query objects are scored.
@@ -85,6 +88,7 @@ def sample_episodes(
     _check_enough_images(lists, shots, split)  # every class of the fold is scored, so each needs episodes
     if scheme == "image_walk":
         queries, choices = _walk_queries(image_classes, class_ids, lists, split)
+        order = np.random.default_rng([int(seed) & 0xFFFFFFFF, WALK_STREAM]).permutation(len(queries))
     records = []
     for episode in range(episodes):
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, episode])
@@ -94,7 +98,8 @@ def sample_episodes(
             query_index = int(rng.integers(len(pool)))
             query_id = pool[query_index]
         else:
-            query_id, options = queries[episode % len(queries)], choices[episode % len(queries)]
+            walk = int(order[episode % len(queries)])
+            query_id, options = queries[walk], choices[walk]
             class_id = options[int(rng.integers(len(options)))]
             pool = lists[class_id]
             query_index = pool.index(query_id) if query_id in pool else len(pool)  # tiny object: not a support
