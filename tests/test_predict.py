@@ -115,6 +115,11 @@ def test_predict_a_folder_of_queries(files, tmp_path, capsys):
     assert main(common + ["--query", str(queries / "sub" / "b.png"), "--out", str(tmp_path / "single.png")]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "single.png")), np.asarray(Image.open(out / "sub/b.png")))
 
+    existing = tmp_path / "existing"
+    existing.mkdir()  # one query into an existing folder: the mask goes inside it
+    assert main(common + ["--query", str(queries / "a.jpg"), "--out", str(existing)]) == 0
+    assert [p.name for p in existing.iterdir()] == ["a.png"]
+
     assert main(common + ["--query", str(queries), "--out", str(tmp_path / "one.png")]) == 1
     assert "one.png" in capsys.readouterr().err
     (tmp_path / "other").mkdir()

@@ -93,12 +93,13 @@ def predict_mask(model, query: np.ndarray, supports: list[tuple[np.ndarray, np.n
 def query_plan(queries: list[Path], out: Path, overlay: Path | None) -> list[tuple[Path, Path, Path | None]]:
     """(query image, mask file, overlay file or None) for each image of the --query files and folders.
 
-    One query file: `out` (and `overlay`) are the files themselves. Otherwise they are folders: a
-    folder's images (searched recursively) keep their relative path, loose files their name, with .png.
+    One query file and `out` not an existing folder: `out` (and `overlay`) are the files themselves.
+    Otherwise they are folders: a folder's images (searched recursively) keep their relative path,
+    loose files their name, with .png.
     """
     from umtfss.io import IMAGE_SUFFIXES, is_image_path
 
-    single = len(queries) == 1 and not queries[0].is_dir()
+    single = len(queries) == 1 and not queries[0].is_dir() and not out.is_dir()  # an existing folder takes the mask
     if single:
         return [(_check_file(queries[0], "query image"), out, overlay)]
     for option, path in (("--out", out), ("--overlay", overlay)):
