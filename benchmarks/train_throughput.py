@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
     use_amp, amp_dtype = _amp_settings(device, config["training"]["amp"])
     optimizers = build_optimizers(model, config["training"], Schedule.from_config(config["training"], False))
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    loss_fn = build_loss(config["training"]["loss"])
+    loss_fn = build_loss(config["training"]["loss"], config["training"]["dice_ignore"])
     batch = synthetic_batch(args.batch, args.shots, crop, device, torch.Generator().manual_seed(0))
 
     def train_step():

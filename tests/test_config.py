@@ -38,6 +38,20 @@ def test_repo_config_is_valid():
     assert c["demo"]["enabled"] is True
 
 
+@pytest.mark.parametrize("setting", ["pascal.yaml", "coco.yaml"])
+def test_reference_model_overlay_is_valid_on_each_setting(setting):
+    """configs/reference-model.yaml merged over a setting (as Snakemake merges --configfile files)."""
+    import yaml
+
+    merged = yaml.safe_load((REPO / "configs" / setting).read_text())
+    for key, value in yaml.safe_load((REPO / "configs" / "reference-model.yaml").read_text()).items():
+        merged[key] = {**merged.get(key, {}), **value}
+    model = cfg.load(merged)["model"]
+    assert (model["self_attention"], model["prototype_source"], model["prototypes_fg"], model["prototypes_bg"]) == (
+        "deformable", "merged", 20, 50)
+    assert model["backbone"] == yaml.safe_load((REPO / "configs" / setting).read_text())["model"]["backbone"]
+
+
 @pytest.mark.parametrize(
     "override, words",
     [

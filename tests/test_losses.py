@@ -41,9 +41,27 @@ def test_ignore_pixels_do_not_change_either_loss():
     # wildly wrong logits on the ignored half must not matter
     noisy = logits.clone()
     noisy[..., 8:] = 100.0 * torch.sign(torch.randn_like(noisy[..., 8:]))
-    for loss in (weighted_dice_loss, cross_entropy_loss):
+    excluded = build_loss("dice", "excluded")
+    for loss in (excluded, cross_entropy_loss):
         left = loss(logits[..., :8].contiguous(), mask[..., :8].contiguous())
         assert loss(noisy, ignored).item() == pytest.approx(left.item(), rel=1e-5)
+
+
+def test_dice_reference_keeps_ignore_pixels_in_the_denominator():
+    """Reference code: sigmoid^2 of ignore pixels adds to sum(p^2) of both channels (t is 0 there)."""
+    logits = torch.tensor([[[[0.0, 2.0, 3.0]], [[1.0, -1.0, -2.0]]]])  # [1,2,1,3]; the third pixel ignored
+    target = torch.tensor([[[1, 0, 255]]])
+    p = torch.sigmoid(logits)[0, :, 0]  # [2, 3]
+    t = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    expected = sum(1 - 2 * (p[c] * t[c]).sum() / (p[c].square().sum() + t[c].square().sum()) for c in range(2))
+    assert weighted_dice_loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert build_loss("dice")(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+    # excluded drops the third pixel entirely: a different value
+    assert build_loss("dice", "excluded")(logits, target).item() == pytest.approx(
+        weighted_dice_loss(logits[..., :2].contiguous(), target[..., :2].contiguous()).item(), rel=1e-6)
+    assert build_loss("dice", "excluded")(logits, target).item() != pytest.approx(expected.item(), rel=1e-3)
+    with pytest.raises(ValueError, match="training.dice_ignore"):
+        build_loss("dice", "sometimes")
 
 
 def test_dice_gradient_moves_towards_the_target():
@@ -57,7 +75,7 @@ def test_dice_gradient_moves_towards_the_target():
 def test_cross_entropy_all_ignored_is_zero_and_build_loss_rejects_unknown():
     target = torch.full((1, 4, 4), 255)
     assert cross_entropy_loss(torch.randn(1, 2, 4, 4), target).item() == 0.0
-    assert build_loss("dice") is weighted_dice_loss
+    assert build_loss("ce") is cross_entropy_loss
     with pytest.raises(ValueError, match="training.loss"):
         build_loss("focal")
     with pytest.raises(ValueError, match="logits"):

@@ -44,10 +44,10 @@ class TinyBackbone(nn.Module):
         return {"a": a, "b": b, "c": torch.relu(self.high(b))}
 
 
-def make_model(attention="prototype", fg=3, bg=5, positional="sine", layers=2):
+def make_model(attention="prototype", fg=3, bg=5, positional="sine", layers=2, **extra):
     torch.manual_seed(0)
     cfg = {"dim": 32, "heads": 4, "layers": layers, "dropout": 0.1, "attention": attention,
-           "prototypes_fg": fg, "prototypes_bg": bg, "hash_bits": 16, "hash_iterations": 5}
+           "prototypes_fg": fg, "prototypes_bg": bg, "hash_bits": 16, "hash_iterations": 5, **extra}
     model = build_model(cfg, TinyBackbone())
     if positional != "sine":
         torch.manual_seed(0)
@@ -65,11 +65,16 @@ def episode(batch=2, shots=1, seed=0):
     return query, supports, masks
 
 
-@pytest.mark.parametrize("attention,shots,positional", [
-    ("prototype", 1, "sine"), ("prototype", 2, "learned"), ("vanilla", 2, "none"),
+REFERENCE_MODEL = {"prototype_source": "merged", "self_attention": "deformable"}
+
+
+@pytest.mark.parametrize("attention,shots,positional,extra", [
+    ("prototype", 1, "sine", {}), ("prototype", 2, "learned", {}), ("vanilla", 2, "none", {}),
+    ("prototype", 2, "sine", REFERENCE_MODEL), ("vanilla", 1, "sine", REFERENCE_MODEL),
+    ("prototype", 2, "sine", {"support_merge": "mask_channel", "normalize_prototypes": False, "mlp_ratio": 4}),
 ])
-def test_shapes_and_every_trainable_parameter_gets_a_finite_gradient(attention, shots, positional):
-    model = make_model(attention, positional=positional).train()
+def test_shapes_and_every_trainable_parameter_gets_a_finite_gradient(attention, shots, positional, extra):
+    model = make_model(attention, positional=positional, **extra).train()
     logits = model(*episode(shots=shots))
     assert logits.shape == (2, 2, SIZE, SIZE)
     logits.square().mean().backward()
@@ -121,19 +126,26 @@ def test_prototype_attention_equals_vanilla_when_every_pixel_is_a_prototype():
     foreground[0, :5] = True
     foreground[1, 4:6] = True
     vanilla = VanillaCrossAttention(32, 4, dropout=0.0).eval()
-    prototype = PrototypeCrossAttention(32, 4, dropout=0.0, prototypes_fg=12, prototypes_bg=12, hash_bits=8).eval()
+    prototype = PrototypeCrossAttention(32, 4, dropout=0.0, prototypes_fg=12, prototypes_bg=12, hash_bits=8,
+                                        normalize=False).eval()
     prototype.block.load_state_dict(vanilla.block.state_dict())
     torch.testing.assert_close(prototype(query, support, foreground), vanilla(query, support, foreground))
     # with fewer prototypes than pixels the two differ, so the equality above is not vacuous
-    few = PrototypeCrossAttention(32, 4, dropout=0.0, prototypes_fg=2, prototypes_bg=2, hash_bits=8).eval()
+    few = PrototypeCrossAttention(32, 4, dropout=0.0, prototypes_fg=2, prototypes_bg=2, hash_bits=8, normalize=False).eval()
     few.block.load_state_dict(vanilla.block.state_dict())
     assert not torch.allclose(few(query, support, foreground), vanilla(query, support, foreground), atol=1e-4)
+    # normalised (reference code): every valid prototype is a unit vector, the same directions as before
+    unit = PrototypeCrossAttention(32, 4, dropout=0.0, prototypes_fg=2, prototypes_bg=2, hash_bits=8).eval()
+    tokens, valid = unit.prototypes(support, foreground)
+    raw, _ = few.prototypes(support, foreground)
+    torch.testing.assert_close(tokens[valid].norm(dim=-1), torch.ones(int(valid.sum())))
+    torch.testing.assert_close(tokens[valid], torch.nn.functional.normalize(raw[valid], dim=-1))
 
 
 def test_models_agree_when_prototypes_cover_every_support_pixel():
     """Whole model, 2 shots: 2*16 support cells <= K_fg and K_bg, so both attentions see the same tokens."""
     vanilla = make_model("vanilla").eval()
-    prototype = make_model("prototype", fg=32, bg=32).eval()
+    prototype = make_model("prototype", fg=32, bg=32, normalize_prototypes=False).eval()
     missing, unexpected = prototype.load_state_dict(vanilla.state_dict(), strict=False)
     assert unexpected == [] and all(name.endswith("projection") for name in missing)
     data = episode(shots=2)
@@ -186,13 +198,14 @@ def test_build_model_reads_the_config_and_rejects_bad_values():
         make_model()(torch.rand(1, 3, SIZE, SIZE), torch.rand(1, 3, SIZE, SIZE), torch.rand(1, 1, SIZE, SIZE))
 
 
-@pytest.mark.parametrize("attention", ["prototype", "vanilla"])
-def test_padded_cells_are_never_attended_to(attention):
+@pytest.mark.parametrize("attention,self_attention", [("prototype", "global"), ("vanilla", "global"),
+                                                      ("prototype", "deformable")])
+def test_padded_cells_are_never_attended_to(attention, self_attention):
     """With validity masks, tokens of padded query / support cells cannot change any valid query output."""
     from umtfss.model.fss import AttentionLayer
 
     torch.manual_seed(0)
-    model = make_model(attention, fg=50, bg=50)
+    model = make_model(attention, fg=50, bg=50, self_attention=self_attention)
     layer = model.transformer[0].eval()
     assert isinstance(layer, AttentionLayer)
     batch, shots, cells, dim = 2, 2, 16, 32
@@ -205,13 +218,14 @@ def test_padded_cells_are_never_attended_to(attention):
     support_valid = torch.ones(batch * shots, cells, dtype=torch.bool)
     support_valid[:, 10:] = False
     with torch.no_grad():
-        out, _ = layer(query, support, foreground, shots, query_valid, support_valid)
+        grid = {"grid": (4, 4)}
+        out, _ = layer(query, support, foreground, shots, query_valid, support_valid, **grid)
         noisy_query, noisy_support = query.clone(), support.clone()
         noisy_query[:, 12:] = torch.randn(batch, 4, dim) * 10
         noisy_support[:, 10:] = torch.randn(batch * shots, 6, dim) * 10
-        again, _ = layer(noisy_query, noisy_support, foreground, shots, query_valid, support_valid)
+        again, _ = layer(noisy_query, noisy_support, foreground, shots, query_valid, support_valid, **grid)
         torch.testing.assert_close(again[:, :12], out[:, :12])
-        unmasked, _ = layer(noisy_query, noisy_support, foreground, shots)
+        unmasked, _ = layer(noisy_query, noisy_support, foreground, shots, **grid)
         assert not torch.allclose(unmasked[:, :12], out[:, :12])  # without the masks the padding leaks in
 
 
@@ -239,3 +253,82 @@ def test_mask_padding_switch_and_unpadded_inputs():
 
     with pytest.raises(ConfigError, match="model.mask_padding"):
         load({"model": {"mask_padding": "yes"}})
+
+
+def test_deformable_attention_samples_the_cells_its_offsets_point_to():
+    """Zero predicted offsets read each token's own cell; an offset of +1 cell in x reads the right
+    neighbour (zeros beyond the edge); the positional encoding only moves the samples."""
+    from umtfss.model.attention import DeformableAttention
+
+    torch.manual_seed(0)
+    attention = DeformableAttention(16, heads=2, points=3).eval()
+    height, width = 3, 4
+    x = torch.randn(2, height * width, 16)
+    value = attention.to_value(x).view(2, height, width, 16)
+    with torch.no_grad():
+        attention.to_offsets.bias.zero_()                  # every point at the token's own cell centre
+        own = attention(x, height, width)
+        torch.testing.assert_close(own, attention.to_out(value.reshape(2, -1, 16)))
+        attention.to_offsets.bias.view(2, 3, 2)[..., 0] = 1.0  # one cell to the right, every head and point
+        right = attention(x, height, width)
+        shifted = torch.cat([value[:, :, 1:], torch.zeros(2, height, 1, 16)], dim=2)
+        torch.testing.assert_close(right, attention.to_out(shifted.reshape(2, -1, 16)))
+        # positions feed only the offsets/weights: with position-independent offsets they change nothing
+        torch.testing.assert_close(attention(x, height, width, positional=torch.randn(height * width, 16)), right)
+    with pytest.raises(ValueError, match="grid"):
+        attention(x, 4, 4)
+
+
+def test_deformable_attention_offsets_learn():
+    from umtfss.model.attention import DeformableAttention
+
+    torch.manual_seed(0)
+    attention = DeformableAttention(16, heads=2, points=3)
+    x = torch.randn(2, 12, 16)
+    attention(x, 3, 4).square().sum().backward()
+    assert attention.to_offsets.weight.grad.abs().sum() > 0 and attention.to_weights.weight.grad.abs().sum() > 0
+
+
+def test_reference_model_clusters_once_from_the_merged_support():
+    """prototype_source merged: one clustering before the layers (layer 0's), no support self-attention."""
+    model = make_model(**REFERENCE_MODEL).eval()
+    assert all(layer.self_support is None for layer in model.transformer)
+    with torch.no_grad():
+        model(*episode(shots=2))
+    assert model.transformer[0].cross.last_clusters is not None
+    assert model.transformer[1].cross.last_clusters is None
+    per_layer = make_model().eval()
+    with torch.no_grad():
+        per_layer(*episode(shots=2))
+    assert all(layer.cross.last_clusters is not None for layer in per_layer.transformer)
+
+
+def test_support_merge_own_prototype_uses_each_shots_own_vector():
+    """Reference code: each support is merged with its own masked-average vector and no mask channel."""
+    from umtfss.model.fss import masked_average_pool
+
+    model = make_model().eval()
+    seen = {}
+    model.merge_support.register_forward_hook(lambda module, inputs, output: seen.update(input=inputs[0]))
+    query, supports, masks = episode(shots=2)
+    masks[:, 1] = 0.0
+    masks[:, 1, :8, :8] = 1.0                               # shot 2 has another object
+    with torch.no_grad():
+        model(query, supports, masks)
+        merged = seen["input"]                              # [B*K, 2d, h, w]
+        assert merged.shape[1] == 2 * model.dim
+        mid = model.reduce_support(model._middle(model._backbone_features(supports.flatten(0, 1))))
+        grid = torch.nn.functional.interpolate(masks.flatten(0, 1)[:, None], size=mid.shape[-2:], mode="bilinear",
+                                               align_corners=True)
+        own = masked_average_pool(mid, grid)
+        torch.testing.assert_close(merged[:, model.dim:, 0, 0], own)
+        assert not torch.allclose(own[0], own[1])
+    assert not hasattr(model, "merge")
+    legacy = make_model(support_merge="mask_channel")
+    assert legacy.merge[0].in_channels == 2 * legacy.dim + 1 and not hasattr(legacy, "merge_support")
+
+
+def test_head_has_the_reference_dropout():
+    model = make_model(head_dropout=0.25)
+    dropouts = [m for m in model.head if isinstance(m, torch.nn.Dropout2d)]
+    assert len(dropouts) == 1 and dropouts[0].p == 0.25 and model.head[0].bias is None

@@ -342,7 +342,7 @@ def test_nan_loss_stops_naming_the_step(tmp_path, monkeypatch):
         value = logits.float().mean() * 0 + 1.0
         return value * float("nan") if calls["n"] == 3 else value
 
-    monkeypatch.setattr(train_module, "build_loss", lambda name: loss_that_breaks)
+    monkeypatch.setattr(train_module, "build_loss", lambda name, dice_ignore: loss_that_breaks)
     with pytest.raises(NonFiniteLossError, match=r"step 3 \(epoch 2\)"):
         train(tiny_config(epochs=2), SquareEpisodes(4), tmp_path, progress=False)
     assert (tmp_path / "last.pt").exists() and not (tmp_path / "checkpoint.pt").exists()
@@ -354,6 +354,20 @@ def test_checkpoint_load_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt"):
         ckpt.load(tmp_path / "junk.pt")
+
+
+def test_checkpoint_of_an_older_model_layout_names_the_missing_keys(tmp_path):
+    """A checkpoint whose config predates model keys (here the shared merge of older versions) is
+    refused with the keys it lacks, not loaded into a model of another shape."""
+    config = load({"model": {**TINY_MODEL, "support_merge": "mask_channel"}})
+    model, _ = ckpt.build_fss_model(config["model"])
+    old = {key: value for key, value in config["model"].items() if key != "support_merge"}
+    ckpt.save(tmp_path / "old.pt", config={"model": old}, model=ckpt.trainable_state(model, model.backbone))
+    with pytest.raises(ValueError, match=r"old\.pt.*lacks model key\(s\) support_merge.*retrain"):
+        ckpt.load_model(tmp_path / "old.pt")
+    ckpt.save(tmp_path / "current.pt", config={"model": dict(config["model"])},
+              model=ckpt.trainable_state(model, model.backbone))
+    assert ckpt.load_model(tmp_path / "current.pt").support_merge == "mask_channel"
 
 
 # --------------------------------------------------------------------------- command line

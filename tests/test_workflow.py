@@ -122,6 +122,16 @@ def test_fine_tuning_keys_do_not_retrain_the_unsupervised_model(pipeline):
     assert "train_unsup" in planned_jobs(plan) and "embed" not in planned_jobs(plan)
 
 
+def test_reference_model_overlay_trains_into_its_own_model_folder(pipeline):
+    """configs/reference-model.yaml on top of the config: a new model folder is trained, nothing upstream reruns."""
+    proc = snakemake(pipeline, "-n", "-p", "--cores", "2", "results/eval_pascal.csv",
+                     "--configfile", str(REPO / "configs" / "reference-model.yaml"))
+    jobs = planned_jobs(proc.stdout)
+    assert "train_unsup" in jobs and "evaluate" in jobs
+    assert not jobs & {"embed", "fit", "assign", "episodes", "demo", "prepare"}
+    assert "-prototype-deformable-merged/unsup/checkpoint.pt" in proc.stdout
+
+
 def test_unchanged_config_has_nothing_to_do(pipeline):
     plan = snakemake(pipeline, "-n", "--cores", "2", "results/eval_pascal.csv").stdout
     assert "Nothing to be done" in plan

@@ -1,11 +1,15 @@
-"""Transformer blocks of the FSS model: multi-head attention, post-LN block (Eq. 2), and the two cross-attentions.
+"""Transformer blocks of the FSS model: multi-head and deformable attention, post-LN block (Eq. 2), two cross-attentions.
 
 `PrototypeCrossAttention` is the paper's prototype-aware cross-attention (Eq. 5-6): the query attends
 only to K_fg + K_bg support prototypes found by Hamming k-means; `VanillaCrossAttention` attends to every
 support pixel (Table 3 baseline). Both take the same arguments so the model can swap them.
+`DeformableAttention` is the single-scale deformable self-attention the reference code uses in place
+of the paper's global multi-head self-attention.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +17,8 @@ from torch import nn
 
 from umtfss.model.prototypes import Clusters, hamming_kmeans, random_projection
 
-__all__ = ["MultiHeadAttention", "TransformerBlock", "PrototypeCrossAttention", "VanillaCrossAttention"]
+__all__ = ["MultiHeadAttention", "DeformableAttention", "TransformerBlock", "DeformableBlock",
+           "PrototypeCrossAttention", "VanillaCrossAttention"]
 
 
 class MultiHeadAttention(nn.Module):
@@ -54,12 +59,86 @@ class MultiHeadAttention(nn.Module):
         return self.to_out(out)
 
 
-class TransformerBlock(nn.Module):
-    """Post-LayerNorm residual block, Eq. 2: X' = LN(X + MHA(X, Y)); X'' = LN(X' + MLP(X'))."""
+class DeformableAttention(nn.Module):
+    """Single-scale deformable attention (Deformable DETR's MSDeformAttn with one level) on a token grid.
 
-    def __init__(self, dim: int, heads: int = 8, dropout: float = 0.1, mlp_ratio: int = 4):
+    Each token attends, per head, to `points` bilinear samples of the value map around its own cell;
+    the sampling offsets (in cells) and the softmax weights over the points are predicted from the
+    token plus its positional encoding. Cost O(HW * heads * points * d/heads) instead of O((HW)^2 d).
+    Padded cells (valid False) contribute zero values; samples outside the grid read zeros.
+    """
+
+    def __init__(self, dim: int, heads: int = 8, points: int = 9):
         super().__init__()
-        self.attention = MultiHeadAttention(dim, heads, dropout)
+        if dim % heads:
+            raise ValueError(f"attention dim {dim} must be divisible by heads {heads}")
+        if points < 1:
+            raise ValueError(f"deformable attention needs points >= 1, got {points}")
+        self.dim, self.heads, self.points = dim, heads, points
+        self.to_offsets = nn.Linear(dim, heads * points * 2)
+        self.to_weights = nn.Linear(dim, heads * points)
+        self.to_value = nn.Linear(dim, dim)
+        self.to_out = nn.Linear(dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Deformable DETR's start: zero offset weights; head h's points spread along direction 2*pi*h/heads
+        at 1..points cells; uniform weights over the points."""
+        nn.init.zeros_(self.to_offsets.weight)
+        angles = torch.arange(self.heads, dtype=torch.float32) * (2.0 * math.pi / self.heads)
+        directions = torch.stack([angles.cos(), angles.sin()], dim=1)
+        directions = directions / directions.abs().amax(dim=1, keepdim=True)
+        steps = torch.arange(1, self.points + 1, dtype=torch.float32)
+        with torch.no_grad():
+            self.to_offsets.bias.copy_((directions[:, None, :] * steps[None, :, None]).flatten())
+        nn.init.zeros_(self.to_weights.weight)
+        nn.init.zeros_(self.to_weights.bias)
+        for linear in (self.to_value, self.to_out):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def sampling_grid(self, query: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """grid_sample coordinates [B*heads, N, points, 2] in [-1, 1] (x, y) and weights [B*heads, 1, N, points]."""
+        batch, tokens, _ = query.shape
+        offsets = self.to_offsets(query).view(batch, tokens, self.heads, self.points, 2)
+        weights = self.to_weights(query).view(batch, tokens, self.heads, self.points).softmax(dim=-1)
+        rows = (torch.arange(height, device=query.device, dtype=offsets.dtype) + 0.5)
+        cols = (torch.arange(width, device=query.device, dtype=offsets.dtype) + 0.5)
+        centres = torch.stack(torch.meshgrid(cols, rows, indexing="xy"), dim=-1).reshape(tokens, 2)  # (x, y) in cells
+        scale = torch.tensor([width, height], device=query.device, dtype=offsets.dtype)
+        locations = (centres[None, :, None, None, :] + offsets) / scale  # [0, 1] spans the grid's outer edges
+        grid = (2.0 * locations - 1.0).permute(0, 2, 1, 3, 4).reshape(batch * self.heads, tokens, self.points, 2)
+        return grid, weights.permute(0, 2, 1, 3).reshape(batch * self.heads, 1, tokens, self.points)
+
+    def forward(self, x: torch.Tensor, height: int, width: int, positional: torch.Tensor | None = None,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B,N=h*w,d] tokens of an h x w grid (row-major); positional [N,d] or None; valid [B,N] bool or None."""
+        batch, tokens, _ = x.shape
+        if tokens != height * width:
+            raise ValueError(f"deformable attention got {tokens} tokens for a {height}x{width} grid")
+        value = self.to_value(x)
+        if valid is not None:
+            value = value.masked_fill(~valid[..., None], 0.0)
+        head_dim = self.dim // self.heads
+        value = value.view(batch, height, width, self.heads, head_dim).permute(0, 3, 4, 1, 2)
+        value = value.reshape(batch * self.heads, head_dim, height, width)
+        grid, weights = self.sampling_grid(x if positional is None else x + positional, height, width)
+        sampled = F.grid_sample(value, grid.to(value.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+        out = (sampled * weights.to(sampled.dtype)).sum(dim=-1)  # [B*heads, head_dim, N]
+        out = out.view(batch, self.heads, head_dim, tokens).permute(0, 3, 1, 2).reshape(batch, tokens, self.dim)
+        return self.to_out(out)
+
+
+class TransformerBlock(nn.Module):
+    """Post-LayerNorm residual block, Eq. 2: X' = LN(X + MHA(X, Y)); X'' = LN(X' + MLP(X')).
+
+    mlp_ratio: hidden width of the MLP in units of dim (reference code 3, ViT/DETR 4);
+    attention: the attention module (default multi-head attention with `heads` heads)."""
+
+    def __init__(self, dim: int, heads: int = 8, dropout: float = 0.1, mlp_ratio: int = 3,
+                 attention: nn.Module | None = None):
+        super().__init__()
+        self.attention = MultiHeadAttention(dim, heads, dropout) if attention is None else attention
         self.attention_dropout = nn.Dropout(dropout)
         self.norm_attention = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(
@@ -80,12 +159,25 @@ class TransformerBlock(nn.Module):
         return self.norm_mlp(x + self.mlp(x))
 
 
+class DeformableBlock(TransformerBlock):
+    """The post-LN block of Eq. 2 around deformable self-attention (reference code): the positional
+    encoding enters only the prediction of the sampling offsets and weights, never the values."""
+
+    def __init__(self, dim: int, heads: int = 8, dropout: float = 0.1, mlp_ratio: int = 3, points: int = 9):
+        super().__init__(dim, heads, dropout, mlp_ratio, attention=DeformableAttention(dim, heads, points))
+
+    def forward(self, x: torch.Tensor, height: int, width: int, positional: torch.Tensor | None = None,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm_attention(x + self.attention_dropout(self.attention(x, height, width, positional, valid)))
+        return self.norm_mlp(x + self.mlp(x))
+
+
 class VanillaCrossAttention(nn.Module):
     """Query tokens attend to every support pixel (cost 2*(HW)^2*d per shot; paper Table 3 baseline)."""
 
-    def __init__(self, dim: int, heads: int = 8, dropout: float = 0.1):
+    def __init__(self, dim: int, heads: int = 8, dropout: float = 0.1, mlp_ratio: int = 3):
         super().__init__()
-        self.block = TransformerBlock(dim, heads, dropout)
+        self.block = TransformerBlock(dim, heads, dropout, mlp_ratio)
 
     def forward(
         self,
@@ -93,9 +185,18 @@ class VanillaCrossAttention(nn.Module):
         support: torch.Tensor,
         support_foreground: torch.Tensor,
         support_valid: torch.Tensor | None = None,
+        keys: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """query [B,N,d], support [B,M,d] (shots pooled), support_foreground/support_valid bool [B,M]."""
+        """query [B,N,d], support [B,M,d] (shots pooled), support_foreground/support_valid bool [B,M];
+        keys: (tokens, valid) to attend to instead of the support pixels."""
+        if keys is not None:
+            return self.block(query, *keys)
         return self.block(query, support, support_valid)
+
+    def keys(self, support: torch.Tensor, support_foreground: torch.Tensor,
+             support_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the query attends to: every support pixel."""
+        return support, support_valid
 
 
 def _take(clusters: Clusters, rows: slice, k: int) -> Clusters:
@@ -110,7 +211,9 @@ class PrototypeCrossAttention(nn.Module):
     Hamming k-means into at most `prototypes_fg` / `prototypes_bg` prototypes; empty prototypes are
     masked out of the attention. The hashing projection is a seeded buffer, so inference is
     deterministic and saved with the model. When a part has no more pixels than prototypes, every
-    pixel is its own prototype and the block computes exactly what `VanillaCrossAttention` does.
+    pixel is its own prototype (as in the reference code). With `normalize` (reference code) the
+    prototypes are L2-normalised before they become keys and values; without it, and with few
+    pixels, the block computes exactly what `VanillaCrossAttention` does.
     """
 
     def __init__(
@@ -123,9 +226,12 @@ class PrototypeCrossAttention(nn.Module):
         hash_bits: int = 32,
         hash_iterations: int = 10,
         seed: int = 0,
+        mlp_ratio: int = 3,
+        normalize: bool = True,
     ):
         super().__init__()
-        self.block = TransformerBlock(dim, heads, dropout)
+        self.block = TransformerBlock(dim, heads, dropout, mlp_ratio)
+        self.normalize = bool(normalize)
         self.prototypes_fg, self.prototypes_bg = prototypes_fg, prototypes_bg
         self.hash_iterations, self.seed = hash_iterations, seed
         self.register_buffer("projection", random_projection(dim, hash_bits, seed))
@@ -152,8 +258,12 @@ class PrototypeCrossAttention(nn.Module):
         bg = _take(both, slice(batch, 2 * batch), self.prototypes_bg)
         self.last_clusters = tuple(c._replace(prototypes=c.prototypes.detach()) for c in (fg, bg))
         tokens = torch.cat([fg.prototypes, bg.prototypes], dim=1)
+        if self.normalize:
+            tokens = F.normalize(tokens, dim=-1)  # empty prototypes stay zero (and masked)
         token_valid = torch.cat([fg.valid, bg.valid], dim=1)
         return tokens, token_valid
+
+    keys = prototypes  # what the query attends to, shared by both cross-attentions
 
     def forward(
         self,
@@ -161,7 +271,9 @@ class PrototypeCrossAttention(nn.Module):
         support: torch.Tensor,
         support_foreground: torch.Tensor,
         support_valid: torch.Tensor | None = None,
+        keys: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """query [B,N,d], support [B,M,d] (shots pooled), support_foreground/support_valid bool [B,M]."""
-        tokens, token_valid = self.prototypes(support, support_foreground, support_valid)
+        """query [B,N,d], support [B,M,d] (shots pooled), support_foreground/support_valid bool [B,M];
+        keys: prototypes computed once beforehand (model.prototype_source merged), else clustered here."""
+        tokens, token_valid = keys if keys is not None else self.prototypes(support, support_foreground, support_valid)
         return self.block(query, tokens, token_valid)

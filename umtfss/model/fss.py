@@ -13,14 +13,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from umtfss.episode import IGNORE  # support-mask value of ignored and padded pixels
-from umtfss.model.attention import PrototypeCrossAttention, TransformerBlock, VanillaCrossAttention
+from umtfss.model.attention import DeformableBlock, PrototypeCrossAttention, TransformerBlock, VanillaCrossAttention
 
 __all__ = ["FSSModel", "build_model", "masked_average_pool", "prior_mask", "sine_positional_encoding", "MODEL_KEYS"]
 
 # config["model"] keys that shape the network (the others name the backbone and its checkpoint)
 MODEL_KEYS = ("dim", "heads", "layers", "dropout", "attention", "prototypes_fg", "prototypes_bg", "hash_bits", "hash_iterations",
-              "mask_padding")
+              "mask_padding", "mlp_ratio", "head_dropout", "support_merge", "normalize_prototypes", "prototype_source",
+              "self_attention", "deformable_points")
 ATTENTIONS = ("prototype", "vanilla")
+SELF_ATTENTIONS = ("global", "deformable")
+SUPPORT_MERGES = ("own_prototype", "mask_channel")
+PROTOTYPE_SOURCES = ("per_layer", "merged")
 POSITIONALS = ("sine", "learned", "none")
 
 
@@ -81,22 +85,43 @@ class LearnedPositionalEncoding(nn.Module):
 
 
 class AttentionLayer(nn.Module):
-    """One repeat of the Transformer part: self-attention on query, on support, then cross-attention."""
+    """One repeat of the Transformer part: self-attention on the query and (unless the support stays the
+    merged features) on the support, then cross-attention from the query to the support.
 
-    def __init__(self, cross: nn.Module, dim: int, heads: int, dropout: float):
+    self_attention 'global' is the paper's multi-head self-attention, 'deformable' the reference code's
+    single-scale deformable attention with `points` samples per head.
+    """
+
+    def __init__(self, cross: nn.Module, dim: int, heads: int, dropout: float, mlp_ratio: int = 3,
+                 self_attention: str = "global", points: int = 9, support_self: bool = True):
         super().__init__()
-        self.self_query = TransformerBlock(dim, heads, dropout)
-        self.self_support = TransformerBlock(dim, heads, dropout)
+        self.deformable = self_attention == "deformable"
+
+        def block() -> nn.Module:
+            if self.deformable:
+                return DeformableBlock(dim, heads, dropout, mlp_ratio, points)
+            return TransformerBlock(dim, heads, dropout, mlp_ratio)
+
+        self.self_query = block()
+        self.self_support = block() if support_self else None
         self.cross = cross
 
-    def forward(self, query, support, support_foreground, shots: int, query_valid=None, support_valid=None):
+    def _self(self, block: nn.Module, tokens, valid, grid, positional):
+        if self.deformable:
+            return block(tokens, *grid, positional, valid)
+        return block(tokens, key_padding_mask=valid)
+
+    def forward(self, query, support, support_foreground, shots: int, query_valid=None, support_valid=None,
+                grid=None, positional=None, keys=None):
         """query [B,N,d]; support [B*K,N,d] (self-attention within each shot); fg bool [B,K*N];
-        query_valid [B,N] / support_valid [B*K,N] bool: padded cells are never attended to (None: all valid)."""
-        query = self.self_query(query, key_padding_mask=query_valid)
-        support = self.self_support(support, key_padding_mask=support_valid)
+        query_valid [B,N] / support_valid [B*K,N] bool: padded cells are never attended to (None: all valid);
+        grid (h, w) and positional [N,d]: for deformable self-attention; keys: precomputed cross-attention keys."""
+        query = self._self(self.self_query, query, query_valid, grid, positional)
+        if self.self_support is not None:
+            support = self._self(self.self_support, support, support_valid, grid, positional)
         pooled = support.reshape(query.shape[0], shots * support.shape[1], support.shape[2])
         pooled_valid = None if support_valid is None else support_valid.reshape(query.shape[0], -1)
-        return self.cross(query, pooled, support_foreground, pooled_valid), support
+        return self.cross(query, pooled, support_foreground, pooled_valid, keys=keys), support
 
 
 def _reduce_layer(in_channels: int, dim: int) -> nn.Sequential:
@@ -112,6 +137,13 @@ class FSSModel(nn.Module):
     mask_padding (reference code) padded cells are left out of every attention and of the support
     background; without it they count as background. The backbone stays frozen and in eval mode
     (BatchNorm statistics included) whatever `train()` is called with.
+
+    Where the paper is silent the defaults follow the reference code: support_merge 'own_prototype'
+    (query and support have their own merge conv; each support is merged with its own masked-average
+    vector, without a mask channel), L2-normalised prototypes, MLP width 3*d, head Dropout2d(0.1).
+    Where the paper and the reference code differ the defaults follow the paper (global self-attention
+    on query and support, prototypes clustered in every layer); prototype_source 'merged' and
+    self_attention 'deformable' give the reference code's model (see configs/reference-model.yaml).
     """
 
     def __init__(
@@ -128,11 +160,21 @@ class FSSModel(nn.Module):
         hash_iterations: int = 10,
         positional: str = "sine",
         mask_padding: bool = True,
+        mlp_ratio: int = 3,
+        head_dropout: float = 0.1,
+        support_merge: str = "own_prototype",
+        normalize_prototypes: bool = True,
+        prototype_source: str = "per_layer",
+        self_attention: str = "global",
+        deformable_points: int = 9,
     ):
         super().__init__()
         self.mask_padding = bool(mask_padding)
-        if attention not in ATTENTIONS:
-            raise ValueError(f"model.attention is {attention!r}, expected one of {', '.join(ATTENTIONS)}")
+        for key, value, allowed in (("attention", attention, ATTENTIONS), ("self_attention", self_attention, SELF_ATTENTIONS),
+                                    ("support_merge", support_merge, SUPPORT_MERGES),
+                                    ("prototype_source", prototype_source, PROTOTYPE_SOURCES)):
+            if value not in allowed:
+                raise ValueError(f"model.{key} is {value!r}, expected one of {', '.join(allowed)}")
         if positional not in POSITIONALS:
             raise ValueError(f"positional encoding is {positional!r}, expected one of {', '.join(POSITIONALS)}")
         for attr in ("channels", "mid_layers", "high_layer"):
@@ -145,24 +187,36 @@ class FSSModel(nn.Module):
         self.mid_layers = tuple(backbone.mid_layers)
         self.high_layer = backbone.high_layer
         self.dim, self.attention_kind, self.positional_kind = dim, attention, positional
+        self.support_merge, self.prototype_source, self.self_attention = support_merge, prototype_source, self_attention
 
         mid_channels = sum(backbone.channels[name] for name in self.mid_layers)
         self.reduce_query = _reduce_layer(mid_channels, dim)
         self.reduce_support = _reduce_layer(mid_channels, dim)
-        # shared merge of [features, global support vector, one mask channel]: the prior for the
-        # query, the support's own mask for the support
-        self.merge = nn.Sequential(nn.Conv2d(2 * dim + 1, dim, 1, bias=False), nn.ReLU(inplace=True))
+        if support_merge == "own_prototype":
+            # reference code: [features, global vector, prior] for the query; [features, the shot's own
+            # masked-average vector] for each support, through a conv of its own
+            self.merge_query = nn.Sequential(nn.Conv2d(2 * dim + 1, dim, 1, bias=False), nn.ReLU(inplace=True))
+            self.merge_support = nn.Sequential(nn.Conv2d(2 * dim, dim, 1, bias=False), nn.ReLU(inplace=True))
+        else:
+            # one shared merge of [features, shot-mean vector, one mask channel]: the prior for the
+            # query, the support's own mask for the support
+            self.merge = nn.Sequential(nn.Conv2d(2 * dim + 1, dim, 1, bias=False), nn.ReLU(inplace=True))
         self.learned_positional = LearnedPositionalEncoding(dim) if positional == "learned" else None
+        cross = dict(dim=dim, heads=heads, dropout=dropout, mlp_ratio=mlp_ratio)
         self.transformer = nn.ModuleList(
-            AttentionLayer(self._cross_attention(index, dim, heads, dropout, prototypes_fg, prototypes_bg, hash_bits, hash_iterations), dim, heads, dropout)
+            AttentionLayer(self._cross_attention(index, cross, prototypes_fg, prototypes_bg, hash_bits, hash_iterations,
+                                                 normalize_prototypes), dim, heads, dropout, mlp_ratio, self_attention,
+                           deformable_points, support_self=prototype_source == "per_layer")
             for index in range(layers)
         )
-        self.head = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(dim, 2, 1))
+        self.head = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.ReLU(inplace=True),
+                                  nn.Dropout2d(head_dropout), nn.Conv2d(dim, 2, 1))
 
-    def _cross_attention(self, index, dim, heads, dropout, prototypes_fg, prototypes_bg, hash_bits, hash_iterations) -> nn.Module:
+    def _cross_attention(self, index, cross, prototypes_fg, prototypes_bg, hash_bits, hash_iterations, normalize) -> nn.Module:
         if self.attention_kind == "vanilla":
-            return VanillaCrossAttention(dim, heads, dropout)
-        return PrototypeCrossAttention(dim, heads, dropout, prototypes_fg, prototypes_bg, hash_bits, hash_iterations, seed=index)
+            return VanillaCrossAttention(**cross)
+        return PrototypeCrossAttention(**cross, prototypes_fg=prototypes_fg, prototypes_bg=prototypes_bg, hash_bits=hash_bits,
+                                       hash_iterations=hash_iterations, seed=index, normalize=normalize)
 
     # --- parameter groups -------------------------------------------------------------------
     def named_transformer_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -236,7 +290,8 @@ class FSSModel(nn.Module):
             if support_ignored.any():
                 support_cells = self._valid_cells(~support_ignored.flatten(0, 1), (height, width))
 
-        global_vector = masked_average_pool(support_mid, grid_masks).view(batch, shots, self.dim).mean(dim=1)
+        shot_vectors = masked_average_pool(support_mid, grid_masks)  # [B*K,d]
+        global_vector = shot_vectors.view(batch, shots, self.dim).mean(dim=1)
         support_high = support_features[self.high_layer]
         prior = prior_mask(
             query_features[self.high_layer], support_high.view(batch, shots, *support_high.shape[1:]), support_masks
@@ -246,21 +301,30 @@ class FSSModel(nn.Module):
         def expand(vector: torch.Tensor) -> torch.Tensor:
             return vector[:, :, None, None].expand(-1, -1, height, width)
 
-        query_map = self.merge(torch.cat([query_mid, expand(global_vector), prior], dim=1))
-        support_map = self.merge(
-            torch.cat([support_mid, expand(global_vector.repeat_interleave(shots, dim=0)), grid_masks], dim=1)
-        )
+        if self.support_merge == "own_prototype":
+            query_map = self.merge_query(torch.cat([query_mid, expand(global_vector), prior], dim=1))
+            support_map = self.merge_support(torch.cat([support_mid, expand(shot_vectors)], dim=1))
+        else:
+            query_map = self.merge(torch.cat([query_mid, expand(global_vector), prior], dim=1))
+            support_map = self.merge(
+                torch.cat([support_mid, expand(global_vector.repeat_interleave(shots, dim=0)), grid_masks], dim=1)
+            )
 
         query_tokens = query_map.flatten(2).transpose(1, 2)  # [B,hw,d]
         support_tokens = support_map.flatten(2).transpose(1, 2)  # [B*K,hw,d]
         positional = self._positional(height, width, query.device)
-        if positional is not None:
+        if positional is not None and self.self_attention == "global":
             query_tokens = query_tokens + positional
             support_tokens = support_tokens + positional
         foreground = self._foreground_cells(grid_masks).reshape(batch, shots * height * width)
+        keys = None
+        if self.prototype_source == "merged":  # reference code: the keys are computed once, from the merged support
+            pooled_valid = None if support_cells is None else support_cells.reshape(batch, -1)
+            keys = self.transformer[0].cross.keys(support_tokens.reshape(batch, -1, self.dim), foreground, pooled_valid)
 
         for layer in self.transformer:
-            query_tokens, support_tokens = layer(query_tokens, support_tokens, foreground, shots, query_cells, support_cells)
+            query_tokens, support_tokens = layer(query_tokens, support_tokens, foreground, shots, query_cells, support_cells,
+                                                 grid=(height, width), positional=positional, keys=keys)
 
         output = query_tokens.transpose(1, 2).reshape(batch, self.dim, height, width)
         return _resize(self.head(output), tuple(size))

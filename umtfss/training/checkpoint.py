@@ -88,5 +88,14 @@ def load_model(path: str | Path, device="cpu"):
     if not isinstance(config, dict) or "model" not in config or "model" not in data:
         raise ValueError(f"checkpoint '{path}' holds no model config or weights")
     model, backbone = build_fss_model(config["model"])
-    load_trainable_state(model, backbone, data["model"], path)
+    try:
+        load_trainable_state(model, backbone, data["model"], path)
+    except ValueError as err:
+        from umtfss.model.fss import MODEL_KEYS
+
+        absent = [key for key in MODEL_KEYS if key not in config["model"]]
+        if absent:  # keys added to the model after this checkpoint was written took their new defaults
+            raise ValueError(f"{err}; its config lacks model key(s) {', '.join(absent)}: it was written by an older "
+                             "umtfss whose model differs; retrain it (snakemake reruns train when its config changes)") from None
+        raise
     return model.to(device).eval()

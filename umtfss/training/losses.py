@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -10,23 +11,28 @@ import torch.nn.functional as F
 from umtfss.episode import IGNORE
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+DICE_IGNORE = ("denominator", "excluded")
 
 
-def weighted_dice_loss(logits: torch.Tensor, target: torch.Tensor, weight: float = 1.0, eps: float = 1e-8) -> torch.Tensor:
-    """Weighted Dice of the released UMTFSS code (CyCTR-PyTorch's), with ignore pixels left out.
+def weighted_dice_loss(logits: torch.Tensor, target: torch.Tensor, weight: float = 1.0, eps: float = 1e-8,
+                       ignore: str = "denominator") -> torch.Tensor:
+    """Weighted Dice of the released UMTFSS code (CyCTR-PyTorch's).
 
     For every image b and both channels c in {background, foreground}:
         p = sigmoid(logit_c)  (each channel on its own, as the released code does),
-        t = 1 where target == c, else 0,
-        loss_bc = 1 - 2 * sum(p * t) / max(sum(p^2) + sum(t^2), eps),
-    the sums running over the valid pixels only (target != 255; the released code keeps
-    ignore pixels in sum(p^2), which pushes both channels down on padding). The result is
-    weight * sum over b and c of loss_bc / B: the two channel terms are added, images averaged.
+        t = 1 where target == c, else 0 (so 0 in both channels on ignore pixels, 255),
+        loss_bc = 1 - 2 * sum(p * t) / max(sum(p^2) + sum(t^2), eps).
+    ignore='denominator' (released code): the sums run over every pixel, so ignore pixels still count
+    in sum(p^2) and the loss pushes both channels down there; 'excluded': the sums run over the
+    pixels != 255 only. The result is weight * sum over b and c of loss_bc / B.
     """
     _check_shapes(logits, target)
-    valid = (target != IGNORE).unsqueeze(1).to(logits.dtype)  # [B,1,H,W]
+    if ignore not in DICE_IGNORE:
+        raise ValueError(f"config key 'training.dice_ignore' is '{ignore}', expected one of {', '.join(DICE_IGNORE)}")
     one_hot = torch.stack([target == 0, target == 1], dim=1).to(logits.dtype)  # ignore -> all zero
-    prob = torch.sigmoid(logits.float()) * valid
+    prob = torch.sigmoid(logits.float())
+    if ignore == "excluded":
+        prob = prob * (target != IGNORE).unsqueeze(1).float()
     one_hot = one_hot.float()
     overlap = (prob * one_hot).flatten(2).sum(-1)  # [B,2]
     energy = (prob.square().flatten(2).sum(-1) + one_hot.square().flatten(2).sum(-1)).clamp_min(eps)
@@ -52,8 +58,12 @@ def _check_shapes(logits: torch.Tensor, target: torch.Tensor) -> None:
 LOSSES: dict[str, LossFn] = {"dice": weighted_dice_loss, "ce": cross_entropy_loss}
 
 
-def build_loss(name: str) -> LossFn:
-    """The loss called `name` (config key training.loss)."""
+def build_loss(name: str, dice_ignore: str = "denominator") -> LossFn:
+    """The loss called `name` (config key training.loss); dice_ignore is training.dice_ignore."""
     if name not in LOSSES:
         raise ValueError(f"config key 'training.loss' is '{name}', expected one of {', '.join(LOSSES)}")
+    if name == "dice":
+        if dice_ignore not in DICE_IGNORE:
+            raise ValueError(f"config key 'training.dice_ignore' is '{dice_ignore}', expected one of {', '.join(DICE_IGNORE)}")
+        return partial(weighted_dice_loss, ignore=dice_ignore)
     return LOSSES[name]

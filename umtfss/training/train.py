@@ -209,7 +209,7 @@ def train(
     factors = lr_factors(tcfg, total_steps, steps_per_epoch)
     schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, factors[name]) for name, opt in optimizers.items()}
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    loss_fn = build_loss(tcfg["loss"])
+    loss_fn = build_loss(tcfg["loss"], tcfg["dice_ignore"])
     log = StepLog(out_dir / "log.csv", list(optimizers))
 
     start_epoch, step = 0, 0

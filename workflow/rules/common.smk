@@ -47,7 +47,11 @@ except Exception:  # no --cores: a dry run, --report, --dag
     _CORES = None
 TORCH_JOB_THREADS = _CORES if _CORES and _CORES <= 1024 else (os.cpu_count() or 1)
 CONDA_ENV = f"../../envs/{config['software_env']}.yaml"  # relative to the rule files
-MODEL_TAG = config["model"]["backbone"] + f"-{config['model']['attention']}"
+# the model's folder: backbone and cross-attention, plus the reference code's architecture choices
+# when set (configs/reference-model.yaml), so that paper and reference models sit side by side
+MODEL_TAG = "-".join([config["model"]["backbone"], config["model"]["attention"]]
+                     + (["deformable"] if config["model"]["self_attention"] == "deformable" else [])
+                     + (["merged"] if config["model"]["prototype_source"] == "merged" else []))
 
 
 def folder_images():
