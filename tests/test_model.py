@@ -332,3 +332,18 @@ def test_head_has_the_reference_dropout():
     model = make_model(head_dropout=0.25)
     dropouts = [m for m in model.head if isinstance(m, torch.nn.Dropout2d)]
     assert len(dropouts) == 1 and dropouts[0].p == 0.25 and model.head[0].bias is None
+
+
+def test_padding_aware_sine_encoding_matches_an_unpadded_grid_of_the_image_size():
+    """Reference code (deformable mode): positions are normalised to the valid extent of each sample."""
+    from umtfss.model.fss import sine_positional_encoding
+
+    plain = sine_positional_encoding(4, 5, 16)
+    everything = torch.ones(1, 20, dtype=torch.bool)
+    torch.testing.assert_close(sine_positional_encoding(4, 5, 16, valid=everything)[0], plain, atol=1e-5, rtol=1e-5)
+    valid = torch.ones(2, 4, 5, dtype=torch.bool)
+    valid[0, 3:, :] = False          # sample 0: a 3x5 image padded at the bottom
+    valid[1, :, 3:] = False          # sample 1: a 4x3 image padded at the right
+    code = sine_positional_encoding(4, 5, 16, valid=valid.flatten(1)).view(2, 4, 5, 16)
+    torch.testing.assert_close(code[0, :3].reshape(15, 16), sine_positional_encoding(3, 5, 16), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(code[1, :, :3].reshape(12, 16), sine_positional_encoding(4, 3, 16), atol=1e-5, rtol=1e-5)

@@ -112,7 +112,7 @@ class DeformableAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, height: int, width: int, positional: torch.Tensor | None = None,
                 valid: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B,N=h*w,d] tokens of an h x w grid (row-major); positional [N,d] or None; valid [B,N] bool or None."""
+        """x [B,N=h*w,d] tokens of an h x w grid (row-major); positional [N,d], [B,N,d] or None; valid [B,N] bool or None."""
         batch, tokens, _ = x.shape
         if tokens != height * width:
             raise ValueError(f"deformable attention got {tokens} tokens for a {height}x{width} grid")

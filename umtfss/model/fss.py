@@ -58,17 +58,33 @@ def prior_mask(query_high: torch.Tensor, support_high: torch.Tensor, support_mas
     return normalised.mean(dim=1).view(batch, 1, query_high.shape[2], query_high.shape[3])
 
 
-def sine_positional_encoding(height: int, width: int, dim: int, device=None, temperature: float = 10000.0) -> torch.Tensor:
-    """Fixed 2-D sine/cosine encoding [h*w, dim] (DETR style): half the channels encode y, half x."""
-    def axis(length: int, channels: int) -> torch.Tensor:
-        coords = (torch.arange(length, device=device, dtype=torch.float32) + 0.5) / length * 2 * math.pi
-        index = torch.arange(channels, device=device)
-        freq = temperature ** (2 * (index // 2) / max(channels, 1))
-        angles = coords[:, None] / freq[None, :]
-        return torch.where(index % 2 == 0, angles.sin(), angles.cos())  # [length, channels]
+def sine_positional_encoding(height: int, width: int, dim: int, device=None, temperature: float = 10000.0,
+                             valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Fixed 2-D sine/cosine encoding [h*w, dim] (DETR style): half the channels encode y, half x.
 
-    y = axis(height, dim // 2)[:, None, :].expand(height, width, dim // 2)
-    x = axis(width, dim - dim // 2)[None, :, :].expand(height, width, dim - dim // 2)
+    Cell i of an axis of length L sits at (i + 0.5) / L * 2 pi. With `valid` [B, h*w] bool (padded
+    cells False) the encoding is per sample [B, h*w, dim] and each axis is normalised to the sample's
+    valid extent, as the reference code's padding-aware encoding is: the image part of a padded grid
+    gets the encoding an unpadded grid of its size would get.
+    """
+    def angles_to_code(coords: torch.Tensor, channels: int) -> torch.Tensor:  # coords [...] in [0, 2 pi]
+        index = torch.arange(channels, device=coords.device)
+        freq = temperature ** (2 * (index // 2) / max(channels, 1))
+        angles = coords[..., None] / freq
+        return torch.where(index % 2 == 0, angles.sin(), angles.cos())  # [..., channels]
+
+    if valid is not None:
+        cells = valid.reshape(-1, height, width).float()
+        rows = cells.cumsum(dim=1)  # valid cells above and at each cell, per column
+        cols = cells.cumsum(dim=2)
+        y = (rows - 0.5).clamp(min=0) / (rows[:, -1:, :] + 1e-6) * 2 * math.pi
+        x = (cols - 0.5).clamp(min=0) / (cols[:, :, -1:] + 1e-6) * 2 * math.pi
+        code = torch.cat([angles_to_code(y, dim // 2), angles_to_code(x, dim - dim // 2)], dim=-1)
+        return code.reshape(cells.shape[0], height * width, dim)
+    y = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height * 2 * math.pi
+    x = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width * 2 * math.pi
+    y = angles_to_code(y, dim // 2)[:, None, :].expand(height, width, dim // 2)
+    x = angles_to_code(x, dim - dim // 2)[None, :, :].expand(height, width, dim - dim // 2)
     return torch.cat([y, x], dim=2).reshape(height * width, dim)
 
 
@@ -112,13 +128,14 @@ class AttentionLayer(nn.Module):
         return block(tokens, key_padding_mask=valid)
 
     def forward(self, query, support, support_foreground, shots: int, query_valid=None, support_valid=None,
-                grid=None, positional=None, keys=None):
+                grid=None, positional=None, support_positional=None, keys=None):
         """query [B,N,d]; support [B*K,N,d] (self-attention within each shot); fg bool [B,K*N];
         query_valid [B,N] / support_valid [B*K,N] bool: padded cells are never attended to (None: all valid);
-        grid (h, w) and positional [N,d]: for deformable self-attention; keys: precomputed cross-attention keys."""
+        grid (h, w) and positional / support_positional ([N,d] or per sample): for deformable
+        self-attention; keys: precomputed cross-attention keys."""
         query = self._self(self.self_query, query, query_valid, grid, positional)
         if self.self_support is not None:
-            support = self._self(self.self_support, support, support_valid, grid, positional)
+            support = self._self(self.self_support, support, support_valid, grid, support_positional)
         pooled = support.reshape(query.shape[0], shots * support.shape[1], support.shape[2])
         pooled_valid = None if support_valid is None else support_valid.reshape(query.shape[0], -1)
         return self.cross(query, pooled, support_foreground, pooled_valid, keys=keys), support
@@ -249,9 +266,10 @@ class FSSModel(nn.Module):
         first = features[self.mid_layers[0]]
         return torch.cat([_resize(features[name], first.shape[-2:]) for name in self.mid_layers], dim=1)
 
-    def _positional(self, height: int, width: int, device) -> torch.Tensor | None:
+    def _positional(self, height: int, width: int, device, valid: torch.Tensor | None = None) -> torch.Tensor | None:
+        """[h*w, d], or [M, h*w, d] normalised to each sample's valid cells when `valid` [M, h*w] is given (sine)."""
         if self.positional_kind == "sine":
-            return sine_positional_encoding(height, width, self.dim, device=device)
+            return sine_positional_encoding(height, width, self.dim, device=device, valid=valid)
         if self.positional_kind == "learned":
             return self.learned_positional(height, width)
         return None
@@ -312,10 +330,15 @@ class FSSModel(nn.Module):
 
         query_tokens = query_map.flatten(2).transpose(1, 2)  # [B,hw,d]
         support_tokens = support_map.flatten(2).transpose(1, 2)  # [B*K,hw,d]
-        positional = self._positional(height, width, query.device)
+        positional = support_positional = self._positional(height, width, query.device)
         if positional is not None and self.self_attention == "global":
             query_tokens = query_tokens + positional
             support_tokens = support_tokens + positional
+        elif self.self_attention == "deformable":  # reference code: positions normalised to the valid extent
+            if query_cells is not None:
+                positional = self._positional(height, width, query.device, valid=query_cells)
+            if support_cells is not None:
+                support_positional = self._positional(height, width, query.device, valid=support_cells)
         foreground = self._foreground_cells(grid_masks).reshape(batch, shots * height * width)
         keys = None
         if self.prototype_source == "merged":  # reference code: the keys are computed once, from the merged support
@@ -324,7 +347,8 @@ class FSSModel(nn.Module):
 
         for layer in self.transformer:
             query_tokens, support_tokens = layer(query_tokens, support_tokens, foreground, shots, query_cells, support_cells,
-                                                 grid=(height, width), positional=positional, keys=keys)
+                                                 grid=(height, width), positional=positional,
+                                                 support_positional=support_positional, keys=keys)
 
         output = query_tokens.transpose(1, 2).reshape(batch, self.dim, height, width)
         return _resize(self.head(output), tuple(size))
