@@ -100,8 +100,9 @@ class DeformableAttention(nn.Module):
     def sampling_grid(self, query: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """grid_sample coordinates [B*heads, N, points, 2] in [-1, 1] (x, y) and weights [B*heads, 1, N, points]."""
         batch, tokens, _ = query.shape
-        offsets = self.to_offsets(query).view(batch, tokens, self.heads, self.points, 2)
-        weights = self.to_weights(query).view(batch, tokens, self.heads, self.points).softmax(dim=-1)
+        # float32 locations: in half precision a cell index near 60 would move by up to 1/32 of a cell
+        offsets = self.to_offsets(query).float().view(batch, tokens, self.heads, self.points, 2)
+        weights = self.to_weights(query).float().view(batch, tokens, self.heads, self.points).softmax(dim=-1)
         rows = (torch.arange(height, device=query.device, dtype=offsets.dtype) + 0.5)
         cols = (torch.arange(width, device=query.device, dtype=offsets.dtype) + 0.5)
         centres = torch.stack(torch.meshgrid(cols, rows, indexing="xy"), dim=-1).reshape(tokens, 2)  # (x, y) in cells
