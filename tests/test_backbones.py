@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -24,6 +25,7 @@ torch.set_num_threads(1)
 REGISTERED = {
     "resnet50-imagenet",
     "resnet50-mocov2",
+    "resnet50-deepstem",
     "dino-vits8",
     "dino-vits16",
     "dino-vitb8",
@@ -148,6 +150,76 @@ def test_dino_names_build_the_published_sizes(name):
     assert backbone.blocks[0].attn.qkv.weight.shape == (3 * dim, dim)
     assert backbone.blocks[0].mlp.fc1.weight.shape == (4 * dim, dim)
     assert backbone.channels == {"last": dim} and backbone.strides == {"last": patch}
+
+
+def _pspnet_resnet50_v2(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict laid out as PSPNet's resnet50_v2.pth (the reference code's initmodel), written by hand
+    from a torchvision one: three 3x3 stem convs 3-64-64-128, layer1 taking 128 channels, the classifier
+    kept, and no BatchNorm batch counters (the file predates them)."""
+    generator = torch.Generator().manual_seed(3)
+    published = {k: v for k, v in weights.items() if not k.endswith("num_batches_tracked")}
+    for index, (cin, cout) in enumerate([(3, 64), (64, 64), (64, 128)], start=1):
+        published[f"conv{index}.weight"] = torch.randn(cout, cin, 3, 3, generator=generator) * 0.1
+        published[f"bn{index}.weight"] = torch.rand(cout, generator=generator) + 0.5
+        published[f"bn{index}.bias"] = torch.randn(cout, generator=generator) * 0.1
+        published[f"bn{index}.running_mean"] = torch.randn(cout, generator=generator) * 0.1
+        published[f"bn{index}.running_var"] = torch.rand(cout, generator=generator) + 0.5
+    published["layer1.0.conv1.weight"] = torch.randn(64, 128, 1, 1, generator=generator) * 0.1
+    published["layer1.0.downsample.0.weight"] = torch.randn(256, 128, 1, 1, generator=generator) * 0.1
+    return published
+
+
+def test_deepstem_checkpoint_of_the_reference_code_loads_and_runs_its_stem(tmp_path, resnet50_weights):
+    published = _pspnet_resnet50_v2(resnet50_weights)
+    path = tmp_path / "resnet50_v2.pth"
+    torch.save(published, path)
+    backbone = build_backbone("resnet50-deepstem", checkpoint=path)
+    loaded = backbone.net.state_dict()
+    for key, value in _body(published).items():
+        assert torch.equal(loaded[key], value), key
+    assert backbone.checkpoint_sha256 == sha256_file(path)
+    assert [backbone.strides[f"layer{i}"] for i in range(1, 5)] == [4, 8, 8, 8]
+
+    images = torch.rand(1, 3, 41, 41)
+    x = (images - backbone.pixel_mean) / backbone.pixel_std
+    for index, stride in ((1, 2), (2, 1), (3, 1)):  # the stem written out from the checkpoint's tensors
+        x = F.conv2d(x, published[f"conv{index}.weight"], stride=stride, padding=1)
+        x = F.batch_norm(x, published[f"bn{index}.running_mean"], published[f"bn{index}.running_var"],
+                         published[f"bn{index}.weight"], published[f"bn{index}.bias"], training=False)
+        x = F.relu(x)
+    x = F.max_pool2d(x, 3, stride=2, padding=1)
+    with torch.no_grad():
+        features = backbone(images)
+        assert torch.allclose(backbone.stem((images - backbone.pixel_mean) / backbone.pixel_std), x, atol=1e-5)
+        assert torch.allclose(features["layer1"], backbone.net.layer1(x), atol=1e-5)
+    assert features["layer4"].shape == (1, 2048, 6, 6) and features["layer2"].shape == (1, 512, 6, 6)
+
+
+def test_deepstem_needs_a_local_checkpoint_and_refuses_a_7x7_one(tmp_path, resnet50_weights):
+    with pytest.raises(ValueError, match=r"resnet50-deepstem.*no download URL.*resnet50_v2\.pth.*'checkpoint'"):
+        build_backbone("resnet50-deepstem")
+    path = tmp_path / "resnet50-0676ba61.pth"
+    torch.save(resnet50_weights, path)
+    with pytest.raises(ValueError) as caught:
+        build_backbone("resnet50-deepstem", checkpoint=path)
+    message = str(caught.value)
+    assert "missing keys: conv2.weight" in message
+    assert "conv1.weight (64, 3, 7, 7) vs (64, 3, 3, 3)" in message
+
+
+def test_checkpoints_without_batchnorm_counters_load(tmp_path, resnet50_weights):
+    """Files saved before PyTorch 0.4.1 have no num_batches_tracked; the counter is no weight."""
+    old = {k: v for k, v in resnet50_weights.items() if not k.endswith("num_batches_tracked")}
+    assert len(old) < len(resnet50_weights)
+    path = tmp_path / "old.pth"
+    torch.save(old, path)
+    backbone = build_backbone("resnet50-imagenet", checkpoint=path)
+    _assert_weights_equal(backbone.net, _body(resnet50_weights))
+    broken = dict(old)
+    del broken["layer1.0.bn1.running_var"]  # a real statistic stays required
+    torch.save(broken, path)
+    with pytest.raises(ValueError, match="missing keys: layer1.0.bn1.running_var"):
+        build_backbone("resnet50-imagenet", checkpoint=path)
 
 
 def test_wrong_architecture_lists_missing_and_misshapen_keys(tmp_path):

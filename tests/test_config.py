@@ -76,6 +76,17 @@ def test_missing_root_is_reported_when_paths_are_checked(tmp_path):
         cfg.load(c, check_paths=True)
 
 
+def test_missing_checkpoint_file_is_reported_before_any_job(tmp_path):
+    c = {"model": {"backbone": "resnet50-deepstem", "checkpoint": str(tmp_path / "initmodel" / "resnet50_v2.pth")},
+         "demo": {"enabled": True}}
+    cfg.load(c)
+    with pytest.raises(cfg.ConfigError, match=r"'model.checkpoint' is '.*resnet50_v2.pth', which is not a file.*resnet50-deepstem"):
+        cfg.load(c, check_paths=True)
+    (tmp_path / "initmodel").mkdir()
+    (tmp_path / "initmodel" / "resnet50_v2.pth").write_bytes(b"weights")
+    assert cfg.load(c, check_paths=True)["model"]["checkpoint"].endswith("resnet50_v2.pth")
+
+
 def test_folder_source_needs_a_folder():
     with pytest.raises(cfg.ConfigError, match="unlabeled.folder"):
         cfg.load({"unlabeled": {"source": "folder"}})

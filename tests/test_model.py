@@ -347,3 +347,69 @@ def test_padding_aware_sine_encoding_matches_an_unpadded_grid_of_the_image_size(
     code = sine_positional_encoding(4, 5, 16, valid=valid.flatten(1)).view(2, 4, 5, 16)
     torch.testing.assert_close(code[0, :3].reshape(15, 16), sine_positional_encoding(3, 5, 16), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(code[1, :, :3].reshape(12, 16), sine_positional_encoding(4, 3, 16), atol=1e-5, rtol=1e-5)
+
+
+def test_reference_layer_details_are_the_defaults_and_can_be_switched():
+    """Reference code: no biases in the cross-attention projections and the MLPs (the self-attention's
+    projections keep theirs), nearest cell masks, a 2x2 centre patch for an empty support."""
+    model = make_model()
+    layer = model.transformer[0]
+    assert layer.cross.block.attention.to_query.bias is None and layer.cross.block.attention.to_out.bias is None
+    assert layer.cross.block.mlp[0].bias is None and layer.self_query.mlp[3].bias is None
+    assert layer.self_query.attention.to_query.bias is not None
+    assert (model.grid_masks, model.empty_support) == ("nearest", "center_patch")
+    biased = make_model(linear_bias=True, attention="vanilla").transformer[0]
+    assert biased.cross.block.attention.to_key.bias is not None and biased.self_support.mlp[0].bias is not None
+    assert make_model(self_attention="deformable").transformer[0].self_query.mlp[0].bias is None
+    with pytest.raises(ValueError, match="model.grid_masks"):
+        make_model(grid_masks="bicubic")
+    with pytest.raises(ValueError, match="model.empty_support"):
+        make_model(empty_support="random")
+
+
+def test_support_foreground_cells_by_nearest_or_bilinear_resize_and_the_centre_patch():
+    from umtfss.model.fss import _resize
+
+    masks = torch.zeros(3, 16, 16)
+    masks[0, 4, 8] = 1       # a pixel that the nearest resize 16 -> 4 reads (rows and columns 0, 4, 8, 12)
+    masks[1, 5:7, 5:7] = 1   # a tiny object between the pixels it reads
+    masks[2] = 1             # foreground everywhere
+    soft = _resize(masks[:, None], (4, 4))
+    nearest = make_model()._foreground_cells(masks, soft)
+    assert nearest[0].nonzero().tolist() == [[1, 2]]
+    assert nearest[1].nonzero().tolist() == [[1, 1], [1, 2], [2, 1], [2, 2]]  # missed: the 2x2 centre patch
+    assert nearest[2].sum() == 12 and not any(nearest[2][r, c] for r in (0, 3) for c in (0, 3))
+    plain = make_model(empty_support="none")._foreground_cells(masks, soft)
+    assert not plain[1].any() and plain[2].all()
+    bilinear = make_model(grid_masks="bilinear", empty_support="none")._foreground_cells(masks, soft)
+    assert bilinear[1].nonzero().tolist() == [[1, 1]]  # the peak cell of the tiny object (bilinear reads pixel 5)
+    assert not bilinear[0].any()  # a one-pixel object that bilinear does not read (pixels 0, 5, 10, 15) is lost too
+
+
+def test_padded_cells_by_nearest_or_bilinear_resize():
+    valid = torch.ones(1, 16, 16, dtype=torch.bool)
+    valid[:, 10:] = False  # rows 10-15 are padding
+    rows = lambda model: model._valid_cells(valid, (4, 4)).view(4, 4)[:, 0].tolist()  # noqa: E731
+    assert rows(make_model()) == [True, True, True, False]  # nearest reads pixel rows 0, 4, 8, 12
+    assert rows(make_model(grid_masks="bilinear")) == [True, True, False, False]  # bilinear: 0, 5, 10, 15
+
+
+def test_hash_projection_has_a_bias_row_and_can_be_drawn_at_every_call():
+    query, supports, masks = episode()
+    fixed = make_model().eval()
+    assert fixed.transformer[0].cross.projection.shape == (33, 16)  # dim 32 plus the bias row
+    assert make_model(hash_bias=False).transformer[0].cross.projection.shape == (32, 16)
+    per_call = make_model(hash_draw="per_call").eval()
+    cross = per_call.transformer[0].cross
+
+    def clusters(seed):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            logits = per_call(query, supports, masks)
+        return logits, cross.last_clusters[1].assign  # background, clustered with a fresh projection
+
+    first, second, again = clusters(0), clusters(1), clusters(0)
+    assert not torch.equal(first[1], second[1])  # a new projection each call
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])  # reproducible from the seed
+    with pytest.raises(ValueError, match="model.hash_draw"):
+        make_model(hash_draw="sometimes")

@@ -104,6 +104,20 @@ def test_hash_codes_match_hamming_distance_identity():
     assert torch.equal(codes[0] @ codes[0].T, 12 - 2 * hamming)
 
 
+def test_hash_with_a_bias_row_and_per_sample_projections():
+    features, mask = random_batch(batch=2, n=10, dim=8)
+    projection = random_projection(9, 12, seed=1)  # the last row is the bias (the reference's hash_bias)
+    expected = torch.where(features @ projection[:8] + projection[8] > 0, 1.0, -1.0)
+    assert torch.equal(hash_codes(features, projection), expected)
+    assert not torch.equal(hash_codes(features, projection[:8]), expected)  # the bias moves bits
+    own = torch.stack([projection, random_projection(9, 12, seed=2)])  # one projection per sample
+    codes = hash_codes(features, own)
+    assert torch.equal(codes[0], expected[0]) and torch.equal(codes[1], hash_codes(features[1:], own[1])[0])
+    assert hamming_kmeans(features, mask, 3, bits=12, projection=own).assign.shape == mask.shape
+    with pytest.raises(ValueError, match="7 rows, expected feature dim 8"):
+        hamming_kmeans(features, mask, 3, projection=random_projection(7, 12))
+
+
 def test_bad_inputs_raise_clear_errors():
     features, mask = random_batch()
     with pytest.raises(ValueError, match="mask must be a bool"):

@@ -370,6 +370,19 @@ def test_checkpoint_of_an_older_model_layout_names_the_missing_keys(tmp_path):
     assert ckpt.load_model(tmp_path / "current.pt").support_merge == "mask_channel"
 
 
+def test_checkpoint_from_before_the_reference_layer_keys_keeps_the_behaviour_it_was_trained_with(tmp_path):
+    """Checkpoints predating linear_bias / grid_masks / empty_support were trained with biases, bilinear
+    cell masks and no centre patch: they load with those, not with the newer reference defaults."""
+    config = load({"model": {**TINY_MODEL, **ckpt.LEGACY_MODEL_VALUES}})
+    model, _ = ckpt.build_fss_model(config["model"])
+    old = {key: value for key, value in config["model"].items() if key not in ckpt.LEGACY_MODEL_VALUES}
+    ckpt.save(tmp_path / "old.pt", config={"model": old}, model=ckpt.trainable_state(model, model.backbone))
+    loaded = ckpt.load_model(tmp_path / "old.pt")
+    assert (loaded.grid_masks, loaded.empty_support) == ("bilinear", "none")
+    assert loaded.transformer[0].cross.block.attention.to_query.bias is not None
+    assert load({})["model"]["linear_bias"] is False  # what a new run trains
+
+
 # --------------------------------------------------------------------------- command line
 
 

@@ -179,6 +179,24 @@ def test_real_data_configs_never_generate_the_demo(tmp_path, name):
     assert "demo" not in jobs and f"convert_{'sbd' if name == 'pascal' else 'coco'}" in jobs and "evaluate" in jobs
 
 
+def test_reference_backbone_overlay_needs_its_checkpoint_and_trains_its_own_model(tmp_path):
+    """configs/reference-backbone.yaml (the deep-stem ResNet-50) on the PASCAL setting: a missing
+    resnet50_v2.pth is named before any job; present, the model trains into its own folder."""
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    config = yaml.safe_load((REPO / "configs" / "pascal.yaml").read_text())
+    (tmp_path / config["datasets"]["pascal"]["root"]).mkdir(parents=True)
+    overlays = ["--configfile", *(str(REPO / "configs" / f"{name}.yaml") for name in ("pascal", "reference-backbone"))]
+    proc = snakemake(tmp_path, "-n", "-p", "--cores", "2", "results/eval_pascal.csv", *overlays, check=False)
+    assert proc.returncode != 0
+    assert "'model.checkpoint' is 'initmodel/resnet50_v2.pth', which is not a file" in proc.stdout + proc.stderr
+    (tmp_path / "initmodel").mkdir()
+    (tmp_path / "initmodel" / "resnet50_v2.pth").write_bytes(b"stand-in: a dry run does not read it")
+    proc = snakemake(tmp_path, "-n", "-p", "--cores", "2", "results/eval_pascal.csv", *overlays, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "models/resnet50-deepstem-prototype/unsup/checkpoint.pt" in out
+
+
 def test_folder_source_fine_tunes_on_the_benchmark_labels(tmp_path):
     """U_train from a folder: the fine-tuning of the score table uses the benchmark's (PASCAL) labels."""
     from PIL import Image

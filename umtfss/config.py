@@ -97,6 +97,11 @@ def _check_consistency(config: dict, check_paths: bool) -> None:
                 problems.append(f"config key 'datasets.{name}.root' is '{root}', which is not a directory; expected the data set root")
         if unl["source"] == "folder" and unl.get("folder") and not Path(unl["folder"]).expanduser().is_dir():
             problems.append(f"config key 'unlabeled.folder' is '{unl['folder']}', which is not a directory")
+        for section in ("embedding", "model"):
+            checkpoint = config[section].get("checkpoint")
+            if checkpoint and not Path(checkpoint).expanduser().is_file():
+                problems.append(f"config key '{section}.checkpoint' is '{checkpoint}', which is not a file; expected the "
+                                f"weights of backbone '{config[section]['backbone']}' (null downloads checkpoint_url)")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 

@@ -88,6 +88,7 @@ class BackboneSpec:
     url: str | None = None  # default checkpoint (used when the config gives no path or URL)
     sha256: str | None = None  # published digest (or prefix) of that default file
     convert: Callable[[dict, Path], dict] | None = None  # loaded checkpoint -> module state dict
+    hint: str | None = None  # where to get the weights by hand, for a name with no published URL
 
     @property
     def has_weights(self) -> bool:
@@ -98,10 +99,11 @@ def _resnet(name: str) -> BackboneSpec:
     from umtfss.backbones import resnet
 
     return BackboneSpec(
-        factory=lambda stride: resnet.ResNet50Backbone(name, output_stride=stride),
+        factory=lambda stride: resnet.ARCHITECTURES[name](name, output_stride=stride),
         url=resnet.DEFAULT_URLS[name],
         sha256=resnet.DEFAULT_SHA256.get(name),
         convert=resnet.CONVERTERS[name],
+        hint=resnet.WEIGHTS_HINTS.get(name),
     )
 
 
@@ -128,6 +130,7 @@ def _demo(name: str) -> BackboneSpec:
 _REGISTRY: dict[str, Callable[[str], BackboneSpec]] = {
     "resnet50-imagenet": _resnet,
     "resnet50-mocov2": _resnet,
+    "resnet50-deepstem": _resnet,
     "dino-vits8": _dino,
     "dino-vits16": _dino,
     "dino-vitb8": _dino,
@@ -178,6 +181,8 @@ def build_backbone(
         sha256 = checkpoint_sha256
         if checkpoint is None and checkpoint_url is None and sha256 is None:
             sha256 = spec.sha256
+        if checkpoint is None and checkpoint_url is None and spec.url is None:
+            raise ValueError(f"backbone '{name}' has no download URL and no checkpoint was given: {spec.hint}")
         path = resolve_checkpoint(checkpoint, checkpoint_url or spec.url, sha256, cache_dir)
         state = spec.convert(load_state_dict(path), path)
         target = module.weights_module() if isinstance(module, FeatureBackbone) else module

@@ -178,6 +178,13 @@ def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], name: s
     unexpected and wrongly shaped keys (the first 10 of each, with counts).
     """
     expected = module.state_dict()
+    given = len(state_dict)
+    state_dict = dict(state_dict)
+    for key in expected:
+        # BatchNorm's batch counter is not a weight (frozen backbones never use it), and checkpoints
+        # saved before PyTorch 0.4.1 (or stripped of it) do not have it: keep the module's own
+        if key.endswith(".num_batches_tracked") and key not in state_dict:
+            state_dict[key] = expected[key]
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     wrong_shape = [
@@ -197,6 +204,6 @@ def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], name: s
         ]
         raise ValueError(
             f"checkpoint '{name}' does not fit {type(module).__name__} "
-            f"({len(expected)} tensors expected, {len(state_dict)} given): " + "; ".join(parts)
+            f"({len(expected)} tensors expected, {given} given): " + "; ".join(parts)
         )
-    module.load_state_dict(dict(state_dict), strict=True)
+    module.load_state_dict(state_dict, strict=True)

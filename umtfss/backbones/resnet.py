@@ -1,4 +1,4 @@
-"""torchvision ResNet-50 as a frozen feature backbone (dilated to stride 8 or 16), with its checkpoint formats."""
+"""ResNet-50 frozen feature backbones (dilated to stride 8 or 16): torchvision's, and the deep-stem one of the FSS reference code."""
 
 from __future__ import annotations
 
@@ -20,8 +20,16 @@ TORCHVISION_RESNET50_URL = "https://download.pytorch.org/models/resnet50-0676ba6
 MOCOV2_URL = "https://dl.fbaipublicfiles.com/moco/moco_checkpoints/moco_v2_800ep/moco_v2_800ep_pretrain.pth.tar"
 MOCO_QUERY_PREFIXES = ("module.encoder_q.", "encoder_q.")
 
-DEFAULT_URLS = {"resnet50-imagenet": TORCHVISION_RESNET50_URL, "resnet50-mocov2": MOCOV2_URL}
+DEFAULT_URLS = {"resnet50-imagenet": TORCHVISION_RESNET50_URL, "resnet50-mocov2": MOCOV2_URL, "resnet50-deepstem": None}
 DEFAULT_SHA256 = {"resnet50-imagenet": "0676ba61"}
+# The deep-stem weights are PSPNet's ImageNet ResNet-50, which PFENet, CyCTR and UMTFSS ship as
+# initmodel/resnet50_v2.pth behind cloud-drive links: there is no stable URL to download or pin.
+WEIGHTS_HINTS = {
+    "resnet50-deepstem": "its ImageNet weights are PSPNet's resnet50_v2.pth, which the PFENet / CyCTR / UMTFSS "
+                         "repositories link to as initmodel/resnet50_v2.pth; download that file by hand and set "
+                         "'checkpoint' (in the config section naming this backbone: 'model' or 'embedding') to its "
+                         "path, and 'checkpoint_sha256' to pin it",
+}
 
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
 LAYER_CHANNELS = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
@@ -60,14 +68,50 @@ class ResNet50Backbone(FeatureBackbone):
     def weights_module(self) -> nn.Module:
         return self.net
 
-    def extract(self, normalised: torch.Tensor) -> dict[str, torch.Tensor]:
+    def stem(self, normalised: torch.Tensor) -> torch.Tensor:
+        """The layers before layer1: 7x7 conv (stride 2), BatchNorm, ReLU, 3x3 max-pool (stride 2)."""
         net = self.net
-        x = net.maxpool(net.relu(net.bn1(net.conv1(normalised))))
+        return net.maxpool(net.relu(net.bn1(net.conv1(normalised))))
+
+    def extract(self, normalised: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.stem(normalised)
         features = {}
         for layer in LAYERS:
-            x = getattr(net, layer)(x)
+            x = getattr(self.net, layer)(x)
             features[layer] = x
         return features
+
+
+def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+
+
+class DeepStemResNet50Backbone(ResNet50Backbone):
+    """ResNet-50 with PSPNet's deep stem, the backbone the FSS reference code (PFENet, CyCTR, UMTFSS) loads.
+
+    The 7x7 stem conv is three 3x3 convs (3->64 at stride 2, 64->64, 64->128, each with BatchNorm
+    and ReLU) before the max-pool, so layer1 takes 128 channels; the bottlenecks, their stride on
+    the 3x3 conv and the dilation of layer3 / layer4 are torchvision's. Parameter names are those of
+    the reference's `resnet50_v2.pth` (conv1..conv3, bn1..bn3, layer1..layer4, fc).
+    """
+
+    def __init__(self, name: str = "resnet50-deepstem", output_stride: int = 8):
+        super().__init__(name, output_stride)
+        net = self.net
+        net.conv1, net.bn1 = _conv3x3(3, 64, stride=2), nn.BatchNorm2d(64)
+        net.conv2, net.bn2 = _conv3x3(64, 64), nn.BatchNorm2d(64)
+        net.conv3, net.bn3 = _conv3x3(64, 128), nn.BatchNorm2d(128)
+        block = torchvision.models.resnet.Bottleneck
+        widen = nn.Sequential(torchvision.models.resnet.conv1x1(128, 256), nn.BatchNorm2d(256))
+        net.layer1 = nn.Sequential(block(128, 64, downsample=widen), block(256, 64), block(256, 64))
+
+    def stem(self, normalised: torch.Tensor) -> torch.Tensor:
+        """Three 3x3 conv + BatchNorm + ReLU (the first at stride 2), then the 3x3 max-pool (stride 2)."""
+        net = self.net
+        x = net.relu(net.bn1(net.conv1(normalised)))
+        x = net.relu(net.bn2(net.conv2(x)))
+        x = net.relu(net.bn3(net.conv3(x)))
+        return net.maxpool(x)
 
 
 def _without_classifier(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -99,4 +143,7 @@ def convert_mocov2(checkpoint: Mapping, path: str | Path) -> dict[str, torch.Ten
     return _without_classifier(query)
 
 
-CONVERTERS = {"resnet50-imagenet": convert_torchvision, "resnet50-mocov2": convert_mocov2}
+CONVERTERS = {"resnet50-imagenet": convert_torchvision, "resnet50-mocov2": convert_mocov2,
+              "resnet50-deepstem": convert_torchvision}
+ARCHITECTURES = {"resnet50-imagenet": ResNet50Backbone, "resnet50-mocov2": ResNet50Backbone,
+                 "resnet50-deepstem": DeepStemResNet50Backbone}

@@ -201,6 +201,7 @@ def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: d
                 predictors[path] = build(method, config, path, device)
             predictor = predictors[path]
             progress.set_description(f"{method} fold {fold} {shot}-shot seed {seed}")
+            torch.manual_seed(seed)  # a model that draws at inference (model.hash_draw per_call) repeats per seed
             acc = evaluate_predictor(predictor, episode_tables[fold, shot, seed], paths, classes_of[fold], eval_cfg,
                                      device, workers, progress)
             score_rows.append({

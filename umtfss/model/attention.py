@@ -25,18 +25,18 @@ class MultiHeadAttention(nn.Module):
     """Multi-head attention (Eq. 1 with `heads` heads) on `F.scaled_dot_product_attention`.
 
     key_padding_mask: bool [B,M], True = the key may be attended to. A row with no allowed key
-    gets a zero output instead of NaN.
+    gets a zero output instead of NaN. bias: whether the four projections have biases.
     """
 
-    def __init__(self, dim: int, heads: int = 8, dropout: float = 0.1):
+    def __init__(self, dim: int, heads: int = 8, dropout: float = 0.1, bias: bool = True):
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention dim {dim} must be divisible by heads {heads}")
         self.dim, self.heads, self.dropout = dim, heads, dropout
-        self.to_query = nn.Linear(dim, dim)
-        self.to_key = nn.Linear(dim, dim)
-        self.to_value = nn.Linear(dim, dim)
-        self.to_out = nn.Linear(dim, dim)
+        self.to_query = nn.Linear(dim, dim, bias=bias)
+        self.to_key = nn.Linear(dim, dim, bias=bias)
+        self.to_value = nn.Linear(dim, dim, bias=bias)
+        self.to_out = nn.Linear(dim, dim, bias=bias)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
@@ -134,19 +134,20 @@ class TransformerBlock(nn.Module):
     """Post-LayerNorm residual block, Eq. 2: X' = LN(X + MHA(X, Y)); X'' = LN(X' + MLP(X')).
 
     mlp_ratio: hidden width of the MLP in units of dim (reference code 3, ViT/DETR 4);
-    attention: the attention module (default multi-head attention with `heads` heads)."""
+    attention: the attention module (default multi-head attention with `heads` heads);
+    mlp_bias / attention_bias: biases of the MLP's and of the default attention's linear layers."""
 
     def __init__(self, dim: int, heads: int = 8, dropout: float = 0.1, mlp_ratio: int = 3,
-                 attention: nn.Module | None = None):
+                 attention: nn.Module | None = None, mlp_bias: bool = True, attention_bias: bool = True):
         super().__init__()
-        self.attention = MultiHeadAttention(dim, heads, dropout) if attention is None else attention
+        self.attention = MultiHeadAttention(dim, heads, dropout, attention_bias) if attention is None else attention
         self.attention_dropout = nn.Dropout(dropout)
         self.norm_attention = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(
-            nn.Linear(dim, dim * mlp_ratio),
+            nn.Linear(dim, dim * mlp_ratio, bias=mlp_bias),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
-            nn.Linear(dim * mlp_ratio, dim),
+            nn.Linear(dim * mlp_ratio, dim, bias=mlp_bias),
             nn.Dropout(dropout),
         )
         self.norm_mlp = nn.LayerNorm(dim)
@@ -164,8 +165,10 @@ class DeformableBlock(TransformerBlock):
     """The post-LN block of Eq. 2 around deformable self-attention (reference code): the positional
     encoding enters only the prediction of the sampling offsets and weights, never the values."""
 
-    def __init__(self, dim: int, heads: int = 8, dropout: float = 0.1, mlp_ratio: int = 3, points: int = 9):
-        super().__init__(dim, heads, dropout, mlp_ratio, attention=DeformableAttention(dim, heads, points))
+    def __init__(self, dim: int, heads: int = 8, dropout: float = 0.1, mlp_ratio: int = 3, points: int = 9,
+                 mlp_bias: bool = True):
+        super().__init__(dim, heads, dropout, mlp_ratio, attention=DeformableAttention(dim, heads, points),
+                         mlp_bias=mlp_bias)
 
     def forward(self, x: torch.Tensor, height: int, width: int, positional: torch.Tensor | None = None,
                 valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -174,11 +177,12 @@ class DeformableBlock(TransformerBlock):
 
 
 class VanillaCrossAttention(nn.Module):
-    """Query tokens attend to every support pixel (cost 2*(HW)^2*d per shot; paper Table 3 baseline)."""
+    """Query tokens attend to every support pixel (cost 2*(HW)^2*d per shot; paper Table 3 baseline).
+    bias: biases in the projections and the MLP."""
 
-    def __init__(self, dim: int, heads: int = 8, dropout: float = 0.1, mlp_ratio: int = 3):
+    def __init__(self, dim: int, heads: int = 8, dropout: float = 0.1, mlp_ratio: int = 3, bias: bool = True):
         super().__init__()
-        self.block = TransformerBlock(dim, heads, dropout, mlp_ratio)
+        self.block = TransformerBlock(dim, heads, dropout, mlp_ratio, mlp_bias=bias, attention_bias=bias)
 
     def forward(
         self,
@@ -211,10 +215,13 @@ class PrototypeCrossAttention(nn.Module):
     The support foreground and background pixels (all shots pooled) are clustered separately by
     Hamming k-means into at most `prototypes_fg` / `prototypes_bg` prototypes; empty prototypes are
     masked out of the attention. The hashing projection is a seeded buffer, so inference is
-    deterministic and saved with the model. When a part has no more pixels than prototypes, every
+    deterministic and saved with the model (hash_draw 'fixed'); 'per_call' draws a new one from
+    torch's random generator for every support set and part at every call, as the reference code
+    does. hash_bias adds a Gaussian bias row to it (reference code). When a part has no more pixels than prototypes, every
     pixel is its own prototype (as in the reference code). With `normalize` (reference code) the
     prototypes are L2-normalised before they become keys and values; without it, and with few
-    pixels, the block computes exactly what `VanillaCrossAttention` does.
+    pixels, the block computes exactly what `VanillaCrossAttention` does. bias: biases in the
+    projections and the MLP (the reference code has none).
     """
 
     def __init__(
@@ -229,13 +236,18 @@ class PrototypeCrossAttention(nn.Module):
         seed: int = 0,
         mlp_ratio: int = 3,
         normalize: bool = True,
+        bias: bool = True,
+        hash_bias: bool = False,
+        hash_draw: str = "fixed",
     ):
         super().__init__()
-        self.block = TransformerBlock(dim, heads, dropout, mlp_ratio)
+        if hash_draw not in ("fixed", "per_call"):
+            raise ValueError(f"model.hash_draw is {hash_draw!r}, expected fixed or per_call")
+        self.block = TransformerBlock(dim, heads, dropout, mlp_ratio, mlp_bias=bias, attention_bias=bias)
         self.normalize = bool(normalize)
         self.prototypes_fg, self.prototypes_bg = prototypes_fg, prototypes_bg
-        self.hash_iterations, self.seed = hash_iterations, seed
-        self.register_buffer("projection", random_projection(dim, hash_bits, seed))
+        self.hash_iterations, self.seed, self.hash_draw = hash_iterations, seed, hash_draw
+        self.register_buffer("projection", random_projection(dim + int(bool(hash_bias)), hash_bits, seed))
         self.last_clusters: tuple[Clusters, Clusters] | None = None  # (fg, bg) of the latest call, for inspection
 
     def prototypes(
@@ -245,6 +257,9 @@ class PrototypeCrossAttention(nn.Module):
         valid = torch.ones_like(support_foreground) if support_valid is None else support_valid
         batch = support.shape[0]
         k = max(self.prototypes_fg, self.prototypes_bg)
+        projection = self.projection
+        if self.hash_draw == "per_call":  # one draw per sample and part, like the reference's per-set calls
+            projection = torch.randn(2 * batch, *projection.shape, device=projection.device, dtype=projection.dtype)
         # one clustering call for both parts (fg samples then bg samples) halves the kernel launches
         both = hamming_kmeans(
             torch.cat([support, support]),
@@ -252,7 +267,7 @@ class PrototypeCrossAttention(nn.Module):
             k,
             iterations=self.hash_iterations,
             seed=self.seed,
-            projection=self.projection,
+            projection=projection,
             limit=torch.tensor([self.prototypes_fg] * batch + [self.prototypes_bg] * batch),
         )
         fg = _take(both, slice(0, batch), self.prototypes_fg)

@@ -20,11 +20,15 @@ __all__ = ["FSSModel", "build_model", "masked_average_pool", "prior_mask", "sine
 # config["model"] keys that shape the network (the others name the backbone and its checkpoint)
 MODEL_KEYS = ("dim", "heads", "layers", "dropout", "attention", "prototypes_fg", "prototypes_bg", "hash_bits", "hash_iterations",
               "mask_padding", "mlp_ratio", "head_dropout", "support_merge", "normalize_prototypes", "prototype_source",
-              "self_attention", "deformable_points")
+              "self_attention", "deformable_points", "linear_bias", "grid_masks", "empty_support",
+              "hash_bias", "hash_draw")
 ATTENTIONS = ("prototype", "vanilla")
 SELF_ATTENTIONS = ("global", "deformable")
 SUPPORT_MERGES = ("own_prototype", "mask_channel")
 PROTOTYPE_SOURCES = ("per_layer", "merged")
+GRID_MASKS = ("nearest", "bilinear")
+EMPTY_SUPPORTS = ("center_patch", "none")
+HASH_DRAWS = ("fixed", "per_call")
 POSITIONALS = ("sine", "learned", "none")
 
 
@@ -109,14 +113,14 @@ class AttentionLayer(nn.Module):
     """
 
     def __init__(self, cross: nn.Module, dim: int, heads: int, dropout: float, mlp_ratio: int = 3,
-                 self_attention: str = "global", points: int = 9, support_self: bool = True):
+                 self_attention: str = "global", points: int = 9, support_self: bool = True, mlp_bias: bool = True):
         super().__init__()
         self.deformable = self_attention == "deformable"
 
         def block() -> nn.Module:
             if self.deformable:
-                return DeformableBlock(dim, heads, dropout, mlp_ratio, points)
-            return TransformerBlock(dim, heads, dropout, mlp_ratio)
+                return DeformableBlock(dim, heads, dropout, mlp_ratio, points, mlp_bias=mlp_bias)
+            return TransformerBlock(dim, heads, dropout, mlp_ratio, mlp_bias=mlp_bias)
 
         self.self_query = block()
         self.self_support = block() if support_self else None
@@ -157,7 +161,11 @@ class FSSModel(nn.Module):
 
     Where the paper is silent the defaults follow the reference code: support_merge 'own_prototype'
     (query and support have their own merge conv; each support is merged with its own masked-average
-    vector, without a mask channel), L2-normalised prototypes, MLP width 3*d, head Dropout2d(0.1).
+    vector, without a mask channel), L2-normalised prototypes, MLP width 3*d, head Dropout2d(0.1),
+    no biases in the cross-attention's projections and the MLPs, cell masks by nearest resize
+    (grid_masks), a 2x2 centre patch for a support with no foreground cell (empty_support), and a
+    bias row in the hashing projection (hash_bias). The projection stays one seeded draw
+    (hash_draw 'fixed', deterministic inference) where the reference draws anew at every call.
     Where the paper and the reference code differ the defaults follow the paper (global self-attention
     on query and support, prototypes clustered in every layer); prototype_source 'merged' and
     self_attention 'deformable' give the reference code's model (see configs/reference-model.yaml).
@@ -184,12 +192,19 @@ class FSSModel(nn.Module):
         prototype_source: str = "per_layer",
         self_attention: str = "global",
         deformable_points: int = 9,
+        linear_bias: bool = False,
+        grid_masks: str = "nearest",
+        empty_support: str = "center_patch",
+        hash_bias: bool = True,
+        hash_draw: str = "fixed",
     ):
         super().__init__()
         self.mask_padding = bool(mask_padding)
         for key, value, allowed in (("attention", attention, ATTENTIONS), ("self_attention", self_attention, SELF_ATTENTIONS),
                                     ("support_merge", support_merge, SUPPORT_MERGES),
-                                    ("prototype_source", prototype_source, PROTOTYPE_SOURCES)):
+                                    ("prototype_source", prototype_source, PROTOTYPE_SOURCES),
+                                    ("grid_masks", grid_masks, GRID_MASKS), ("empty_support", empty_support, EMPTY_SUPPORTS),
+                                    ("hash_draw", hash_draw, HASH_DRAWS)):
             if value not in allowed:
                 raise ValueError(f"model.{key} is {value!r}, expected one of {', '.join(allowed)}")
         if positional not in POSITIONALS:
@@ -205,6 +220,7 @@ class FSSModel(nn.Module):
         self.high_layer = backbone.high_layer
         self.dim, self.attention_kind, self.positional_kind = dim, attention, positional
         self.support_merge, self.prototype_source, self.self_attention = support_merge, prototype_source, self_attention
+        self.grid_masks, self.empty_support = grid_masks, empty_support
 
         mid_channels = sum(backbone.channels[name] for name in self.mid_layers)
         self.reduce_query = _reduce_layer(mid_channels, dim)
@@ -219,21 +235,23 @@ class FSSModel(nn.Module):
             # query, the support's own mask for the support
             self.merge = nn.Sequential(nn.Conv2d(2 * dim + 1, dim, 1, bias=False), nn.ReLU(inplace=True))
         self.learned_positional = LearnedPositionalEncoding(dim) if positional == "learned" else None
-        cross = dict(dim=dim, heads=heads, dropout=dropout, mlp_ratio=mlp_ratio)
+        cross = dict(dim=dim, heads=heads, dropout=dropout, mlp_ratio=mlp_ratio, bias=bool(linear_bias))
         self.transformer = nn.ModuleList(
             AttentionLayer(self._cross_attention(index, cross, prototypes_fg, prototypes_bg, hash_bits, hash_iterations,
-                                                 normalize_prototypes), dim, heads, dropout, mlp_ratio, self_attention,
-                           deformable_points, support_self=prototype_source == "per_layer")
+                                                 normalize_prototypes, hash_bias, hash_draw), dim, heads, dropout, mlp_ratio, self_attention,
+                           deformable_points, support_self=prototype_source == "per_layer", mlp_bias=bool(linear_bias))
             for index in range(layers)
         )
         self.head = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.ReLU(inplace=True),
                                   nn.Dropout2d(head_dropout), nn.Conv2d(dim, 2, 1))
 
-    def _cross_attention(self, index, cross, prototypes_fg, prototypes_bg, hash_bits, hash_iterations, normalize) -> nn.Module:
+    def _cross_attention(self, index, cross, prototypes_fg, prototypes_bg, hash_bits, hash_iterations, normalize,
+                         hash_bias, hash_draw) -> nn.Module:
         if self.attention_kind == "vanilla":
             return VanillaCrossAttention(**cross)
         return PrototypeCrossAttention(**cross, prototypes_fg=prototypes_fg, prototypes_bg=prototypes_bg, hash_bits=hash_bits,
-                                       hash_iterations=hash_iterations, seed=index, normalize=normalize)
+                                       hash_iterations=hash_iterations, seed=index, normalize=normalize,
+                                       hash_bias=bool(hash_bias), hash_draw=hash_draw)
 
     # --- parameter groups -------------------------------------------------------------------
     def named_transformer_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -274,17 +292,38 @@ class FSSModel(nn.Module):
             return self.learned_positional(height, width)
         return None
 
-    @staticmethod
-    def _foreground_cells(masks: torch.Tensor) -> torch.Tensor:
-        """Binary fg of grid-resized soft masks [M,1,h,w]: >= 0.5, or the peak cells of a tiny object."""
-        peak = masks.amax(dim=(2, 3), keepdim=True)
-        return (masks >= peak.clamp(max=0.5)) & (masks > 0)
+    def _foreground_cells(self, masks: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        """Binary support foreground [M,h,w] on the grid, from pixel masks [M,H,W] 0/1 and their
+        bilinear grid resize `soft` [M,1,h,w].
 
-    @staticmethod
-    def _valid_cells(valid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Grid cells [M,h*w] bool that are mostly image (>= half), from pixel validity [M,H,W]; an image
-        with no such cell keeps all of them."""
-        cells = (_resize(valid[:, None].float(), size) >= 0.5).flatten(1)
+        grid_masks 'nearest' (reference code): each cell takes one pixel's value (F.interpolate
+        nearest); 'bilinear': cells at >= 0.5, or the peak cells of a tiny object. With empty_support
+        'center_patch' (reference code) a support with no foreground cell gets the 2x2 centre cells,
+        and one with no background cell loses its four corner cells to the background.
+        """
+        if self.grid_masks == "nearest":
+            cells = F.interpolate(masks[:, None].float(), size=soft.shape[-2:], mode="nearest")[:, 0] > 0.5
+        else:
+            peak = soft.amax(dim=(2, 3), keepdim=True)
+            cells = ((soft >= peak.clamp(max=0.5)) & (soft > 0))[:, 0]
+        if self.empty_support == "center_patch":
+            height, width = cells.shape[-2:]
+            patch = torch.zeros_like(cells[0])
+            patch[max(height // 2 - 1, 0):height // 2 + 1, max(width // 2 - 1, 0):width // 2 + 1] = True
+            corners = torch.ones_like(cells[0])
+            corners[0, 0] = corners[0, -1] = corners[-1, 0] = corners[-1, -1] = False
+            cells = torch.where(~cells.flatten(1).any(dim=1)[:, None, None], patch, cells)
+            cells = torch.where(cells.flatten(1).all(dim=1)[:, None, None], cells & corners, cells)
+        return cells
+
+    def _valid_cells(self, valid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Grid cells [M,h*w] bool of the image part, from pixel validity [M,H,W]: by nearest resize
+        (grid_masks 'nearest', reference code) or where the bilinear resize is >= 0.5; an image with no
+        such cell keeps all of them."""
+        if self.grid_masks == "nearest":
+            cells = (F.interpolate(valid[:, None].float(), size=size, mode="nearest") > 0.5).flatten(1)
+        else:
+            cells = (_resize(valid[:, None].float(), size) >= 0.5).flatten(1)
         return cells | ~cells.any(dim=1, keepdim=True)
 
     def forward(self, query: torch.Tensor, supports: torch.Tensor, support_masks: torch.Tensor,
@@ -339,7 +378,7 @@ class FSSModel(nn.Module):
                 positional = self._positional(height, width, query.device, valid=query_cells)
             if support_cells is not None:
                 support_positional = self._positional(height, width, query.device, valid=support_cells)
-        foreground = self._foreground_cells(grid_masks).reshape(batch, shots * height * width)
+        foreground = self._foreground_cells(support_masks.flatten(0, 1), grid_masks).reshape(batch, shots * height * width)
         keys = None
         if self.prototype_source == "merged":  # reference code: the keys are computed once, from the merged support
             pooled_valid = None if support_cells is None else support_cells.reshape(batch, -1)

@@ -50,8 +50,17 @@ def random_projection(dim: int, bits: int, seed: int = 0) -> torch.Tensor:
 
 
 def hash_codes(features: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
-    """Hash bits as +-1 floats [B,N,b]: sign(x W). Two codes' dot product is b - 2*Hamming."""
-    projected = features.detach() @ projection.to(device=features.device, dtype=features.dtype)
+    """Hash bits as +-1 floats [B,N,b]: sign(x W). Two codes' dot product is b - 2*Hamming.
+
+    `projection` is [d,b] or [d+1,b], whose last row is then a bias: sign(x W + w0), the reference
+    code's hash_bias, under which Hamming distance follows the L2 distance rather than the angle. A
+    leading batch axis ([B,d(+1),b]) hashes each sample with its own projection.
+    """
+    weights = projection.to(device=features.device, dtype=features.dtype)
+    dim = features.shape[-1]
+    projected = features.detach() @ weights[..., :dim, :]
+    if weights.shape[-2] == dim + 1:
+        projected = projected + weights[..., dim:, :]
     return torch.where(projected > 0, 1.0, -1.0).to(features.dtype)
 
 
@@ -182,7 +191,8 @@ def hamming_kmeans(
 ) -> Clusters:
     """Cluster the masked pixels of each sample into at most k prototypes via Hamming-space k-means.
 
-    Hash: sign of a seeded Gaussian projection [d,bits] (or the given `projection`, e.g. a model buffer).
+    Hash: sign of a seeded Gaussian projection [d,bits] (or the given `projection`, e.g. a model buffer;
+    [d+1,bits] adds a bias row, [B,...] one projection per sample).
     Init: k distinct masked pixels chosen by seeded keys. Iterate: assign each pixel to the binary
     centroid at the smallest Hamming distance (b - x.c over +-1 codes, one batched matmul), update each
     centroid bit by majority vote. Cost O(N*d*b) hashing + O(N*k*b*r) for the matmuls.
@@ -195,8 +205,9 @@ def hamming_kmeans(
         raise ValueError(f"hash iterations must be >= 0, got {iterations}")
     if projection is None:
         projection = random_projection(features.shape[2], bits, seed)
-    elif projection.shape[0] != features.shape[2]:
-        raise ValueError(f"projection has {projection.shape[0]} rows, expected feature dim {features.shape[2]}")
+    elif projection.shape[-2] not in (features.shape[2], features.shape[2] + 1):
+        raise ValueError(f"projection has {projection.shape[-2]} rows, expected feature dim {features.shape[2]} "
+                         "(or one more: a bias row)")
     limit = _cluster_limit(limit, features.shape[0], k, features.device)
     codes = hash_codes(features.float(), projection.float())
     assign = _hamming_assign(codes, mask, k, iterations, seed, limit)

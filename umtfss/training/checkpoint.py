@@ -9,6 +9,10 @@ import torch
 from umtfss.io import atomic_path
 
 FORMAT = "umtfss-checkpoint-1"
+# model keys added after checkpoints existed, with the behaviour a checkpoint written before them was
+# trained with (their schema defaults now follow the reference code)
+LEGACY_MODEL_VALUES = {"linear_bias": True, "grid_masks": "bilinear", "empty_support": "none", "hash_bias": False,
+                       "hash_draw": "fixed"}
 
 
 def save(path: str | Path, **payload) -> Path:
@@ -87,7 +91,9 @@ def load_model(path: str | Path, device="cpu"):
     config = data.get("config")
     if not isinstance(config, dict) or "model" not in config or "model" not in data:
         raise ValueError(f"checkpoint '{path}' holds no model config or weights")
-    model, backbone = build_fss_model(config["model"])
+    # a checkpoint from before a behaviour key existed was trained with the behaviour of that time
+    model_cfg = {**LEGACY_MODEL_VALUES, **config["model"]}
+    model, backbone = build_fss_model(model_cfg)
     try:
         load_trainable_state(model, backbone, data["model"], path)
     except ValueError as err:
