@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--resize-on", choices=["auto", "device", "workers"], default="auto",
+                        help="where embed resize-pads: the device (default on a GPU) or the decoding workers")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from umtfss.backbones import build_backbone
@@ -97,7 +99,8 @@ def main(argv=None) -> int:
     count = args.images or (48 if args.quick else 400)
     print("command:", " ".join([sys.executable, *sys.argv]))
     print(f"parameters: backbone={name} (random weights) images={count} image_size={image_size} batch={args.batch} "
-          f"workers={args.workers} dim={args.dim} dtype={args.dtype} threads={args.threads} device={device}"
+          f"workers={args.workers} dim={args.dim} dtype={args.dtype} threads={args.threads} device={device} "
+          f"resize_on={args.resize_on}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     backbone = build_backbone(name, random_init=True).to(device).eval()
     layer = resolve_layer(backbone, args.layer)
@@ -111,7 +114,7 @@ def main(argv=None) -> int:
             started = time.perf_counter()
             embed_shard(rows, 0, 1, work / name, backbone, layer=layer, image_size=image_size, dtype=args.dtype,
                         dim=args.dim, batch_size=args.batch, device=str(device), amp=True, workers=args.workers,
-                        progress=False)
+                        progress=False, resize_on_device={"auto": None, "device": True, "workers": False}[args.resize_on])
             return time.perf_counter() - started
 
         quarter = max(args.batch, count // 4)

@@ -5,6 +5,8 @@
 set -euo pipefail
 threads=$(nproc)
 python benchmarks/fit_vs_sklearn.py --device cuda --threads "$threads"
-python benchmarks/embed_throughput.py --backbone resnet50-imagenet --image-size 473 --images 4000 \
-    --workers $((threads > 4 ? threads - 4 : 1)) --dim 256 --batch 32
+for resize_on in device workers; do  # the default on a GPU (uint8 to the device, resized there), then the old way
+  python benchmarks/embed_throughput.py --backbone resnet50-imagenet --image-size 473 --images 4000 \
+      --workers $((threads > 4 ? threads - 4 : 1)) --dim 256 --batch 32 --resize-on "$resize_on"
+done
 python benchmarks/assign_throughput.py --threads "$threads" --device cuda

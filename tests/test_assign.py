@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import threading
+
 import numpy as np
 import pytest
 import zarr
@@ -157,6 +159,37 @@ def test_background_writer_writes_what_zarr_writes(tmp_path):
     writer = BackgroundWriter(labels)
     writer.put(1, np.zeros((2, 4, 3), np.int16))  # past the end
     with pytest.raises(ValueError, match="does not fit"):
+        writer.close()
+
+
+def test_background_writer_waits_for_ready_before_it_reads_a_block(tmp_path):
+    """embed hands over tensors whose device copy may still run: `ready` is called (on the writer's
+    thread) before the block is read, and its error reaches close()."""
+    import torch
+
+    from umtfss.stores import BackgroundWriter
+
+    data = np.random.default_rng(1).normal(size=(3, 4, 3, 6)).astype(np.float16)
+    group = create_embedding_store(tmp_path / "r.zarr", 3, (4, 3), 6, "float16", {})
+    block = torch.zeros(3, 4, 3, 6, dtype=torch.float16)  # filled only when "the copy lands"
+    calls = []
+
+    def land():
+        calls.append(threading.current_thread().name)
+        block.copy_(torch.from_numpy(data))
+
+    writer = BackgroundWriter(group["features"], threads=2)
+    writer.put(0, block, land)
+    writer.close()
+    np.testing.assert_array_equal(group["features"][:], data)
+    assert calls and calls[0] != threading.current_thread().name
+
+    def broken():
+        raise RuntimeError("device copy failed")
+
+    writer = BackgroundWriter(group["features"])
+    writer.put(0, block, broken)
+    with pytest.raises(RuntimeError, match="device copy failed"):
         writer.close()
 
 

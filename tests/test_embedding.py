@@ -109,6 +109,22 @@ def test_features_match_direct_forward(table, tmp_path):
     assert store.attrs["layer"] == "layer3" and store.attrs["stride"] == 4
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resize_on_the_device_stores_what_the_workers_store(table, tmp_path, workers):
+    """On a GPU the workers only decode and the device resize-pads (resize_on_device, the default there);
+    forced on the CPU it must store exactly what worker-side resizing stores."""
+    backbone = StandInBackbone()
+    stores = {}
+    for on_device in (False, True):
+        out = tmp_path / f"device-{on_device}.zarr"
+        embed_shard(table, 0, 1, out, backbone, image_size=64, dtype="float32", batch_size=2, device="cpu",
+                    workers=workers, progress=False, resize_on_device=on_device)
+        stores[on_device] = zarr.open_group(str(out), mode="r")
+    for name in ("features", "valid", "sizes"):
+        np.testing.assert_array_equal(stores[True][name][:], stores[False][name][:])
+    assert dict(stores[True].attrs) == dict(stores[False].attrs)
+
+
 def test_two_shards_equal_one(table, tmp_path):
     backbone = StandInBackbone()
     whole = tmp_path / "whole.zarr"

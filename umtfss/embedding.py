@@ -17,7 +17,7 @@ import umtfss
 from umtfss.devices import resolve_device
 from umtfss.io import atomic_path, read_rgb
 from umtfss.stores import BackgroundWriter, create_embedding_store
-from umtfss.transforms import resize_pad
+from umtfss.transforms import resize_pad, resize_pad_image, resized_extent, uint8_tensor
 
 PROJECTION_SEED = 0  # the random orthogonal projection is fixed so that every shard uses the same one
 REQUIRED_COLUMNS = ("image_id", "split", "image_path")
@@ -70,11 +70,13 @@ def shard_rows(table: pd.DataFrame, shard: int, num_shards: int, split: str = "t
 
 
 class _ShardImages(Dataset):
-    """Decodes and resize-pads the images of a shard (in DataLoader workers); errors come back as text."""
+    """Decodes the images of a shard (in DataLoader workers) and resize-pads them there, or, with
+    `resize` False, leaves them uint8 at their own size for the device to resize; errors come back as text."""
 
-    def __init__(self, paths: list[str], image_size: int):
+    def __init__(self, paths: list[str], image_size: int, resize: bool = True):
         self.paths = paths
         self.image_size = image_size
+        self.resize = resize
 
     def __len__(self):
         return len(self.paths)
@@ -83,9 +85,10 @@ class _ShardImages(Dataset):
         path = self.paths[index]
         try:
             image = read_rgb(path)
-            if not image.flags.writeable:  # torch.from_numpy warns on read-only arrays
-                image = image.copy()
-            tensor, _, valid_hw = resize_pad(image, None, self.image_size)
+            if self.resize:
+                tensor, _, valid_hw = resize_pad(image, None, self.image_size)
+            else:
+                tensor, valid_hw = uint8_tensor(image), resized_extent(*image.shape[:2], self.image_size)
         except Exception as err:  # reported by the main process with the image path
             return {"index": index, "error": f"{type(err).__name__}: {err}"}
         return {"index": index, "error": None, "image": tensor, "valid_hw": valid_hw, "size": image.shape[:2]}
@@ -146,6 +149,27 @@ def _valid_cells(valid_hw: tuple[int, int], stride: int, grid: tuple[int, int]) 
             min(grid[1], max(1, math.ceil(valid_hw[1] / stride))))
 
 
+def _device_batch(items: list[dict], image_size: int, device: torch.device) -> torch.Tensor:
+    """[B,3,S,S] on `device` from decoded uint8 images: each is copied as uint8 (a quarter of the float
+    bytes; asynchronously from pinned memory) and resize-padded there, exactly as the workers would."""
+    batch = torch.empty(len(items), 3, image_size, image_size, device=device)
+    for row, item in enumerate(items):
+        batch[row] = resize_pad_image(item["image"].to(device, non_blocking=True), image_size)[0]
+    return batch
+
+
+def _to_host(features: torch.Tensor):
+    """(host copy, ready) of device features: on a GPU the copy into pinned memory is only queued, and
+    ready() waits for it, so that the writer thread waits instead of the loop that feeds the GPU."""
+    if features.device.type != "cuda":
+        return features.cpu(), None
+    host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+    host.copy_(features, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied.synchronize
+
+
 def _default_workers() -> int:
     import os
 
@@ -156,11 +180,14 @@ def embed_shard(images, shard: int, num_shards: int, out: str | Path, backbone, 
                 image_size: int = 473, dtype: str = "float16", dim: int | None = None, batch_size: int = 32,
                 device: str = "auto", amp: bool = True, split: str = "train",
                 image_filter: Collection[str] | Callable[[str], bool] | None = None,
-                workers: int | None = None, progress: bool = True) -> Path:
+                workers: int | None = None, progress: bool = True, resize_on_device: bool | None = None) -> Path:
     """Embed shard `shard` of `num_shards` of the split's images into the Zarr store `out`.
 
     `backbone` is a FeatureBackbone (see docs/architecture.md). The store is written into a temporary
     sibling and renamed at the end, so a killed job leaves nothing under `out`. Returns `out`.
+    `resize_on_device` (default: on a GPU) moves the resize-pad from the decoding workers to the
+    device; the features are the same up to the device's float rounding. On a GPU the loop never
+    waits for the device: features come back by a queued copy that the writer thread waits for.
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"config key 'embedding.dtype' is '{dtype}', expected float16 or float32")
@@ -188,7 +215,8 @@ def embed_shard(images, shard: int, num_shards: int, out: str | Path, backbone, 
         "split": split, "shard": shard, "num_shards": num_shards, "umtfss_version": umtfss.__version__,
     }
     proj_device = projection.to(torch_device) if projection is not None else None
-    loader = DataLoader(_ShardImages(paths, image_size), batch_size=batch_size, shuffle=False,
+    on_device = torch_device.type == "cuda" if resize_on_device is None else bool(resize_on_device)
+    loader = DataLoader(_ShardImages(paths, image_size, resize=not on_device), batch_size=batch_size, shuffle=False,
                         num_workers=_default_workers() if workers is None else workers, collate_fn=_collate,
                         pin_memory=torch_device.type == "cuda")
     valid = np.zeros((len(ids), 2), np.int32)
@@ -205,9 +233,12 @@ def embed_shard(images, shard: int, num_shards: int, out: str | Path, backbone, 
                 for item in items:
                     if item["error"] is not None:
                         raise ValueError(f"cannot read image '{paths[item['index']]}' (image_id '{ids[item['index']]}'): {item['error']}")
-                batch = torch.stack([item["image"] for item in items]).to(torch_device, non_blocking=True)
-                feats = pixel_features(backbone, layer, batch, proj_device, amp)
-                writer.put(items[0]["index"], feats.to(getattr(torch, dtype)).cpu().numpy())
+                if on_device:
+                    batch = _device_batch(items, image_size, torch_device)
+                else:
+                    batch = torch.stack([item["image"] for item in items]).to(torch_device, non_blocking=True)
+                feats = pixel_features(backbone, layer, batch, proj_device, amp).to(getattr(torch, dtype))
+                writer.put(items[0]["index"], *_to_host(feats))
                 for item in items:
                     valid[item["index"]] = _valid_cells(item["valid_hw"], stride, (gh, gw))
                     sizes[item["index"]] = item["size"]

@@ -8,7 +8,7 @@ import queue
 import threading
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import zarr
@@ -172,6 +172,8 @@ class BackgroundWriter:
     pool of `threads` (zarr's own write path runs about one chunk at a time: 75 images/s of 60x60x256
     float16 on a 16-core machine); other arrays go through zarr's setitem. At most two blocks wait
     (memory stays bounded); an error is raised by the next put() or by close(), which must be called.
+    A block may be a tensor whose copy from the GPU is still under way: put's `ready` waits for it, on
+    the writer's thread.
     """
 
     def __init__(self, array, threads: int | None = None):
@@ -192,7 +194,10 @@ class BackgroundWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(codec.encode(data))
 
-    def _write(self, start: int, block: np.ndarray) -> None:
+    def _write(self, start: int, block, ready: Callable[[], None] | None = None) -> None:
+        if ready is not None:
+            ready()
+        block = np.asarray(block)  # a CPU tensor shares its memory
         if self.pool is None:
             self.array[start:start + len(block)] = block
             return
@@ -212,11 +217,12 @@ class BackgroundWriter:
                 except BaseException as err:  # handed to the main thread
                     self.error = err
 
-    def put(self, start: int, block: np.ndarray) -> None:
-        """Queue `block` for array[start:start + len(block)]."""
+    def put(self, start: int, block, ready: Callable[[], None] | None = None) -> None:
+        """Queue `block` (an array, or a CPU tensor) for array[start:start + len(block)]; `ready`, if given,
+        is called on the writer's thread before the block is read (e.g. to wait for a device copy)."""
         if self.error is not None:
             raise self.error
-        self.jobs.put((start, block))
+        self.jobs.put((start, block, ready))
 
     def close(self) -> None:
         """Wait for every queued block to be written; raise the writer's error if there was one."""

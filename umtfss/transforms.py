@@ -9,12 +9,18 @@ import torch.nn.functional as F
 from umtfss.episode import IGNORE
 
 
+def uint8_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 array -> a tensor sharing or copying its memory (PIL-backed arrays are read-only; torch
+    wants writable memory)."""
+    array = np.ascontiguousarray(image)
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array)
+
+
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 HxWx3 -> float 3xHxW in [0, 1] (backbones normalise themselves)."""
-    array = np.ascontiguousarray(image)
-    if not array.flags.writeable:  # PIL-backed arrays are read-only; torch wants writable memory
-        array = array.copy()
-    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+    return uint8_tensor(image).permute(2, 0, 1).float().div_(255.0)
 
 
 def resized_extent(height: int, width: int, size: int) -> tuple[int, int]:
@@ -23,17 +29,24 @@ def resized_extent(height: int, width: int, size: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def resize_pad_image(image: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """uint8 HxWx3 tensor, on any device -> (float 3xSxS in [0, 1], (h, w) valid extent): the image part of
+    resize_pad, so that decoded images can travel as uint8 and be resized where the model runs."""
+    h, w = image.shape[:2]
+    nh, nw = resized_extent(h, w, size)
+    img = image.permute(2, 0, 1).float().div_(255.0)[None]
+    img = F.interpolate(img, size=(nh, nw), mode="bilinear", align_corners=False)[0]
+    out = img.new_zeros(3, size, size)
+    out[:, :nh, :nw] = img
+    return out, (nh, nw)
+
+
 def resize_pad(image: np.ndarray, mask: np.ndarray | None, size: int):
     """Resize so the longer side is `size`, pad bottom/right to size x size (PFENet's test transform).
 
     Returns (image 3xSxS float, mask SxS long with padding = IGNORE or None, (h, w) valid extent).
     """
-    h, w = image.shape[:2]
-    nh, nw = resized_extent(h, w, size)
-    img = to_tensor(image)[None]
-    img = F.interpolate(img, size=(nh, nw), mode="bilinear", align_corners=False)[0]
-    out = torch.zeros(3, size, size)
-    out[:, :nh, :nw] = img
+    out, (nh, nw) = resize_pad_image(uint8_tensor(image), size)
     m = None
     if mask is not None:
         mt = torch.from_numpy(np.ascontiguousarray(mask)).long()[None, None].float()
