@@ -166,6 +166,7 @@ def run(args: argparse.Namespace) -> Path:
         raise ValueError(f"--size is {size}, expected at least 32")
     device = resolve_device(args.device, "--device")
     model = load_model(checkpoint, device)
+    torch.manual_seed(0)  # a model that draws at inference (model.hash_draw per_call) predicts the same each run
     support_images, support_masks = support_tensors(supports, size)
     bar = tqdm(total=len(plan), desc="predict", unit="img", file=sys.stderr, disable=len(plan) == 1)
     for start in range(0, len(plan), args.batch):
