@@ -18,9 +18,14 @@ def uint8_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+def _unit_float(image: torch.Tensor) -> torch.Tensor:
+    """uint8 HxWx3 tensor -> float 3xHxW in [0, 1], on the tensor's device."""
+    return image.permute(2, 0, 1).float().div_(255.0)
+
+
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 HxWx3 -> float 3xHxW in [0, 1] (backbones normalise themselves)."""
-    return uint8_tensor(image).permute(2, 0, 1).float().div_(255.0)
+    return _unit_float(uint8_tensor(image))
 
 
 def resized_extent(height: int, width: int, size: int) -> tuple[int, int]:
@@ -34,7 +39,7 @@ def resize_pad_image(image: torch.Tensor, size: int) -> tuple[torch.Tensor, tupl
     resize_pad, so that decoded images can travel as uint8 and be resized where the model runs."""
     h, w = image.shape[:2]
     nh, nw = resized_extent(h, w, size)
-    img = image.permute(2, 0, 1).float().div_(255.0)[None]
+    img = _unit_float(image)[None]
     img = F.interpolate(img, size=(nh, nw), mode="bilinear", align_corners=False)[0]
     out = img.new_zeros(3, size, size)
     out[:, :nh, :nw] = img
