@@ -57,6 +57,27 @@ def test_labels_equal_brute_force_argmax(tmp_path, batch_images):
     assert (labels == -1).any()
 
 
+def test_centroids_that_are_not_unit_vectors_are_searched_by_l2_distance(tmp_path):
+    """clustering.metric euclidean writes plain means: assign then picks the smallest L2 distance, which
+    the largest inner product would often miss; unit centroids keep the inner product (no offsets)."""
+    store_path = write_store(tmp_path / "e.zarr")
+    centroids = random_centroids(clusters=6) * np.linspace(0.2, 1.0, 6, dtype=np.float32)[:, None]
+    out = assign_shard(store_path, centroids, tmp_path / "labels.zarr", batch_images=3, device="cpu", progress=False)
+    labels = np.asarray(zarr.open_group(str(out), mode="r")["labels"][:])
+    store = EmbeddingStore(store_path)
+    differs = 0
+    for i in range(len(store)):
+        rows, cols = store.valid(i)
+        x = store.features(i).astype(np.float32)[:rows, :cols]
+        distances = ((x[..., None, :] - centroids) ** 2).sum(-1)
+        np.testing.assert_array_equal(labels[i, :rows, :cols], distances.argmin(-1))
+        differs += int((distances.argmin(-1) != (x @ centroids.T).argmax(-1)).sum())
+    assert differs > 0  # the inner product alone would have been wrong here
+    import torch
+
+    assert assign.l2_offsets(torch.from_numpy(random_centroids())) is None
+
+
 def test_label_store_layout_and_attributes(tmp_path):
     store_path = write_store(tmp_path / "e.zarr")
     centroids = random_centroids(clusters=4)

@@ -119,6 +119,26 @@ def test_centroids_recover_clusters_and_meta(tmp_path):
     assert meta["centroids_sha256"] == array_sha256(centroids)
 
 
+def test_euclidean_metric_keeps_plain_means_as_faiss_l2_kmeans_does(tmp_path):
+    """clustering.metric euclidean (Eq. 3, the reference code's IndexFlatL2): the centroids are faiss's
+    non-spherical k-means means of the same subset, not re-normalised."""
+    path, _, _ = clustered_store(tmp_path / "e.zarr", centres=4)
+    store = EmbeddingStore(path)
+    centroids, meta = fit_centroids(store, clusters=3, subset_pixels=800, iterations=10, seed=0, device="cpu",
+                                    backend="faiss", progress=False, metric="euclidean")
+    assert meta["metric"] == "euclidean"
+    norms = np.linalg.norm(centroids, axis=1)
+    assert norms.min() < 0.99  # a cluster that merges two true centres has a mean inside the sphere
+    expected = train_kmeans(sample_pixels(store, 800, 0), 3, 10, 1, 0, backend="faiss", device="cpu", spherical=False)
+    np.testing.assert_allclose(centroids, expected.centroids, atol=1e-6)
+    spherical, meta = fit_centroids(store, clusters=3, subset_pixels=800, iterations=10, seed=0, device="cpu",
+                                    backend="faiss", progress=False)
+    assert meta["metric"] == "spherical"
+    np.testing.assert_allclose(np.linalg.norm(spherical, axis=1), 1.0, atol=1e-6)
+    with pytest.raises(ValueError, match="clustering.metric"):
+        fit_centroids(store, clusters=3, subset_pixels=800, progress=False, metric="manhattan")
+
+
 def test_errors(tmp_path):
     path, _, _ = clustered_store(tmp_path / "e.zarr", n_images=1, grid=(3, 3))
     with pytest.raises(ValueError, match="clusters"):

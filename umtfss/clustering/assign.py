@@ -36,8 +36,19 @@ ROWS_PER_BLOCK = 2048  # pixels converted to float32 and multiplied at once on C
 # stays in a 1-2 MB L2 cache (4,096 rows were 20-30 % slower per pixel on the project's CPU)
 
 
+def l2_offsets(centroids: torch.Tensor) -> torch.Tensor | None:
+    """|c|^2 / 2 per centroid when the centroids are not unit vectors (euclidean k-means), else None.
+
+    The nearest centroid in L2 maximises x.c - |c|^2/2; for unit centroids (spherical k-means) the
+    offset is the same for all, so the largest inner product (cosine) is the same choice.
+    """
+    squares = (centroids.float() ** 2).sum(dim=1)
+    return None if torch.allclose(squares, torch.ones_like(squares), atol=1e-4) else squares / 2
+
+
 def nearest_centroid(features: np.ndarray, centroids: torch.Tensor) -> np.ndarray:
-    """[..., C] features -> int16 [...] index of the centroid of largest inner product (first on ties).
+    """[..., C] features -> int16 [...] index of the nearest centroid (first on ties): the largest inner
+    product for unit centroids (spherical), the smallest L2 distance otherwise (see l2_offsets).
 
     A matmul + argmax: on CPU in blocks of ROWS_PER_BLOCK pixels (float16 -> float32 conversion and
     product stay in cache; as fast as faiss IndexFlatIP, see benchmarks/assign_throughput.py); on GPU
@@ -45,17 +56,23 @@ def nearest_centroid(features: np.ndarray, centroids: torch.Tensor) -> np.ndarra
     """
     shape = features.shape[:-1]
     flat = np.ascontiguousarray(features.reshape(-1, features.shape[-1]))
+    offsets = l2_offsets(centroids)
     with torch.inference_mode():
         if centroids.device.type == "cuda":
             batch = torch.from_numpy(flat).to(centroids.device, non_blocking=True).to(centroids.dtype)
-            labels = (batch @ centroids.T).argmax(dim=1).to(torch.int16).cpu().numpy()
+            scores = batch @ centroids.T
+            scores = scores if offsets is None else scores.float() - offsets
+            labels = scores.argmax(dim=1).to(torch.int16).cpu().numpy()
         else:
             transposed = centroids.T.contiguous()
             labels = np.empty(len(flat), np.int16)
             for start in range(0, len(flat), ROWS_PER_BLOCK):
                 # torch's float16 -> float32 conversion is vectorised; numpy's astype is ~8x slower
                 block = torch.from_numpy(flat[start:start + ROWS_PER_BLOCK]).float()
-                labels[start:start + ROWS_PER_BLOCK] = (block @ transposed).numpy().argmax(axis=1)
+                scores = block @ transposed
+                if offsets is not None:
+                    scores -= offsets
+                labels[start:start + ROWS_PER_BLOCK] = scores.numpy().argmax(axis=1)
     return labels.reshape(shape)
 
 

@@ -110,22 +110,36 @@ def train_kmeans(points: np.ndarray, clusters: int, iterations: int, redo: int, 
     return kmeans
 
 
+METRICS = ("spherical", "euclidean")
+
+
 def fit_centroids(store: EmbeddingStore | list, clusters: int, subset_pixels: int = 1_000_000, iterations: int = 20,
                   redo: int = 1, seed: int = 0, device: str = "auto", backend: str = "auto",
-                  progress: bool = True) -> tuple[np.ndarray, dict]:
-    """Spherical k-means of a random pixel subset: (centroids float32 [clusters, C] L2-normalised, metadata)."""
+                  progress: bool = True, metric: str = "spherical") -> tuple[np.ndarray, dict]:
+    """k-means of a random pixel subset: (centroids float32 [clusters, C], metadata).
+
+    metric 'spherical': centroids on the unit sphere, nearest = largest cosine; 'euclidean': Eq. 3's
+    squared-L2 k-means of the (normalised) features, centroids left as plain means (the reference
+    code's faiss IndexFlatL2). assign tells the two apart by the centroids' norms.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"config key 'clustering.metric' is '{metric}', expected one of {', '.join(METRICS)}")
     if not isinstance(store, EmbeddingStore):
         store = EmbeddingStore(store)
     backend, train_device = choose_backend(backend, device)
     started = time.perf_counter()
     points = sample_pixels(store, subset_pixels, seed, progress=progress)
     sampled = time.perf_counter()
-    kmeans = train_kmeans(points, clusters, iterations, redo, seed, backend=backend, device=train_device)
+    spherical = metric == "spherical"
+    kmeans = train_kmeans(points, clusters, iterations, redo, seed, backend=backend, device=train_device,
+                          spherical=spherical)
     centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
-    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    if spherical:
+        centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
     total_valid = int((store.valid_all[:, 0].astype(np.int64) * store.valid_all[:, 1]).sum())
     meta = {
         "clusters": clusters,
+        "metric": metric,
         "subset_pixels_requested": subset_pixels,
         "subset_pixels": int(points.shape[0]),
         "valid_pixels": total_valid,
@@ -134,7 +148,8 @@ def fit_centroids(store: EmbeddingStore | list, clusters: int, subset_pixels: in
         "iterations": iterations,
         "redo": redo,
         "seed": seed,
-        # sum over the subset of the cosine similarity to the nearest centroid, per iteration of every restart
+        # sum over the subset of the cosine similarity to the nearest centroid (spherical) or of the squared
+        # distance to it (euclidean), per iteration of every restart
         # (a restart ends early once the objective (faiss) or the assignment (torch) stops changing)
         "objective": [float(v) for v in kmeans.obj],
         "objective_final": float(kmeans.obj[-1]) if len(kmeans.obj) else None,
@@ -173,7 +188,8 @@ def cli(parser):
 
         cfg = load(args.config)["clustering"]
         centroids, meta = fit_centroids(EmbeddingStore(args.embeddings), cfg["clusters"], cfg["subset_pixels"],
-                                        cfg["iterations"], cfg["redo"], cfg["seed"], cfg["device"], cfg["backend"])
+                                        cfg["iterations"], cfg["redo"], cfg["seed"], cfg["device"], cfg["backend"],
+                                        metric=cfg["metric"])
         write_fit(centroids, meta, args.out_centroids, args.out_meta)
 
     return run
