@@ -127,3 +127,38 @@ def test_predict_a_folder_of_queries(files, tmp_path, capsys):
     assert main(common + ["--query", str(queries / "a.jpg"), "--query", str(tmp_path / "other" / "a.png"),
                           "--out", str(tmp_path / "clash")]) == 1
     assert "would both write 'a.png'" in capsys.readouterr().err
+
+
+def test_a_model_that_draws_its_hash_at_every_call_predicts_the_same_each_run(tmp_path):
+    """model.hash_draw per_call (the reference code) draws from torch's generator: predict seeds it, so
+    two runs write the same mask, where two draws from different seeds give different masks."""
+    from umtfss.predict import predict_masks, support_tensors
+
+    config = load({"model": {**TINY_MODEL, "hash_draw": "per_call"}, "evaluation": {"test_size": 64}})
+    torch.manual_seed(0)
+    model, backbone = ckpt.build_fss_model(config["model"])
+    ckpt.save(tmp_path / "model.pt", config=config, method="unsup", model=ckpt.trainable_state(model, backbone),
+              epoch=0, step=0)
+    rng = np.random.default_rng(0)
+    query = (rng.random((37, 53, 3)) * 255).astype(np.uint8)
+    support = (rng.random((30, 44, 3)) * 50).astype(np.uint8)
+    support[5:20, 10:30] += np.array([200, 30, 30], np.uint8)
+    mask = np.zeros((30, 44), np.uint8)
+    mask[5:20, 10:30] = 1
+    write_png(tmp_path / "query.png", query)
+    write_png(tmp_path / "support.png", support)
+    write_png(tmp_path / "mask.png", mask * 255)
+    images, masks = support_tensors([(support, mask)], 64)
+    draws = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        draws.append(predict_masks(model.eval(), [query], images, masks, 64, torch.device("cpu"))[0])
+    assert (draws[0] != draws[1]).any()  # the mask depends on the draw
+    runs = []
+    for name in ("a.png", "b.png"):
+        torch.manual_seed(len(name) + len(runs))  # whatever state the process is in
+        assert main(["predict", "--checkpoint", str(tmp_path / "model.pt"), "--support", str(tmp_path / "support.png"),
+                     str(tmp_path / "mask.png"), "--query", str(tmp_path / "query.png"), "--out", str(tmp_path / name),
+                     "--device", "cpu"]) == 0
+        runs.append(np.asarray(Image.open(tmp_path / name)))
+    assert np.array_equal(runs[0], runs[1])
