@@ -217,11 +217,11 @@ class PrototypeCrossAttention(nn.Module):
     masked out of the attention. The hashing projection is a seeded buffer, so inference is
     deterministic and saved with the model (hash_draw 'fixed'); 'per_call' draws a new one from
     torch's random generator for every support set and part at every call, as the reference code
-    does. hash_bias adds a Gaussian bias row to it (reference code). When a part has no more pixels than prototypes, every
-    pixel is its own prototype (as in the reference code). With `normalize` (reference code) the
-    prototypes are L2-normalised before they become keys and values; without it, and with few
-    pixels, the block computes exactly what `VanillaCrossAttention` does. bias: biases in the
-    projections and the MLP (the reference code has none).
+    does. hash_bias adds a Gaussian bias row to it (reference code). When a part has no more pixels
+    than prototypes, every pixel is its own prototype (as in the reference code). With `normalize`
+    (reference code) the prototypes are L2-normalised before they become keys and values; without
+    it, and with few pixels, the block computes exactly what `VanillaCrossAttention` does. bias:
+    biases in the projections and the MLP (the reference code has none).
     """
 
     def __init__(
