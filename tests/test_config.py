@@ -52,6 +52,23 @@ def test_reference_model_overlay_is_valid_on_each_setting(setting):
     assert model["backbone"] == yaml.safe_load((REPO / "configs" / setting).read_text())["model"]["backbone"]
 
 
+@pytest.mark.parametrize("setting", ["pascal.yaml", "coco.yaml"])
+def test_reference_tasks_overlay_is_valid_on_each_setting(setting):
+    """configs/reference-tasks.yaml over a setting: the reference fit, N and the embedding untouched."""
+    import yaml
+
+    base = yaml.safe_load((REPO / "configs" / setting).read_text())
+    merged = {**base}
+    for key, value in yaml.safe_load((REPO / "configs" / "reference-tasks.yaml").read_text()).items():
+        merged[key] = {**merged.get(key, {}), **value}
+    loaded = cfg.load(merged)
+    clustering = loaded["clustering"]
+    assert (clustering["fit_mode"], clustering["minibatch_images"], clustering["minibatch_sample_images"],
+            clustering["metric"], clustering["iterations"]) == ("minibatch", 3200, 20000, "euclidean", 30)
+    assert clustering["clusters"] == base["clustering"]["clusters"]
+    assert loaded["embedding"] == cfg.load(base)["embedding"]
+
+
 @pytest.mark.parametrize(
     "override, words",
     [

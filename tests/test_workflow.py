@@ -132,6 +132,16 @@ def test_reference_model_overlay_trains_into_its_own_model_folder(pipeline):
     assert "-prototype-deformable-merged/unsup/checkpoint.pt" in proc.stdout
 
 
+def test_reference_tasks_overlay_refits_but_never_embeds(pipeline):
+    """configs/reference-tasks.yaml changes fit keys only: fit and what follows rerun, embed never."""
+    proc = snakemake(pipeline, "-n", "-p", "--cores", "2", "results/eval_pascal.csv",
+                     "--configfile", str(REPO / "configs" / "reference-tasks.yaml"))
+    jobs = planned_jobs(proc.stdout)
+    assert {"fit", "assign", "episodes", "train_unsup", "evaluate"} <= jobs
+    assert not jobs & {"embed", "demo", "prepare"}
+    assert '"fit_mode": "minibatch"' in proc.stdout
+
+
 def test_unchanged_config_has_nothing_to_do(pipeline):
     plan = snakemake(pipeline, "-n", "--cores", "2", "results/eval_pascal.csv").stdout
     assert "Nothing to be done" in plan

@@ -368,16 +368,32 @@ class EmbeddingStore(_ShardedReader):
         group = self.groups[0]
         return np.asarray(group["projection"][:]) if "projection" in group else None
 
-    def iter_batches(self, images_per_batch: int) -> Iterator[tuple[range, np.ndarray, np.ndarray]]:
-        """Yield (global index range, features [b, gh, gw, C], valid [b, 2]); batches never span two shards."""
+    def iter_batches(self, images_per_batch: int, start: int = 0,
+                     stop: int | None = None) -> Iterator[tuple[range, np.ndarray, np.ndarray]]:
+        """Yield (global index range, features [b, gh, gw, C], valid [b, 2]) over images [start, stop);
+        batches never span two shards."""
         if images_per_batch < 1:
             raise ValueError(f"images_per_batch must be >= 1, got {images_per_batch}")
-        for group, (start, stop) in zip(self.groups, self.shard_ranges()):
+        stop = len(self) if stop is None else min(stop, len(self))
+        for group, (shard_start, shard_stop) in zip(self.groups, self.shard_ranges()):
             features = group["features"]
-            for first in range(start, stop, images_per_batch):
-                last = min(first + images_per_batch, stop)
-                block = read_images(features, first - start, last - start)
+            end = min(shard_stop, stop)
+            for first in range(max(shard_start, start), end, images_per_batch):
+                last = min(first + images_per_batch, end)
+                block = read_images(features, first - shard_start, last - shard_start)
                 yield range(first, last), block, self._valid[first:last]
+
+
+def iter_selected(store: EmbeddingStore, images: np.ndarray,
+                  images_per_batch: int) -> Iterator[tuple[range, np.ndarray, np.ndarray]]:
+    """EmbeddingStore.iter_batches over the given sorted, distinct image indices only: each run of
+    consecutive indices is read as a range, so a random selection reads only its own chunks."""
+    images = np.asarray(images, np.int64)
+    if len(images) == 0:
+        return
+    breaks = np.flatnonzero(np.diff(images) != 1) + 1
+    for run in np.split(images, breaks):
+        yield from store.iter_batches(images_per_batch, start=int(run[0]), stop=int(run[-1]) + 1)
 
 
 class LabelStore(_ShardedReader):

@@ -1,4 +1,4 @@
-"""The fit stage: spherical k-means centroids (paper Eq. 3) on a uniform random subset of the valid embedded pixels."""
+"""The fit stage: k-means centroids (paper Eq. 3) on a uniform random subset of the valid embedded pixels."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from umtfss.clustering.minibatch import image_groups, running_means
 from umtfss.clustering.torch_kmeans import TorchKMeans
 from umtfss.devices import resolve_device
 from umtfss.io import atomic_path
-from umtfss.stores import EMBEDDING_ATTRS, EmbeddingStore, array_sha256
+from umtfss.stores import EMBEDDING_ATTRS, EmbeddingStore, array_sha256, iter_selected
 
 READ_BATCH_IMAGES = 32  # images read per Zarr call while sampling; bounds the transient memory
 
@@ -53,15 +54,18 @@ def choose_backend(backend: str, device: str) -> tuple[str, str]:
     return ("torch", str(torch_device)) if torch_device.type == "cuda" else ("faiss", "cpu")
 
 
-def sample_pixels(store: EmbeddingStore, subset_pixels: int, seed: int, progress: bool = False) -> np.ndarray:
+def sample_pixels(store: EmbeddingStore, subset_pixels: int, seed: int, progress: bool = False,
+                  images: np.ndarray | None = None) -> np.ndarray:
     """A uniform random subset (without replacement) of the valid pixels of all images, float32 [n, C].
 
     The global pixel indices are drawn first (seeded), so every image contributes in proportion to its
     valid area; images are then streamed one batch at a time and only the drawn pixels are kept, so
     memory is bounded by the subset, not the data set. All valid pixels are taken when there are
     fewer than `subset_pixels`. Rows are L2-normalised again (the stored float16 rounding is undone).
+    `images` (sorted image indices) limits the draw to those images (the mini-batch fit's first group).
     """
-    valid = store.valid_all.astype(np.int64)
+    images = np.arange(len(store)) if images is None else np.asarray(images, np.int64)
+    valid = store.valid_all[images].astype(np.int64)
     per_image = valid[:, 0] * valid[:, 1]
     offsets = np.concatenate([[0], np.cumsum(per_image)])
     total = int(offsets[-1])
@@ -73,10 +77,12 @@ def sample_pixels(store: EmbeddingStore, subset_pixels: int, seed: int, progress
     bounds = np.searchsorted(chosen, offsets)  # chosen[bounds[i]:bounds[i+1]] fall in image i
     subset = np.empty((take, store.dim), np.float32)
     filled = 0
-    bar = tqdm(total=len(store), desc="sample pixels", unit="img", file=sys.stderr, disable=not progress)
-    for indices, block, block_valid in store.iter_batches(READ_BATCH_IMAGES):
-        for row, index in enumerate(indices):
+    bar = tqdm(total=len(images), desc="sample pixels", unit="img", file=sys.stderr, disable=not progress)
+    index = 0  # position in `images`: the batches come in its order
+    for indices, block, block_valid in iter_selected(store, images, READ_BATCH_IMAGES):
+        for row in range(len(indices)):
             picks = chosen[bounds[index]:bounds[index + 1]] - offsets[index]
+            index += 1
             if len(picks) == 0:
                 continue
             rows, cols = block_valid[row]
@@ -111,50 +117,68 @@ def train_kmeans(points: np.ndarray, clusters: int, iterations: int, redo: int, 
 
 
 METRICS = ("spherical", "euclidean")
+FIT_MODES = ("subset", "minibatch")
 
 
 def fit_centroids(store: EmbeddingStore | list, clusters: int, subset_pixels: int = 1_000_000, iterations: int = 20,
                   redo: int = 1, seed: int = 0, device: str = "auto", backend: str = "auto",
-                  progress: bool = True, metric: str = "spherical") -> tuple[np.ndarray, dict]:
+                  progress: bool = True, metric: str = "spherical", fit_mode: str = "subset",
+                  minibatch_images: int = 3200, minibatch_sample_images: int | None = 20000) -> tuple[np.ndarray, dict]:
     """k-means of a random pixel subset: (centroids float32 [clusters, C], metadata).
 
     metric 'spherical': centroids on the unit sphere, nearest = largest cosine; 'euclidean': Eq. 3's
     squared-L2 k-means of the (normalised) features, centroids left as plain means (the reference
     code's faiss IndexFlatL2). assign tells the two apart by the centroids' norms.
+    fit_mode 'subset': the subset is drawn from all images (the paper's U_init); 'minibatch' (the
+    reference code): from the first `minibatch_images` images only, then running means over each
+    further group of as many images (umtfss/clustering/minibatch.py), over a seeded random draw of
+    `minibatch_sample_images` images when the store has more.
     """
     if metric not in METRICS:
         raise ValueError(f"config key 'clustering.metric' is '{metric}', expected one of {', '.join(METRICS)}")
+    if fit_mode not in FIT_MODES:
+        raise ValueError(f"config key 'clustering.fit_mode' is '{fit_mode}', expected one of {', '.join(FIT_MODES)}")
     if not isinstance(store, EmbeddingStore):
         store = EmbeddingStore(store)
     backend, train_device = choose_backend(backend, device)
+    minibatch = fit_mode == "minibatch"
+    groups = image_groups(len(store), minibatch_images, minibatch_sample_images, seed) if minibatch else None
+    first_images = groups.first if minibatch else None
     started = time.perf_counter()
-    points = sample_pixels(store, subset_pixels, seed, progress=progress)
+    points = sample_pixels(store, subset_pixels, seed, progress=progress, images=first_images)
     sampled = time.perf_counter()
     spherical = metric == "spherical"
     kmeans = train_kmeans(points, clusters, iterations, redo, seed, backend=backend, device=train_device,
                           spherical=spherical)
+    subset_size, dim = points.shape
+    del points
     centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
     if spherical:
         centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    fitted = time.perf_counter()
+    if minibatch:
+        centroids, minibatch_meta = running_means(store, centroids, groups, spherical, progress=progress)
     total_valid = int((store.valid_all[:, 0].astype(np.int64) * store.valid_all[:, 1]).sum())
     meta = {
         "clusters": clusters,
         "metric": metric,
         "subset_pixels_requested": subset_pixels,
-        "subset_pixels": int(points.shape[0]),
+        "subset_pixels": int(subset_size),
         "valid_pixels": total_valid,
         "images": len(store),
-        "dim": int(points.shape[1]),
+        "dim": int(dim),
+        "fit_mode": fit_mode,
         "iterations": iterations,
         "redo": redo,
         "seed": seed,
         # sum over the subset of the cosine similarity to the nearest centroid (spherical) or of the squared
         # distance to it (euclidean), per iteration of every restart
-        # (a restart ends early once the objective (faiss) or the assignment (torch) stops changing)
+        # (a restart ends early once the objective (faiss) or the assignment (torch) stops changing);
+        # with fit_mode minibatch, of the first group's k-means (minibatch.group_objective_mean follows the updates)
         "objective": [float(v) for v in kmeans.obj],
         "objective_final": float(kmeans.obj[-1]) if len(kmeans.obj) else None,
         "seconds_sampling": round(sampled - started, 3),
-        "seconds_kmeans": round(time.perf_counter() - sampled, 3),
+        "seconds_kmeans": round(fitted - sampled, 3),
         "backend": backend,
         "device": train_device,
         "faiss_version": faiss.__version__,
@@ -164,6 +188,9 @@ def fit_centroids(store: EmbeddingStore | list, clusters: int, subset_pixels: in
         "embeddings": [str(p) for p in store.paths],
         "embedding": {key: store.attrs.get(key) for key in EMBEDDING_ATTRS if key not in ("shard",)},
     }
+    if minibatch:
+        meta["minibatch"] = {"group_images": minibatch_images, "sample_images": minibatch_sample_images,
+                             **minibatch_meta, "seconds": round(time.perf_counter() - fitted, 3)}
     return centroids, meta
 
 
@@ -189,7 +216,9 @@ def cli(parser):
         cfg = load(args.config)["clustering"]
         centroids, meta = fit_centroids(EmbeddingStore(args.embeddings), cfg["clusters"], cfg["subset_pixels"],
                                         cfg["iterations"], cfg["redo"], cfg["seed"], cfg["device"], cfg["backend"],
-                                        metric=cfg["metric"])
+                                        metric=cfg["metric"], fit_mode=cfg["fit_mode"],
+                                        minibatch_images=cfg["minibatch_images"],
+                                        minibatch_sample_images=cfg["minibatch_sample_images"])
         write_fit(centroids, meta, args.out_centroids, args.out_meta)
 
     return run
