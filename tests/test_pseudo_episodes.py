@@ -131,6 +131,29 @@ def test_candidates_match_brute_force_top_fraction(fraction, cap, max_pool):
     assert table.groupby("cluster")["in_pool"].sum().tolist() == np.minimum(sizes, max_pool).tolist()
 
 
+def test_small_clusters_offer_every_other_region_when_asked():
+    """all_candidates_below (reference 20): a cluster of fewer regions skips the top-fraction ranking, so
+    each query's candidates are all regions of other images; larger clusters keep the ranked rule."""
+    rng = np.random.default_rng(2)
+    clusters = np.repeat([0, 1], [12, 40])
+    rng.shuffle(clusters)
+    n = len(clusters)
+    features = unit(rng, (n, 16)).astype(np.float16)
+    images = rng.integers(0, 30, size=n)
+    ranked = compute_candidates(features, clusters, images, 0.5, 5000, 20000, progress=False)
+    table = compute_candidates(features, clusters, images, 0.5, 5000, 20000, progress=False, all_candidates_below=20)
+    for query in range(n):
+        pool = np.flatnonzero(clusters == clusters[query])
+        got = set(candidates_of(query, features, pool, images, float(table["threshold"][query])).tolist())
+        others = {int(r) for r in pool if images[r] != images[query]}
+        if clusters[query] == 0:
+            assert got == others and table["num_candidates"][query] == len(others)
+            assert ranked["num_candidates"][query] == math.ceil(0.5 * len(others)) < len(others)
+        else:
+            assert got == brute_force_candidates(features, clusters, images, query, pool, 0.5, 5000)
+    assert table.loc[clusters == 1].equals(ranked.loc[clusters == 1])
+
+
 def write_dataset(tmp_path, n_images=8, clusters=3):
     """Images of varied sizes with label/embedding stores in 2 shards and an images table."""
     rng = np.random.default_rng(5)
@@ -177,6 +200,15 @@ def test_episodes_stage_and_sampler(tmp_path):
     assert not list(out.glob("*tmp*"))
     meta = read_metadata(out / CANDIDATES_FILE)
     assert meta["parameters"]["min_region_pixels"] == 2 and meta["clusters"] == 3
+    assert meta["parameters"]["all_candidates_below"] == 0
+    # the key reaches the stage: with every cluster "small", each query takes all eligible regions
+    unranked = tmp_path / "unranked"
+    assert cli.main(["episodes", "--config", config.replace('"grid"', '"grid", "all_candidates_below": 1000'),
+                     "--labels", *map(str, labels), "--embeddings", *map(str, embeddings),
+                     "--out-dir", str(unranked)]) == 0
+    table = pd.read_parquet(unranked / CANDIDATES_FILE)
+    assert (table["num_candidates"] == table["eligible"]).all() and table["eligible"].max() > 1
+    assert (pd.read_parquet(out / CANDIDATES_FILE)["num_candidates"] < table["num_candidates"]).any()
 
     episodes = PseudoEpisodes(out, labels, images, sampling="region")
     regions = episodes.regions

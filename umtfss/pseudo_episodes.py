@@ -18,7 +18,8 @@ selection"); the reference code's conventions are config keys (section `episodes
 - candidates of query q in cluster c: the pool is the cluster's regions, first subsampled to
   `max_pool` at random (seeded per cluster) when larger; the eligible regions are the pool minus
   every region of q's own image (q itself included); q gets the
-  `k = min(max_candidates, ceil(top_fraction * eligible))` eligible regions most similar to it.
+  `k = min(max_candidates, ceil(top_fraction * eligible))` eligible regions most similar to it, or all
+  of them (k = eligible) in a cluster of fewer than `all_candidates_below` regions (reference: 20).
   Every region is a query (also those outside a subsampled pool); queries with k = 0 are unused.
 - similarity = dot product of the stored float16 masked-average features computed in float32 (they
   are unit vectors up to float16 rounding), the same number at build and at draw time.
@@ -304,15 +305,17 @@ def pool_members(rows: np.ndarray, max_pool: int, seed: int, cluster: int) -> np
 
 def compute_candidates(features: np.ndarray, clusters: np.ndarray, image_codes: np.ndarray,
                        top_fraction: float = 0.5, max_candidates: int = 5000, max_pool: int = 20000,
-                       seed: int = 0, progress: bool = True) -> pd.DataFrame:
+                       seed: int = 0, progress: bool = True, all_candidates_below: int = 0) -> pd.DataFrame:
     """Per region: in_pool, eligible, num_candidates (k) and threshold (similarity of the k-th candidate).
 
     features [N, d] (the stored float16 values), clusters [N], image_codes [N] (int per image).
-    Thresholds of queries with k = 0 are NaN.
+    In a cluster of fewer than `all_candidates_below` regions every eligible region is a candidate
+    (k = eligible, the reference code's rule below 20 regions). Thresholds of queries with k = 0 are NaN.
     """
     n = len(clusters)
     in_pool = np.zeros(n, bool)
     eligible = np.zeros(n, np.int32)
+    num_candidates = np.zeros(n, np.int32)
     threshold = np.full(n, np.nan, np.float32)
     clusters = np.asarray(clusters)
     image_codes = np.asarray(image_codes, dtype=np.int64)
@@ -323,12 +326,15 @@ def compute_candidates(features: np.ndarray, clusters: np.ndarray, image_codes: 
         in_pool[pool] = True
         pool_features = torch.from_numpy(np.asarray(features[pool], dtype=np.float32))
         pool_images = torch.from_numpy(image_codes[pool])
+        take_all = rows.size < all_candidates_below
         for start in range(0, rows.size, QUERY_BLOCK):
             queries = rows[start:start + QUERY_BLOCK]
-            block_eligible, block_threshold = _block_thresholds(
+            block_eligible, block_k, block_threshold = _block_thresholds(
                 torch.from_numpy(np.asarray(features[queries], dtype=np.float32)),
-                torch.from_numpy(image_codes[queries]), pool_features, pool_images, top_fraction, max_candidates)
+                torch.from_numpy(image_codes[queries]), pool_features, pool_images,
+                1.0 if take_all else top_fraction, rows.size if take_all else max_candidates)
             eligible[queries] = block_eligible
+            num_candidates[queries] = block_k
             threshold[queries] = block_threshold
             bar.update(queries.size)
     bar.close()
@@ -337,7 +343,7 @@ def compute_candidates(features: np.ndarray, clusters: np.ndarray, image_codes: 
         "cluster": clusters.astype(np.int16),
         "in_pool": in_pool,
         "eligible": eligible,
-        "num_candidates": candidate_count(eligible, top_fraction, max_candidates).astype(np.int32),
+        "num_candidates": num_candidates,
         "threshold": threshold,
     })
 
@@ -361,7 +367,7 @@ def _rows_by_cluster(clusters: np.ndarray) -> dict[int, np.ndarray]:
 
 def _block_thresholds(queries: torch.Tensor, query_images: torch.Tensor, pool: torch.Tensor,
                       pool_images: torch.Tensor, top_fraction: float, max_candidates: int):
-    """Eligible counts and k-th largest similarity of a block of queries against a pool."""
+    """Eligible counts, k and the k-th largest similarity of a block of queries against a pool."""
     similarity = queries @ pool.T
     same_image = query_images[:, None] == pool_images[None, :]
     similarity.masked_fill_(same_image, -math.inf)
@@ -375,7 +381,7 @@ def _block_thresholds(queries: torch.Tensor, query_images: torch.Tensor, pool: t
         rows = similarity.numpy() if has_candidates.all() else similarity.numpy()[has_candidates]
         rows.partition(np.unique(position), axis=1)
         threshold[has_candidates] = rows[np.arange(len(rows)), position]
-    return eligible, threshold
+    return eligible, k, threshold
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,8 +391,12 @@ def _block_thresholds(queries: torch.Tensor, query_images: torch.Tensor, pool: t
 def build_episodes(label_paths: Sequence[str | Path], embedding_paths: Sequence[str | Path],
                    out_dir: str | Path, episodes_config: dict, clusters: int | None = None,
                    progress: bool = True) -> dict[str, Path]:
-    """Write regions.parquet, region_features.npy and candidates.parquet into out_dir (each atomically)."""
-    cfg = episodes_config
+    """Write regions.parquet, region_features.npy and candidates.parquet into out_dir (each atomically).
+
+    `episodes_config` is the config's episodes section; a key it lacks that came later takes its
+    schema default (all_candidates_below 0), so callers of the library keep working.
+    """
+    cfg = {"all_candidates_below": 0, **episodes_config}
     table, features = build_regions(label_paths, embedding_paths, clusters, cfg["min_region_pixels"],
                                     cfg["drop_background_like"], cfg["background_span"], progress,
                                     cfg["background_rule"], cfg["area_unit"])
@@ -398,11 +408,13 @@ def build_episodes(label_paths: Sequence[str | Path], embedding_paths: Sequence[
                          f"in label store(s) {_names(label_paths)}")
     image_codes, _ = pd.factorize(table["image_id"])
     candidates = compute_candidates(features, table["cluster"].to_numpy(), image_codes, cfg["top_fraction"],
-                                    cfg["max_candidates"], cfg["max_pool"], cfg["seed"], progress)
+                                    cfg["max_candidates"], cfg["max_pool"], cfg["seed"], progress,
+                                    cfg["all_candidates_below"])
     labels = LabelStore(label_paths)
     metadata = {
         "parameters": {k: cfg[k] for k in ("min_region_pixels", "area_unit", "drop_background_like", "background_rule",
-                                           "background_span", "top_fraction", "max_candidates", "max_pool", "seed")},
+                                           "background_span", "top_fraction", "max_candidates", "max_pool",
+                                           "all_candidates_below", "seed")},
         "clusters": int(clusters if clusters is not None else labels.clusters),
         "centroids_sha256": labels.attrs.get("centroids_sha256"),
         "label_stores": [str(p) for p in label_paths],
