@@ -231,6 +231,30 @@ def test_checkpoint_with_fold_placeholder_loads_one_model_per_fold(tmp_path):
     assert sorted(scores["fold"]) == [0, 0, 1, 1]
 
 
+class GeneratorDrawPredictor:
+    """Foreground where torch's global generator says so: stands for a model that draws at inference
+    (model.hash_draw per_call), whose scores depend on the generator's state."""
+
+    def predict(self, query, supports, support_masks, query_valid=None):
+        foreground = torch.rand(query.shape[0], *query.shape[-2:]) < 0.5
+        return torch.stack([~foreground, foreground], 1).float()
+
+
+def test_each_evaluation_seed_seeds_torch_so_drawing_models_repeat(tmp_path):
+    """evaluate seeds torch's generator with each evaluation seed: a predictor that draws from it scores
+    the same whatever state the process was in, and differently for another seed."""
+    tables = _make_val_set(tmp_path)
+    config = _config("original", shots=[1], seeds=[1, 2])
+    runs = []
+    for state in (11, 12):
+        torch.manual_seed(state)
+        scores, _ = evaluate(config, "pascal", tables, {"drawing": None}, tmp_path / f"s{state}.csv",
+                             tmp_path / f"c{state}.csv", build=lambda *args: GeneratorDrawPredictor())
+        runs.append(scores.sort_values("seed")["miou"].to_numpy())
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert runs[0][0] != runs[0][1]  # seed 1 and seed 2 draw differently
+
+
 @pytest.mark.parametrize("resolution", ["original", "resized"])
 def test_batches_mark_padding_for_the_model(tmp_path, resolution):
     """Query pixels outside the resized image are not valid; support masks are 255 there."""
