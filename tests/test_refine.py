@@ -116,8 +116,70 @@ def refined_stores(tmp_path_factory):
     emb, centroids, images = write_refine_inputs(tmp_path)
     plain = assign_shard(emb, centroids, tmp_path / "plain.zarr", device="cpu", progress=False)
     refined = assign_shard(emb, centroids, tmp_path / "refined.zarr", batch_images=3, device="cpu", progress=False,
-                           refine="superpixel", images=images, **SUPERPIXELS)
+                           refine="superpixel", images=images, upsample="nearest", **SUPERPIXELS)
     return tmp_path, emb, images, plain, refined
+
+
+def test_bilinear_labels_equal_torch_interpolation_of_the_scores(monkeypatch):
+    """The separable, strip-wise bilinear_labels = argmax of F.interpolate(scores, align_corners=True),
+    for unit (cosine) and non-unit (L2) centroids, odd sizes and a one-cell-wide grid."""
+    import torch
+    import torch.nn.functional as F
+
+    from umtfss.clustering import assign
+    from umtfss.clustering.assign import bilinear_labels, l2_offsets
+
+    monkeypatch.setattr(assign, "BILINEAR_STRIP_ROWS", 7)  # several strips, the last one short
+    rng = np.random.default_rng(4)
+    for (rows, cols), size, unit_centroids in [((5, 4), (37, 29), True), ((6, 3), (45, 22), False),
+                                               ((1, 4), (9, 31), True), ((3, 3), (3, 3), False)]:
+        cells = rng.normal(size=(rows, cols, 8)).astype(np.float16)
+        centroids = torch.from_numpy(rng.normal(size=(6, 8)).astype(np.float32))
+        if unit_centroids:
+            centroids = centroids / centroids.norm(dim=1, keepdim=True)
+        scores = torch.from_numpy(cells).float() @ centroids.T
+        if not unit_centroids:
+            scores = scores - l2_offsets(centroids)
+        expected = F.interpolate(scores.permute(2, 0, 1)[None], size=size, mode="bilinear", align_corners=True)[0]
+        got = bilinear_labels(cells, centroids, size)
+        assert got.shape == size and got.dtype == np.int16
+        top2 = expected.topk(2, dim=0).values
+        clear = (top2[0] - top2[1]).numpy() > 1e-5  # pixels without a near tie
+        np.testing.assert_array_equal(got[clear], expected.argmax(0).numpy()[clear])
+        assert clear.mean() > 0.95
+
+
+def test_bilinear_refinement_votes_on_interpolated_scores(refined_stores):
+    """refine_upsample bilinear (reference, default): superpixels vote on the per-pixel labels of the
+    interpolated centroid scores; that differs from voting on nearest-resized grid labels."""
+    import torch
+
+    from umtfss.clustering.assign import bilinear_labels
+
+    tmp_path, emb, images, plain, nearest = refined_stores
+    centroids = np.load(tmp_path / "centroids.npy")
+    out = assign_shard(emb, centroids, tmp_path / "bilinear.zarr", batch_images=2, device="cpu", progress=False,
+                       refine="superpixel", images=images, **SUPERPIXELS)
+    group = zarr.open_group(str(out), mode="r")
+    assert group.attrs["refine_upsample"] == "bilinear"
+    assert zarr.open_group(str(nearest), mode="r").attrs["refine_upsample"] == "nearest"
+    fine, labels = np.asarray(group["refined"][:]), np.asarray(group["labels"][:])
+    features = np.asarray(zarr.open_group(str(emb), mode="r")["features"][:])
+    table = pd.read_parquet(images)
+    settings = {k.split("_", 1)[1]: v for k, v in SUPERPIXELS.items()}
+    for i, (h, w) in enumerate(SHAPES):
+        nh, nw = resized_extent(h, w, SIZE)
+        vh, vw = math.ceil(nh / STRIDE), math.ceil(nw / STRIDE)
+        view, _ = embedded_view(table["image_path"][i], SIZE)
+        pixels = bilinear_labels(features[i, :vh, :vw], torch.from_numpy(centroids), (nh, nw))
+        expected = superpixel_majority(pixels, view, **settings)
+        np.testing.assert_array_equal(fine[i, :nh, :nw], expected)
+        np.testing.assert_array_equal(labels[i, :vh, :vw], grid_majority(expected, (vh, vw)))
+        assert (fine[i, nh:] == -1).all() and (fine[i, :, nw:] == -1).all()
+    assert (fine != np.asarray(zarr.open_group(str(nearest), mode="r")["refined"][:])).any()
+    with pytest.raises(ValueError, match="clustering.refine_upsample"):
+        assign_shard(emb, centroids, tmp_path / "x.zarr", device="cpu", refine="superpixel", images=images,
+                     upsample="bicubic", progress=False)
 
 
 def test_assign_writes_refined_labels_with_padding_and_attributes(refined_stores):

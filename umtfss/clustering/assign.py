@@ -10,7 +10,8 @@ import torch
 from tqdm import tqdm
 
 from umtfss.clustering.refine import (
-    SUPERPIXEL_MIN_SIZE, SUPERPIXEL_SCALE, SUPERPIXEL_SIGMA, embedded_view, grid_majority, refine_labels,
+    SUPERPIXEL_MIN_SIZE, SUPERPIXEL_SCALE, SUPERPIXEL_SIGMA, UPSAMPLINGS, embedded_view, grid_majority,
+    refine_labels, superpixel_majority,
 )
 from umtfss.devices import resolve_device
 from umtfss.io import atomic_path
@@ -76,6 +77,46 @@ def nearest_centroid(features: np.ndarray, centroids: torch.Tensor) -> np.ndarra
     return labels.reshape(shape)
 
 
+def _corner_aligned(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lower index, upper index, weight of the upper) per output index of a linear resize with aligned
+    corners: output i samples input i * (in - 1) / (out - 1), as F.interpolate(align_corners=True)."""
+    scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+    source = torch.arange(out_size, dtype=torch.float64) * scale
+    lower = source.floor().long().clamp(max=in_size - 1)
+    upper = (lower + 1).clamp(max=in_size - 1)
+    return lower, upper, (source - lower).float()
+
+
+BILINEAR_STRIP_ROWS = 64  # output rows scored at once: N x 64 x width floats (6 MB at N = 50, 473 px)
+
+
+def bilinear_labels(cells: np.ndarray, centroids: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """int16 [h, w] nearest centroid of every pixel of an image of `size`, from its valid grid cells
+    [rows, cols, C]: the cells' centroid scores (x.c, less |c|^2/2 for non-unit centroids, see
+    l2_offsets) are interpolated bilinearly with aligned corners and the largest wins (the reference
+    code's assign, which interpolates its negative squared distances the same way).
+
+    Separable and in strips of output rows, so memory stays N x rows x w, never N x h x w.
+    """
+    height, width = size
+    centroids = centroids.float().cpu()
+    with torch.inference_mode():
+        scores = torch.from_numpy(np.ascontiguousarray(cells)).float() @ centroids.T  # [rows, cols, N]
+        offsets = l2_offsets(centroids)
+        if offsets is not None:
+            scores -= offsets
+        left, right, across = _corner_aligned(scores.shape[1], width)
+        scores = scores[:, left] * (1 - across)[None, :, None] + scores[:, right] * across[None, :, None]
+        top, bottom, down = _corner_aligned(scores.shape[0], height)
+        labels = np.empty((height, width), np.int16)
+        for start in range(0, height, BILINEAR_STRIP_ROWS):
+            rows = slice(start, start + BILINEAR_STRIP_ROWS)
+            weight = down[rows][:, None, None]
+            strip = scores[top[rows]] * (1 - weight) + scores[bottom[rows]] * weight
+            labels[rows] = strip.argmax(dim=2).numpy()
+    return labels
+
+
 def valid_cells_nearest(block: np.ndarray, valid: np.ndarray, centroids: torch.Tensor) -> np.ndarray:
     """int16 [b, gh, gw] labels of a batch [b, gh, gw, C]: nearest centroid of every valid cell, -1 on padding.
 
@@ -134,18 +175,24 @@ def _with_views(batches, store: EmbeddingStore, paths: dict[str, str], image_siz
 def assign_shard(embedding_shard_path: str | Path, centroids: str | Path | np.ndarray, out: str | Path,
                  batch_images: int = 32, device: str = "auto", refine: str = "none", *, images=None,
                  superpixel_scale: float = SUPERPIXEL_SCALE, superpixel_sigma: float = SUPERPIXEL_SIGMA,
-                 superpixel_min_size: int = SUPERPIXEL_MIN_SIZE, progress: bool = True) -> Path:
+                 superpixel_min_size: int = SUPERPIXEL_MIN_SIZE, upsample: str = "bilinear",
+                 progress: bool = True) -> Path:
     """Write the label store of one embedding shard: nearest centroid per grid cell, -1 on padding.
 
     With refine='superpixel' (needs `images`, the image table) the labels are refined on each image as
-    the embedder saw it (umtfss/clustering/refine.py): array 'refined' [n, S, S] holds them, -1 on
-    padding, and 'labels' the per-cell majority of the refined labels.
+    the embedder saw it (umtfss/clustering/refine.py): per-pixel labels from the centroid scores
+    interpolated bilinearly (`upsample` 'bilinear', reference code; bilinear_labels) or from the grid
+    labels resized nearest ('nearest'), then the superpixel majority vote. Array 'refined' [n, S, S]
+    holds them, -1 on padding, and 'labels' the per-cell majority of the refined labels.
     Streams `batch_images` images at a time (reading the next batch while this one is assigned and the
     previous one written: memory bounded by a few batches); the store is written into a
     temporary sibling and renamed at the end. Returns `out`.
     """
     if refine not in ("none", "superpixel"):
         raise ValueError(f"config key 'clustering.refine' is '{refine}', expected none or superpixel")
+    if upsample not in UPSAMPLINGS:
+        raise ValueError(f"config key 'clustering.refine_upsample' is '{upsample}', expected "
+                         f"{' or '.join(UPSAMPLINGS)}")
     if batch_images < 1:
         raise ValueError(f"batch_images must be >= 1, got {batch_images}")
     store = EmbeddingStore([embedding_shard_path])
@@ -171,7 +218,7 @@ def assign_shard(embedding_shard_path: str | Path, centroids: str | Path | np.nd
                  grid=list(store.grid), embeddings=str(embedding_shard_path), refine=refine)
     if refining:
         attrs.update(superpixel_scale=superpixel_scale, superpixel_sigma=superpixel_sigma,
-                     superpixel_min_size=superpixel_min_size)
+                     superpixel_min_size=superpixel_min_size, refine_upsample=upsample)
     with atomic_path(out, sweep=True) as temp:
         group = create_label_store(temp, len(store), store.grid, attrs, refined_size=image_size if refining else None)
         writer = BackgroundWriter(group["labels"])
@@ -187,8 +234,13 @@ def assign_shard(embedding_shard_path: str | Path, centroids: str | Path | np.nd
                 if refining:
                     fine = np.full((len(indices), image_size, image_size), -1, np.int16)
                     for row, ((rows, cols), view) in enumerate(zip(valid, views[0])):
-                        refined = refine_labels(labels[row, :rows, :cols], view, superpixel_scale,
-                                                superpixel_sigma, superpixel_min_size)
+                        if upsample == "bilinear":
+                            pixels = bilinear_labels(block[row, :rows, :cols], centroid_tensor, view.shape[:2])
+                            refined = superpixel_majority(pixels, view, superpixel_scale, superpixel_sigma,
+                                                          superpixel_min_size)
+                        else:
+                            refined = refine_labels(labels[row, :rows, :cols], view, superpixel_scale,
+                                                    superpixel_sigma, superpixel_min_size)
                         fine[row, :refined.shape[0], :refined.shape[1]] = refined
                         labels[row, :rows, :cols] = grid_majority(refined, (rows, cols))
                     refined_writer.put(indices.start, fine)
@@ -219,6 +271,6 @@ def cli(parser):
         assign_shard(args.embeddings, args.centroids, args.out, batch_images=args.batch_images,
                      device=cfg["device"], refine=cfg["refine"], images=args.images,
                      superpixel_scale=cfg["superpixel_scale"], superpixel_sigma=cfg["superpixel_sigma"],
-                     superpixel_min_size=cfg["superpixel_min_size"])
+                     superpixel_min_size=cfg["superpixel_min_size"], upsample=cfg["refine_upsample"])
 
     return run

@@ -13,6 +13,8 @@ from umtfss.transforms import resize_pad
 SUPERPIXEL_SCALE = 100.0
 SUPERPIXEL_SIGMA = 0.8
 SUPERPIXEL_MIN_SIZE = 200
+# how the per-pixel labels that the superpixels vote on come from the grid (clustering.refine_upsample)
+UPSAMPLINGS = ("bilinear", "nearest")
 
 
 def group_majority(groups: np.ndarray, labels: np.ndarray, num_groups: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 REFINE = config["clustering"]["refine"] == "superpixel"
 # read by assign only: changing them reruns assign and what follows, never fit or embed
-SUPERPIXEL_KEYS = ("superpixel_scale", "superpixel_sigma", "superpixel_min_size")
+SUPERPIXEL_KEYS = ("superpixel_scale", "superpixel_sigma", "superpixel_min_size", "refine_upsample")
 
 
 def fit_config(clusters):
