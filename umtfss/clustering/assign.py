@@ -117,6 +117,17 @@ def bilinear_labels(cells: np.ndarray, centroids: torch.Tensor, size: tuple[int,
     return labels
 
 
+def gather_valid_cells(block: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """[m, C] the valid cells of a batch [b, gh, gw, C], image after image, row-major (one copy per image)."""
+    counts = [int(rows) * int(cols) for rows, cols in valid]
+    cells = np.empty((sum(counts), block.shape[-1]), block.dtype)
+    start = 0
+    for row, ((rows, cols), count) in enumerate(zip(valid, counts)):
+        cells[start:start + count].reshape(rows, cols, -1)[...] = block[row, :rows, :cols]
+        start += count
+    return cells
+
+
 def valid_cells_nearest(block: np.ndarray, valid: np.ndarray, centroids: torch.Tensor) -> np.ndarray:
     """int16 [b, gh, gw] labels of a batch [b, gh, gw, C]: nearest centroid of every valid cell, -1 on padding.
 
@@ -124,14 +135,9 @@ def valid_cells_nearest(block: np.ndarray, valid: np.ndarray, centroids: torch.T
     grid for a 4:3 photo at a square input, and would cost the same matmul as the image itself.
     """
     labels = np.full(block.shape[:3], -1, np.int16)
-    counts = [int(rows) * int(cols) for rows, cols in valid]
-    if sum(counts) == 0:
+    cells = gather_valid_cells(block, valid)
+    if len(cells) == 0:
         return labels
-    cells = np.empty((sum(counts), block.shape[-1]), block.dtype)
-    start = 0
-    for row, ((rows, cols), count) in enumerate(zip(valid, counts)):  # one copy per image, into place
-        cells[start:start + count].reshape(rows, cols, -1)[...] = block[row, :rows, :cols]
-        start += count
     nearest = nearest_centroid(cells, centroids)
     start = 0
     for row, (rows, cols) in enumerate(valid):

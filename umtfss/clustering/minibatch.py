@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from umtfss.clustering.assign import nearest_centroid
+from umtfss.clustering.assign import gather_valid_cells, nearest_centroid
 from umtfss.stores import EmbeddingStore, iter_selected
 
 READ_BATCH_IMAGES = 32  # images read per Zarr call while streaming a group
@@ -51,9 +51,7 @@ def valid_cells(store: EmbeddingStore, images: np.ndarray):
     """Yield (images, float32 [m, C] their valid cells, L2-normalised again) over the given sorted image
     indices, a read batch at a time."""
     for indices, block, valid in iter_selected(store, images, READ_BATCH_IMAGES):
-        cells = np.concatenate([block[row, :rows, :cols].reshape(-1, store.dim)
-                                for row, (rows, cols) in enumerate(valid)])
-        cells = torch.from_numpy(cells).float().numpy()  # torch's float16 conversion is vectorised
+        cells = torch.from_numpy(gather_valid_cells(block, valid)).float().numpy()  # vectorised float16 conversion
         np.divide(cells, np.maximum(np.linalg.norm(cells, axis=1, keepdims=True), 1e-12), out=cells)
         yield len(indices), cells
 
@@ -87,8 +85,8 @@ class GroupStatistics:
 
 def running_mean_update(centroids: np.ndarray, totals: np.ndarray, group: GroupStatistics,
                         spherical: bool) -> np.ndarray:
-    """Move each centroid towards its group mean by rate n_k / (all pixels it has had so far), in place of
-    `totals` (the reference's data_count); clusters without a pixel in the group stay where they are."""
+    """Move each centroid towards its group mean by rate n_k / (all pixels it has had so far); `totals`
+    (the reference's data_count) is updated in place. Clusters without a pixel in the group stay put."""
     totals += group.counts
     hit = group.counts > 0
     rate = np.zeros(len(centroids))
