@@ -66,7 +66,7 @@ def test_reference_tasks_overlay_is_valid_on_each_setting(setting):
     assert (clustering["fit_mode"], clustering["minibatch_images"], clustering["minibatch_sample_images"],
             clustering["metric"], clustering["iterations"]) == ("minibatch", 3200, 20000, "euclidean", 30)
     assert clustering["clusters"] == base["clustering"]["clusters"]
-    assert loaded["episodes"]["all_candidates_below"] == 20
+    assert (loaded["episodes"]["all_candidates_below"], loaded["episodes"]["rank_among"]) == (20, "all_regions")
     assert loaded["episodes"]["top_fraction"] == cfg.load(base)["episodes"]["top_fraction"]
     assert loaded["embedding"] == cfg.load(base)["embedding"]
 

@@ -154,6 +154,37 @@ def test_small_clusters_offer_every_other_region_when_asked():
     assert table.loc[clusters == 1].equals(ranked.loc[clusters == 1])
 
 
+@pytest.mark.parametrize("max_pool", [20000, 23])
+def test_ranking_among_all_regions_matches_the_reference_rule(max_pool):
+    """rank_among all_regions (reference code): rank the whole pool, the query itself included, keep the
+    floor(50 %) most similar, then drop the query's own image; small clusters still take everything."""
+    rng = np.random.default_rng(7)
+    clusters = np.repeat([0, 1, 2], [40, 31, 9])
+    n = len(clusters)
+    features = unit(rng, (n, 16)).astype(np.float16)
+    images = rng.permutation(n)  # one region per image and cluster, as in the reference
+    table = compute_candidates(features, clusters, images, 0.5, 5000, max_pool, seed=1, progress=False,
+                               all_candidates_below=10, rank_among="all_regions")
+    ranked_other = compute_candidates(features, clusters, images, 0.5, 5000, max_pool, seed=1, progress=False,
+                                      all_candidates_below=10)
+    differs = 0
+    for query in range(n):
+        pool = np.flatnonzero((clusters == clusters[query]) & table["in_pool"].to_numpy())
+        similarity = features[pool].astype(np.float64) @ features[query].astype(np.float64)
+        if clusters[query] == 2:  # 9 regions < 10: every other-image region, unranked
+            expected = {int(r) for r in pool if images[r] != images[query]}
+        else:
+            top = pool[np.argsort(-similarity, kind="stable")[:int(0.5 * len(pool))]]
+            expected = {int(r) for r in top if images[r] != images[query]}
+        got = set(candidates_of(query, features, pool, images, float(table["threshold"][query])).tolist())
+        assert got == expected and table["num_candidates"][query] == len(expected)
+        other = set(candidates_of(query, features, pool, images, float(ranked_other["threshold"][query])).tolist())
+        differs += got != other
+    assert differs > 0  # the own region takes a slot: one fewer candidate than ranking the others
+    with pytest.raises(ValueError, match="episodes.rank_among"):
+        compute_candidates(features, clusters, images, progress=False, rank_among="nearest")
+
+
 def write_dataset(tmp_path, n_images=8, clusters=3):
     """Images of varied sizes with label/embedding stores in 2 shards and an images table."""
     rng = np.random.default_rng(5)
@@ -200,7 +231,7 @@ def test_episodes_stage_and_sampler(tmp_path):
     assert not list(out.glob("*tmp*"))
     meta = read_metadata(out / CANDIDATES_FILE)
     assert meta["parameters"]["min_region_pixels"] == 2 and meta["clusters"] == 3
-    assert meta["parameters"]["all_candidates_below"] == 0
+    assert meta["parameters"]["all_candidates_below"] == 0 and meta["parameters"]["rank_among"] == "other_images"
     # the key reaches the stage: with every cluster "small", each query takes all eligible regions
     unranked = tmp_path / "unranked"
     assert cli.main(["episodes", "--config", config.replace('"grid"', '"grid", "all_candidates_below": 1000'),

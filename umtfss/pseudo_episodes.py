@@ -20,6 +20,8 @@ selection"); the reference code's conventions are config keys (section `episodes
   every region of q's own image (q itself included); q gets the
   `k = min(max_candidates, ceil(top_fraction * eligible))` eligible regions most similar to it, or all
   of them (k = eligible) in a cluster of fewer than `all_candidates_below` regions (reference: 20).
+  `rank_among` all_regions (reference) ranks the whole pool instead, q's own image included, keeps
+  the top floor(top_fraction * pool) and leaves out q's image from those.
   Every region is a query (also those outside a subsampled pool); queries with k = 0 are unused.
 - similarity = dot product of the stored float16 masked-average features computed in float32 (they
   are unit vectors up to float16 rounding), the same number at build and at draw time.
@@ -303,15 +305,24 @@ def pool_members(rows: np.ndarray, max_pool: int, seed: int, cluster: int) -> np
     return np.sort(rng.choice(rows, size=max_pool, replace=False))
 
 
+RANKINGS = ("other_images", "all_regions")
+
+
 def compute_candidates(features: np.ndarray, clusters: np.ndarray, image_codes: np.ndarray,
                        top_fraction: float = 0.5, max_candidates: int = 5000, max_pool: int = 20000,
-                       seed: int = 0, progress: bool = True, all_candidates_below: int = 0) -> pd.DataFrame:
+                       seed: int = 0, progress: bool = True, all_candidates_below: int = 0,
+                       rank_among: str = "other_images") -> pd.DataFrame:
     """Per region: in_pool, eligible, num_candidates (k) and threshold (similarity of the k-th candidate).
 
     features [N, d] (the stored float16 values), clusters [N], image_codes [N] (int per image).
     In a cluster of fewer than `all_candidates_below` regions every eligible region is a candidate
-    (k = eligible, the reference code's rule below 20 regions). Thresholds of queries with k = 0 are NaN.
+    (k = eligible, the reference code's rule below 20 regions). `rank_among` 'all_regions' ranks the
+    whole pool, the query's own image included, keeps the top floor(top_fraction * pool) and then
+    drops the own image's regions (the reference code); k counts what is left. Thresholds of queries
+    with k = 0 are NaN.
     """
+    if rank_among not in RANKINGS:
+        raise ValueError(f"config key 'episodes.rank_among' is '{rank_among}', expected one of {', '.join(RANKINGS)}")
     n = len(clusters)
     in_pool = np.zeros(n, bool)
     eligible = np.zeros(n, np.int32)
@@ -332,7 +343,8 @@ def compute_candidates(features: np.ndarray, clusters: np.ndarray, image_codes: 
             block_eligible, block_k, block_threshold = _block_thresholds(
                 torch.from_numpy(np.asarray(features[queries], dtype=np.float32)),
                 torch.from_numpy(image_codes[queries]), pool_features, pool_images,
-                1.0 if take_all else top_fraction, rows.size if take_all else max_candidates)
+                1.0 if take_all else top_fraction, rows.size if take_all else max_candidates,
+                rank_among == "all_regions" and not take_all)
             eligible[queries] = block_eligible
             num_candidates[queries] = block_k
             threshold[queries] = block_threshold
@@ -366,12 +378,16 @@ def _rows_by_cluster(clusters: np.ndarray) -> dict[int, np.ndarray]:
 
 
 def _block_thresholds(queries: torch.Tensor, query_images: torch.Tensor, pool: torch.Tensor,
-                      pool_images: torch.Tensor, top_fraction: float, max_candidates: int):
+                      pool_images: torch.Tensor, top_fraction: float, max_candidates: int,
+                      rank_all_regions: bool = False):
     """Eligible counts, k and the k-th largest similarity of a block of queries against a pool."""
     similarity = queries @ pool.T
     same_image = query_images[:, None] == pool_images[None, :]
-    similarity.masked_fill_(same_image, -math.inf)
     eligible = (pool.shape[0] - same_image.sum(dim=1)).numpy()
+    if rank_all_regions:
+        return (eligible, *_thresholds_ranking_all(similarity.numpy(), same_image.numpy(), top_fraction,
+                                                   max_candidates))
+    similarity.masked_fill_(same_image, -math.inf)
     k = candidate_count(eligible, top_fraction, max_candidates)
     threshold = np.full(len(k), np.nan, np.float32)
     has_candidates = k > 0
@@ -384,6 +400,23 @@ def _block_thresholds(queries: torch.Tensor, query_images: torch.Tensor, pool: t
     return eligible, k, threshold
 
 
+def _thresholds_ranking_all(similarity: np.ndarray, same_image: np.ndarray, top_fraction: float,
+                            max_candidates: int) -> tuple[np.ndarray, np.ndarray]:
+    """(k, threshold) of the reference's rule: the floor(top_fraction * pool) most similar pool regions,
+    own image included, then only those of other images; k counts them as the sampler will find them
+    (similarity >= threshold - SIMILARITY_TOLERANCE), 0 (threshold NaN) when none is left."""
+    ranked = min(max_candidates, int(top_fraction * similarity.shape[1]))
+    threshold = np.full(len(similarity), np.nan, np.float32)
+    k = np.zeros(len(similarity), np.int64)
+    if ranked == 0:
+        return k, threshold
+    position = similarity.shape[1] - ranked
+    kth = np.partition(similarity, position, axis=1)[:, position]
+    k = ((similarity >= kth[:, None] - SIMILARITY_TOLERANCE) & ~same_image).sum(axis=1)
+    threshold[k > 0] = kth[k > 0]
+    return k, threshold
+
+
 # --------------------------------------------------------------------------------------------
 # the episodes stage
 # --------------------------------------------------------------------------------------------
@@ -394,9 +427,9 @@ def build_episodes(label_paths: Sequence[str | Path], embedding_paths: Sequence[
     """Write regions.parquet, region_features.npy and candidates.parquet into out_dir (each atomically).
 
     `episodes_config` is the config's episodes section; a key it lacks that came later takes its
-    schema default (all_candidates_below 0), so callers of the library keep working.
+    schema default (all_candidates_below 0, rank_among other_images), so callers of the library keep working.
     """
-    cfg = {"all_candidates_below": 0, **episodes_config}
+    cfg = {"all_candidates_below": 0, "rank_among": "other_images", **episodes_config}
     table, features = build_regions(label_paths, embedding_paths, clusters, cfg["min_region_pixels"],
                                     cfg["drop_background_like"], cfg["background_span"], progress,
                                     cfg["background_rule"], cfg["area_unit"])
@@ -409,12 +442,12 @@ def build_episodes(label_paths: Sequence[str | Path], embedding_paths: Sequence[
     image_codes, _ = pd.factorize(table["image_id"])
     candidates = compute_candidates(features, table["cluster"].to_numpy(), image_codes, cfg["top_fraction"],
                                     cfg["max_candidates"], cfg["max_pool"], cfg["seed"], progress,
-                                    cfg["all_candidates_below"])
+                                    cfg["all_candidates_below"], cfg["rank_among"])
     labels = LabelStore(label_paths)
     metadata = {
         "parameters": {k: cfg[k] for k in ("min_region_pixels", "area_unit", "drop_background_like", "background_rule",
                                            "background_span", "top_fraction", "max_candidates", "max_pool",
-                                           "all_candidates_below", "seed")},
+                                           "all_candidates_below", "rank_among", "seed")},
         "clusters": int(clusters if clusters is not None else labels.clusters),
         "centroids_sha256": labels.attrs.get("centroids_sha256"),
         "label_stores": [str(p) for p in label_paths],
