@@ -37,6 +37,12 @@ ROWS_PER_BLOCK = 2048  # pixels converted to float32 and multiplied at once on C
 # stays in a 1-2 MB L2 cache (4,096 rows were 20-30 % slower per pixel on the project's CPU)
 
 
+def normalise_rows(array: np.ndarray) -> np.ndarray:
+    """Divide every row of a float array by its L2 norm, in place (zero rows stay zero); returns it."""
+    np.divide(array, np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12), out=array)
+    return array
+
+
 def l2_offsets(centroids: torch.Tensor) -> torch.Tensor | None:
     """|c|^2 / 2 per centroid when the centroids are not unit vectors (euclidean k-means), else None.
 
@@ -92,14 +98,13 @@ BILINEAR_STRIP_ROWS = 64  # output rows scored at once: N x 64 x width floats (6
 
 def bilinear_labels(cells: np.ndarray, centroids: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """int16 [h, w] nearest centroid of every pixel of an image of `size`, from its valid grid cells
-    [rows, cols, C]: the cells' centroid scores (x.c, less |c|^2/2 for non-unit centroids, see
+    [rows, cols, C] and float32 CPU centroids: the cells' centroid scores (x.c, less |c|^2/2 for non-unit centroids, see
     l2_offsets) are interpolated bilinearly with aligned corners and the largest wins (the reference
     code's assign, which interpolates its negative squared distances the same way).
 
     Separable and in strips of output rows, so memory stays N x rows x w, never N x h x w.
     """
     height, width = size
-    centroids = centroids.float().cpu()
     with torch.inference_mode():
         scores = torch.from_numpy(np.ascontiguousarray(cells)).float() @ centroids.T  # [rows, cols, N]
         offsets = l2_offsets(centroids)
@@ -216,7 +221,8 @@ def assign_shard(embedding_shard_path: str | Path, centroids: str | Path | np.nd
     if matrix.shape[0] > np.iinfo(np.int16).max:
         raise ValueError(f"{matrix.shape[0]} clusters do not fit the int16 label store (max 32767)")
     torch_device = resolve_device(device, "clustering.device")
-    centroid_tensor = torch.from_numpy(matrix).to(torch_device)
+    cpu_centroids = torch.from_numpy(matrix)  # float32, for the per-pixel scores of the bilinear refinement
+    centroid_tensor = cpu_centroids.to(torch_device)
     if torch_device.type == "cuda" and store.dtype == np.float16:
         centroid_tensor = centroid_tensor.half()
     attrs = {key: store.attrs.get(key) for key in EMBEDDING_ATTRS}
@@ -241,7 +247,7 @@ def assign_shard(embedding_shard_path: str | Path, centroids: str | Path | np.nd
                     fine = np.full((len(indices), image_size, image_size), -1, np.int16)
                     for row, ((rows, cols), view) in enumerate(zip(valid, views[0])):
                         if upsample == "bilinear":
-                            pixels = bilinear_labels(block[row, :rows, :cols], centroid_tensor, view.shape[:2])
+                            pixels = bilinear_labels(block[row, :rows, :cols], cpu_centroids, view.shape[:2])
                             refined = superpixel_majority(pixels, view, superpixel_scale, superpixel_sigma,
                                                           superpixel_min_size)
                         else:

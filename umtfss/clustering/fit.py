@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from umtfss.clustering.assign import normalise_rows
 from umtfss.clustering.minibatch import image_groups, running_means
 from umtfss.clustering.torch_kmeans import TorchKMeans
 from umtfss.devices import resolve_device
@@ -92,9 +93,7 @@ def sample_pixels(store: EmbeddingStore, subset_pixels: int, seed: int, progress
         bar.update(len(indices))
     bar.close()
     assert filled == take, (filled, take)
-    norms = np.linalg.norm(subset, axis=1, keepdims=True)
-    np.divide(subset, np.maximum(norms, 1e-12), out=subset)
-    return subset
+    return normalise_rows(subset)
 
 
 def train_kmeans(points: np.ndarray, clusters: int, iterations: int, redo: int, seed: int,
@@ -154,7 +153,7 @@ def fit_centroids(store: EmbeddingStore | list, clusters: int, subset_pixels: in
     del points
     centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
     if spherical:
-        centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+        normalise_rows(centroids)
     fitted = time.perf_counter()
     if minibatch:
         centroids, minibatch_meta = running_means(store, centroids, groups, spherical, progress=progress)

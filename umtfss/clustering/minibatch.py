@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from umtfss.clustering.assign import gather_valid_cells, nearest_centroid
+from umtfss.clustering.assign import gather_valid_cells, nearest_centroid, normalise_rows
 from umtfss.stores import EmbeddingStore, iter_selected
 
 READ_BATCH_IMAGES = 32  # images read per Zarr call while streaming a group
@@ -52,8 +52,7 @@ def valid_cells(store: EmbeddingStore, images: np.ndarray):
     indices, a read batch at a time."""
     for indices, block, valid in iter_selected(store, images, READ_BATCH_IMAGES):
         cells = torch.from_numpy(gather_valid_cells(block, valid)).float().numpy()  # vectorised float16 conversion
-        np.divide(cells, np.maximum(np.linalg.norm(cells, axis=1, keepdims=True), 1e-12), out=cells)
-        yield len(indices), cells
+        yield len(indices), normalise_rows(cells)
 
 
 class GroupStatistics:
@@ -95,7 +94,7 @@ def running_mean_update(centroids: np.ndarray, totals: np.ndarray, group: GroupS
     means[hit] = group.sums[hit] / group.counts[hit, None]
     moved = (1 - rate[:, None]) * centroids + rate[:, None] * means
     if spherical:
-        moved /= np.maximum(np.linalg.norm(moved, axis=1, keepdims=True), 1e-12)
+        normalise_rows(moved)
     return moved.astype(np.float32)
 
 
