@@ -49,18 +49,22 @@ def make_images(folder: Path, count: int, size: int, seed: int = 0) -> pd.DataFr
 
 
 def bare_forward_seconds(backbone, layer: str, table: pd.DataFrame, image_size: int, batch: int,
-                         device: torch.device, amp: bool) -> float:
-    """Seconds of the backbone forward alone over the same batches (decoded and on the device beforehand)."""
+                         device: torch.device, amp: bool, cpu_precision: str = "float32") -> float:
+    """Seconds of the backbone forward alone over the same batches (decoded and on the device beforehand),
+    in the precision and memory layout that embed_shard uses."""
+    from umtfss.devices import inference_autocast
     from umtfss.io import read_rgb
     from umtfss.transforms import resize_pad
 
     tensors = [resize_pad(np.array(read_rgb(p)), None, image_size)[0] for p in table["image_path"]]
-    batches = [torch.stack(tensors[i:i + batch]).to(device) for i in range(0, len(tensors), batch)]
-    use_amp = amp and device.type == "cuda"
+    layout = torch.channels_last if cpu_precision == "bfloat16" and device.type == "cpu" else torch.contiguous_format
+    batches = [torch.stack(tensors[i:i + batch]).to(device).contiguous(memory_format=layout)
+               for i in range(0, len(tensors), batch)]
+    backbone = backbone.to(memory_format=layout)
 
     def forward_all():
         for images in batches:
-            with torch.inference_mode(), torch.autocast("cuda", enabled=use_amp):
+            with torch.inference_mode(), inference_autocast(device, amp, cpu_precision):
                 backbone(images)[layer]
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -85,6 +89,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--cpu-precision", choices=["float32", "bfloat16"], default="float32",
+                        help="embedding.cpu_precision: the CPU forward in float32 or bfloat16 autocast (both timed alike)")
     parser.add_argument("--resize-on", choices=["auto", "device", "workers"], default="auto",
                         help="where embed resize-pads: the device (default on a GPU) or the decoding workers")
     args = parser.parse_args(argv)
@@ -100,7 +106,7 @@ def main(argv=None) -> int:
     print("command:", " ".join([sys.executable, *sys.argv]))
     print(f"parameters: backbone={name} (random weights) images={count} image_size={image_size} batch={args.batch} "
           f"workers={args.workers} dim={args.dim} dtype={args.dtype} threads={args.threads} device={device} "
-          f"resize_on={args.resize_on}"
+          f"resize_on={args.resize_on} cpu_precision={args.cpu_precision}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     backbone = build_backbone(name, random_init=True).to(device).eval()
     layer = resolve_layer(backbone, args.layer)
@@ -108,13 +114,15 @@ def main(argv=None) -> int:
         work = Path(work)
         (work / "images").mkdir()
         table = make_images(work / "images", count, image_size)
-        forward = bare_forward_seconds(backbone, layer, table, image_size, args.batch, device, amp=True)
+        forward = bare_forward_seconds(backbone, layer, table, image_size, args.batch, device, amp=True,
+                                       cpu_precision=args.cpu_precision)
 
         def embed_seconds(rows: pd.DataFrame, name: str) -> float:
             started = time.perf_counter()
             embed_shard(rows, 0, 1, work / name, backbone, layer=layer, image_size=image_size, dtype=args.dtype,
                         dim=args.dim, batch_size=args.batch, device=str(device), amp=True, workers=args.workers,
-                        progress=False, resize_on_device={"auto": None, "device": True, "workers": False}[args.resize_on])
+                        progress=False, resize_on_device={"auto": None, "device": True, "workers": False}[args.resize_on],
+                        cpu_precision=args.cpu_precision)
             return time.perf_counter() - started
 
         quarter = max(args.batch, count // 4)

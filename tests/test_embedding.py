@@ -11,7 +11,7 @@ import torch
 import zarr
 from PIL import Image
 
-from umtfss import embedding
+from umtfss import devices, embedding
 from umtfss.stores import EmbeddingStore
 from umtfss.embedding import embed_shard, random_projection, shard_rows
 
@@ -123,6 +123,37 @@ def test_resize_on_the_device_stores_what_the_workers_store(table, tmp_path, wor
     for name in ("features", "valid", "sizes"):
         np.testing.assert_array_equal(stores[True][name][:], stores[False][name][:])
     assert dict(stores[True].attrs) == dict(stores[False].attrs)
+
+
+def test_cpu_bfloat16_forward_is_recorded_and_close_to_float32(table, tmp_path, monkeypatch, capsys):
+    """embedding.cpu_precision bfloat16: the backbone's convolutions run in bfloat16 on channels-last
+    input, the features stay within bfloat16 rounding of the float32 ones, and the store says which ran."""
+    seen = []
+    stores = {}
+    for precision in ("float32", "bfloat16"):
+        backbone = StandInBackbone()
+        backbone.conv3.register_forward_hook(lambda module, inputs, output: seen.append(
+            (output.dtype, inputs[0].is_contiguous(memory_format=torch.channels_last)))
+            if len(inputs[0]) == len(SIZES) else None)  # the batch, not embed's one-image shape probe
+        out = tmp_path / f"{precision}.zarr"
+        embed_shard(table, 0, 1, out, backbone, image_size=64, dtype="float32", batch_size=5, device="cpu",
+                    workers=0, progress=False, cpu_precision=precision)
+        stores[precision] = EmbeddingStore(out)
+    assert seen == [(torch.float32, False), (torch.bfloat16, True)]
+    assert stores["float32"].attrs["forward_precision"] == "float32"
+    assert stores["bfloat16"].attrs["forward_precision"] == "bfloat16 autocast, channels-last (CPU)"
+    for index in range(len(SIZES)):
+        reference, lowered = stores["float32"].features(index), stores["bfloat16"].features(index)
+        assert not np.array_equal(reference, lowered)
+        assert (reference * lowered).sum(-1).min() > 0.99  # unit vectors: the cosine
+    monkeypatch.setattr(devices, "cpu_bfloat16_native", lambda: False)
+    embed_shard(table, 0, 1, tmp_path / "emulated.zarr", StandInBackbone(), image_size=64, batch_size=5,
+                device="cpu", workers=0, progress=False, cpu_precision="bfloat16")
+    assert "no bfloat16 units" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="embedding.cpu_precision.*'half'.*float32, bfloat16"):
+        embed_shard(table, 0, 1, tmp_path / "bad.zarr", StandInBackbone(), image_size=64, device="cpu",
+                    workers=0, progress=False, cpu_precision="half")
+    assert not (tmp_path / "bad.zarr").exists()
 
 
 def test_two_shards_equal_one(table, tmp_path):

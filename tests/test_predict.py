@@ -66,6 +66,41 @@ def test_prediction_is_mapped_back_to_the_original_geometry():
     assert (mask != expected).mean() < 0.02  # only boundary pixels may differ
 
 
+class RecordsPrecision(RedIsForeground):
+    """RedIsForeground that notes, per call, whether CPU bfloat16 autocast is on and the query's layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, query, supports, support_masks, query_valid=None):
+        self.calls.append((torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16,
+                           query.is_contiguous(memory_format=torch.channels_last)))
+        return super().forward(query, supports, support_masks, query_valid)
+
+
+def test_cpu_bfloat16_prediction(files, tmp_path):
+    """--cpu-precision bfloat16: the forward runs under CPU bfloat16 autocast on channels-last queries and
+    still writes the query-sized mask; float32 (the default) runs without autocast."""
+    from umtfss.predict import support_tensors, predict_masks
+
+    query = np.zeros((45, 90, 3), np.uint8)
+    query[10:30, 50:80] = (255, 0, 0)
+    model = RecordsPrecision()
+    images, masks = support_tensors([(np.zeros((20, 20, 3), np.uint8), np.ones((20, 20), np.uint8))], 64)
+    for precision in ("float32", "bfloat16"):
+        mask = predict_masks(model, [query], images, masks, 64, "cpu", precision)[0]
+        assert (mask != (query[..., 0] == 255)).mean() < 0.02
+    assert model.calls == [(False, False), (True, True)]
+    out = tmp_path / "mask.png"
+    base = ["predict", "--checkpoint", str(files / "model.pt"), "--support", str(files / "support.png"),
+            str(files / "mask.png"), "--query", str(files / "query.jpg"), "--device", "cpu"]
+    assert main(base + ["--out", str(out), "--cpu-precision", "bfloat16"]) == 0
+    assert np.asarray(Image.open(out)).shape == (37, 53)
+    with pytest.raises(SystemExit):
+        main(base + ["--out", str(tmp_path / "bad.png"), "--cpu-precision", "half"])
+
+
 def test_support_mask_reading_conventions(tmp_path):
     binary = np.array([[0, 255], [255, 0]], np.uint8)
     write_png(tmp_path / "binary.png", binary)

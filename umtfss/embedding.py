@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import umtfss
-from umtfss.devices import resolve_device
+from umtfss.devices import (channels_last_input, check_cpu_precision, forward_precision, inference_autocast,
+                            lay_out_for_precision, resolve_device)
 from umtfss.io import atomic_path, read_rgb
 from umtfss.stores import BackgroundWriter, create_embedding_store
 from umtfss.transforms import resize_pad, resize_pad_image, resized_extent, uint8_tensor
@@ -125,10 +126,14 @@ def random_projection(in_dim: int, out_dim: int, seed: int = PROJECTION_SEED) ->
 
 
 def pixel_features(backbone, layer: str, images: torch.Tensor, projection: torch.Tensor | None,
-                   amp: bool) -> torch.Tensor:
-    """[B,3,S,S] images -> [B,gh,gw,C] float32 features, projected (optional) then L2-normalised per pixel."""
-    use_amp = amp and images.device.type == "cuda"
-    with torch.inference_mode(), torch.autocast("cuda", enabled=use_amp):
+                   amp: bool, cpu_precision: str = "float32") -> torch.Tensor:
+    """[B,3,S,S] images -> [B,gh,gw,C] float32 features, projected (optional) then L2-normalised per pixel.
+
+    The backbone runs under inference_autocast: float16 on CUDA with `amp`, bfloat16 on the CPU with
+    `cpu_precision` 'bfloat16' (channels-last input, as embed_shard lays out the backbone's weights).
+    """
+    images = channels_last_input(images, cpu_precision)
+    with torch.inference_mode(), inference_autocast(images.device, amp, cpu_precision):
         maps = backbone(images)[layer]
     maps = maps.float().permute(0, 2, 3, 1)
     if projection is not None:
@@ -180,7 +185,8 @@ def embed_shard(images, shard: int, num_shards: int, out: str | Path, backbone, 
                 image_size: int = 473, dtype: str = "float16", dim: int | None = None, batch_size: int = 32,
                 device: str = "auto", amp: bool = True, split: str = "train",
                 image_filter: Collection[str] | Callable[[str], bool] | None = None,
-                workers: int | None = None, progress: bool = True, resize_on_device: bool | None = None) -> Path:
+                workers: int | None = None, progress: bool = True, resize_on_device: bool | None = None,
+                cpu_precision: str = "float32") -> Path:
     """Embed shard `shard` of `num_shards` of the split's images into the Zarr store `out`.
 
     `backbone` is a FeatureBackbone (see docs/architecture.md). The store is written into a temporary
@@ -188,14 +194,19 @@ def embed_shard(images, shard: int, num_shards: int, out: str | Path, backbone, 
     `resize_on_device` (default: on a GPU) moves the resize-pad from the decoding workers to the
     device; the features are the same up to the device's float rounding. On a GPU the loop never
     waits for the device: features come back by a queued copy that the writer thread waits for.
+    `cpu_precision` 'bfloat16' runs a CPU forward in bfloat16 autocast with channels-last weights (about
+    4x a float32 ResNet-50 on a CPU with AMX; see benchmarks/embed_throughput.py); the store's
+    'forward_precision' attribute says which ran.
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"config key 'embedding.dtype' is '{dtype}', expected float16 or float32")
     if batch_size < 1:
         raise ValueError(f"config key 'embedding.batch_size' is {batch_size}, expected >= 1")
     rows = shard_rows(load_image_table(images), shard, num_shards, split, image_filter)
+    check_cpu_precision(cpu_precision, "embedding.cpu_precision")
     torch_device = resolve_device(device, "embedding.device")
     backbone = backbone.to(torch_device).eval()
+    backbone = lay_out_for_precision(backbone, torch_device, cpu_precision, "embed")
     layer = resolve_layer(backbone, layer)
     gh, gw, channels = _probe(backbone, layer, image_size, torch_device)
     stride = int(backbone.strides[layer])
@@ -212,6 +223,7 @@ def embed_shard(images, shard: int, num_shards: int, out: str | Path, backbone, 
                           + (f"random orthogonal projection {channels}->{stored_dim} (seed {PROJECTION_SEED}, array "
                              "'projection'); " if projection is not None else "")
                           + f"L2-normalised per pixel; stored as {dtype}"),
+        "forward_precision": forward_precision(torch_device, amp, cpu_precision),
         "split": split, "shard": shard, "num_shards": num_shards, "umtfss_version": umtfss.__version__,
     }
     proj_device = projection.to(torch_device) if projection is not None else None
@@ -237,7 +249,7 @@ def embed_shard(images, shard: int, num_shards: int, out: str | Path, backbone, 
                     batch = _device_batch(items, image_size, torch_device)
                 else:
                     batch = torch.stack([item["image"] for item in items]).to(torch_device, non_blocking=True)
-                feats = pixel_features(backbone, layer, batch, proj_device, amp).to(getattr(torch, dtype))
+                feats = pixel_features(backbone, layer, batch, proj_device, amp, cpu_precision).to(getattr(torch, dtype))
                 writer.put(items[0]["index"], *_to_host(feats))
                 for item in items:
                     valid[item["index"]] = _valid_cells(item["valid_hw"], stride, (gh, gw))
@@ -283,7 +295,7 @@ def cli(parser):
                                   checkpoint_sha256=cfg["checkpoint_sha256"], output_stride=cfg["output_stride"])
         embed_shard(args.images, args.shard, args.num_shards, args.out, backbone, layer=cfg["layer"],
                     image_size=cfg["image_size"], dtype=cfg["dtype"], dim=cfg["dim"], batch_size=cfg["batch_size"],
-                    device=cfg["device"], amp=cfg["amp"], split=args.split,
+                    device=cfg["device"], amp=cfg["amp"], cpu_precision=cfg["cpu_precision"], split=args.split,
                     image_filter=_read_id_list(args.image_ids) if args.image_ids else None, workers=args.workers)
 
     return run

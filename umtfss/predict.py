@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from umtfss.devices import CPU_PRECISIONS, channels_last_input, inference_autocast, lay_out_for_precision
 from umtfss.episode import IGNORE
 from umtfss.transforms import resize_pad, unpad_to, valid_pixels
 
@@ -70,14 +71,20 @@ def support_tensors(supports: list[tuple[np.ndarray, np.ndarray]], size: int) ->
 
 @torch.no_grad()
 def predict_masks(model, queries: list[np.ndarray], support_images: torch.Tensor, support_masks: torch.Tensor,
-                  size: int, device="cpu") -> list[np.ndarray]:
-    """Foreground 0/1 uint8 masks of several queries (one forward pass), each at its query's own size."""
+                  size: int, device="cpu", cpu_precision: str = "float32") -> list[np.ndarray]:
+    """Foreground 0/1 uint8 masks of several queries (one forward pass), each at its query's own size.
+
+    `cpu_precision` 'bfloat16' runs a CPU forward in bfloat16 autocast (the model laid out by
+    devices.lay_out_for_precision); elsewhere the forward is float32.
+    """
+    device = torch.device(device)
     prepared = [resize_pad(query, None, size) for query in queries]
-    batch = torch.stack([query_t for query_t, _, _ in prepared]).to(device)
+    batch = channels_last_input(torch.stack([query_t for query_t, _, _ in prepared]).to(device), cpu_precision)
     query_valid = valid_pixels([extent for _, _, extent in prepared], size)
     images = support_images[None].expand(len(queries), *support_images.shape).to(device)
     masks = support_masks[None].expand(len(queries), *support_masks.shape).to(device)
-    logits = model(batch, images, masks, query_valid.to(device)).float()
+    with inference_autocast(device, False, cpu_precision):
+        logits = model(batch, images, masks, query_valid.to(device)).float()
     if logits.shape[-2:] != (size, size):
         logits = torch.nn.functional.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
     return [unpad_to(logits[row].cpu(), valid, query.shape[:2]).argmax(0).numpy().astype(np.uint8)
@@ -144,6 +151,9 @@ def cli(parser: argparse.ArgumentParser):
     parser.add_argument("--overlay", type=Path, help="also write the query with the mask tinted red (file or folder, as --out)")
     parser.add_argument("--batch", type=int, default=8, help="queries per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    parser.add_argument("--cpu-precision", default="float32", choices=CPU_PRECISIONS,
+                        help="forward on a CPU in float32 (default) or bfloat16 autocast (about 3x faster with a "
+                             "ResNet-50 on CPUs with AMX; masks may differ at the boundary)")
     return run
 
 
@@ -165,14 +175,14 @@ def run(args: argparse.Namespace) -> Path:
     if size < 32:
         raise ValueError(f"--size is {size}, expected at least 32")
     device = resolve_device(args.device, "--device")
-    model = load_model(checkpoint, device)
+    model = lay_out_for_precision(load_model(checkpoint, device), device, args.cpu_precision, "predict")
     torch.manual_seed(0)  # a model that draws at inference (model.hash_draw per_call) predicts the same each run
     support_images, support_masks = support_tensors(supports, size)
     bar = tqdm(total=len(plan), desc="predict", unit="img", file=sys.stderr, disable=len(plan) == 1)
     for start in range(0, len(plan), args.batch):
         chunk = plan[start:start + args.batch]
         queries = [read_rgb(query) for query, _, _ in chunk]  # an unreadable image stops here, named
-        masks = predict_masks(model, queries, support_images, support_masks, size, device)
+        masks = predict_masks(model, queries, support_images, support_masks, size, device, args.cpu_precision)
         for (_, out, overlay_path), query, mask in zip(chunk, queries, masks):
             write_png(out, (mask * 255).astype(np.uint8))
             if overlay_path is not None:

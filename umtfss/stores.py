@@ -384,6 +384,9 @@ class EmbeddingStore(_ShardedReader):
                 yield range(first, last), block, self._valid[first:last]
 
 
+READ_BATCH_IMAGES = 32  # images per Zarr read when fit and the mini-batch fit stream a selection: bounds the transient memory
+
+
 def iter_selected(store: EmbeddingStore, images: np.ndarray,
                   images_per_batch: int) -> Iterator[tuple[range, np.ndarray, np.ndarray]]:
     """EmbeddingStore.iter_batches over the given sorted, distinct image indices only: each run of

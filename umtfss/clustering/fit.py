@@ -18,9 +18,7 @@ from umtfss.clustering.minibatch import image_groups, running_means
 from umtfss.clustering.torch_kmeans import TorchKMeans
 from umtfss.devices import resolve_device
 from umtfss.io import atomic_path
-from umtfss.stores import EMBEDDING_ATTRS, EmbeddingStore, array_sha256, iter_selected
-
-READ_BATCH_IMAGES = 32  # images read per Zarr call while sampling; bounds the transient memory
+from umtfss.stores import EMBEDDING_ATTRS, READ_BATCH_IMAGES, EmbeddingStore, array_sha256, iter_selected
 
 
 def faiss_gpu(device: str) -> bool:

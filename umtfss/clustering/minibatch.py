@@ -10,9 +10,7 @@ import torch
 from tqdm import tqdm
 
 from umtfss.clustering.assign import gather_valid_cells, nearest_centroid, normalise_rows
-from umtfss.stores import EmbeddingStore, iter_selected
-
-READ_BATCH_IMAGES = 32  # images read per Zarr call while streaming a group
+from umtfss.stores import READ_BATCH_IMAGES, EmbeddingStore, iter_selected
 
 
 @dataclass
