@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py                       # CPU: demo-colortexture, crop 160, batch 8
     python benchmarks/train_throughput.py --device cuda         # GPU: resnet50-imagenet, crop 473, batch 8
+    python benchmarks/train_throughput.py --cpu-precision bfloat16   # CPU bfloat16 autocast (alternate with float32)
 
 The model has the default config (d 256, 8 heads, 2 layers, K_fg 50 / K_bg 100); the backbone has
 random weights (throughput does not depend on them). Data loading is not included: batches are
@@ -21,7 +22,7 @@ from umtfss.backbones import build_backbone
 from umtfss.config import load
 from umtfss.model.fss import build_model
 from umtfss.training.losses import build_loss
-from umtfss.devices import resolve_device
+from umtfss.devices import channels_last_input, lay_out_for_precision, resolve_device
 from umtfss.training.train import Schedule, _amp_settings, _train_step, build_optimizers
 
 
@@ -68,6 +69,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--attention", default="prototype", choices=["prototype", "vanilla"])
     parser.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    parser.add_argument("--cpu-precision", choices=["float32", "bfloat16"], default="float32",
+                        help="training.cpu_precision / evaluation.cpu_precision on a CPU")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -76,11 +79,12 @@ def main(argv=None) -> dict:
     crop = args.crop or (473 if device.type == "cuda" else 160)
     config = load({"model": {"backbone": backbone_name, "attention": args.attention},
                    "training": {"batch_size": args.batch, "shots": args.shots, "crop_size": crop,
-                                "amp": not args.no_amp}})
+                                "amp": not args.no_amp, "cpu_precision": args.cpu_precision}})
     torch.manual_seed(0)
     backbone = build_backbone(backbone_name, random_init=True)
-    model = build_model(config["model"], backbone).to(device)
-    use_amp, amp_dtype = _amp_settings(device, config["training"]["amp"])
+    model = lay_out_for_precision(build_model(config["model"], backbone).to(device), device, args.cpu_precision,
+                                  "benchmark")
+    use_amp, amp_dtype = _amp_settings(device, config["training"]["amp"], args.cpu_precision)
     optimizers = build_optimizers(model, config["training"], Schedule.from_config(config["training"], False))
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     loss_fn = build_loss(config["training"]["loss"], config["training"]["dice_ignore"])
@@ -94,7 +98,8 @@ def main(argv=None) -> dict:
     def eval_forward():
         model.eval()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            model(batch["query"], batch["supports"], (batch["support_masks"] == 1).float())
+            model(channels_last_input(batch["query"], args.cpu_precision), batch["supports"],
+                  (batch["support_masks"] == 1).float())
 
     train_s = measure(train_step, args.steps, args.warmup, device)
     eval_s = measure(eval_forward, args.steps, args.warmup, device)
@@ -102,6 +107,7 @@ def main(argv=None) -> dict:
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "backbone": backbone_name, "crop": crop, "batch": args.batch, "shots": args.shots,
         "attention": args.attention, "amp": str(amp_dtype).replace("torch.", "") if use_amp else "off",
+        "cpu_precision": args.cpu_precision,
         "threads": args.threads,
         "train_episodes_per_s": round(args.batch / train_s, 2),
         "eval_episodes_per_s": round(args.batch / eval_s, 2),

@@ -255,6 +255,38 @@ def test_each_evaluation_seed_seeds_torch_so_drawing_models_repeat(tmp_path):
     assert runs[0][0] != runs[0][1]  # seed 1 and seed 2 draw differently
 
 
+class RecordingModelPredictor:
+    """A predictor around a one-conv network ('model', as ModelPredictor has) that notes, per batch,
+    whether CPU bfloat16 autocast is on, the query's layout and the network's weight layout."""
+
+    def __init__(self):
+        self.model = torch.nn.Conv2d(3, 2, 3, padding=1)
+        self.calls = []
+
+    def predict(self, query, supports, support_masks, query_valid=None):
+        self.calls.append((torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16,
+                           query.is_contiguous(memory_format=torch.channels_last),
+                           self.model.weight.is_contiguous(memory_format=torch.channels_last)))
+        return self.model(query)
+
+
+def test_cpu_bfloat16_evaluation(tmp_path):
+    """evaluation.cpu_precision bfloat16: every meta-test batch runs under CPU bfloat16 autocast, on a
+    channels-last query through a channels-last network; float32 (the default) uses neither. The
+    prototype-threshold baseline still separates the coloured objects in bfloat16."""
+    tables = _make_val_set(tmp_path)
+    for precision in ("float32", "bfloat16"):
+        predictor = RecordingModelPredictor()
+        evaluate(_config("original", shots=[1], seeds=[1], cpu_precision=precision), "pascal", tables,
+                 {"recording": None}, tmp_path / "s.csv", tmp_path / "c.csv", build=lambda *args: predictor)
+        assert predictor.calls and set(predictor.calls) == {(precision == "bfloat16",) * 3}
+    config = load({"model": {"backbone": "demo-colortexture"},
+                   "evaluation": {"folds": [0], "shots": [1], "seeds": [0], "episodes": 10, "test_size": 160,
+                                  "device": "cpu", "threshold": 0.7, "cpu_precision": "bfloat16"}})
+    scores, _ = evaluate(config, "pascal", tables, {"prototype-threshold": None}, tmp_path / "e.csv", tmp_path / "c.csv")
+    assert scores["miou"].iloc[0] > 30
+
+
 @pytest.mark.parametrize("resolution", ["original", "resized"])
 def test_batches_mark_padding_for_the_model(tmp_path, resolution):
     """Query pixels outside the resized image are not valid; support masks are 255 there."""

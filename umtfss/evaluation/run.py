@@ -19,7 +19,8 @@ from umtfss.episode import binary_mask
 from umtfss.io import atomic_path, read_label, read_rgb
 from umtfss.evaluation.evaluator import IoUAccumulator
 from umtfss.data.prepare import read_tables
-from umtfss.devices import resolve_device
+from umtfss.devices import (channels_last_input, check_cpu_precision, inference_autocast, lay_out_for_precision,
+                            resolve_device)
 from umtfss.evaluation.predictors import Predictor, build_predictor
 from umtfss.evaluation.sampler import sample_episodes
 from umtfss.transforms import resize_pad, resize_square, unpad_to, valid_pixels
@@ -130,17 +131,28 @@ def _image_paths(images: pd.DataFrame) -> dict[str, tuple[str, str]]:
     return {str(i): (str(p), str(lab)) for i, p, lab in zip(rows["image_id"], rows["image_path"], rows["label_path"])}
 
 
+def lay_out_predictor(predictor: Predictor, device: torch.device, cpu_precision: str) -> Predictor:
+    """The predictor with its network ('model' or 'backbone') laid out for evaluation.cpu_precision."""
+    for name in ("model", "backbone"):
+        network = getattr(predictor, name, None)
+        if isinstance(network, torch.nn.Module):
+            lay_out_for_precision(network, device, cpu_precision, "evaluate")  # in place
+    return predictor
+
+
 def evaluate_predictor(predictor: Predictor, episodes: pd.DataFrame, paths, class_ids, eval_cfg: dict,
                        device: torch.device, workers: int = 0, progress: tqdm | None = None) -> IoUAccumulator:
-    """Score one predictor on one episode table."""
+    """Score one predictor on one episode table (on a CPU in bfloat16 autocast when evaluation.cpu_precision says so)."""
+    cpu_precision = eval_cfg.get("cpu_precision", "float32")
     batches = EpisodeBatches(episodes, paths, eval_cfg["batch_size"], eval_cfg["test_size"], eval_cfg["resolution"])
     loader = DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_collate_one,
                         pin_memory=device.type == "cuda")
     accumulator = IoUAccumulator(class_ids)
-    with torch.no_grad():
+    with torch.no_grad(), inference_autocast(device, False, cpu_precision):
         for batch in loader:
-            logits = predictor.predict(batch["query"].to(device), batch["supports"].to(device),
-                                       batch["support_masks"].to(device), batch["query_valid"].to(device))
+            logits = predictor.predict(channels_last_input(batch["query"].to(device), cpu_precision),
+                                       batch["supports"].to(device), batch["support_masks"].to(device),
+                                       batch["query_valid"].to(device))
             score_batch(logits, batch, eval_cfg["resolution"], accumulator)
             if progress is not None:
                 progress.update(len(batch["class_ids"]))
@@ -177,6 +189,7 @@ def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: d
     class_names = {int(c): str(n) for c, n in zip(tables["classes"]["class_id"], tables["classes"]["name"])}
     n_episodes = config_module.test_episodes(config, dataset_name)
     device = resolve_device(eval_cfg["device"], "evaluation.device")
+    cpu_precision = check_cpu_precision(eval_cfg["cpu_precision"], "evaluation.cpu_precision")
     meta = _default_meta(config, dict(meta or {}))
     reserved = sorted(set(meta) & (set(SCORE_COLUMNS) - {"backbone", "embedder", "clusters"}))
     if reserved:
@@ -198,7 +211,7 @@ def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: d
             path = checkpoint.format(fold=fold) if checkpoint else checkpoint
             if path not in predictors:
                 predictors.clear()
-                predictors[path] = build(method, config, path, device)
+                predictors[path] = lay_out_predictor(build(method, config, path, device), device, cpu_precision)
             predictor = predictors[path]
             progress.set_description(f"{method} fold {fold} {shot}-shot seed {seed}")
             torch.manual_seed(seed)  # a model that draws at inference (model.hash_draw per_call) repeats per seed
