@@ -2,7 +2,7 @@
 
     python benchmarks/train_throughput.py                       # CPU: demo-colortexture, crop 160, batch 8
     python benchmarks/train_throughput.py --device cuda         # GPU: resnet50-imagenet, crop 473, batch 8
-    python benchmarks/train_throughput.py --cpu-precision bfloat16   # CPU bfloat16 autocast (alternate with float32)
+    python benchmarks/train_throughput.py --cpu-precision bfloat16   # evaluation forward in CPU bfloat16
 
 The model has the default config (d 256, 8 heads, 2 layers, K_fg 50 / K_bg 100); the backbone has
 random weights (throughput does not depend on them). Data loading is not included: batches are
@@ -22,7 +22,7 @@ from umtfss.backbones import build_backbone
 from umtfss.config import load
 from umtfss.model.fss import build_model
 from umtfss.training.losses import build_loss
-from umtfss.devices import channels_last_input, lay_out_for_precision, resolve_device
+from umtfss.devices import channels_last_input, inference_autocast, lay_out_for_precision, resolve_device
 from umtfss.training.train import Schedule, _amp_settings, _train_step, build_optimizers
 
 
@@ -70,21 +70,23 @@ def main(argv=None) -> dict:
     parser.add_argument("--attention", default="prototype", choices=["prototype", "vanilla"])
     parser.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     parser.add_argument("--cpu-precision", choices=["float32", "bfloat16"], default="float32",
-                        help="training.cpu_precision / evaluation.cpu_precision on a CPU")
+                        help="evaluation.cpu_precision of the evaluation forward on a CPU (training stays float32)")
+    parser.add_argument("--model-config", help="take the model section from this YAML (e.g. config.yaml, the demo's "
+                                               "small model) instead of the defaults; --backbone and --attention still apply")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     backbone_name = args.backbone or ("resnet50-imagenet" if device.type == "cuda" else "demo-colortexture")
     crop = args.crop or (473 if device.type == "cuda" else 160)
-    config = load({"model": {"backbone": backbone_name, "attention": args.attention},
+    model_section = dict(load(args.model_config)["model"]) if args.model_config else {}
+    config = load({"model": {**model_section, "backbone": backbone_name, "attention": args.attention},
                    "training": {"batch_size": args.batch, "shots": args.shots, "crop_size": crop,
-                                "amp": not args.no_amp, "cpu_precision": args.cpu_precision}})
+                                "amp": not args.no_amp}})
     torch.manual_seed(0)
     backbone = build_backbone(backbone_name, random_init=True)
-    model = lay_out_for_precision(build_model(config["model"], backbone).to(device), device, args.cpu_precision,
-                                  "benchmark")
-    use_amp, amp_dtype = _amp_settings(device, config["training"]["amp"], args.cpu_precision)
+    model = build_model(config["model"], backbone).to(device)
+    use_amp, amp_dtype = _amp_settings(device, config["training"]["amp"])
     optimizers = build_optimizers(model, config["training"], Schedule.from_config(config["training"], False))
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     loss_fn = build_loss(config["training"]["loss"], config["training"]["dice_ignore"])
@@ -95,19 +97,22 @@ def main(argv=None) -> dict:
         _train_step(model, batch, loss_fn, optimizers, scaler, device, use_amp, amp_dtype)
 
     @torch.no_grad()
-    def eval_forward():
+    def eval_forward():  # as evaluate runs it: CPU bfloat16 with evaluation.cpu_precision, else as training does
         model.eval()
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+        autocast = (inference_autocast(device, False, args.cpu_precision) if device.type == "cpu"
+                    else torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp))
+        with autocast:
             model(channels_last_input(batch["query"], args.cpu_precision), batch["supports"],
                   (batch["support_masks"] == 1).float())
 
     train_s = measure(train_step, args.steps, args.warmup, device)
+    lay_out_for_precision(model, device, args.cpu_precision, "benchmark")  # in place, after the training steps
     eval_s = measure(eval_forward, args.steps, args.warmup, device)
     result = {
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "backbone": backbone_name, "crop": crop, "batch": args.batch, "shots": args.shots,
         "attention": args.attention, "amp": str(amp_dtype).replace("torch.", "") if use_amp else "off",
-        "cpu_precision": args.cpu_precision,
+        "eval_cpu_precision": args.cpu_precision, "model_config": args.model_config or "defaults",
         "threads": args.threads,
         "train_episodes_per_s": round(args.batch / train_s, 2),
         "eval_episodes_per_s": round(args.batch / eval_s, 2),

@@ -281,40 +281,6 @@ def test_stale_state_of_another_config_or_data_is_not_resumed(tmp_path, capsys):
     assert [int(r["step"]) for r in rows] == list(range(1, len(rows) + 1))
 
 
-def test_cpu_bfloat16_training(tmp_path, monkeypatch, capsys):
-    """training.cpu_precision bfloat16: every training forward runs under CPU bfloat16 autocast on a
-    channels-last query, the run ends with finite losses and other weights than float32's, and a
-    float32 run's last.pt is not resumed by a bfloat16 run (it names the key)."""
-    import umtfss.training.train as train_module
-
-    calls = []
-    build = train_module.ckpt.build_fss_model
-
-    def recording_build(model_cfg):
-        model, backbone = build(model_cfg)
-        model.register_forward_pre_hook(lambda module, args: calls.append(
-            (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16,
-             args[0].is_contiguous(memory_format=torch.channels_last))))
-        return model, backbone
-
-    monkeypatch.setattr(train_module.ckpt, "build_fss_model", recording_build)
-    weights = {}
-    for precision in ("float32", "bfloat16"):
-        calls.clear()
-        out = train(tiny_config(epochs=1, cpu_precision=precision), SquareEpisodes(4), tmp_path / precision,
-                    progress=False)
-        assert calls == [(precision == "bfloat16",) * 2] * 2  # 4 episodes in batches of 2
-        rows = list(csv.DictReader(open(tmp_path / precision / "log.csv")))
-        assert all(math.isfinite(float(r["loss"])) for r in rows)
-        weights[precision] = final_weights(out)
-    assert any(not torch.equal(weights["float32"][k], weights["bfloat16"][k]) for k in weights["float32"])
-    monkeypatch.setattr(train_module.ckpt, "build_fss_model", build)
-    _run_first_epoch_then_kill(tmp_path / "switch")
-    capsys.readouterr()
-    train(tiny_config(epochs=2, cpu_precision="bfloat16"), SquareEpisodes(), tmp_path / "switch", progress=False)
-    assert "training.cpu_precision: 'float32' -> 'bfloat16'" in capsys.readouterr().err
-
-
 def test_log_columns_and_explicit_learning_rates(tmp_path):
     config = tiny_config(epochs=2, lr_sgd=0.02, lr_adamw=3e-4, warmup_steps=2, poly_power=0.9, adamw_schedule="poly")
     train(config, SquareEpisodes(4), tmp_path, progress=False)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from umtfss.devices import channels_last_input, check_cpu_precision, lay_out_for_precision, resolve_device
+from umtfss.devices import resolve_device
 from umtfss.episode import IGNORE
 from umtfss.io import atomic_path
 from umtfss.training import checkpoint as ckpt
@@ -101,11 +101,8 @@ def build_optimizers(model, training_cfg: dict, schedule: Schedule) -> dict[str,
     return optimizers
 
 
-def _amp_settings(device: torch.device, enabled: bool, cpu_precision: str = "float32") -> tuple[bool, torch.dtype | None]:
-    """(autocast on?, dtype): on CUDA with `enabled`, bf16 where the GPU supports it, else fp16 (with a
-    GradScaler); on the CPU bf16 when `cpu_precision` is 'bfloat16' (training.cpu_precision)."""
-    if device.type == "cpu":
-        return (True, torch.bfloat16) if cpu_precision == "bfloat16" else (False, None)
+def _amp_settings(device: torch.device, enabled: bool) -> tuple[bool, torch.dtype | None]:
+    """(autocast on?, dtype): bf16 where the GPU supports it, else fp16 (with a GradScaler)."""
     if device.type != "cuda" or not enabled:
         return False, None
     return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -194,15 +191,14 @@ def train(
     tcfg = config["training"]
     schedule = Schedule.from_config(tcfg, finetune)
     device = resolve_device(tcfg["device"], "training.device")
-    cpu_precision = check_cpu_precision(tcfg["cpu_precision"], "training.cpu_precision")
-    use_amp, amp_dtype = _amp_settings(device, tcfg["amp"], cpu_precision)
+    use_amp, amp_dtype = _amp_settings(device, tcfg["amp"])
 
     torch.manual_seed(tcfg["seed"])
     model, backbone = ckpt.build_fss_model(config["model"])
     if init_checkpoint is not None:
         init = ckpt.load(init_checkpoint)
         ckpt.load_trainable_state(model, backbone, init["model"], init_checkpoint)
-    lay_out_for_precision(model.to(device), device, cpu_precision, "train")  # in place: channels-last for CPU bf16
+    model.to(device)
 
     dataset = EpisodeDataset(source, tcfg["shots"], tcfg["crop_size"], Augmentation.from_config(tcfg),
                              seed=tcfg["seed"], episodes_per_epoch=schedule.episodes_per_epoch)
@@ -278,8 +274,6 @@ def train(
 def _train_step(model, batch, loss_fn, optimizers, scaler, device, use_amp, amp_dtype) -> float:
     """One optimisation step on a batch of episodes; returns the loss value (NaN is not applied)."""
     query = batch["query"].to(device, non_blocking=True)
-    if use_amp and device.type == "cpu":  # CPU bf16: the layout lay_out_for_precision gave the model
-        query = channels_last_input(query, "bfloat16")
     target = batch["query_mask"].to(device, non_blocking=True)
     supports = batch["supports"].to(device, non_blocking=True)
     support_masks = batch["support_masks"].float().to(device, non_blocking=True)  # 0/1, 255 = ignore or padding
