@@ -25,7 +25,8 @@ def write_store(path, n_images=7, grid=(6, 5), dim=8, dtype="float16", seed=0):
     valid[0] = grid  # one image without padding
     attrs = {"image_ids": [f"im{i}" for i in range(n_images)], "backbone": "synthetic", "layer": "layer4",
              "stride": 8, "image_size": 48, "dim": dim, "dtype": dtype, "checkpoint_sha256": None,
-             "preprocessing": "test", "shard": 1, "num_shards": 3, "umtfss_version": "test"}
+             "preprocessing": "test", "forward_precision": "float32", "shard": 1, "num_shards": 3,
+             "umtfss_version": "test"}
     group = create_embedding_store(path, n_images, grid, dim, dtype, attrs)
     group["features"][:] = feats.astype(dtype)
     group["valid"][:] = valid
@@ -89,6 +90,7 @@ def test_label_store_layout_and_attributes(tmp_path):
     assert attrs["image_ids"] == [f"im{i}" for i in range(7)]
     assert attrs["clusters"] == 4 and attrs["centroids_sha256"] == array_sha256(centroids)
     assert attrs["backbone"] == "synthetic" and attrs["shard"] == 1 and attrs["num_shards"] == 3
+    assert attrs["forward_precision"] == "float32"  # a label shard says how its features were computed
     reader = LabelStore([out])
     assert len(reader) == 7 and reader.clusters == 4 and reader.grid == (6, 5)
     np.testing.assert_array_equal(reader.labels(3), group["labels"][3])

@@ -22,7 +22,7 @@ warnings.filterwarnings("ignore", message=r"Object at \.snakemake_timestamp is n
 COMPRESSION_LEVEL = 1
 # attrs a label store copies from its embedding store, so that a label shard says what it came from
 EMBEDDING_ATTRS = ("backbone", "layer", "stride", "image_size", "dim", "dtype", "checkpoint_sha256",
-                   "preprocessing", "shard", "num_shards", "umtfss_version")
+                   "preprocessing", "forward_precision", "shard", "num_shards", "umtfss_version")
 
 
 def array_sha256(array: np.ndarray) -> str:
