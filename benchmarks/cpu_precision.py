@@ -11,6 +11,7 @@ whose filters are fixed.
     python benchmarks/cpu_precision.py                                  # resnet50-imagenet, 473 px, 24 images
     python benchmarks/cpu_precision.py --backbone demo-colortexture --image-size 160 --images 256
     python benchmarks/cpu_precision.py --fss-model --images 8 --batch 2   # what `umtfss predict --cpu-precision` runs
+    python benchmarks/cpu_precision.py --no-channels-last --images 8      # bfloat16 without the channels-last layout
 
 With --fss-model the timed forward is the whole FSS model (default config, that backbone, 1 shot) on
 query/support pairs of the photographs, as `umtfss predict` runs it, and the agreement figure is the
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per precision, interleaved")
     parser.add_argument("--clusters", type=int, default=50)
     parser.add_argument("--fss-model", action="store_true", help="time the FSS model's forward (predict) instead")
+    parser.add_argument("--no-channels-last", action="store_true",
+                        help="bfloat16 without the channels-last layout that the stages use (shows what the layout buys)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
@@ -54,7 +57,7 @@ def main(argv=None) -> int:
 
     print("command:", " ".join([sys.executable, *sys.argv]))
     print(f"parameters: backbone={args.backbone} image_size={args.image_size} images={args.images} batch={args.batch} "
-          f"threads={args.threads} bfloat16 units={cpu_bfloat16_native()}")
+          f"threads={args.threads} bfloat16 units={cpu_bfloat16_native()} channels_last={not args.no_channels_last}")
     torch.manual_seed(0)
     backbone = build_backbone(args.backbone, random_init=True).eval()
     layer = backbone.embed_layer
@@ -85,6 +88,13 @@ def main(argv=None) -> int:
                                    square.expand(len(images), 1, -1, -1).contiguous())
                     outputs.append(logits.float().argmax(1).flatten())
             return time.perf_counter() - started, torch.cat(outputs).numpy()
+        if args.no_channels_last:  # pixel_features would lay the input out channels-last: call the backbone directly
+            from umtfss.devices import inference_autocast
+
+            with torch.inference_mode(), inference_autocast(torch.device("cpu"), False, precision):
+                maps = [backbone(images)[layer].float().permute(0, 2, 3, 1) for images in batches]
+            features = [torch.nn.functional.normalize(m, dim=-1) for m in maps]
+            return time.perf_counter() - started, torch.cat(features).flatten(0, 2).numpy()
         model = backbone.to(memory_format=layout)
         features = [pixel_features(model, layer, images, None, amp=False, cpu_precision=precision)
                     for images in batches]
