@@ -143,7 +143,7 @@ def lay_out_predictor(predictor: Predictor, device: torch.device, cpu_precision:
 def evaluate_predictor(predictor: Predictor, episodes: pd.DataFrame, paths, class_ids, eval_cfg: dict,
                        device: torch.device, workers: int = 0, progress: tqdm | None = None) -> IoUAccumulator:
     """Score one predictor on one episode table (on a CPU in bfloat16 autocast when evaluation.cpu_precision says so)."""
-    cpu_precision = eval_cfg.get("cpu_precision", "float32")
+    cpu_precision = eval_cfg["cpu_precision"]
     batches = EpisodeBatches(episodes, paths, eval_cfg["batch_size"], eval_cfg["test_size"], eval_cfg["resolution"])
     loader = DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_collate_one,
                         pin_memory=device.type == "cuda")
