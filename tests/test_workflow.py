@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -42,6 +43,15 @@ def write_config(workdir, config):
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
 
 
+@contextmanager
+def edited_config(workdir):
+    """The workdir's config as a dict; write_config(workdir, it) applies an edit, and TINY is back after the block."""
+    try:
+        yield yaml.safe_load((workdir / "config.yaml").read_text())
+    finally:
+        write_config(workdir, TINY)
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """Run the whole tiny demo once: images -> score table."""
@@ -58,6 +68,31 @@ def test_report_of_the_run(pipeline, tmp_path):
     assert out.is_file() and out.stat().st_size > 10_000
     required = (REPO / "pyproject.toml").read_text().split("[project.optional-dependencies]")[0]
     assert '"pygments' in required  # snakemake's report needs it; pytest brings it to the test install only
+
+
+def test_all_rule_draws_the_report_figures(pipeline, tmp_path):
+    """`snakemake` without a target (the `all` rule) adds the pseudo-mask grid and the loss curves of the
+    trained methods, and the report of that run shows both; with no trained method there is no curve."""
+    from PIL import Image
+
+    assert not planned_jobs(snakemake(pipeline, "-n", "--cores", "2").stdout) & {"train_unsup", "evaluate", "embed"}
+    snakemake(pipeline, "--cores", "2")
+    masks = pipeline / "results/pascal/demo-colortexture/clusters-12/pseudo_masks.png"
+    curves = pipeline / "results/training_pascal.png"
+    assert Image.open(masks).size == (4 * 192, 4 * 192)  # the first 16 of the shard's 20 images
+    assert Image.open(curves).size == (500, 340)  # one panel: unsup is the only trained method
+    assert (pipeline / "logs/training_pascal.log").is_file()
+    out = tmp_path / "report.html"
+    snakemake(pipeline, "--report", str(out))
+    html = out.read_text(errors="replace")
+    assert "pseudo_masks.png" in html and "training_pascal.png" in html and "cluster_quality.csv" in html
+    with edited_config(pipeline) as config:
+        config["evaluation"]["methods"] = ["all-background", "prototype-threshold"]
+        write_config(pipeline, config)
+        plan = snakemake(pipeline, "-n", "--cores", "2", "--forceall").stdout
+    jobs = planned_jobs(plan)
+    assert "pseudo_masks" in jobs and "evaluate" in jobs
+    assert not jobs & {"training_curves", "train_unsup"}
 
 
 def test_pipeline_writes_inspectable_artifacts_and_scores(pipeline):
@@ -79,29 +114,23 @@ def test_pipeline_writes_inspectable_artifacts_and_scores(pipeline):
 
 
 def test_changing_clusters_reruns_clustering_but_never_embed(pipeline):
-    config = yaml.safe_load((pipeline / "config.yaml").read_text())
-    config["clustering"]["clusters"] = 10
-    write_config(pipeline, config)
-    try:
+    with edited_config(pipeline) as config:
+        config["clustering"]["clusters"] = 10
+        write_config(pipeline, config)
         plan = snakemake(pipeline, "-n", "--cores", "2", "results/eval_pascal.csv").stdout
-    finally:
-        write_config(pipeline, TINY)
     jobs = planned_jobs(plan)
     assert "fit" in jobs and "assign" in jobs and "episodes" in jobs and "evaluate" in jobs
     assert "embed" not in jobs and "demo" not in jobs and "prepare" not in jobs
 
 
 def test_changing_refine_reruns_assign_and_after_but_never_fit_or_embed(pipeline):
-    config = yaml.safe_load((pipeline / "config.yaml").read_text())
-    config["clustering"]["superpixel_min_size"] = 50  # not read while refine is none
-    write_config(pipeline, config)
-    try:
+    with edited_config(pipeline) as config:
+        config["clustering"]["superpixel_min_size"] = 50  # not read while refine is none
+        write_config(pipeline, config)
         assert "Nothing to be done" in snakemake(pipeline, "-n", "--cores", "2", "results/eval_pascal.csv").stdout
         config["clustering"]["refine"] = "superpixel"
         write_config(pipeline, config)
         proc = snakemake(pipeline, "-n", "-p", "--cores", "2", "results/eval_pascal.csv")
-    finally:
-        write_config(pipeline, TINY)
     jobs = planned_jobs(proc.stdout)
     assert "assign" in jobs and "episodes" in jobs and "train_unsup" in jobs and "evaluate" in jobs
     assert not jobs & {"embed", "fit", "demo", "prepare"}
@@ -109,16 +138,13 @@ def test_changing_refine_reruns_assign_and_after_but_never_fit_or_embed(pipeline
 
 
 def test_fine_tuning_keys_do_not_retrain_the_unsupervised_model(pipeline):
-    config = yaml.safe_load((pipeline / "config.yaml").read_text())
-    config["training"]["finetune_epochs"] = 3
-    write_config(pipeline, config)
-    try:
+    with edited_config(pipeline) as config:
+        config["training"]["finetune_epochs"] = 3
+        write_config(pipeline, config)
         assert "Nothing to be done" in snakemake(pipeline, "-n", "--cores", "2", "results/eval_pascal.csv").stdout
         config["training"]["batch_size"] = 2
         write_config(pipeline, config)
         plan = snakemake(pipeline, "-n", "--cores", "2", "results/eval_pascal.csv").stdout
-    finally:
-        write_config(pipeline, TINY)
     assert "train_unsup" in planned_jobs(plan) and "embed" not in planned_jobs(plan)
 
 

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("umtfss.evaluation.run:cli", "meta-test methods on a benchmark, write the score tables"),
     "predict": ("umtfss.predict:cli", "segment a query image from support images and masks"),
     "inspect": ("umtfss.inspect:cli", "summarise any artifact (Zarr, parquet, npy, checkpoint)"),
+    "plot-training": ("umtfss.figures:cli", "draw the loss curves of train logs into a PNG (for the report)"),
 }
 
 

@@ -122,8 +122,11 @@ def method_checkpoint(method):
 
 
 def all_targets():
-    """The demo's default: the PASCAL score table plus the pseudo-mask quality table."""
-    targets = ["results/eval_pascal.csv"]
+    """The demo's default: the PASCAL score table, the pseudo-mask quality table, and the report's figures
+    (pseudo masks; the loss curves of the trained methods the table scores)."""
+    targets = ["results/eval_pascal.csv", f"{cluster_dir()}/pseudo_masks.png"]
     if SOURCE in ("pascal", "coco"):
         targets.append(f"{cluster_dir()}/cluster_quality.csv")
+    if any(method_checkpoint(m) for m in config["evaluation"]["methods"]):
+        targets.append("results/training_pascal.png")
     return targets

@@ -1,0 +1,47 @@
+"""Figures for `snakemake --report`: the pseudo masks the clustering found, the loss curves of training."""
+
+
+def trained_checkpoints(w):
+    """(method, checkpoint.pt) of every trained method the evaluation of {dataset} scores, each fold's own."""
+    found = []
+    for method in config["evaluation"]["methods"]:
+        ckpt = method_checkpoint(method)
+        if ckpt:
+            paths = {ckpt.format(fold=f, dataset=w.dataset) for f in config["evaluation"]["folds"]}
+            found += [(method, path) for path in sorted(paths)]
+    return found
+
+
+rule pseudo_masks:
+    input:
+        # the first shard's first images are enough to see what the clusters are
+        labels=lambda w: label_shards(w.src, w.embedder, w.clusters)[0],
+        images="results/{src}/prepare/images.parquet",
+    output:
+        report(
+            "results/{src}/{embedder}/clusters-{clusters}/pseudo_masks.png",
+            caption="../report/pseudo_masks.rst",
+            category="Pseudo classes",
+        ),
+    conda:
+        CONDA_ENV
+    log:
+        "logs/{src}/{embedder}/clusters-{clusters}/pseudo_masks.log",
+    shell:
+        "umtfss inspect {input.labels} --images {input.images} --overlay {output} --n 16 > {log} 2>&1"
+
+
+rule training_curves:
+    input:
+        lambda w: [path for _, path in trained_checkpoints(w)],
+    output:
+        report("results/training_{dataset}.png", caption="../report/training.rst", category="Training"),
+    params:
+        # log.csv is written beside each checkpoint.pt, in the same job
+        logs=lambda w: " ".join(f"--log '{m}={os.path.dirname(p)}/log.csv'" for m, p in trained_checkpoints(w)),
+    conda:
+        CONDA_ENV
+    log:
+        "logs/training_{dataset}.log",
+    shell:
+        "umtfss plot-training {params.logs} --out {output} > {log} 2>&1"
