@@ -1,4 +1,4 @@
-"""The shape of the paper's Tables 1-3 on the demo: reference predictors, unsup, finetune-20%, vanilla attention.
+"""The shape of the paper's Tables 1-4 on the demo: reference predictors, unsup, finetune-20%, vanilla attention, K_fg/K_bg.
 
 Runs the default pipeline (snakemake, so existing artifacts are reused) including
 
@@ -8,16 +8,19 @@ Runs the default pipeline (snakemake, so existing artifacts are reused) includin
 then trains, on the same pseudo episodes with the same schedule,
 
   * `unsup-vanilla`: unsupervised meta-training with vanilla cross-attention (paper Table 3),
+  * with `--prototypes FG:BG ...`, `unsup-K<FG>-<BG>`: prototype attention with FG foreground and BG
+    background prototypes (paper Table 4; the config's own pair is `unsup`),
 
 and meta-tests everything on the same 1-shot episodes (several evaluation seeds give the noise):
 
     python benchmarks/demo_tables.py                       # default config.yaml, seeds 321 322 323
     python benchmarks/demo_tables.py --training-seeds 0 1  # Table 3 over two training seeds as well
+    python benchmarks/demo_tables.py --prototypes 1:100 10:100 50:20 50:50   # Table 4 too
 
 Each extra training seed trains `unsup` and `unsup-vanilla` once more on the same pseudo episodes
 (training.seed changes episode order, augmentation and initialisation; about 3 min each on the demo
-CPU), evaluated as `unsup@seed<s>` and `unsup-vanilla@seed<s>`: one training seed can move the demo's
-score by a point or two, more than the prototype/vanilla difference.
+CPU), evaluated as `unsup@seed<s>` and `unsup-vanilla@seed<s>` (and each `unsup-K<FG>-<BG>@seed<s>`):
+one training seed can move the demo's score by a point or two, more than the prototype/vanilla difference.
 
 Writes benchmarks/results/demo_tables.csv (one row per method, fold, seed) and prints the 1-shot mIoU
 per method, averaged over folds, as mean +- std over the evaluation seeds.
@@ -61,6 +64,13 @@ def pipeline_paths(config: dict) -> dict[str, str]:
     }
 
 
+def prototype_pair(text: str) -> tuple[int, int]:
+    fg, sep, bg = text.partition(":")
+    if not sep or not fg.isdigit() or not bg.isdigit() or int(fg) < 1 or int(bg) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not FG:BG with two positive prototype counts (e.g. 10:100)")
+    return int(fg), int(bg)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="config.yaml")
@@ -68,6 +78,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[321, 322, 323], help="evaluation seeds")
     parser.add_argument("--training-seeds", type=int, nargs="+", default=None,
                         help="training seeds of unsup and unsup-vanilla (default: config's training.seed only)")
+    parser.add_argument("--prototypes", type=prototype_pair, nargs="+", default=[], metavar="FG:BG",
+                        help="Table 4: also train with FG foreground and BG background prototypes per pair")
     parser.add_argument("--out", default="benchmarks/results/demo_tables.csv")
     args = parser.parse_args()
 
@@ -86,18 +98,22 @@ def main() -> None:
     timings = {}
     base_seed = config["training"]["seed"]
     training_seeds = list(dict.fromkeys(args.training_seeds or [base_seed]))
+    own_pair = (config["model"]["prototypes_fg"], config["model"]["prototypes_bg"])
+    variants = {"unsup": {}, "unsup-vanilla": {"attention": "vanilla"}}  # method -> model keys changed
+    variants.update({f"unsup-K{fg}-{bg}": {"attention": "prototype", "prototypes_fg": fg, "prototypes_bg": bg}
+                     for fg, bg in dict.fromkeys(args.prototypes) if (fg, bg) != own_pair})
     models = {}  # method name -> checkpoint
     for seed in training_seeds:
         suffix = "" if seed == base_seed else f"@seed{seed}"
         folder = work if seed == base_seed else work / f"seed{seed}"
-        for attention in ("prototype", "vanilla"):
-            name = ("unsup" if attention == "prototype" else "unsup-vanilla") + suffix
-            if attention == "prototype" and seed == base_seed:
+        for variant, changes in variants.items():
+            name = variant + suffix
+            if variant == "unsup" and seed == base_seed:
                 models[name] = paths["unsup"]  # the pipeline's own model
                 continue
-            out_dir = folder / ("unsup" if attention == "prototype" else "unsup-vanilla")
+            out_dir = folder / variant
             # always run: train resumes a finished run of the same config and inputs at once, and starts over otherwise
-            section = {"model": {**config["model"], "attention": attention},
+            section = {"model": {**config["model"], **changes},
                        "training": {**config["training"], "seed": seed}, "unlabeled": config["unlabeled"]}
             t = time.perf_counter()
             run(umtfss + ["train", "--config", json.dumps(section), "--method", "unsup", "--out-dir", str(out_dir),
@@ -136,6 +152,16 @@ def main() -> None:
         print(f"\nTable 3 over training seeds {training_seeds} (mean over evaluation seeds, then over training seeds):")
         print(by_training_seed.to_string())
         print(by_training_seed.groupby("model").agg(["mean", "std"]).round(2).to_string())
+    if args.prototypes:
+        pairs = {**{m: tuple(map(int, m[len("unsup-K"):].split("-"))) for m in variants if m.startswith("unsup-K")},
+                 "unsup": own_pair}
+        scores["model"] = scores["method"].str.split("@").str[0]
+        table4 = scores[scores["model"].isin(pairs)].copy()
+        table4["K_fg"] = table4["model"].map(lambda m: pairs[m][0])
+        table4["K_bg"] = table4["model"].map(lambda m: pairs[m][1])
+        grid = table4.groupby(["K_bg", "K_fg"])["miou"].mean().unstack().round(2)  # over folds, seeds, training seeds
+        print(f"\nTable 4: 1-shot mIoU by K_bg (rows) and K_fg (columns), mean over folds and seeds:")
+        print(grid.to_string())
     print("\nseconds:", {k: round(v) for k, v in timings.items()}, "total", round(time.perf_counter() - started))
 
 
