@@ -46,6 +46,45 @@ def test_label_store_summary_and_overlay(tmp_path):
     assert not list(tmp_path.glob("overlay*tmp*"))
 
 
+def test_overlay_with_ground_truth_shows_each_label_beside_its_pseudo_masks(tmp_path):
+    from umtfss.inspect import ground_truth_colours, write_overlay
+
+    path = write_label_store(tmp_path)
+    rows = []
+    for image_id, class_id in (("a", 1), ("b", 2), ("c", None)):
+        Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(tmp_path / f"{image_id}.png")
+        label = None
+        if class_id is not None:  # left half background, right half the class
+            mask = np.zeros((40, 40), np.uint8)
+            mask[:, 20:] = class_id
+            label = str(tmp_path / f"{image_id}_label.png")
+            Image.fromarray(mask).save(label)
+        rows.append({"image_id": image_id, "image_path": str(tmp_path / f"{image_id}.png"), "label_path": label})
+    table = tmp_path / "images.parquet"
+    pd.DataFrame(rows).to_parquet(table)
+    out = tmp_path / "truth.png"
+    assert cli.main(["inspect", str(path), "--overlay", str(out), "--images", str(table), "--n", "3", "--ground-truth"]) == 0
+    picture = np.asarray(Image.open(out)).astype(int)
+    assert picture.shape == (2 * 192, 2 * 2 * 192, 3)  # 3 images: 2 x 2 slots of (pseudo masks, truth)
+    colours = ground_truth_colours().astype(int)
+    blend = lambda colour: np.round(200 * 0.5 + colour * 0.5)  # noqa: E731
+    # image a: its truth tile follows its pseudo tile; image b (slot 1) shows its own class
+    assert (picture[96, 192 + 40] == blend(colours[0])).all() and (picture[96, 192 + 150] == blend(colours[1])).all()
+    assert (picture[96, 3 * 192 + 150] == blend(colours[2])).all()
+    assert not (colours[1] == colours[2]).all()
+    assert (picture[192 + 96, 192 + 96] == 96).all()  # image c has no label: a grey tile
+    assert cli.main(["inspect", str(path), "--overlay", str(tmp_path / "plain.png"), "--images", str(table), "--n", "3"]) == 0
+    assert np.asarray(Image.open(tmp_path / "plain.png")).shape == (2 * 192, 2 * 192, 3)
+
+    Image.fromarray(np.zeros((30, 40), np.uint8)).save(rows[0]["label_path"])
+    with pytest.raises(ValueError, match="a_label.png' is 40x30, its image .*a.png' 40x40"):
+        write_overlay(path, table, tmp_path / "bad.png", ground_truth=True)
+    pd.DataFrame(rows).drop(columns="label_path").to_parquet(table)
+    with pytest.raises(ValueError, match="has no column label_path"):
+        write_overlay(path, table, tmp_path / "bad.png", ground_truth=True)
+    assert not (tmp_path / "bad.png").exists()
+
+
 def test_overlay_colours_follow_labels():
     labels = np.array([[0, 1, -1], [0, 1, -1]])
     colours = np.array([[255, 0, 0], [0, 0, 255]], np.uint8)

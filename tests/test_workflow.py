@@ -79,7 +79,8 @@ def test_all_rule_draws_the_report_figures(pipeline, tmp_path):
     snakemake(pipeline, "--cores", "2")
     masks = pipeline / "results/pascal/demo-colortexture/clusters-12/pseudo_masks.png"
     curves = pipeline / "results/training_pascal.png"
-    assert Image.open(masks).size == (4 * 192, 4 * 192)  # the first 16 of the shard's 20 images
+    # the first 16 of the shard's 20 images, each beside its ground truth (a PASCAL-layout source)
+    assert Image.open(masks).size == (2 * 4 * 192, 4 * 192)
     assert Image.open(curves).size == (500, 340)  # one panel: unsup is the only trained method
     assert (pipeline / "logs/training_pascal.log").is_file()
     out = tmp_path / "report.html"

@@ -232,19 +232,34 @@ def overlay_image(image: np.ndarray, labels: np.ndarray, colours: np.ndarray, al
     return (image.astype(np.float32) * (1 - alpha) + coloured * alpha).round().astype(np.uint8)
 
 
+def ground_truth_colours() -> np.ndarray:
+    """uint8 [256, 3] colours of class ids: background 0 dark grey, ignore 255 white, classes as clusters."""
+    colours = cluster_colours(256)
+    colours[0], colours[255] = (64, 64, 64), (255, 255, 255)
+    return colours
+
+
 def write_overlay(label_store: str | Path, images_table: str | Path, out: str | Path, n: int = 16,
-                  tile: int = 192) -> Path:
+                  tile: int = 192, ground_truth: bool = False) -> Path:
     """A PNG grid of the first n images of a label store with their pseudo masks (the refined ones when the
-    store has them) coloured by cluster."""
+    store has them) coloured by cluster; with `ground_truth`, each beside its labelled classes (for a look
+    only: the colours of clusters and classes do not correspond). An image without a label gets a grey tile."""
     from PIL import Image
 
+    from umtfss.io import read_label
     from umtfss.stores import LabelStore
 
     store = LabelStore([label_store])
     if not Path(images_table).is_file():
         raise FileNotFoundError(f"images table '{images_table}' does not exist")
-    table = pd.read_parquet(images_table, columns=["image_id", "image_path"]).drop_duplicates("image_id")
+    columns = ["image_id", "image_path"] + (["label_path"] if ground_truth else [])
+    present = pq.read_schema(images_table).names
+    if ground_truth and "label_path" not in present:
+        raise ValueError(f"images table '{images_table}' has no column label_path, needed for the ground truth "
+                         f"(it has {', '.join(present)})")
+    table = pd.read_parquet(images_table, columns=columns).drop_duplicates("image_id")
     paths = dict(zip(table["image_id"].astype(str), table["image_path"].astype(str)))
+    labels_of = dict(zip(table["image_id"].astype(str), table["label_path"])) if ground_truth else {}
     if len(store) == 0:
         raise ValueError(f"label store '{label_store}' holds no image (a shard of a folder with fewer images than "
                          "embedding.shards); inspect another shard")
@@ -252,16 +267,33 @@ def write_overlay(label_store: str | Path, images_table: str | Path, out: str | 
     if not shown:
         raise ValueError(f"none of the images of '{label_store}' is in the images table '{images_table}'")
     colours = cluster_colours(max(store.clusters, 1))
+    truth_colours = ground_truth_colours()
+    width = 2 if ground_truth else 1  # tiles per image
     columns = math.ceil(math.sqrt(len(shown)))
     rows = math.ceil(len(shown) / columns)
-    canvas = Image.new("RGB", (columns * tile, rows * tile), (32, 32, 32))
-    for slot, index in enumerate(tqdm(shown, desc="overlay", unit="img", disable=len(shown) < 32)):
-        labels = store.refined(index) if store.has_refined else store.labels(index)  # refined: image resolution
-        picture = Image.fromarray(overlay_image(read_rgb(paths[store.image_ids[index]]), labels, colours))
+    canvas = Image.new("RGB", (columns * width * tile, rows * tile), (32, 32, 32))
+
+    def paste(array: np.ndarray, x: int, y: int) -> None:
+        picture = Image.fromarray(array)
         scale = tile / max(picture.size)
         picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
                                  Image.Resampling.BILINEAR if scale < 1 else Image.Resampling.NEAREST)
-        canvas.paste(picture, ((slot % columns) * tile, (slot // columns) * tile))
+        canvas.paste(picture, (x, y))
+
+    for slot, index in enumerate(tqdm(shown, desc="overlay", unit="img", disable=len(shown) < 32)):
+        image_id = store.image_ids[index]
+        image = read_rgb(paths[image_id])
+        labels = store.refined(index) if store.has_refined else store.labels(index)  # refined: image resolution
+        x, y = (slot % columns) * width * tile, (slot // columns) * tile
+        paste(overlay_image(image, labels, colours), x, y)
+        if ground_truth:
+            label_path = labels_of[image_id]
+            truth = read_label(label_path).astype(np.int64) if isinstance(label_path, str) and label_path else None
+            if truth is not None and truth.shape != image.shape[:2]:
+                raise ValueError(f"label '{label_path}' is {truth.shape[1]}x{truth.shape[0]}, its image "
+                                 f"'{paths[image_id]}' {image.shape[1]}x{image.shape[0]}")
+            paste(overlay_image(image, truth, truth_colours) if truth is not None
+                  else np.full_like(image, 96), x + tile, y)
     out = Path(out)
     with atomic_path(out) as temp:
         canvas.save(temp, format="PNG")
@@ -274,6 +306,8 @@ def cli(parser: argparse.ArgumentParser):
     parser.add_argument("--config", default=None, help="YAML file or inline JSON (optional; no key is read)")
     parser.add_argument("--overlay", default=None, help="write a PNG grid of images with pseudo masks (label stores)")
     parser.add_argument("--images", default=None, help="images.parquet, needed by --overlay")
+    parser.add_argument("--ground-truth", action="store_true",
+                        help="--overlay: each image's labelled classes beside its pseudo masks (label_path of --images)")
     parser.add_argument("--n", type=int, default=16, help="images in the overlay / table rows shown (default 16)")
 
     def run(args: argparse.Namespace) -> None:
@@ -285,6 +319,7 @@ def cli(parser: argparse.ArgumentParser):
         if args.overlay:
             if not args.images:
                 raise ValueError("--overlay needs --images images.parquet to find the image files")
-            print(f"overlay written to {write_overlay(args.path, args.images, args.overlay, n=args.n)}")
+            written = write_overlay(args.path, args.images, args.overlay, n=args.n, ground_truth=args.ground_truth)
+            print(f"overlay written to {written}")
 
     return run

@@ -23,12 +23,15 @@ rule pseudo_masks:
             caption="../report/pseudo_masks.rst",
             category="Pseudo classes",
         ),
+    params:
+        # a benchmark's images have labels: each is shown beside its pseudo masks (a look, never training)
+        truth=lambda w: "--ground-truth" if w.src in ("pascal", "coco") else "",
     conda:
         CONDA_ENV
     log:
         "logs/{src}/{embedder}/clusters-{clusters}/pseudo_masks.log",
     shell:
-        "umtfss inspect {input.labels} --images {input.images} --overlay {output} --n 16 > {log} 2>&1"
+        "umtfss inspect {input.labels} --images {input.images} --overlay {output} --n 16 {params.truth} > {log} 2>&1"
 
 
 rule training_curves:
