@@ -121,6 +121,17 @@ def method_checkpoint(method):
     return f"{models}/{method}/{{dataset}}/fold{{fold}}/checkpoint.pt"  # fine-tuned on the benchmark's labels
 
 
+def trained_checkpoints(w):
+    """(method, checkpoint.pt) of every trained method the evaluation of {dataset} scores, each fold's own."""
+    found = []
+    for method in config["evaluation"]["methods"]:
+        ckpt = method_checkpoint(method)
+        if ckpt:
+            paths = {ckpt.format(fold=f, dataset=w.dataset) for f in config["evaluation"]["folds"]}
+            found += [(method, path) for path in sorted(paths)]
+    return found
+
+
 def all_targets():
     """The demo's default: the PASCAL score table, the pseudo-mask quality table, and the report's figures
     (pseudo masks; the loss curves of the trained methods the table scores)."""

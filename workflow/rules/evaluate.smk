@@ -3,12 +3,7 @@
 
 def evaluation_inputs(w):
     """Tables of the benchmark and the checkpoint of every trained method, for every fold."""
-    inputs = list(prepared(w.dataset).values())
-    for method in config["evaluation"]["methods"]:
-        ckpt = method_checkpoint(method)
-        if ckpt:
-            inputs += [ckpt.format(fold=f, dataset=w.dataset) for f in config["evaluation"]["folds"]]
-    return sorted(set(inputs))
+    return sorted(set(prepared(w.dataset).values()) | {path for _, path in trained_checkpoints(w)})
 
 
 def evaluation_methods(w):

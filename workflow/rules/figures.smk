@@ -1,17 +1,6 @@
 """Figures for `snakemake --report`: the pseudo masks the clustering found, the loss curves of training."""
 
 
-def trained_checkpoints(w):
-    """(method, checkpoint.pt) of every trained method the evaluation of {dataset} scores, each fold's own."""
-    found = []
-    for method in config["evaluation"]["methods"]:
-        ckpt = method_checkpoint(method)
-        if ckpt:
-            paths = {ckpt.format(fold=f, dataset=w.dataset) for f in config["evaluation"]["folds"]}
-            found += [(method, path) for path in sorted(paths)]
-    return found
-
-
 rule pseudo_masks:
     input:
         # the first shard's first images are enough to see what the clusters are
