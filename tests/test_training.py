@@ -407,6 +407,13 @@ def test_cli_sup_then_finetune_on_prepare_tables(toy_tables, tmp_path):
     subset = (tmp_path / "ft" / "train_subset.txt").read_text().split()
     assert len(subset) == 3 and subset == finetune_subset(toy_tables, 0.5, 0)
     assert ckpt.load(tmp_path / "ft" / "checkpoint.pt")["method"] == "finetune-50%"
+    # sup-50%: from scratch (no --init) on the very subset finetune-50% fine-tuned on, the sup schedule
+    assert main(["train", "--method", "sup-50%", "--out-dir", str(tmp_path / "sup50"), *common]) == 0
+    assert (tmp_path / "sup50" / "train_subset.txt").read_text().split() == subset
+    state = ckpt.load(tmp_path / "sup50" / "checkpoint.pt")
+    assert state["method"] == "sup-50%"
+    # 3 of the 5 images in batches of 4 (sup's batch_size): one step; the fine-tuning batch of 2 would take 2
+    assert len(list(csv.DictReader(open(tmp_path / "sup50" / "log.csv")))) == 1
 
 
 def test_cli_names_missing_arguments(tmp_path, capsys):
@@ -418,7 +425,10 @@ def test_cli_names_missing_arguments(tmp_path, capsys):
     assert main(["train", "--config", "{}", "--method", "unsup", "--out-dir", str(tmp_path)]) == 1
     assert "--episodes" in capsys.readouterr().err
     assert main(["train", "--config", "{}", "--method", "semi", "--out-dir", str(tmp_path)]) == 1
-    assert "finetune-P%" in capsys.readouterr().err
+    assert "sup-P% or finetune-P%" in capsys.readouterr().err
+    assert main(["train", "--config", "{}", "--method", "sup-20%", "--out-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "--tables" in err and "--init" not in err
 
 
 def test_worker_processes_do_not_change_the_result(tmp_path):

@@ -1,6 +1,7 @@
 """The Snakemake workflow end to end on a tiny demo: artifacts, score table, and what a change of N reruns."""
 
 import os
+import re
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -94,6 +95,29 @@ def test_all_rule_draws_the_report_figures(pipeline, tmp_path):
     jobs = planned_jobs(plan)
     assert "pseudo_masks" in jobs and "evaluate" in jobs
     assert not jobs & {"training_curves", "train_unsup"}
+
+
+def test_sup_fraction_trains_from_scratch_per_fold_and_is_scored(pipeline):
+    """evaluation.methods sup-20%: one supervised run per fold, no --init, on the labels only (no pseudo
+    episode upstream reruns), given no fine-tuning key (editing one does not retrain it); evaluate scores it."""
+    with edited_config(pipeline) as config:
+        config["evaluation"]["methods"] = ["unsup", "sup-20%"]
+        config["evaluation"]["folds"] = [0, 1]
+        write_config(pipeline, config)
+        proc = snakemake(pipeline, "-n", "-p", "--cores", "2", "results/eval_pascal.csv")
+    out = proc.stdout + proc.stderr
+    jobs = planned_jobs(out)
+    assert "train_sup_fraction" in jobs and "evaluate" in jobs
+    assert not jobs & {"embed", "fit", "assign", "episodes", "train_unsup"}
+    blocks = [b for b in re.split(r"\n(?:local)?rule ", out) if b.startswith("train_sup_fraction:")]
+    assert len(blocks) == 2
+    for fold in (0, 1):
+        assert any(f"results/pascal/supervised/demo-colortexture-prototype/sup-20%/fold{fold}/checkpoint.pt" in b
+                   for b in blocks)
+    for block in blocks:
+        assert "--method sup-20%" in block and "--init" not in block and "finetune_" not in block
+    # evaluate fills in each fold itself
+    assert "--method 'sup-20%=results/pascal/supervised/demo-colortexture-prototype/sup-20%/fold{fold}/checkpoint.pt'" in out
 
 
 def test_pipeline_writes_inspectable_artifacts_and_scores(pipeline):

@@ -138,14 +138,15 @@ def _read_pair(image_path, label_path):
 
 
 def finetune_subset(tables, fraction: float, seed: int) -> list[str]:
-    """floor(fraction * train images) random train image ids; each fraction drawn on its own (not nested)."""
+    """floor(fraction * train images) random train image ids; each fraction drawn on its own (not nested).
+    finetune-P% and sup-P% of one training seed get the same images, so the two compare like for like."""
     if not 0 < fraction <= 1:
-        raise ValueError(f"fine-tuning fraction is {fraction}, expected 0 < fraction <= 1")
+        raise ValueError(f"labelled fraction is {fraction}, expected 0 < fraction <= 1 (a method's P % of 1..100)")
     images = _table(tables, "images")
     train_ids = sorted(str(i) for i in images.loc[images["split"] == "train", "image_id"])
     count = math.floor(fraction * len(train_ids) + 1e-9)
     if count == 0:
-        raise ValueError(f"fine-tuning fraction {fraction} of {len(train_ids)} train images selects no image")
+        raise ValueError(f"labelled fraction {fraction} of {len(train_ids)} train images selects no image")
     rng = np.random.default_rng([seed, round(fraction * 1_000_000)])
     chosen = rng.choice(len(train_ids), size=count, replace=False)
     return sorted(train_ids[i] for i in chosen)

@@ -29,6 +29,7 @@ from umtfss.training.sources import EpisodeDataset, EpisodeSource
 # training keys that do not change the result: a resume may differ in them
 RESUME_FREE_KEYS = {"workers", "device", "finetune_fractions"}
 FINETUNE_METHOD = re.compile(r"^finetune-(\d+)%$")
+SUP_FRACTION_METHOD = re.compile(r"^sup-(\d+)%$")  # supervised from scratch on P % (paper Table 2, "w/o" rows)
 
 
 class NonFiniteLossError(ValueError):
@@ -331,7 +332,8 @@ def _resume(path, model, backbone, optimizers, schedulers, scaler, device) -> tu
 def cli(parser: argparse.ArgumentParser):
     """`umtfss train`: unsup on pseudo episodes, sup / finetune-P% on labelled base-class episodes."""
     parser.add_argument("--config", required=True, help="YAML file or inline JSON")
-    parser.add_argument("--method", required=True, help="unsup, sup or finetune-P%% (e.g. finetune-20%%)")
+    parser.add_argument("--method", required=True,
+                        help="unsup, sup, sup-P%% (from scratch on P %% of the labels) or finetune-P%% (e.g. finetune-20%%)")
     parser.add_argument("--out-dir", required=True, type=Path, help="folder for checkpoint.pt, last.pt, log.csv")
     parser.add_argument("--episodes", type=Path, help="unsup: folder with regions.parquet and candidates.parquet")
     parser.add_argument("--labels", nargs="+", type=Path, help="unsup: label store shards (labels/shard-*.zarr)")
@@ -350,14 +352,15 @@ def run(args: argparse.Namespace) -> Path:
     config = load(args.config)
     method = args.method
     finetune = FINETUNE_METHOD.match(method)
+    fraction = finetune or SUP_FRACTION_METHOD.match(method)  # the labelled subset: P % of the train images
     if method == "unsup":
         _require(args, ["episodes", "labels", "images"], method)
         source = _pseudo_source(args, config)
-    elif method == "sup" or finetune:
+    elif method == "sup" or fraction:
         _require(args, ["tables", "dataset", "fold"] + (["init"] if finetune else []), method)
-        source = _labelled_source(args, config, int(finetune.group(1)) / 100 if finetune else None)
+        source = _labelled_source(args, config, int(fraction.group(1)) / 100 if fraction else None)
     else:
-        raise ValueError(f"--method is '{method}', expected unsup, sup or finetune-P% (e.g. finetune-20%)")
+        raise ValueError(f"--method is '{method}', expected unsup, sup, sup-P% or finetune-P% (e.g. finetune-20%)")
     if args.init is not None and not args.init.is_file():
         raise FileNotFoundError(f"--init checkpoint '{args.init}' does not exist")
     return train(config, source, args.out_dir, init_checkpoint=args.init, finetune=bool(finetune),

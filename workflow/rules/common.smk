@@ -118,6 +118,8 @@ def method_checkpoint(method):
         return f"{models}/unsup/checkpoint.pt"
     if method == "sup":
         return f"results/{{dataset}}/supervised/{MODEL_TAG}/fold{{fold}}/checkpoint.pt"
+    if method.startswith("sup-"):  # sup-P%: from scratch on P % of the labelled train images
+        return f"results/{{dataset}}/supervised/{MODEL_TAG}/{method}/fold{{fold}}/checkpoint.pt"
     return f"{models}/{method}/{{dataset}}/fold{{fold}}/checkpoint.pt"  # fine-tuned on the benchmark's labels
 
 

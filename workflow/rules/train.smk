@@ -75,6 +75,28 @@ rule train_sup:
         "--tables {params.tables} --dataset {wildcards.dataset} --fold {wildcards.fold} > {log} 2>&1"
 
 
+rule train_sup_fraction:
+    # the paper's Table 2 without unsupervised meta-training: sup on the labelled subset finetune-P% uses
+    input:
+        tables=lambda w: list(prepared(w.dataset).values()),
+    output:
+        "results/{dataset}/supervised/{model}/sup-{pct}%/fold{fold}/checkpoint.pt",
+    params:
+        cfg=meta_training_config("model", "datasets"),
+        out=lambda w, output: os.path.dirname(output[0]),
+        tables="results/{dataset}/prepare",
+    threads: TORCH_JOB_THREADS
+    conda:
+        CONDA_ENV
+    log:
+        "logs/{dataset}/supervised/{model}/sup-{pct}-fold{fold}.log",
+    benchmark:
+        "results/benchmarks/{dataset}/supervised/{model}/sup-{pct}-fold{fold}.tsv"
+    shell:
+        "umtfss train --config {params.cfg:q} --method sup-{wildcards.pct}% --out-dir {params.out} "
+        "--tables {params.tables} --dataset {wildcards.dataset} --fold {wildcards.fold} > {log} 2>&1"
+
+
 rule finetune:
     # the labelled images are the benchmark's ({dataset}), whatever the unlabeled source was
     input:
