@@ -100,8 +100,10 @@ def main() -> None:
     training_seeds = list(dict.fromkeys(args.training_seeds or [base_seed]))
     own_pair = (config["model"]["prototypes_fg"], config["model"]["prototypes_bg"])
     variants = {"unsup": {}, "unsup-vanilla": {"attention": "vanilla"}}  # method -> model keys changed
-    variants.update({f"unsup-K{fg}-{bg}": {"attention": "prototype", "prototypes_fg": fg, "prototypes_bg": bg}
-                     for fg, bg in dict.fromkeys(args.prototypes) if (fg, bg) != own_pair})
+    pair_of = {"unsup": own_pair}  # Table 4's models -> (K_fg, K_bg)
+    pair_of.update({f"unsup-K{fg}-{bg}": (fg, bg) for fg, bg in dict.fromkeys(args.prototypes) if (fg, bg) != own_pair})
+    variants.update({name: {"attention": "prototype", "prototypes_fg": fg, "prototypes_bg": bg}
+                     for name, (fg, bg) in pair_of.items() if name != "unsup"})
     models = {}  # method name -> checkpoint
     for seed in training_seeds:
         suffix = "" if seed == base_seed else f"@seed{seed}"
@@ -153,14 +155,12 @@ def main() -> None:
         print(by_training_seed.to_string())
         print(by_training_seed.groupby("model").agg(["mean", "std"]).round(2).to_string())
     if args.prototypes:
-        pairs = {**{m: tuple(map(int, m[len("unsup-K"):].split("-"))) for m in variants if m.startswith("unsup-K")},
-                 "unsup": own_pair}
         scores["model"] = scores["method"].str.split("@").str[0]
-        table4 = scores[scores["model"].isin(pairs)].copy()
-        table4["K_fg"] = table4["model"].map(lambda m: pairs[m][0])
-        table4["K_bg"] = table4["model"].map(lambda m: pairs[m][1])
+        table4 = scores[scores["model"].isin(pair_of)].copy()
+        table4["K_fg"] = table4["model"].map(lambda m: pair_of[m][0])
+        table4["K_bg"] = table4["model"].map(lambda m: pair_of[m][1])
         grid = table4.groupby(["K_bg", "K_fg"])["miou"].mean().unstack().round(2)  # over folds, seeds, training seeds
-        print(f"\nTable 4: 1-shot mIoU by K_bg (rows) and K_fg (columns), mean over folds and seeds:")
+        print("\nTable 4: 1-shot mIoU by K_bg (rows) and K_fg (columns), mean over folds and seeds:")
         print(grid.to_string())
     print("\nseconds:", {k: round(v) for k, v in timings.items()}, "total", round(time.perf_counter() - started))
 
