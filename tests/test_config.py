@@ -79,6 +79,8 @@ def test_reference_tasks_overlay_is_valid_on_each_setting(setting):
         ({"evaluation": {"shots": [0]}}, ["evaluation.shots[0]", "0", "minimum 1"]),
         ({"clustering": {"clustrs": 4}}, ["clustrs", "clusters"]),
         ({"model": {"dim": 30, "heads": 8}}, ["model.dim", "model.heads"]),
+        ({"training": {"finetune_fractions": [0.2]}}, ["training.finetune_fractions", "was removed",
+                                                        "finetune-P%", "evaluation.methods"]),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(override, words):

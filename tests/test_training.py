@@ -16,7 +16,7 @@ from umtfss.io import write_png
 from umtfss.training import checkpoint as ckpt
 from umtfss.training.augment import Augmentation
 from umtfss.training.sources import EpisodeDataset, LabelledEpisodes, finetune_subset
-from umtfss.training.train import NonFiniteLossError, lr_factor, train
+from umtfss.training.train import NonFiniteLossError, _resume_conflicts, lr_factor, train
 
 torch.set_num_threads(1)
 
@@ -279,6 +279,38 @@ def test_stale_state_of_another_config_or_data_is_not_resumed(tmp_path, capsys):
     assert ckpt.load(tmp_path / "data" / "checkpoint.pt")["inputs"] == "new data"
     rows = list(csv.DictReader(open(tmp_path / "data" / "log.csv")))
     assert [int(r["step"]) for r in rows] == list(range(1, len(rows) + 1))
+
+
+def test_meta_training_resumes_across_a_fine_tuning_key_or_a_removed_key(tmp_path, capsys):
+    """The workflow no longer retrains unsup or sup when a fine-tuning key changes, so a killed one
+    must resume under the new value; a key the schema dropped (finetune_fractions) is no conflict."""
+    straight = final_weights(train(tiny_config(epochs=2), SquareEpisodes(), tmp_path / "straight", progress=False))
+    original = ckpt.save
+
+    def save_with_a_removed_key(path, **payload):
+        payload["config"] = {**payload["config"], "training": {**payload["config"]["training"],
+                                                               "finetune_fractions": [0.2]}}
+        return original(path, **payload)
+
+    ckpt.save = save_with_a_removed_key
+    try:
+        _run_first_epoch_then_kill(tmp_path / "killed")
+    finally:
+        ckpt.save = original
+    capsys.readouterr()
+    resumed = final_weights(train(tiny_config(epochs=2, finetune_lr=0.5), SquareEpisodes(), tmp_path / "killed",
+                                  progress=False))
+    assert "not resuming" not in capsys.readouterr().err
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_fine_tuning_keys_conflict_only_for_a_fine_tuning_run():
+    stored = tiny_config(finetune_lr=0.1)
+    changed = tiny_config(finetune_lr=0.5)
+    assert _resume_conflicts(stored, changed, "unsup") == []
+    assert _resume_conflicts(stored, changed, "sup-20%") == []
+    assert _resume_conflicts(stored, changed, "finetune-20%") == ["training.finetune_lr: 0.1 -> 0.5"]
+    assert _resume_conflicts(stored, tiny_config(lr_sgd=0.5), "unsup") == ["training.lr_sgd: 0.01 -> 0.5"]
 
 
 def test_log_columns_and_explicit_learning_rates(tmp_path):

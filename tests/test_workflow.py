@@ -99,7 +99,8 @@ def test_all_rule_draws_the_report_figures(pipeline, tmp_path):
 
 def test_sup_fraction_trains_from_scratch_per_fold_and_is_scored(pipeline):
     """evaluation.methods sup-20%: one supervised run per fold, no --init, on the labels only (no pseudo
-    episode upstream reruns), given no fine-tuning key (editing one does not retrain it); evaluate scores it."""
+    episode upstream reruns), given no fine-tuning key (editing one does not retrain it, nor sup);
+    evaluate scores it."""
     with edited_config(pipeline) as config:
         config["evaluation"]["methods"] = ["unsup", "sup-20%"]
         config["evaluation"]["folds"] = [0, 1]
@@ -116,6 +117,13 @@ def test_sup_fraction_trains_from_scratch_per_fold_and_is_scored(pipeline):
                    for b in blocks)
     for block in blocks:
         assert "--method sup-20%" in block and "--init" not in block and "finetune_" not in block
+    # sup on all the labels likewise gets no fine-tuning key
+    with edited_config(pipeline) as config:
+        config["evaluation"]["methods"] = ["sup"]
+        write_config(pipeline, config)
+        proc = snakemake(pipeline, "-n", "-p", "--cores", "2", "results/eval_pascal.csv")
+    blocks = [b for b in re.split(r"\n(?:local)?rule ", proc.stdout + proc.stderr) if b.startswith("train_sup:")]
+    assert len(blocks) == 1 and "--method sup " in blocks[0] and "finetune_" not in blocks[0]
     # evaluate fills in each fold itself
     assert "--method 'sup-20%=results/pascal/supervised/demo-colortexture-prototype/sup-20%/fold{fold}/checkpoint.pt'" in out
 

@@ -60,8 +60,24 @@ def _describe(error) -> str:
     return msg + (f" ({desc})" if desc else "")
 
 
+# keys that existed once: a config that still sets one is told what replaced it
+REMOVED_KEYS = {
+    ("training", "finetune_fractions"): "the labelled fractions are the P of 'finetune-P%' and 'sup-P%' in "
+                                        "evaluation.methods (the workflow trains what the score table lists)",
+}
+
+
+def _removed_keys(config: dict) -> list[str]:
+    return [f"config key '{section}.{key}' was removed: {why}; delete it"
+            for (section, key), why in REMOVED_KEYS.items()
+            if isinstance(config.get(section), dict) and key in config[section]]
+
+
 def validate(config: dict, check_paths: bool = False) -> dict:
     """Fill defaults in place and raise ConfigError listing every invalid key."""
+    removed = _removed_keys(config)
+    if removed:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(removed))
     validator = _DefaultFilling(schema())
     # two passes: defaults of nested objects are filled once the parent default exists
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))

@@ -27,7 +27,7 @@ from umtfss.training.losses import build_loss
 from umtfss.training.sources import EpisodeDataset, EpisodeSource
 
 # training keys that do not change the result: a resume may differ in them
-RESUME_FREE_KEYS = {"workers", "device", "finetune_fractions"}
+RESUME_FREE_KEYS = {"workers", "device"}
 FINETUNE_METHOD = re.compile(r"^finetune-(\d+)%$")
 SUP_FRACTION_METHOD = re.compile(r"^sup-(\d+)%$")  # supervised from scratch on P % (paper Table 2, "w/o" rows)
 
@@ -122,13 +122,17 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _resume_conflicts(stored: dict, config: dict) -> list[str]:
-    """Config keys whose values differ between a stored run and this one (those that change results)."""
+def _resume_conflicts(stored: dict, config: dict, method_name: str) -> list[str]:
+    """Config keys whose values differ between a stored run and this one (those that change its result).
+
+    Only this config's keys count (one the schema no longer has cannot change a result), and the
+    fine-tuning keys only for a fine-tuning run."""
     diffs = []
     for section in ("model", "training"):
         old, new = stored.get(section, {}), config.get(section, {})
-        for key in sorted(set(old) | set(new)):
-            if section == "training" and key in RESUME_FREE_KEYS:
+        for key in sorted(new):
+            if section == "training" and (key in RESUME_FREE_KEYS or (
+                    key.startswith("finetune_") and not FINETUNE_METHOD.match(method_name))):
                 continue
             if old.get(key) != new.get(key):
                 diffs.append(f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}")
@@ -304,7 +308,7 @@ def _stale_reason(path: Path, config: dict, method_name: str, inputs: str | None
         return str(err)
     if state.get("method") != method_name:
         return f"it belongs to method '{state.get('method')}', not '{method_name}'"
-    conflicts = _resume_conflicts(state.get("config", {}), config)
+    conflicts = _resume_conflicts(state.get("config", {}), config, method_name)
     if conflicts:
         return f"it was trained with another configuration ({'; '.join(conflicts)})"
     if state.get("inputs") != inputs:

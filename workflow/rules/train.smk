@@ -60,7 +60,8 @@ rule train_sup:
     output:
         "results/{dataset}/supervised/{model}/fold{fold}/checkpoint.pt",
     params:
-        cfg=stage_config("model", "training", "datasets"),
+        cfg=meta_training_config("model", "datasets"),
+        method="sup",
         out=lambda w, output: os.path.dirname(output[0]),
         tables="results/{dataset}/prepare",
     threads: TORCH_JOB_THREADS
@@ -71,30 +72,23 @@ rule train_sup:
     benchmark:
         "results/benchmarks/{dataset}/supervised/{model}/fold{fold}.tsv"
     shell:
-        "umtfss train --config {params.cfg:q} --method sup --out-dir {params.out} "
+        "umtfss train --config {params.cfg:q} --method {params.method:q} --out-dir {params.out} "
         "--tables {params.tables} --dataset {wildcards.dataset} --fold {wildcards.fold} > {log} 2>&1"
 
 
-rule train_sup_fraction:
-    # the paper's Table 2 without unsupervised meta-training: sup on the labelled subset finetune-P% uses
-    input:
-        tables=lambda w: list(prepared(w.dataset).values()),
+# the paper's Table 2 without unsupervised meta-training: sup on the labelled subset finetune-P% uses
+use rule train_sup as train_sup_fraction with:
     output:
         "results/{dataset}/supervised/{model}/sup-{pct}%/fold{fold}/checkpoint.pt",
     params:
         cfg=meta_training_config("model", "datasets"),
+        method=lambda w: f"sup-{w.pct}%",
         out=lambda w, output: os.path.dirname(output[0]),
         tables="results/{dataset}/prepare",
-    threads: TORCH_JOB_THREADS
-    conda:
-        CONDA_ENV
     log:
         "logs/{dataset}/supervised/{model}/sup-{pct}-fold{fold}.log",
     benchmark:
         "results/benchmarks/{dataset}/supervised/{model}/sup-{pct}-fold{fold}.tsv"
-    shell:
-        "umtfss train --config {params.cfg:q} --method sup-{wildcards.pct}% --out-dir {params.out} "
-        "--tables {params.tables} --dataset {wildcards.dataset} --fold {wildcards.fold} > {log} 2>&1"
 
 
 rule finetune:
