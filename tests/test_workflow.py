@@ -231,6 +231,13 @@ def test_repo_default_config_dry_run():
     assert {"demo", "prepare", "embed", "fit", "assign", "episodes", "train_unsup", "finetune", "evaluate"} <= jobs
 
 
+def test_workflow_passes_snakemake_lint():
+    """`snakemake --lint` (the workflow catalog's check): logs, no hard-coded path prefixes, helpers in common.smk."""
+    proc = snakemake(REPO, "--lint", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "good condition" in out, out[-3000:]
+
+
 @pytest.mark.parametrize("name", ["pascal", "coco"])
 def test_real_data_configs_never_generate_the_demo(tmp_path, name):
     """The README's real-data command plans the converters, not the demo: the demo rule replaces its root."""
@@ -246,6 +253,9 @@ def test_real_data_configs_never_generate_the_demo(tmp_path, name):
     assert proc.returncode == 0, out[-3000:]
     jobs = planned_jobs(out)
     assert "demo" not in jobs and f"convert_{'sbd' if name == 'pascal' else 'coco'}" in jobs and "evaluate" in jobs
+    # the workflow-catalog linter, with the real-data rules (the converters) defined
+    lint = snakemake(tmp_path, "--lint", "--configfile", str(REPO / "configs" / f"{name}.yaml"), check=False)
+    assert lint.returncode == 0 and "good condition" in lint.stdout + lint.stderr, (lint.stdout + lint.stderr)[-3000:]
 
 
 def test_reference_backbone_overlay_needs_its_checkpoint_and_trains_its_own_model(tmp_path):

@@ -1,20 +1,5 @@
 """Stages fit and assign (paper Eq. 3-4): k-means on a pixel subset, then every pixel's cluster."""
 
-REFINE = config["clustering"]["refine"] == "superpixel"
-# read by assign only: changing them reruns assign and what follows, never fit or embed
-SUPERPIXEL_KEYS = ("superpixel_scale", "superpixel_sigma", "superpixel_min_size", "refine_upsample")
-
-
-def fit_config(clusters):
-    section = {k: v for k, v in config["clustering"].items() if k not in ("refine", *SUPERPIXEL_KEYS)}
-    return json.dumps({"clustering": {**section, "clusters": int(clusters)}})
-
-
-def assign_config():
-    """The clustering section; the superpixel keys only when they are used (refine: superpixel)."""
-    section = {k: v for k, v in config["clustering"].items() if REFINE or k not in SUPERPIXEL_KEYS}
-    return json.dumps({"clustering": section}, sort_keys=True)
-
 
 rule fit:
     input:

@@ -74,6 +74,23 @@ def meta_training_config(*sections):
     return json.dumps({"training": training, **{s: config[s] for s in sections}}, sort_keys=True)
 
 
+# clustering: the slices fit and assign read
+REFINE = config["clustering"]["refine"] == "superpixel"
+# read by assign only: changing them reruns assign and what follows, never fit or embed
+SUPERPIXEL_KEYS = ("superpixel_scale", "superpixel_sigma", "superpixel_min_size", "refine_upsample")
+
+
+def fit_config(clusters):
+    section = {k: v for k, v in config["clustering"].items() if k not in ("refine", *SUPERPIXEL_KEYS)}
+    return json.dumps({"clustering": {**section, "clusters": int(clusters)}})
+
+
+def assign_config():
+    """The clustering section; the superpixel keys only when they are used (refine: superpixel)."""
+    section = {k: v for k, v in config["clustering"].items() if REFINE or k not in SUPERPIXEL_KEYS}
+    return json.dumps({"clustering": section}, sort_keys=True)
+
+
 def prepared(ds):
     return {
         "images": f"results/{ds}/prepare/images.parquet",
@@ -132,6 +149,19 @@ def trained_checkpoints(w):
             paths = {ckpt.format(fold=f, dataset=w.dataset) for f in config["evaluation"]["folds"]}
             found += [(method, path) for path in sorted(paths)]
     return found
+
+
+def evaluation_inputs(w):
+    """Tables of the benchmark and the checkpoint of every trained method, for every fold."""
+    return sorted(set(prepared(w.dataset).values()) | {path for _, path in trained_checkpoints(w)})
+
+
+def evaluation_methods(w):
+    args = []
+    for method in config["evaluation"]["methods"]:
+        ckpt = method_checkpoint(method)
+        args.append(method if ckpt is None else f"{method}={ckpt.replace('{dataset}', w.dataset)}")
+    return " ".join(f"--method '{a}'" for a in args)
 
 
 def all_targets():

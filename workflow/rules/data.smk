@@ -8,7 +8,7 @@ if DEMO:
             f"{config['datasets']['pascal']['root']}/demo.json",
         params:
             cfg=stage_config("demo"),
-            root=config["datasets"]["pascal"]["root"],
+            root=lambda w, output: os.path.dirname(output[0]),
         conda:
             CONDA_ENV
         log:

@@ -1,19 +1,6 @@
 """Stage evaluate: the meta-test protocol, one score table per benchmark."""
 
 
-def evaluation_inputs(w):
-    """Tables of the benchmark and the checkpoint of every trained method, for every fold."""
-    return sorted(set(prepared(w.dataset).values()) | {path for _, path in trained_checkpoints(w)})
-
-
-def evaluation_methods(w):
-    args = []
-    for method in config["evaluation"]["methods"]:
-        ckpt = method_checkpoint(method)
-        args.append(method if ckpt is None else f"{method}={ckpt.replace('{dataset}', w.dataset)}")
-    return " ".join(f"--method '{a}'" for a in args)
-
-
 rule evaluate:
     input:
         evaluation_inputs,

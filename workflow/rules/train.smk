@@ -12,7 +12,7 @@ rule train_unsup:
     params:
         cfg=meta_training_config("model", "unlabeled"),
         out=lambda w, output: os.path.dirname(output[0]),
-        episodes="results/{src}/{embedder}/clusters-{clusters}",
+        episodes=lambda w, input: os.path.dirname(input.regions),
     threads: TORCH_JOB_THREADS
     resources:
         gpu=1 if config["training"]["device"] != "cpu" else 0,
@@ -39,8 +39,8 @@ rule train_unsup_fold:
     params:
         cfg=meta_training_config("model", "unlabeled", "datasets"),
         out=lambda w, output: os.path.dirname(output[0]),
-        episodes="results/{src}/{embedder}/clusters-{clusters}",
-        tables="results/{src}/prepare",
+        episodes=lambda w, input: os.path.dirname(input.regions),
+        tables=lambda w, input: os.path.dirname(input.images),
     threads: TORCH_JOB_THREADS
     conda:
         CONDA_ENV
@@ -63,7 +63,7 @@ rule train_sup:
         cfg=meta_training_config("model", "datasets"),
         method="sup",
         out=lambda w, output: os.path.dirname(output[0]),
-        tables="results/{dataset}/prepare",
+        tables=lambda w, input: os.path.dirname(input.tables[0]),
     threads: TORCH_JOB_THREADS
     conda:
         CONDA_ENV
@@ -84,7 +84,7 @@ use rule train_sup as train_sup_fraction with:
         cfg=meta_training_config("model", "datasets"),
         method=lambda w: f"sup-{w.pct}%",
         out=lambda w, output: os.path.dirname(output[0]),
-        tables="results/{dataset}/prepare",
+        tables=lambda w, input: os.path.dirname(input.tables[0]),
     log:
         "logs/{dataset}/supervised/{model}/sup-{pct}-fold{fold}.log",
     benchmark:
@@ -101,7 +101,7 @@ rule finetune:
     params:
         cfg=stage_config("model", "training", "datasets"),
         out=lambda w, output: os.path.dirname(output[0]),
-        tables="results/{dataset}/prepare",
+        tables=lambda w, input: os.path.dirname(input.tables[0]),
     threads: TORCH_JOB_THREADS
     conda:
         CONDA_ENV
