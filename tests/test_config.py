@@ -79,6 +79,8 @@ def test_reference_tasks_overlay_is_valid_on_each_setting(setting):
         ({"evaluation": {"shots": [0]}}, ["evaluation.shots[0]", "0", "minimum 1"]),
         ({"clustering": {"clustrs": 4}}, ["clustrs", "clusters"]),
         ({"model": {"dim": 30, "heads": 8}}, ["model.dim", "model.heads"]),
+        ({"evaluation": {"methods": ["unsup", "finetune-0%"]}}, ["evaluation.methods[1]", "finetune-0%", "1 to 100"]),
+        ({"evaluation": {"methods": ["sup-150%"]}}, ["evaluation.methods[0]", "sup-150%", "1 to 100"]),
         ({"training": {"finetune_fractions": [0.2]}}, ["training.finetune_fractions", "was removed",
                                                         "finetune-P%", "evaluation.methods"]),
     ],

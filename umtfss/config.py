@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,11 @@ def _check_consistency(config: dict, check_paths: bool) -> None:
     tr = config["training"]
     if tr["scale_min"] > tr["scale_max"]:
         problems.append(f"config key 'training.scale_min' ({tr['scale_min']}) exceeds 'training.scale_max' ({tr['scale_max']})")
+    for i, method in enumerate(config["evaluation"]["methods"]):
+        percent = re.fullmatch(r"(?:finetune|sup)-(\d+)%", method)
+        if percent and not 1 <= int(percent.group(1)) <= 100:
+            problems.append(f"config key 'evaluation.methods[{i}]' is '{method}', expected a percentage of the labelled "
+                            "train images from 1 to 100")
     if config["model"]["dim"] % config["model"]["heads"]:
         problems.append(f"config key 'model.dim' ({config['model']['dim']}) must be divisible by 'model.heads' ({config['model']['heads']})")
     if check_paths:
