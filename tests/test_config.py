@@ -81,6 +81,8 @@ def test_reference_tasks_overlay_is_valid_on_each_setting(setting):
         ({"model": {"dim": 30, "heads": 8}}, ["model.dim", "model.heads"]),
         ({"evaluation": {"methods": ["unsup", "finetune-0%"]}}, ["evaluation.methods[1]", "finetune-0%", "1 to 100"]),
         ({"evaluation": {"methods": ["sup-150%"]}}, ["evaluation.methods[0]", "sup-150%", "1 to 100"]),
+        ({"evaluation": {"seeds": [321, 321]}}, ["evaluation.seeds", "[321, 321]", "each item once"]),
+        ({"evaluation": {"methods": ["unsup", "unsup"]}}, ["evaluation.methods", "each item once"]),
         ({"training": {"finetune_fractions": [0.2]}}, ["training.finetune_fractions", "was removed",
                                                         "finetune-P%", "evaluation.methods"]),
     ],

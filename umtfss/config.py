@@ -54,6 +54,8 @@ def _describe(error) -> str:
     allowed = ""
     if "enum" in sch:
         allowed = "one of " + ", ".join(map(str, sch["enum"]))
+    elif error.validator == "uniqueItems":
+        allowed = "each item once"
     elif error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "type", "pattern", "minItems"):
         allowed = f"{error.validator} {error.validator_value}"
     desc = sch.get("description", "")
