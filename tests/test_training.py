@@ -304,6 +304,24 @@ def test_meta_training_resumes_across_a_fine_tuning_key_or_a_removed_key(tmp_pat
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def test_inputs_fingerprint_covers_every_file_meta_training_reads(tmp_path):
+    """regions, candidates and the region features (the support draw reads all three): a change to
+    any one makes a killed run's last.pt stale."""
+    import argparse
+
+    from umtfss.pseudo_episodes import CANDIDATES_FILE, FEATURES_FILE, REGIONS_FILE
+    from umtfss.training.train import _inputs_fingerprint
+
+    for name in (REGIONS_FILE, CANDIDATES_FILE, FEATURES_FILE):
+        (tmp_path / name).write_bytes(b"before")
+    args = argparse.Namespace(episodes=tmp_path, labels=[], images=None, tables=None, init=None, dataset=None, fold=None)
+    seen = {_inputs_fingerprint(args)}
+    for name in (REGIONS_FILE, CANDIDATES_FILE, FEATURES_FILE):
+        (tmp_path / name).write_bytes(b"after")
+        seen.add(_inputs_fingerprint(args))
+    assert len(seen) == 4
+
+
 def test_fine_tuning_keys_conflict_only_for_a_fine_tuning_run():
     stored = tiny_config(finetune_lr=0.1)
     changed = tiny_config(finetune_lr=0.5)

@@ -374,12 +374,11 @@ def run(args: argparse.Namespace) -> Path:
 def _inputs_fingerprint(args) -> str:
     """The identity of the training data named on the command line (see train(): resume or start over)."""
     from umtfss.io import fingerprint
-
-    from umtfss.pseudo_episodes import CANDIDATES_FILE, REGIONS_FILE
+    from umtfss.pseudo_episodes import CANDIDATES_FILE, FEATURES_FILE, REGIONS_FILE
 
     paths = []
     if args.episodes is not None:
-        paths += [args.episodes / REGIONS_FILE, args.episodes / CANDIDATES_FILE]
+        paths += [args.episodes / REGIONS_FILE, args.episodes / CANDIDATES_FILE, args.episodes / FEATURES_FILE]
     paths += list(args.labels or [])
     paths += [args.images] if args.images is not None else []
     paths += sorted(args.tables.glob("*.parquet")) if args.tables is not None else []

@@ -5,6 +5,7 @@ rule train_unsup:
     input:
         regions="results/{src}/{embedder}/clusters-{clusters}/regions.parquet",
         candidates="results/{src}/{embedder}/clusters-{clusters}/candidates.parquet",
+        features="results/{src}/{embedder}/clusters-{clusters}/region_features.npy",
         labels=lambda w: label_shards(w.src, w.embedder, w.clusters),
         images="results/{src}/prepare/images.parquet",
     output:
@@ -31,6 +32,7 @@ rule train_unsup_fold:
     input:
         regions="results/{src}/{embedder}/clusters-{clusters}/regions.parquet",
         candidates="results/{src}/{embedder}/clusters-{clusters}/candidates.parquet",
+        features="results/{src}/{embedder}/clusters-{clusters}/region_features.npy",
         labels=lambda w: label_shards(w.src, w.embedder, w.clusters),
         images="results/{src}/prepare/images.parquet",
         tables=lambda w: list(prepared(w.src).values()),
