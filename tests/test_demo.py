@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from umtfss.backbones.demo import ColorTextureBackbone
-from umtfss.data.demo import VOC_CLASSES, generate_demo
+from umtfss.data.demo import MARKER, VOC_CLASSES, generate_demo
 
 IGNORE = 255
 MIN_PIXELS = 2048
@@ -198,3 +198,23 @@ def test_never_replaces_a_folder_that_is_not_a_demo(tmp_path):
     empty.mkdir()
     generate_demo(empty, train_images=20, val_images=20, progress=False)  # an empty folder is fine
     assert (empty / "demo.json").is_file()
+
+
+def test_regenerates_a_demo_whose_demo_json_snakemake_removed(tmp_path):
+    """Snakemake deletes the demo rule's output (demo.json) before it reruns it, e.g. after demo.seed
+    changed: the tree is still recognised as a demo, also one written before the marker existed."""
+    root = tmp_path / "VOC2012"
+    generate_demo(root, seed=0, train_images=20, val_images=20, progress=False)
+    (root / "demo.json").unlink()
+    generate_demo(root, seed=1, train_images=20, val_images=20, progress=False)
+    assert json.loads((root / "demo.json").read_text())["seed"] == 1
+    (root / "demo.json").unlink()
+    (root / MARKER).unlink()  # as a tree from before the marker
+    generate_demo(root, seed=2, train_images=20, val_images=20, progress=False)
+    assert json.loads((root / "demo.json").read_text())["seed"] == 2 and (root / MARKER).is_file()
+    # a real list is not mistaken for one
+    (root / "demo.json").unlink()
+    (root / MARKER).unlink()
+    (root / "lists" / "train_aug.txt").write_text("2007_000032\n")
+    with pytest.raises(ValueError, match="is not a demo data set"):
+        generate_demo(root, train_images=20, val_images=20, progress=False)

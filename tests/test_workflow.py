@@ -215,6 +215,18 @@ def test_bad_configuration_fails_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_changing_a_demo_key_regenerates_the_demo(tmp_path):
+    """Snakemake removes demo.json before the demo rule reruns; the generator must still replace the tree."""
+    write_config(tmp_path, TINY)
+    target = "data/demo/VOC2012/demo.json"
+    snakemake(tmp_path, "--cores", "1", target)
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    config["demo"]["seed"] = 2
+    write_config(tmp_path, config)
+    snakemake(tmp_path, "--cores", "1", target)
+    assert yaml.safe_load((tmp_path / target).read_text())["seed"] == 2
+
+
 def test_missing_dataset_root_is_named(tmp_path):
     write_config(tmp_path, {"demo": {"enabled": False}, "datasets": {"pascal": {"root": "nowhere"}}})
     proc = snakemake(tmp_path, "-n", "--cores", "1", check=False)
