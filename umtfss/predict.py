@@ -14,23 +14,41 @@ from umtfss.transforms import resize_pad, unpad_to, valid_pixels
 
 
 def read_support_mask(path: str | Path) -> np.ndarray:
-    """A support mask as uint8 0/1/255: nonzero = foreground, 255 = ignore.
-
-    A 0/255 mask (its only nonzero value is 255, e.g. one written by `umtfss predict`) counts as
-    0/1: its 255 is foreground, not ignore. RGB(A) masks are reduced by their brightest channel.
-    """
+    """A support mask file as uint8 0/1/255 (see as_support_mask); RGB(A) masks are reduced by their
+    brightest channel."""
     from umtfss.io import ImageReadError, read_label, read_rgb
 
     try:
         values = read_label(path)
     except ImageReadError:
         values = read_rgb(path).max(axis=2)  # colour-coded masks: any lit channel is foreground
+    return as_support_mask(values)
+
+
+def as_support_mask(values: np.ndarray) -> np.ndarray:
+    """uint8 0/1/255 from an HxW array: nonzero = foreground, 255 = ignore.
+
+    A 0/255 mask (its only nonzero value is 255, e.g. one written by `umtfss predict`) counts as
+    0/1: its 255 is foreground, not ignore.
+    """
+    values = np.asarray(values)
     nonzero = values[values > 0]
     if nonzero.size and np.all(nonzero == IGNORE):
         return (values > 0).astype(np.uint8)
     mask = ((values > 0) & (values != IGNORE)).astype(np.uint8)
     mask[values == IGNORE] = IGNORE
     return mask
+
+
+def check_support(image: np.ndarray, mask: np.ndarray, image_name: str, mask_name: str) -> None:
+    """A support mask must have its image's size and some foreground; the message names both."""
+    if image.shape[:2] != mask.shape:
+        raise ValueError(
+            f"support mask {mask_name} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
+            f"{image_name} is {image.shape[1]}x{image.shape[0]}; they must have the same size"
+        )
+    if not (mask == 1).any():
+        raise ValueError(f"support mask {mask_name} has no foreground pixel (nonzero, not 255)")
 
 
 def _check_file(path: Path, what: str) -> Path:
@@ -47,13 +65,7 @@ def load_supports(pairs: list[tuple[str, str]]) -> list[tuple[np.ndarray, np.nda
     for image_path, mask_path in pairs:
         image = read_rgb(_check_file(Path(image_path), "support image"))
         mask = read_support_mask(_check_file(Path(mask_path), "support mask"))
-        if image.shape[:2] != mask.shape:
-            raise ValueError(
-                f"support mask '{mask_path}' is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
-                f"'{image_path}' is {image.shape[1]}x{image.shape[0]}; they must have the same size"
-            )
-        if not (mask == 1).any():
-            raise ValueError(f"support mask '{mask_path}' has no foreground pixel (nonzero, not 255)")
+        check_support(image, mask, f"'{image_path}'", f"'{mask_path}'")
         supports.append((image, mask))
     return supports
 
