@@ -154,3 +154,36 @@ def test_benchmark_tsv_and_empty_shard(tmp_path):
 
     with pytest.raises(ValueError, match="holds no image"):
         write_overlay(tmp_path / "empty.zarr", tmp_path / "images.parquet", tmp_path / "o.png")
+
+
+def test_a_folder_lists_each_artifact_on_one_line(tmp_path, capsys):
+    """`umtfss inspect results/...` on a folder: stores not descended into, other files skipped, a
+    damaged file listed with its reason while the rest is still shown."""
+    root = tmp_path / "clusters-5"
+    (root / "labels").mkdir(parents=True)
+    write_label_store(root / "labels")
+    np.save(root / "centroids.npy", np.ones((5, 8), np.float32))
+    (root / "fit.json").write_text(json.dumps({"clusters": 5, "metric": "spherical"}))
+    pd.DataFrame({"cluster": [0, 1, 1], "area": [4, 5, 6]}).to_parquet(root / "regions.parquet")
+    (root / "candidates.parquet").write_bytes(b"not parquet")
+    (root / "models" / "unsup").mkdir(parents=True)
+    torch.save({"method": "unsup", "epoch": 2, "step": 40, "model": {}}, root / "models" / "unsup" / "checkpoint.pt")
+    Image.fromarray(np.zeros((7, 9, 3), np.uint8)).save(root / "pseudo_masks.png")
+    (root / "notes.txt").write_text("not an artifact")
+    (root / ".snakemake_timestamp").write_text("")
+    assert cli.main(["inspect", str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{root} (folder, 7 artifacts")
+    listed = {line.split()[0]: line for line in lines[1:]}
+    assert list(listed) == ["candidates.parquet", "centroids.npy", "fit.json", "labels/labels.zarr/",
+                            "models/unsup/checkpoint.pt", "pseudo_masks.png", "regions.parquet"]
+    assert "unreadable" in listed["candidates.parquet"]
+    assert "npy: shape (5, 8), float32" in listed["centroids.npy"]
+    assert "JSON: clusters, metric" in listed["fit.json"]
+    assert "Zarr store: labels (3, 6, 6) int16; 3 images" in listed["labels/labels.zarr/"]
+    assert "checkpoint: method unsup, epoch 2, step 40" in listed["models/unsup/checkpoint.pt"]
+    assert "PNG: 9x7 RGB" in listed["pseudo_masks.png"]
+    assert "parquet: 3 rows x 2 columns" in listed["regions.parquet"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no artifact umtfss knows"):
+        summarise(tmp_path / "empty")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,9 @@ def summarise(path: str | Path, n: int = 16) -> str:
     if not path.exists():
         raise FileNotFoundError(f"'{path}' does not exist")
     if path.is_dir():
-        if (path / "zarr.json").is_file() or (path / ".zgroup").is_file() or path.suffix == ".zarr":
+        if _is_zarr(path):
             return summarise_zarr(path)
-        raise ValueError(f"'{path}' is a folder but not a Zarr store (no zarr.json)")
+        return summarise_folder(path)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return summarise_parquet(path)
@@ -44,6 +45,83 @@ def summarise(path: str | Path, n: int = 16) -> str:
         return summarise_checkpoint(path)
     raise ValueError(f"'{path}' has suffix '{suffix}'; expected a .zarr store, .parquet, .npy, .json, .csv, .tsv or a "
                      f"checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
+
+
+ARTIFACT_SUFFIXES = (".parquet", ".npy", ".json", ".csv", ".tsv", ".png", *CHECKPOINT_SUFFIXES)
+
+
+def _is_zarr(path: Path) -> bool:
+    return (path / "zarr.json").is_file() or (path / ".zgroup").is_file() or path.suffix == ".zarr"
+
+
+def _artifacts(folder: Path) -> list[Path]:
+    """The artifacts under `folder` in path order: Zarr stores (not descended into) and files of a known kind."""
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            found += [entry] if _is_zarr(entry) else _artifacts(entry)
+        elif entry.suffix.lower() in ARTIFACT_SUFFIXES:
+            found.append(entry)
+    return found
+
+
+def one_line(path: Path) -> str:
+    """The main fact of an artifact in a few words (shapes, rows, method and step), cheap to compute."""
+    suffix = path.suffix.lower()
+    try:
+        if path.is_dir():
+            import zarr
+
+            node = zarr.open(str(path), mode="r")
+            arrays = dict(node.arrays()) if isinstance(node, zarr.Group) else {"": node}
+            shapes = ", ".join(f"{name or 'array'} {tuple(a.shape)} {a.dtype}" for name, a in arrays.items()
+                               if name in ("features", "labels", "refined", ""))
+            images = len(node.attrs.get("image_ids", [])) if "image_ids" in node.attrs else None
+            return "Zarr store: " + (shapes or f"{len(arrays)} arrays") + (f"; {images} images" if images is not None else "")
+        if suffix == ".parquet":
+            meta = pq.ParquetFile(path).metadata
+            return f"parquet: {meta.num_rows} rows x {meta.num_columns} columns"
+        if suffix == ".npy":
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            return f"npy: shape {array.shape}, {array.dtype}"
+        if suffix == ".json":
+            data = json.loads(path.read_text())
+            keys = list(data)[:6] if isinstance(data, dict) else []
+            return "JSON: " + (", ".join(keys) + (", ..." if len(data) > 6 else "") if keys else type(data).__name__)
+        if suffix in (".csv", ".tsv"):
+            table = pd.read_csv(path, sep="," if suffix == ".csv" else "\t")
+            return f"{suffix[1:].upper()}: {len(table)} rows; {', '.join(map(str, table.columns[:6]))}" + (
+                ", ..." if len(table.columns) > 6 else "")
+        if suffix == ".png":
+            from PIL import Image
+
+            with Image.open(path) as image:
+                return f"PNG: {image.width}x{image.height} {image.mode}"
+        import torch
+
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        facts = [f"{key} {data[key]}" for key in ("method", "epoch", "step") if isinstance(data, dict) and key in data]
+        return "checkpoint: " + (", ".join(facts) or "no method recorded")
+    except Exception as err:  # a damaged file is listed with the reason, the others still shown
+        return f"unreadable ({type(err).__name__}: {err})"
+
+
+def summarise_folder(path: Path) -> str:
+    """Every artifact under a results folder, one line each (kind, size on disk, main fact)."""
+    artifacts = _artifacts(path)
+    if not artifacts:
+        raise ValueError(f"'{path}' is a folder with no artifact umtfss knows under it (Zarr stores, "
+                         f"{', '.join(ARTIFACT_SUFFIXES)})")
+    lines = [f"{path} (folder, {len(artifacts)} artifacts, {_size(_disk_size(path))} on disk; "
+             "`umtfss inspect` on one of them for the whole summary)"]
+    width = max(len(str(a.relative_to(path))) for a in artifacts)
+    # a bar only when the folder is slow to read (large stores: their size on disk walks every chunk file)
+    for artifact in tqdm(artifacts, desc="inspect", unit="artifact", file=sys.stderr, leave=False, delay=2):
+        name = str(artifact.relative_to(path)) + ("/" if artifact.is_dir() else "")
+        lines.append(f"  {name:<{width + 1}}  {_size(_disk_size(artifact)):>9}  {one_line(artifact)}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,7 +380,7 @@ def write_overlay(label_store: str | Path, images_table: str | Path, out: str | 
 
 def cli(parser: argparse.ArgumentParser):
     """`umtfss inspect PATH`: print the summary; `--overlay OUT.png` renders a label store's pseudo masks."""
-    parser.add_argument("path", help="a Zarr store, parquet, npy, json, csv or checkpoint file")
+    parser.add_argument("path", help="a Zarr store, parquet, npy, json, csv or checkpoint file, or a folder of them")
     parser.add_argument("--config", default=None, help="YAML file or inline JSON (optional; no key is read)")
     parser.add_argument("--overlay", default=None, help="write a PNG grid of images with pseudo masks (label stores)")
     parser.add_argument("--images", default=None, help="images.parquet, needed by --overlay")
