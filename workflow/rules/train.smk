@@ -82,11 +82,8 @@ rule train_sup:
 use rule train_sup as train_sup_fraction with:
     output:
         "results/{dataset}/supervised/{model}/sup-{pct}%/fold{fold}/checkpoint.pt",
-    params:
-        cfg=meta_training_config("model", "datasets"),
+    params:  # merged into train_sup's
         method=lambda w: f"sup-{w.pct}%",
-        out=lambda w, output: os.path.dirname(output[0]),
-        tables=lambda w, input: os.path.dirname(input.tables[0]),
     log:
         "logs/{dataset}/supervised/{model}/sup-{pct}-fold{fold}.log",
     benchmark:
