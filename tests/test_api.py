@@ -60,7 +60,7 @@ def test_embedder_gives_the_stores_cells_of_each_image(embedded):
 def test_clusters_train_and_search_as_fit_and_assign_do(embedded, tmp_path):
     _, store_path = embedded
     clusters = PixelClusters(5, subset_pixels=100, iterations=5, seed=3, device="cpu", backend="faiss")
-    assert clusters.train(store_path) is clusters
+    assert clusters.train(store_path, progress=False) is clusters
     expected, _ = fit_centroids([store_path], 5, 100, 5, seed=3, device="cpu", backend="faiss", progress=False)
     np.testing.assert_array_equal(clusters.centroids, expected)
     assert clusters.meta["subset_pixels"] == 100 and clusters.meta["clusters"] == 5

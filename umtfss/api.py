@@ -81,9 +81,10 @@ class PixelClusters:
         self.centroids: np.ndarray | None = None
         self.meta: dict = {}
 
-    def train(self, embeddings) -> "PixelClusters":
+    def train(self, embeddings, *, progress: bool = True) -> "PixelClusters":
         """Fit the centroids: `embeddings` is an embedding store (path, list of shard paths or
-        EmbeddingStore) or a float [n, C] array of points, clustered whole."""
+        EmbeddingStore; a progress bar while its pixels are sampled) or a float [n, C] array of points,
+        clustered whole."""
         from umtfss.clustering.fit import METRICS, choose_backend, fit_centroids, train_kmeans
         from umtfss.clustering.assign import normalise_rows
 
@@ -91,7 +92,7 @@ class PixelClusters:
             paths = [embeddings] if isinstance(embeddings, (str, Path)) else embeddings
             self.centroids, self.meta = fit_centroids(
                 paths, self.clusters, self.subset_pixels, self.iterations, self.redo, self.seed, device=self.device,
-                backend=self.backend, progress=False, metric=self.metric)
+                backend=self.backend, progress=progress, metric=self.metric)
             return self
         if self.metric not in METRICS:
             raise ValueError(f"metric is '{self.metric}', expected one of {', '.join(METRICS)}")
