@@ -76,7 +76,8 @@ def test_all_rule_draws_the_report_figures(pipeline, tmp_path):
     trained methods, and the report of that run shows both; with no trained method there is no curve."""
     from PIL import Image
 
-    assert not planned_jobs(snakemake(pipeline, "-n", "--cores", "2").stdout) & {"train_unsup", "evaluate", "embed"}
+    plan = planned_jobs(snakemake(pipeline, "-n", "--cores", "2").stdout)
+    assert "score_table" in plan and not plan & {"train_unsup", "evaluate", "embed"}
     snakemake(pipeline, "--cores", "2")
     masks = pipeline / "results/pascal/demo-colortexture/clusters-12/pseudo_masks.png"
     curves = pipeline / "results/training_pascal.png"
@@ -84,10 +85,13 @@ def test_all_rule_draws_the_report_figures(pipeline, tmp_path):
     assert Image.open(masks).size == (2 * 4 * 192, 4 * 192)
     assert Image.open(curves).size == (500, 340)  # one panel: unsup is the only trained method
     assert (pipeline / "logs/training_pascal.log").is_file()
+    table = (pipeline / "results/eval_pascal.md").read_text()  # the score table in the papers' layout
+    assert "| method | 1-shot fold0 | 1-shot mean | 1-shot FB-IoU |" in table and "\n| unsup | " in table
     out = tmp_path / "report.html"
     snakemake(pipeline, "--report", str(out))
     html = out.read_text(errors="replace")
     assert "pseudo_masks.png" in html and "training_pascal.png" in html and "cluster_quality.csv" in html
+    assert "eval_pascal.md" in html
     with edited_config(pipeline) as config:
         config["evaluation"]["methods"] = ["all-background", "prototype-threshold"]
         write_config(pipeline, config)

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "episodes": ("umtfss.pseudo_episodes:cli", "pseudo regions and support candidates (parquet)"),
     "train": ("umtfss.training.train:cli", "meta-train or fine-tune the FSS model"),
     "evaluate": ("umtfss.evaluation.run:cli", "meta-test methods on a benchmark, write the score tables"),
+    "score-table": ("umtfss.evaluation.tables:cli", "a score table as papers print it: mIoU per fold and mean, per shot"),
     "predict": ("umtfss.predict:cli", "segment a query image from support images and masks"),
     "inspect": ("umtfss.inspect:cli", "summarise any artifact (Zarr, parquet, npy, checkpoint)"),
     "plot-training": ("umtfss.figures:cli", "draw the loss curves of train logs into a PNG (for the report)"),

@@ -39,8 +39,12 @@ def summarise(path: str | Path, n: int = 16) -> str:
         return f"{path} (JSON, {_size(path.stat().st_size)})\n" + json.dumps(json.loads(path.read_text()), indent=2)
     if suffix in (".csv", ".tsv"):  # score tables, cluster_quality.csv, log.csv; Snakemake benchmark .tsv files
         table = pd.read_csv(path, sep="," if suffix == ".csv" else "\t")
-        return (f"{path} ({suffix[1:].upper()}, {len(table)} rows, {_size(path.stat().st_size)})\n"
-                + table.head(n).to_string())
+        head = f"{path} ({suffix[1:].upper()}, {len(table)} rows, {_size(path.stat().st_size)})\n"
+        from umtfss.evaluation.tables import is_score_table, paper_table
+
+        if is_score_table(table.columns):  # results/eval_<dataset>.csv: as papers print it
+            return head + paper_table(table).to_string(index=False)
+        return head + table.head(n).to_string()
     if suffix in CHECKPOINT_SUFFIXES:
         return summarise_checkpoint(path)
     raise ValueError(f"'{path}' has suffix '{suffix}'; expected a .zarr store, .parquet, .npy, .json, .csv, .tsv or a "

@@ -165,9 +165,9 @@ def evaluation_methods(w):
 
 
 def all_targets():
-    """The demo's default: the PASCAL score table, the pseudo-mask quality table, and the report's figures
-    (pseudo masks; the loss curves of the trained methods the table scores)."""
-    targets = ["results/eval_pascal.csv", f"{cluster_dir()}/pseudo_masks.png"]
+    """The demo's default: the PASCAL score table (also in the paper layout), the pseudo-mask quality
+    table, and the report's figures (pseudo masks; the loss curves of the trained methods the table scores)."""
+    targets = ["results/eval_pascal.csv", "results/eval_pascal.md", f"{cluster_dir()}/pseudo_masks.png"]
     if SOURCE in ("pascal", "coco"):
         targets.append(f"{cluster_dir()}/cluster_quality.csv")
     if any(method_checkpoint(m) for m in config["evaluation"]["methods"]):

@@ -31,3 +31,17 @@ rule evaluate:
     shell:
         "umtfss evaluate --config {params.cfg:q} --dataset {wildcards.dataset} --tables {params.tables} "
         "{params.methods} --out {output.scores} --classes-out {output.classes} {params.meta} --workers {params.workers} > {log} 2>&1"
+
+
+rule score_table:
+    # the paper layout of the score table (umtfss score-table): a row per method, mIoU per fold and mean
+    input:
+        "results/eval_{dataset}.csv",
+    output:
+        report("results/eval_{dataset}.md", caption="../report/eval_table.rst", category="Scores"),
+    conda:
+        CONDA_ENV
+    log:
+        "logs/score_table_{dataset}.log",
+    shell:
+        "umtfss score-table {input:q} --out {output:q} > {log} 2>&1"
