@@ -9,6 +9,7 @@ import sys
 # name -> ("module:function", help). The function adds its arguments to the parser and returns
 # the callable that runs the stage; modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "doctor": ("umtfss.doctor:cli", "what this machine gives each stage: versions, GPUs, what 'auto' picks"),
     "demo": ("umtfss.data.demo:cli", "generate the demo data set in PASCAL VOC layout"),
     "convert-sbd": ("umtfss.data.convert:cli_sbd", "merge SBD .mat masks with VOC into SegmentationClassAug PNGs"),
     "convert-coco": ("umtfss.data.convert:cli_coco", "write COCO per-image class-mask PNGs from instance JSON"),
