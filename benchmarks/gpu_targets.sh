@@ -9,6 +9,7 @@ measure() {  # one measurement; a failure is reported at the end and does not st
   echo "== $*"
   "$@" || failed+=("$* (exit $?)")
 }
+measure python -m umtfss.cli doctor  # what the machine gives the stages, for the log
 measure python benchmarks/fit_vs_sklearn.py --device cuda --threads "$threads"
 for resize_on in device workers; do  # the default on a GPU (uint8 to the device, resized there), then the old way
   measure python benchmarks/embed_throughput.py --backbone resnet50-imagenet --image-size 473 --images 4000 \
