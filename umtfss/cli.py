@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert-coco": ("umtfss.data.convert:cli_coco", "write COCO per-image class-mask PNGs from instance JSON"),
     "prepare": ("umtfss.data.prepare:cli", "write the image list and class/fold tables (parquet)"),
     "embed": ("umtfss.embedding:cli", "per-pixel self-supervised features into a Zarr store (one shard)"),
-    "fit": ("umtfss.clustering.fit:cli", "spherical k-means centroids on a random pixel subset"),
+    "fit": ("umtfss.clustering.fit:cli", "k-means centroids (spherical or euclidean) on a random pixel subset"),
     "assign": ("umtfss.clustering.assign:cli", "nearest-centroid cluster id for every pixel (one shard)"),
     "quality": ("umtfss.clustering.quality:cli", "pseudo-mask quality against ground truth (measurement only)"),
     "episodes": ("umtfss.pseudo_episodes:cli", "pseudo regions and support candidates (parquet)"),
@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("umtfss.evaluation.run:cli", "meta-test methods on a benchmark, write the score tables"),
     "score-table": ("umtfss.evaluation.tables:cli", "a score table as papers print it: mIoU per fold and mean, per shot"),
     "predict": ("umtfss.predict:cli", "segment a query image from support images and masks"),
-    "inspect": ("umtfss.inspect:cli", "summarise any artifact (Zarr, parquet, npy, checkpoint)"),
+    "inspect": ("umtfss.inspect:cli", "summarise any artifact (Zarr, parquet, npy, csv, checkpoint) or a folder of them"),
     "plot-training": ("umtfss.figures:cli", "draw the loss curves of train logs into a PNG (for the report)"),
 }
 
