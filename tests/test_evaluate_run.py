@@ -179,6 +179,30 @@ def test_all_background_via_cli(tmp_path, capsys):
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
 
 
+def test_workers_auto_decodes_in_process_on_a_cpu(tmp_path, monkeypatch, capsys):
+    """--workers auto (the workflow's): no worker process on a CPU, where they only take the forward's cores."""
+    from umtfss.evaluation import run
+
+    seen = []
+    real_loader = run.DataLoader
+
+    def recording_loader(*args, **kwargs):
+        seen.append(kwargs["num_workers"])
+        return real_loader(*args, **kwargs)
+
+    monkeypatch.setattr(run, "DataLoader", recording_loader)
+    tables = _make_val_set(tmp_path)
+    config = json.dumps({"evaluation": {"folds": [0], "shots": [1], "episodes": 3, "test_size": TEST_SIZE,
+                                        "device": "cpu"}})
+    args = ["evaluate", "--config", config, "--dataset", "pascal", "--tables", str(tables), "--method",
+            "all-background", "--out", str(tmp_path / "o.csv"), "--classes-out", str(tmp_path / "c.csv")]
+    assert main(args) == 0 and seen == [0]
+    assert main(args + ["--workers", "1"]) == 0 and seen == [0, 1]
+    with pytest.raises(SystemExit):
+        main(args + ["--workers", "some"])
+    assert "--workers 'some' is not auto or a count" in capsys.readouterr().err
+
+
 def test_errors_are_reported(tmp_path, capsys):
     tables = _make_val_set(tmp_path)
     fold0 = json.dumps({"evaluation": {"folds": [0], "episodes": 4, "test_size": 32, "device": "cpu"}})

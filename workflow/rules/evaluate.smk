@@ -19,7 +19,6 @@ rule evaluate:
         cfg=stage_config("evaluation", "model", "datasets"),
         methods=evaluation_methods,
         tables="results/{dataset}/prepare",
-        workers=lambda w, threads: min(threads, os.cpu_count() or 1),
         meta=f"--meta embedder={EMBEDDER} --meta clusters={CLUSTERS} --meta unlabeled={SRC}",
     threads: TORCH_JOB_THREADS
     conda:
@@ -30,7 +29,7 @@ rule evaluate:
         "results/benchmarks/evaluate-{dataset}.tsv"
     shell:
         "umtfss evaluate --config {params.cfg:q} --dataset {wildcards.dataset} --tables {params.tables} "
-        "{params.methods} --out {output.scores} --classes-out {output.classes} {params.meta} --workers {params.workers} > {log} 2>&1"
+        "{params.methods} --out {output.scores} --classes-out {output.classes} {params.meta} --workers auto > {log} 2>&1"
 
 
 rule score_table:
