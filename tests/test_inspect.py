@@ -187,3 +187,43 @@ def test_a_folder_lists_each_artifact_on_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no artifact umtfss knows"):
         summarise(tmp_path / "empty")
+
+
+def test_embedding_store_overlay_colours_features_by_principal_components(tmp_path):
+    """Each image beside its features as PCA colours: four feature vectors in four blocks give four
+    colours, the same in every image (one projection for all); padding cells are not shown."""
+    from umtfss.stores import create_embedding_store
+
+    rng = np.random.default_rng(0)
+    features = np.zeros((3, 4, 6, 8), np.float32)
+    for (rows, cols), axis in zip([(slice(0, 2), slice(0, 3)), (slice(0, 2), slice(3, 6)),
+                                   (slice(2, 4), slice(0, 3)), (slice(2, 4), slice(3, 6))], range(4)):
+        features[:, rows, cols] = np.eye(8)[axis]
+    features += rng.normal(scale=0.01, size=features.shape)
+    features /= np.linalg.norm(features, axis=-1, keepdims=True)
+    attrs = {"image_ids": ["x", "y", "z"], "backbone": "synthetic", "layer": "l", "stride": 8, "image_size": 48,
+             "dim": 8, "dtype": "float32", "checkpoint_sha256": None, "preprocessing": "test",
+             "forward_precision": "float32", "shard": 0, "num_shards": 1, "umtfss_version": "test"}
+    group = create_embedding_store(tmp_path / "emb.zarr", 3, (4, 6), 8, "float32", attrs)
+    group["features"][:] = features
+    group["valid"][:] = [[4, 6], [4, 6], [2, 6]]  # image z: its lower two rows are padding
+    group["sizes"][:] = [[32, 48], [32, 48], [16, 48]]
+    rows = []
+    for image_id, height in (("x", 32), ("y", 32), ("z", 16)):
+        Image.fromarray(np.full((height, 48, 3), 120, np.uint8)).save(tmp_path / f"{image_id}.png")
+        rows.append({"image_id": image_id, "image_path": str(tmp_path / f"{image_id}.png")})
+    pd.DataFrame(rows).to_parquet(tmp_path / "images.parquet")
+    out = tmp_path / "features.png"
+    args = ["inspect", str(tmp_path / "emb.zarr"), "--images", str(tmp_path / "images.parquet"), "--overlay", str(out)]
+    assert cli.main(args) == 0
+    picture = np.asarray(Image.open(out)).astype(int)
+    assert picture.shape == (2 * 192, 2 * 2 * 192, 3)  # 2x2 slots, image + features side by side
+    x_tile = picture[:128, 192:384]  # image x's feature tile: 48x32 scaled to 192x128, a cell 32 px
+    blocks = [x_tile[5:58, 5:90], x_tile[5:58, 100:186], x_tile[70:122, 5:90], x_tile[70:122, 100:186]]
+    colours = [block.reshape(-1, 3).mean(0) for block in blocks]
+    assert all(block.reshape(-1, 3).std(0).max() < 12 for block in blocks)  # one colour per feature
+    assert min(np.abs(p - q).max() for i, p in enumerate(colours) for q in colours[i + 1:]) > 40
+    z_tile = picture[192:256, 192:384]  # image z (48x16 -> 192x64): its two valid rows, the top blocks
+    assert np.abs(z_tile[5:58, 5:90].reshape(-1, 3).mean(0) - colours[0]).max() < 12
+    assert np.abs(z_tile[5:58, 100:186].reshape(-1, 3).mean(0) - colours[1]).max() < 12
+    assert cli.main(args + ["--ground-truth"]) == 1  # label stores only

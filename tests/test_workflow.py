@@ -77,12 +77,14 @@ def test_all_rule_draws_the_report_figures(pipeline, tmp_path):
     from PIL import Image
 
     plan = planned_jobs(snakemake(pipeline, "-n", "--cores", "2").stdout)
-    assert "score_table" in plan and not plan & {"train_unsup", "evaluate", "embed"}
+    assert {"score_table", "feature_pca"} <= plan and not plan & {"train_unsup", "evaluate", "embed"}
     snakemake(pipeline, "--cores", "2")
     masks = pipeline / "results/pascal/demo-colortexture/clusters-12/pseudo_masks.png"
     curves = pipeline / "results/training_pascal.png"
     # the first 16 of the shard's 20 images, each beside its ground truth (a PASCAL-layout source)
     assert Image.open(masks).size == (2 * 4 * 192, 4 * 192)
+    features = pipeline / "results/pascal/demo-colortexture/embeddings/features.png"
+    assert Image.open(features).size == (2 * 4 * 192, 4 * 192)  # 16 images, each beside its feature colours
     assert Image.open(curves).size == (500, 340)  # one panel: unsup is the only trained method
     assert (pipeline / "logs/training_pascal.log").is_file()
     table = (pipeline / "results/eval_pascal.md").read_text()  # the score table in the papers' layout
@@ -91,7 +93,7 @@ def test_all_rule_draws_the_report_figures(pipeline, tmp_path):
     snakemake(pipeline, "--report", str(out))
     html = out.read_text(errors="replace")
     assert "pseudo_masks.png" in html and "training_pascal.png" in html and "cluster_quality.csv" in html
-    assert "eval_pascal.md" in html
+    assert "eval_pascal.md" in html and "features.png" in html
     with edited_config(pipeline) as config:
         config["evaluation"]["methods"] = ["all-background", "prototype-threshold"]
         write_config(pipeline, config)

@@ -58,6 +58,10 @@ def _is_zarr(path: Path) -> bool:
     return (path / "zarr.json").is_file() or (path / ".zgroup").is_file() or path.suffix == ".zarr"
 
 
+def _is_embedding_store(path: Path) -> bool:
+    return path.is_dir() and (path / "features" / "zarr.json").is_file()
+
+
 def _artifacts(folder: Path) -> list[Path]:
     """The artifacts under `folder` in path order: Zarr stores (not descended into) and files of a known kind."""
     found = []
@@ -326,8 +330,6 @@ def write_overlay(label_store: str | Path, images_table: str | Path, out: str | 
     """A PNG grid of the first n images of a label store with their pseudo masks (the refined ones when the
     store has them) coloured by cluster; with `ground_truth`, each beside its labelled classes (for a look
     only: the colours of clusters and classes do not correspond). An image without a label gets a grey tile."""
-    from PIL import Image
-
     from umtfss.io import read_label
     from umtfss.stores import LabelStore
 
@@ -350,43 +352,119 @@ def write_overlay(label_store: str | Path, images_table: str | Path, out: str | 
         raise ValueError(f"none of the images of '{label_store}' is in the images table '{images_table}'")
     colours = cluster_colours(max(store.clusters, 1))
     truth_colours = ground_truth_colours()
-    width = 2 if ground_truth else 1  # tiles per image
-    columns = math.ceil(math.sqrt(len(shown)))
-    rows = math.ceil(len(shown) / columns)
-    canvas = Image.new("RGB", (columns * width * tile, rows * tile), (32, 32, 32))
-
-    def paste(array: np.ndarray, x: int, y: int) -> None:
-        picture = Image.fromarray(array)
-        scale = tile / max(picture.size)
-        picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
-                                 Image.Resampling.BILINEAR if scale < 1 else Image.Resampling.NEAREST)
-        canvas.paste(picture, (x, y))
-
+    grid = TileGrid(len(shown), 2 if ground_truth else 1, tile)  # tiles per image: pseudo masks (+ truth)
     for slot, index in enumerate(tqdm(shown, desc="overlay", unit="img", disable=len(shown) < 32)):
         image_id = store.image_ids[index]
         image = read_rgb(paths[image_id])
         labels = store.refined(index) if store.has_refined else store.labels(index)  # refined: image resolution
-        x, y = (slot % columns) * width * tile, (slot // columns) * tile
-        paste(overlay_image(image, labels, colours), x, y)
+        grid.paste(overlay_image(image, labels, colours), slot, 0)
         if ground_truth:
             label_path = labels_of[image_id]
             truth = read_label(label_path).astype(np.int64) if isinstance(label_path, str) and label_path else None
             if truth is not None and truth.shape != image.shape[:2]:
                 raise ValueError(f"label '{label_path}' is {truth.shape[1]}x{truth.shape[0]}, its image "
                                  f"'{paths[image_id]}' {image.shape[1]}x{image.shape[0]}")
-            paste(overlay_image(image, truth, truth_colours) if truth is not None
-                  else np.full_like(image, 96), x + tile, y)
-    out = Path(out)
-    with atomic_path(out) as temp:
-        canvas.save(temp, format="PNG")
+            grid.paste(overlay_image(image, truth, truth_colours) if truth is not None
+                       else np.full_like(image, 96), slot, 1)
+    return grid.save(out)
+
+
+class TileGrid:
+    """A near-square grid of images, `width` tiles side by side per image, each fitted into tile x tile."""
+
+    def __init__(self, images: int, width: int, tile: int):
+        from PIL import Image
+
+        self.width, self.tile = width, tile
+        self.columns = math.ceil(math.sqrt(images))
+        rows = math.ceil(images / self.columns)
+        self.canvas = Image.new("RGB", (self.columns * width * tile, rows * tile), (32, 32, 32))
+
+    def paste(self, array: np.ndarray, slot: int, position: int) -> None:
+        from PIL import Image
+
+        picture = Image.fromarray(array)
+        scale = self.tile / max(picture.size)
+        picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
+                                 Image.Resampling.BILINEAR if scale < 1 else Image.Resampling.NEAREST)
+        x = ((slot % self.columns) * self.width + position) * self.tile
+        self.canvas.paste(picture, (x, (slot // self.columns) * self.tile))
+
+    def save(self, out: str | Path) -> Path:
+        out = Path(out)
+        with atomic_path(out) as temp:
+            self.canvas.save(temp, format="PNG")
+        return out
+
+
+def _images_of_store(store, images_table: str | Path, n: int, what: str) -> tuple[list[int], dict[str, str]]:
+    """The first n image indices of a store that the images table holds, and the table's image paths."""
+    if not Path(images_table).is_file():
+        raise FileNotFoundError(f"images table '{images_table}' does not exist")
+    table = pd.read_parquet(images_table, columns=["image_id", "image_path"]).drop_duplicates("image_id")
+    paths = dict(zip(table["image_id"].astype(str), table["image_path"].astype(str)))
+    shown = [i for i, image_id in enumerate(store.image_ids) if image_id in paths][:n]
+    if not shown:
+        raise ValueError(f"none of the images of {what} is in the images table '{images_table}'")
+    return shown, paths
+
+
+PCA_SAMPLE_CELLS = 20000
+
+
+def feature_colours(cells: list[np.ndarray], seed: int = 0) -> list[np.ndarray]:
+    """uint8 [h, w, 3] per [h, w, C] feature grid: the first three principal components of all the grids'
+    cells as RGB, each stretched between its 1st and 99th percentile (one projection for all, so equal
+    colours mean similar features across images)."""
+    flat = np.concatenate([c.reshape(-1, c.shape[-1]) for c in cells]).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    sample = flat[rng.choice(len(flat), min(len(flat), PCA_SAMPLE_CELLS), replace=False)]
+    mean = sample.mean(axis=0)
+    _, _, vt = np.linalg.svd(sample - mean, full_matrices=False)
+    basis = vt[:3].T
+    if basis.shape[1] < 3:  # fewer than 3 channels or cells: pad with zeros
+        basis = np.pad(basis, ((0, 0), (0, 3 - basis.shape[1])))
+    projected = (sample - mean) @ basis
+    low, high = np.percentile(projected, 1, axis=0), np.percentile(projected, 99, axis=0)
+    span = np.where(high > low, high - low, 1.0)
+    out = []
+    for grid in cells:
+        values = (grid.reshape(-1, grid.shape[-1]).astype(np.float32) - mean) @ basis
+        rgb = np.clip((values - low) / span, 0, 1) * 255
+        out.append(rgb.round().astype(np.uint8).reshape(*grid.shape[:2], 3))
     return out
+
+
+def write_feature_overlay(embedding_store: str | Path, images_table: str | Path, out: str | Path, n: int = 16,
+                          tile: int = 192) -> Path:
+    """A PNG grid of the first n images of an embedding store, each beside its features' first three
+    principal components as colours (the look DINO papers give features): what the clustering will see."""
+    from umtfss.stores import EmbeddingStore
+
+    store = EmbeddingStore([embedding_store])
+    if len(store) == 0:
+        raise ValueError(f"embedding store '{embedding_store}' holds no image; inspect another shard")
+    shown, paths = _images_of_store(store, images_table, n, f"'{embedding_store}'")
+    grids = []
+    for index in shown:
+        rows, cols = store.valid(index)
+        grids.append(np.asarray(store.features(index))[:rows, :cols])
+    grid = TileGrid(len(shown), 2, tile)
+    for slot, (index, colours) in enumerate(zip(shown, feature_colours(grids))):
+        image = read_rgb(paths[store.image_ids[index]])
+        grid.paste(image, slot, 0)
+        grid.paste(resize_nearest(colours, image.shape[:2]), slot, 1)
+    return grid.save(out)
+
+
 
 
 def cli(parser: argparse.ArgumentParser):
     """`umtfss inspect PATH`: print the summary; `--overlay OUT.png` renders a label store's pseudo masks."""
     parser.add_argument("path", help="a Zarr store, parquet, npy, json, csv or checkpoint file, or a folder of them")
     parser.add_argument("--config", default=None, help="YAML file or inline JSON (optional; no key is read)")
-    parser.add_argument("--overlay", default=None, help="write a PNG grid of images with pseudo masks (label stores)")
+    parser.add_argument("--overlay", default=None, help="write a PNG grid: images with their pseudo masks (label "
+                        "stores) or beside their features' first 3 principal components as colours (embedding stores)")
     parser.add_argument("--images", default=None, help="images.parquet, needed by --overlay")
     parser.add_argument("--ground-truth", action="store_true",
                         help="--overlay: each image's labelled classes beside its pseudo masks (label_path of --images)")
@@ -401,7 +479,13 @@ def cli(parser: argparse.ArgumentParser):
         if args.overlay:
             if not args.images:
                 raise ValueError("--overlay needs --images images.parquet to find the image files")
-            written = write_overlay(args.path, args.images, args.overlay, n=args.n, ground_truth=args.ground_truth)
+            if _is_embedding_store(Path(args.path)):
+                if args.ground_truth:
+                    raise ValueError("--ground-truth applies to label stores; an embedding store's overlay shows "
+                                     "each image beside its features' principal components")
+                written = write_feature_overlay(args.path, args.images, args.overlay, n=args.n)
+            else:
+                written = write_overlay(args.path, args.images, args.overlay, n=args.n, ground_truth=args.ground_truth)
             print(f"overlay written to {written}")
 
     return run

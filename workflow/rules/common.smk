@@ -166,8 +166,10 @@ def evaluation_methods(w):
 
 def all_targets():
     """The demo's default: the PASCAL score table (also in the paper layout), the pseudo-mask quality
-    table, and the report's figures (pseudo masks; the loss curves of the trained methods the table scores)."""
-    targets = ["results/eval_pascal.csv", "results/eval_pascal.md", f"{cluster_dir()}/pseudo_masks.png"]
+    table, and the report's figures (stored features, pseudo masks; the loss curves of the trained methods
+    the table scores)."""
+    targets = ["results/eval_pascal.csv", "results/eval_pascal.md", f"results/{SRC}/{EMBEDDER}/embeddings/features.png",
+               f"{cluster_dir()}/pseudo_masks.png"]
     if SOURCE in ("pascal", "coco"):
         targets.append(f"{cluster_dir()}/cluster_quality.csv")
     if any(method_checkpoint(m) for m in config["evaluation"]["methods"]):

@@ -1,4 +1,24 @@
-"""Figures for `snakemake --report`: the pseudo masks the clustering found, the loss curves of training."""
+"""Figures for `snakemake --report`: the features embed stored, the pseudo masks the clustering found,
+the loss curves of training."""
+
+
+rule feature_pca:
+    input:
+        # the first shard's first images, as for the pseudo masks
+        embeddings=lambda w: embedding_shards(w.src, w.embedder)[0],
+        images="results/{src}/prepare/images.parquet",
+    output:
+        report(
+            "results/{src}/{embedder}/embeddings/features.png",
+            caption="../report/features.rst",
+            category="Pseudo classes",
+        ),
+    conda:
+        CONDA_ENV
+    log:
+        "logs/{src}/{embedder}/feature_pca.log",
+    shell:
+        "umtfss inspect {input.embeddings} --images {input.images} --overlay {output} --n 16 > {log} 2>&1"
 
 
 rule pseudo_masks:
