@@ -184,6 +184,8 @@ def test_a_folder_lists_each_artifact_on_one_line(tmp_path, capsys):
     assert "checkpoint: method unsup, epoch 2, step 40" in listed["models/unsup/checkpoint.pt"]
     assert "PNG: 9x7 RGB" in listed["pseudo_masks.png"]
     assert "parquet: 3 rows x 2 columns" in listed["regions.parquet"]
+    (root / "models" / "back").symlink_to(root, target_is_directory=True)  # a link up the tree: read once
+    assert summarise(root).splitlines()[0].startswith(f"{root} (folder, 7 artifacts")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no artifact umtfss knows"):
         summarise(tmp_path / "empty")

@@ -62,14 +62,20 @@ def _is_embedding_store(path: Path) -> bool:
     return path.is_dir() and (path / "features" / "zarr.json").is_file()
 
 
-def _artifacts(folder: Path) -> list[Path]:
-    """The artifacts under `folder` in path order: Zarr stores (not descended into) and files of a known kind."""
+def _artifacts(folder: Path, seen: set[Path] | None = None) -> list[Path]:
+    """The artifacts under `folder` in path order: Zarr stores (not descended into) and files of a known
+    kind; a linked folder is read once (a link back up the tree ends there)."""
+    seen = set() if seen is None else seen
+    seen.add(folder.resolve())
     found = []
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            found += [entry] if _is_zarr(entry) else _artifacts(entry)
+            if _is_zarr(entry):
+                found.append(entry)
+            elif entry.resolve() not in seen:
+                found += _artifacts(entry, seen)
         elif entry.suffix.lower() in ARTIFACT_SUFFIXES:
             found.append(entry)
     return found
