@@ -2,6 +2,7 @@
 # The issue-4 targets that only a GPU machine can settle, in one run (about 5 minutes on an H100):
 # fit (torch k-means on CUDA vs scikit-learn on the CPU), embed (steady state vs bare forward) and
 # assign (on CUDA vs reading the store). Run from the repository root: bash benchmarks/gpu_targets.sh
+# (on a machine without internet, first the wheels of benchmarks/device_wheels.sh, as the README says)
 set -uo pipefail
 threads=$(nproc)
 failed=()

@@ -229,3 +229,11 @@ def test_embedding_store_overlay_colours_features_by_principal_components(tmp_pa
     assert np.abs(z_tile[5:58, 5:90].reshape(-1, 3).mean(0) - colours[0]).max() < 12
     assert np.abs(z_tile[5:58, 100:186].reshape(-1, 3).mean(0) - colours[1]).max() < 12
     assert cli.main(args + ["--ground-truth"]) == 1  # label stores only
+    from umtfss.inspect import write_feature_overlay
+
+    pd.DataFrame([{"image_id": "w", "image_path": rows[0]["image_path"]}]).to_parquet(tmp_path / "other.parquet")
+    with pytest.raises(ValueError, match="none of the images of .*emb.zarr' is in the images table .*other.parquet"):
+        write_feature_overlay(tmp_path / "emb.zarr", tmp_path / "other.parquet", tmp_path / "bad.png")
+    with pytest.raises(FileNotFoundError, match="images table .*absent.parquet' does not exist"):
+        write_feature_overlay(tmp_path / "emb.zarr", tmp_path / "absent.parquet", tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()

@@ -340,22 +340,10 @@ def write_overlay(label_store: str | Path, images_table: str | Path, out: str | 
     from umtfss.stores import LabelStore
 
     store = LabelStore([label_store])
-    if not Path(images_table).is_file():
-        raise FileNotFoundError(f"images table '{images_table}' does not exist")
-    columns = ["image_id", "image_path"] + (["label_path"] if ground_truth else [])
-    present = pq.read_schema(images_table).names
-    if ground_truth and "label_path" not in present:
-        raise ValueError(f"images table '{images_table}' has no column label_path, needed for the ground truth "
-                         f"(it has {', '.join(present)})")
-    table = pd.read_parquet(images_table, columns=columns).drop_duplicates("image_id")
-    paths = dict(zip(table["image_id"].astype(str), table["image_path"].astype(str)))
-    labels_of = dict(zip(table["image_id"].astype(str), table["label_path"])) if ground_truth else {}
     if len(store) == 0:
         raise ValueError(f"label store '{label_store}' holds no image (a shard of a folder with fewer images than "
                          "embedding.shards); inspect another shard")
-    shown = [i for i, image_id in enumerate(store.image_ids) if image_id in paths][:n]
-    if not shown:
-        raise ValueError(f"none of the images of '{label_store}' is in the images table '{images_table}'")
+    shown, paths, labels_of = _images_of_store(store, images_table, n, f"'{label_store}'", label_paths=ground_truth)
     colours = cluster_colours(max(store.clusters, 1))
     truth_colours = ground_truth_colours()
     grid = TileGrid(len(shown), 2 if ground_truth else 1, tile)  # tiles per image: pseudo masks (+ truth)
@@ -403,16 +391,25 @@ class TileGrid:
         return out
 
 
-def _images_of_store(store, images_table: str | Path, n: int, what: str) -> tuple[list[int], dict[str, str]]:
-    """The first n image indices of a store that the images table holds, and the table's image paths."""
+def _images_of_store(store, images_table: str | Path, n: int, what: str, label_paths: bool = False
+                     ) -> tuple[list[int], dict[str, str], dict[str, object]]:
+    """The first n image indices of a store that the images table holds, the table's image paths and,
+    with `label_paths`, its label paths (else an empty dict)."""
     if not Path(images_table).is_file():
         raise FileNotFoundError(f"images table '{images_table}' does not exist")
-    table = pd.read_parquet(images_table, columns=["image_id", "image_path"]).drop_duplicates("image_id")
-    paths = dict(zip(table["image_id"].astype(str), table["image_path"].astype(str)))
+    columns = ["image_id", "image_path"] + (["label_path"] if label_paths else [])
+    present = pq.read_schema(images_table).names
+    if label_paths and "label_path" not in present:
+        raise ValueError(f"images table '{images_table}' has no column label_path, needed for the ground truth "
+                         f"(it has {', '.join(present)})")
+    table = pd.read_parquet(images_table, columns=columns).drop_duplicates("image_id")
+    ids = table["image_id"].astype(str)
+    paths = dict(zip(ids, table["image_path"].astype(str)))
+    labels_of = dict(zip(ids, table["label_path"])) if label_paths else {}
     shown = [i for i, image_id in enumerate(store.image_ids) if image_id in paths][:n]
     if not shown:
         raise ValueError(f"none of the images of {what} is in the images table '{images_table}'")
-    return shown, paths
+    return shown, paths, labels_of
 
 
 PCA_SAMPLE_CELLS = 20000
@@ -450,7 +447,7 @@ def write_feature_overlay(embedding_store: str | Path, images_table: str | Path,
     store = EmbeddingStore([embedding_store])
     if len(store) == 0:
         raise ValueError(f"embedding store '{embedding_store}' holds no image; inspect another shard")
-    shown, paths = _images_of_store(store, images_table, n, f"'{embedding_store}'")
+    shown, paths, _ = _images_of_store(store, images_table, n, f"'{embedding_store}'")
     grids = []
     for index in shown:
         rows, cols = store.valid(index)
@@ -461,8 +458,6 @@ def write_feature_overlay(embedding_store: str | Path, images_table: str | Path,
         grid.paste(image, slot, 0)
         grid.paste(resize_nearest(colours, image.shape[:2]), slot, 1)
     return grid.save(out)
-
-
 
 
 def cli(parser: argparse.ArgumentParser):
