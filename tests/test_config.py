@@ -1,5 +1,6 @@
 """Configuration: defaults from the schema, and errors that name the key, the value and what is allowed."""
 
+import copy
 import json
 
 import pytest
@@ -144,3 +145,25 @@ def test_paper_episode_counts():
     assert cfg.test_episodes(c, "pascal") == 1000 and cfg.test_episodes(c, "coco") == 5000
     c["evaluation"]["episodes"] = 5000
     assert cfg.test_episodes(c, "pascal") == 5000
+
+
+def test_command_line_strings_get_the_schema_types():
+    """What `snakemake --config` puts in for nested keys (all strings) is read as the schema's types;
+    strings stay strings, and what cannot be read stays for the validator to name."""
+    given = {"clustering": {"clusters": "30", "metric": "euclidean", "subset_pixels": "abc"},
+             "training": {"lr_adamw": "1e-3", "amp": "false"},
+             "evaluation": {"seeds": ["1", "2"], "episodes": "null"},
+             "embedding": {"dim": "null", "checkpoint": "null"},
+             "unlabeled": {"name": "2024"}}
+    config = copy.deepcopy(given)
+    cfg.type_command_line_values(config, given)
+    assert config["clustering"] == {"clusters": 30, "metric": "euclidean", "subset_pixels": "abc"}
+    assert config["training"] == {"lr_adamw": 1e-3, "amp": False}
+    assert config["evaluation"] == {"seeds": [1, 2], "episodes": None}
+    assert config["embedding"] == {"dim": None, "checkpoint": None}
+    assert config["unlabeled"] == {"name": "2024"}  # a string key keeps its text
+    with pytest.raises(cfg.ConfigError, match="'clustering.subset_pixels' has value \"abc\", expected type integer"):
+        cfg.validate(config)
+    file_values = {"clustering": {"clusters": "30"}}  # a value the command line did not set is left alone
+    cfg.type_command_line_values(file_values, {"clustering": {"clusters": "40"}})
+    assert file_values == {"clustering": {"clusters": "30"}}

@@ -162,6 +162,18 @@ def test_changing_clusters_reruns_clustering_but_never_embed(pipeline):
     assert "embed" not in jobs and "demo" not in jobs and "prepare" not in jobs
 
 
+def test_clusters_set_with_config_on_the_command_line(pipeline):
+    """Snakemake reads nested --config values as strings ("10"); the workflow types them by the schema,
+    so N can be changed without editing config.yaml, with the same plan, and a bad value is still named."""
+    plan = snakemake(pipeline, "-n", "--cores", "2", "results/eval_pascal.csv",
+                     "--config", "clustering={clusters: 10}").stdout
+    jobs = planned_jobs(plan)
+    assert "fit" in jobs and "evaluate" in jobs and not jobs & {"embed", "demo", "prepare"}
+    assert "clusters-10/centroids.npy" in plan
+    bad = snakemake(pipeline, "-n", "results/eval_pascal.csv", "--config", "clustering={clusters: 1}", check=False)
+    assert bad.returncode != 0 and "config key 'clustering.clusters' has value 1, expected minimum 2" in bad.stdout + bad.stderr
+
+
 def test_changing_refine_reruns_assign_and_after_but_never_fit_or_embed(pipeline):
     with edited_config(pipeline) as config:
         config["clustering"]["superpixel_min_size"] = 50  # not read while refine is none

@@ -76,6 +76,58 @@ def _removed_keys(config: dict) -> list[str]:
             if isinstance(config.get(section), dict) and key in config[section]]
 
 
+def _accepted_types(node: dict) -> set[str]:
+    types = node.get("type", [])
+    types = {types} if isinstance(types, str) else set(types)
+    if "enum" in node:
+        types |= {{str: "string", bool: "boolean", int: "integer", float: "number", type(None): "null"}[type(v)]
+                  for v in node["enum"]}
+    return types
+
+
+def _typed_value(text: str, node: dict):
+    """A command-line string as the schema node wants it: Snakemake reads nested `--config` values with
+    YAML's base loader, so `clustering={clusters: 30}` arrives as the string "30"."""
+    types = _accepted_types(node)
+    if not types - {"string"}:  # a string key, or one the schema does not know (the validator names it)
+        return text
+    if "string" in types and text not in ("null", "~"):  # [string, null] keys: only null is re-read
+        return text
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) and "number" in types:  # 1e-3: YAML 1.1 reads it as a string
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    return text if isinstance(value, (dict, list)) else value
+
+
+def type_command_line_values(config: dict, overrides: dict) -> dict:
+    """Give the string leaves that Snakemake's `--config` put into `config` the types the schema asks
+    for (integers, numbers, booleans, null), in place; `overrides` is what `--config` set. Returns config."""
+    def walk(target, given, node):
+        if isinstance(given, dict) and isinstance(target, dict):
+            for key, value in given.items():
+                sub = node.get("properties", {}).get(key, {}) if isinstance(node, dict) else {}
+                if isinstance(value, str) and key in target and target[key] == value:
+                    target[key] = _typed_value(value, sub)
+                elif key in target:
+                    walk(target[key], value, sub)
+        elif isinstance(given, list) and isinstance(target, list) and len(given) == len(target):
+            items = node.get("items", {}) if isinstance(node, dict) else {}
+            for i, value in enumerate(given):
+                if isinstance(value, str) and target[i] == value:
+                    target[i] = _typed_value(value, items)
+                else:
+                    walk(target[i], value, items)
+
+    walk(config, overrides, schema())
+    return config
+
+
 def validate(config: dict, check_paths: bool = False) -> dict:
     """Fill defaults in place and raise ConfigError listing every invalid key."""
     removed = _removed_keys(config)

@@ -8,9 +8,13 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
-from umtfss.config import ConfigError, validate as _validate_config
+from umtfss.config import ConfigError, type_command_line_values, validate as _validate_config
 from umtfss.data.folder import folder_fingerprint as _folder_fingerprint
 
+try:  # --config clustering='{clusters: 30}' gives the string "30": read it as the schema's integer
+    type_command_line_values(config, workflow.config_settings.overwrite_config or {})
+except AttributeError:  # a Snakemake without config_settings: nested --config values stay strings
+    pass
 try:
     _validate_config(config, check_paths=True)
 except ConfigError as err:
