@@ -235,6 +235,8 @@ def test_shard_rows_and_table_errors(tmp_path):
     with pytest.raises(ValueError, match=r"not in split 'train'.*'zz'"):
         shard_rows(frame, 0, 1, image_filter={"a", "zz"})
     assert len(shard_rows(frame, 5, 6)) == 0
+    with pytest.raises(ValueError, match="no image in split 'test'; its splits are train"):
+        shard_rows(frame, 0, 1, split="test")
     with pytest.raises(ValueError, match="shard 3 of 3"):
         shard_rows(frame, 3, 3)
     with pytest.raises(ValueError, match="image_path"):

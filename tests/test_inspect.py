@@ -140,6 +140,10 @@ def test_unknown_artifact_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError):
         summarise(tmp_path / "missing.parquet")
     assert cli.main(["inspect", str(write_label_store(tmp_path)), "--overlay", str(tmp_path / "o.png")]) == 1
+    for name, content in (("damaged.parquet", b"not parquet"), ("damaged.json", b"{oops"), ("damaged.npy", b"\x93NUM")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"'{tmp_path / name}' is not a readable {name.split('.')[1]} file: "):
+            summarise(tmp_path / name)
 
 
 def test_benchmark_tsv_and_empty_shard(tmp_path):

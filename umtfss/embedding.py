@@ -53,6 +53,9 @@ def shard_rows(table: pd.DataFrame, shard: int, num_shards: int, split: str = "t
     if num_shards < 1 or not 0 <= shard < num_shards:
         raise ValueError(f"shard {shard} of {num_shards} is not valid; expected 0 <= shard < num_shards")
     rows = table[table["split"] == split]
+    if len(rows) == 0 and len(table):
+        raise ValueError(f"the image table has no image in split '{split}'; its splits are "
+                         f"{', '.join(sorted(map(str, table['split'].unique())))}")
     if image_filter is not None:
         if not callable(image_filter):
             wanted = set(image_filter)

@@ -31,6 +31,15 @@ def summarise(path: str | Path, n: int = 16) -> str:
             return summarise_zarr(path)
         return summarise_folder(path)
     suffix = path.suffix.lower()
+    try:
+        return _summarise_file(path, suffix, n)
+    except ValueError as err:  # parquet, numpy, JSON and CSV readers do not say which file they read
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"'{path}' is not a readable {suffix[1:]} file: {err}") from None
+
+
+def _summarise_file(path: Path, suffix: str, n: int) -> str:
     if suffix == ".parquet":
         return summarise_parquet(path)
     if suffix == ".npy":
