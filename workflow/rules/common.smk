@@ -12,6 +12,7 @@ from umtfss.config import ConfigError, type_command_line_values, validate as _va
 from umtfss.data.folder import folder_fingerprint as _folder_fingerprint
 
 try:  # --config clustering='{clusters: 30}' gives the string "30": read it as the schema's integer
+    # (overwrite_config holds the --configfile values too; YAML typed those already, but for 1e-3)
     type_command_line_values(config, workflow.config_settings.overwrite_config or {})
 except AttributeError:  # a Snakemake without config_settings: nested --config values stay strings
     pass
