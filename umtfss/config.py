@@ -107,7 +107,8 @@ def _typed_value(text: str, node: dict):
 
 def type_command_line_values(config: dict, overrides: dict) -> dict:
     """Give the string leaves that Snakemake's `--config` put into `config` the types the schema asks
-    for (integers, numbers, booleans, null), in place; `overrides` is what `--config` set. Returns config."""
+    for (integers, numbers, booleans, null), in place; `overrides` is what the command line set (Snakemake's
+    overwrite_config: the --configfile contents and --config). Returns config."""
     def walk(target, given, node):
         if isinstance(given, dict) and isinstance(target, dict):
             for key, value in given.items():
