@@ -36,6 +36,7 @@ def synthetic_batch(batch: int, shots: int, size: int, device, generator: torch.
     images = torch.rand(batch, shots + 1, 3, size, size, generator=generator)
     return {
         "query": images[:, 0].to(device), "query_mask": masks[:, 0].to(device),
+        "query_valid": torch.ones(batch, size, size, dtype=torch.bool, device=device),
         "supports": images[:, 1:].to(device), "support_masks": masks[:, 1:].to(device),
     }
 

@@ -16,7 +16,7 @@ from umtfss.io import write_png
 from umtfss.training import checkpoint as ckpt
 from umtfss.training.augment import Augmentation
 from umtfss.training.sources import EpisodeDataset, LabelledEpisodes, finetune_subset
-from umtfss.training.train import NonFiniteLossError, _resume_conflicts, lr_factor, train
+from umtfss.training.train import NonFiniteLossError, _resume_conflicts, _train_step, lr_factor, train
 
 torch.set_num_threads(1)
 
@@ -70,7 +70,7 @@ def test_augmentation_keeps_image_and_mask_aligned():
     image[mask == 255] = (0, 0, 255)  # blue = ignore region
     aug = Augmentation(crop_size=64, scale_min=0.8, scale_max=1.2, rotation=20, pad_fill="zero")
     for _ in range(10):
-        img, msk = aug(image, mask, rng)
+        img, msk, valid = aug(image, mask, rng)
         assert img.shape == (3, 64, 64) and msk.shape == (64, 64) and msk.dtype == torch.long
         # away from edges (bilinear blur), the colour tells the mask value
         dominant = img.argmax(0)
@@ -80,6 +80,9 @@ def test_augmentation_keeps_image_and_mask_aligned():
         # where the image is black (rotation/pad fill), the mask is 255
         black = img.max(0).values == 0
         assert (msk[black] == 255).all()
+        # validity is False exactly on the fill: the mask's own ignore region (blue) stays valid input
+        assert not valid[black].any() and valid[bright].all()
+        assert valid[(msk == 255) & bright].any()
 
 
 @pytest.mark.parametrize("fill", ["mean", "zero"])
@@ -87,8 +90,9 @@ def test_small_image_is_padded_with_the_fill_and_ignore(fill):
     image = np.full((20, 30, 3), 200, np.uint8)
     mask = np.ones((20, 30), np.uint8)
     aug = Augmentation(crop_size=48, scale_min=1.0, scale_max=1.0, rotation=0, pad_fill=fill)
-    img, msk = aug(image, mask, np.random.default_rng(1))
+    img, msk, valid = aug(image, mask, np.random.default_rng(1))
     assert img.shape == (3, 48, 48)
+    assert torch.equal(valid, msk == 1)  # the image's 20 x 30 pixels, nothing of the padding
     assert (msk == 1).sum() == 20 * 30 and (msk == 255).sum() == 48 * 48 - 600
     expected = torch.tensor([0.485, 0.456, 0.406] if fill == "mean" else [0.0, 0.0, 0.0])  # reference: ImageNet mean
     torch.testing.assert_close(img[:, msk == 255], expected[:, None].expand(3, int((msk == 255).sum())))
@@ -106,7 +110,7 @@ def test_blur_and_flip_switches():
 
     def draws(**switches):
         aug = Augmentation(crop_size=32, scale_min=1.0, scale_max=1.0, rotation=0, **switches)
-        return [aug(image, mask, np.random.default_rng(seed)) for seed in range(16)]
+        return [aug(image, mask, np.random.default_rng(seed))[:2] for seed in range(16)]
 
     def blurred(img):
         return bool(((img > 0.05) & (img < 0.95)).any())
@@ -124,9 +128,10 @@ def test_rotation_fills_corners_with_ignore():
     image = np.full((64, 64, 3), 255, np.uint8)
     mask = np.zeros((64, 64), np.uint8)
     aug = Augmentation(crop_size=64, scale_min=1.0, scale_max=1.0, rotation=30)
-    rotated = [aug(image, mask, np.random.default_rng(s))[1] for s in range(6)]
-    assert any((m == 255).sum() > 50 for m in rotated)
-    assert all(set(torch.unique(m).tolist()) <= {0, 255} for m in rotated)
+    rotated = [aug(image, mask, np.random.default_rng(s)) for s in range(6)]
+    assert any((m == 255).sum() > 50 for _, m, _ in rotated)
+    assert all(set(torch.unique(m).tolist()) <= {0, 255} for _, m, _ in rotated)
+    assert all(torch.equal(valid, m == 0) for _, m, valid in rotated)  # the corners are fill, not image
 
 
 # ------------------------------------------------------------------------- labelled episodes
@@ -176,6 +181,36 @@ def test_labelled_episodes_use_base_classes_and_hide_novel_pixels(toy_tables):
                 assert (smask == 1).any(), f"support {sid} lacks class {episode.class_id}"
 
 
+def test_episode_class_is_any_base_class_in_the_query_supports_where_it_is_present(toy_tables, tmp_path):
+    """PFENet's training draw: the pixel threshold picks query and support images, not the query's class."""
+    label = np.zeros((32, 40), np.uint8)
+    label[4:14, 5:35] = 3  # present
+    label[20:22, 5:10] = 4  # 10 pixels: under the threshold, still a class of the episode
+    image = np.zeros((32, 40, 3), np.uint8)
+    write_png(tmp_path / "g.png", image)
+    write_png(tmp_path / "g_label.png", label)
+    write_png(tmp_path / "h_label.png", np.where(label == 4, 4, 0).astype(np.uint8))
+    write_png(tmp_path / "h.png", image)
+    rows = [{"image_id": i, "split": "train", "image_path": str(tmp_path / f"{i}.png"),
+             "label_path": str(tmp_path / f"{i}_label.png"), "height": 32, "width": 40} for i in "gh"]
+    counts = [("g", 3, 300, True), ("g", 4, 10, False), ("h", 4, 10, False)]
+    tables = SimpleNamespace(
+        images=pd.concat([toy_tables.images, pd.DataFrame(rows)], ignore_index=True),
+        classes=toy_tables.classes,
+        image_classes=pd.concat([toy_tables.image_classes, pd.DataFrame(
+            counts, columns=["image_id", "class_id", "pixels", "present"]).assign(split="train")], ignore_index=True))
+    source = LabelledEpisodes(tables, "toy", fold=0)
+    assert "g" in source.query_ids and "h" not in source.query_ids  # h holds no present class
+    assert source.classes_of_image["g"] == [3, 4]
+    drawn = {source.episode(source.query_ids.index("g"), np.random.default_rng(seed), shots=1).class_id
+             for seed in range(12)}
+    assert drawn == {3, 4}
+    for seed in range(12):
+        episode = source.episode(source.query_ids.index("g"), np.random.default_rng(seed), shots=2)
+        assert set(episode.support_ids) <= set(source.images_of_class[episode.class_id]) - {"g", "h"}
+        assert episode.query_mask.sum() == (label == episode.class_id).sum()
+
+
 def test_remove_novel_and_subset_and_threshold(toy_tables):
     removed = LabelledEpisodes(toy_tables, "toy", fold=0, remove_novel_train=True)
     assert removed.query_ids == ["a", "d", "e"]
@@ -210,6 +245,50 @@ def test_episode_dataset_is_deterministic_per_epoch_and_index():
     assert sorted(dataset.order[:5].tolist()) == list(range(5))  # a permutation, then repeats
     dataset.set_epoch(1)
     assert not torch.equal(dataset[4]["query"], first["query"])
+
+
+
+class BandedEpisodes(SquareEpisodes):
+    """SquareEpisodes whose query labels carry an ignore band, as VOC's object outlines do."""
+
+    def episode(self, index, rng, shots):
+        episode = super().episode(index, rng, shots)
+        episode.query_mask[:6] = 255
+        return episode
+
+
+@pytest.mark.parametrize("augment", [None, Augmentation(48, scale_min=1.0, scale_max=1.0, rotation=0)],
+                         ids=["resize-pad", "augmentation"])
+def test_training_tells_the_model_only_where_the_padding_is(augment):
+    """The query's validity is the padding alone, as at test time: its label's own 255 pixels are the
+    answer, and marking them invalid would hand the model the object outlines."""
+    dataset = EpisodeDataset(BandedEpisodes(3), shots=1, crop_size=48, augment=augment)
+    batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
+    valid, target = batch["query_valid"], batch["query_mask"]
+    assert valid.dtype == torch.bool and valid.shape == target.shape
+    band = target == 255
+    assert (band & valid).any() and (band & ~valid).any()  # the labelled band stays valid; padding does not
+    # 40 x 52 images: resize-pad gives 37 x 48 of image, the augmentation pads 40 rows to 48 and crops 48 columns
+    image_pixels = 37 * 48 if augment is None else 40 * 48
+    assert valid.sum(dim=(1, 2)).tolist() == [image_pixels, image_pixels]
+
+    seen = {}
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.zeros(2, 1, 1))
+
+        def forward(self, query, supports, support_masks, query_valid):
+            seen["query_valid"] = query_valid
+            return query.new_zeros(query.shape[0], 2, *query.shape[-2:]) + self.bias
+
+    model = Recorder()
+    optimizers = {"sgd": torch.optim.SGD(model.parameters(), lr=0.1)}
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    loss = _train_step(model, batch, torch.nn.CrossEntropyLoss(ignore_index=255), optimizers, scaler,
+                       torch.device("cpu"), False, None)
+    assert math.isfinite(loss) and torch.equal(seen["query_valid"], valid)
 
 
 # ------------------------------------------------------------------------------ the loop

@@ -49,16 +49,23 @@ class Augmentation:
             raise ValueError(f"config key 'training.pad_fill' is '{self.pad_fill}', expected one of {', '.join(PAD_FILLS)}")
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
-        """uint8 HxWx3 image + uint8 HxW mask -> (float 3xSxS in [0,1], long SxS with 255 outside)."""
+        """uint8 HxWx3 image + uint8 HxW mask -> (float 3xSxS in [0,1], long SxS with 255 outside,
+        bool SxS valid: True where the pixel comes from the image)."""
         return augment_pair(image, mask, rng, self)
 
 
 def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, aug: Augmentation):
-    """Apply scale, rotation, flip, pad and crop with parameters drawn from `rng` (same for both)."""
+    """Apply scale, rotation, flip, pad and crop with parameters drawn from `rng` (same for both).
+
+    Returns (image, mask, valid). `valid` marks the pixels that come from the image, so that the
+    model is told only where the padding is, as at test time; the mask's own 255 pixels (VOC's
+    boundary band) stay valid input: they are the answer, not a property of the image.
+    """
     if image.shape[:2] != mask.shape[:2]:
         raise ValueError(f"image {image.shape[:2]} and mask {mask.shape[:2]} differ in size")
     img = to_tensor(image)
-    msk = torch.from_numpy(np.ascontiguousarray(mask)).to(torch.uint8)[None]
+    label = torch.from_numpy(np.ascontiguousarray(mask)).to(torch.uint8)
+    msk = torch.stack([label, torch.ones_like(label)])  # channel 1: 1 on image pixels, 0 on fill
     fill = PAD_FILLS[aug.pad_fill]
     img, msk = _random_scale(img, msk, rng, aug.scale_min, aug.scale_max)
     img, msk = _random_rotate(img, msk, rng, aug.rotation, fill)
@@ -68,7 +75,7 @@ def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, 
         img, msk = img.flip(-1), msk.flip(-1)
     img, msk = _pad_to(img, msk, aug.crop_size, fill)
     img, msk = _random_crop(img, msk, rng, aug.crop_size)
-    return img.contiguous(), msk[0].long().contiguous()
+    return img.contiguous(), msk[0].long().contiguous(), msk[1].bool().contiguous()
 
 
 def _random_scale(img, msk, rng, scale_min, scale_max):
@@ -83,24 +90,26 @@ def _random_scale(img, msk, rng, scale_min, scale_max):
 
 
 def _random_rotate(img, msk, rng, max_degrees, fill=(0.0, 0.0, 0.0)):
-    """Rotate about the centre keeping the size; pixels from outside become `fill` (image) and 255 (mask)."""
+    """Rotate about the centre keeping the size; pixels from outside become `fill` (image), 255 (mask)
+    and 0 (validity)."""
     if max_degrees <= 0:
         return img, msk
     angle = float(rng.uniform(-max_degrees, max_degrees))
     img = TF.rotate(img, angle, interpolation=InterpolationMode.BILINEAR, fill=list(fill))
-    msk = TF.rotate(msk, angle, interpolation=InterpolationMode.NEAREST, fill=IGNORE)
+    msk = TF.rotate(msk, angle, interpolation=InterpolationMode.NEAREST, fill=[IGNORE, 0])
     return img, msk
 
 
 def _pad_to(img, msk, size, fill=(0.0, 0.0, 0.0)):
-    """Pad evenly on both sides up to size x size: image with `fill` per channel, mask with 255."""
+    """Pad evenly on both sides up to size x size: image with `fill` per channel, mask with 255,
+    validity with 0."""
     h, w = img.shape[-2:]
     pad_h, pad_w = max(0, size - h), max(0, size - w)
     if not (pad_h or pad_w):
         return img, msk
     borders = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
     img = torch.stack([F.pad(channel, borders, value=float(v)) for channel, v in zip(img, fill)])
-    msk = F.pad(msk, borders, value=IGNORE)
+    msk = torch.stack([F.pad(msk[0], borders, value=IGNORE), F.pad(msk[1], borders, value=0)])
     return img, msk
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from umtfss.episode import Episode, binary_mask
-from umtfss.transforms import resize_pad
+from umtfss.transforms import resize_pad, valid_pixels
 
 
 class EpisodeSource(Protocol):
@@ -51,8 +51,10 @@ def fold_base_classes(tables, dataset, fold: int) -> tuple[list[int], list[int]]
 class LabelledEpisodes:
     """Supervised episodes over a fold's base classes on the train split (reference-code conventions).
 
-    One query per eligible train image; the episode's class is drawn among the base classes present
-    in the query, supports among the other eligible images where that class is present.
+    One query per train image where some base class is present (>= min_class_pixels) and has a second
+    such image; the episode's class is drawn among the base classes with any pixel in the query that
+    have a support image (PFENet's training draw: the pixel threshold picks images, not the class),
+    supports among the other images where that class is present.
     """
 
     def __init__(
@@ -80,9 +82,9 @@ class LabelledEpisodes:
         if remove_novel_train:
             with_novel = rows.loc[rows["class_id"].isin(self.novel_classes) & (rows["pixels"] > 0), "image_id"]
             rows = rows[~rows["image_id"].isin(set(with_novel))]
+        rows = rows[rows["class_id"].isin(self.base_classes)]
         present = rows["pixels"] >= min_class_pixels if min_class_pixels is not None else rows["present"].astype(bool)
-        rows = rows[present & rows["class_id"].isin(self.base_classes)]
-        self._build_index(rows)
+        self._build_index(rows[present], rows[rows["pixels"] > 0])
         if not self.query_ids:
             raise ValueError(
                 f"no train image of fold {fold} holds a base class present in at least two images "
@@ -90,17 +92,21 @@ class LabelledEpisodes:
             )
         self._read = reader or _read_pair
 
-    def _build_index(self, rows: pd.DataFrame) -> None:
+    def _build_index(self, present: pd.DataFrame, touching: pd.DataFrame) -> None:
+        """present: (image, base class) rows over the pixel threshold; touching: those with any pixel."""
         images_of_class: dict[int, list[str]] = defaultdict(list)
-        for image_id, class_id in zip(rows["image_id"], rows["class_id"]):
+        for image_id, class_id in zip(present["image_id"], present["class_id"]):
             images_of_class[int(class_id)].append(str(image_id))
         # a class needs a second image to serve as support
         self.images_of_class = {c: sorted(ids) for c, ids in images_of_class.items() if len(set(ids)) >= 2}
+        query_ids = {i for ids in self.images_of_class.values() for i in ids}
         classes_of_image: dict[str, list[int]] = defaultdict(list)
-        for class_id, ids in self.images_of_class.items():
-            for image_id in ids:
+        for image_id, class_id in zip(touching["image_id"], touching["class_id"]):
+            image_id, class_id = str(image_id), int(class_id)
+            pool = self.images_of_class.get(class_id, ())
+            if image_id in query_ids and any(i != image_id for i in pool):
                 classes_of_image[image_id].append(class_id)
-        self.classes_of_image = {i: sorted(c) for i, c in classes_of_image.items()}
+        self.classes_of_image = {i: sorted(set(c)) for i, c in classes_of_image.items()}
         self.query_ids = sorted(self.classes_of_image)
 
     def __len__(self) -> int:
@@ -188,17 +194,19 @@ class EpisodeDataset(torch.utils.data.Dataset):
         episode = self.source.episode(int(self.order[i]), rng, self.shots)
         if episode.shots != self.shots:
             raise ValueError(f"episode {int(self.order[i])} has {episode.shots} supports, expected {self.shots}")
-        query, query_mask = self._transform(episode.query_image, episode.query_mask, rng)
+        query, query_mask, query_valid = self._transform(episode.query_image, episode.query_mask, rng)
         pairs = [self._transform(img, m, rng) for img, m in zip(episode.support_images, episode.support_masks)]
         return {
             "query": query,
             "query_mask": query_mask,
+            "query_valid": query_valid,  # padding only: the label's own 255 pixels are no input
             "supports": torch.stack([p[0] for p in pairs]),
             "support_masks": torch.stack([p[1] for p in pairs]),
         }
 
     def _transform(self, image, mask, rng):
+        """(image, mask, valid): the augmentation's, or the test transform's with its padding as invalid."""
         if self.augment is not None:
             return self.augment(image, mask, rng)
-        image_t, mask_t, _ = resize_pad(image, mask, self.crop_size)
-        return image_t, mask_t
+        image_t, mask_t, extent = resize_pad(image, mask, self.crop_size)
+        return image_t, mask_t, valid_pixels([extent], self.crop_size)[0]

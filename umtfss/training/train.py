@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from umtfss.devices import resolve_device
-from umtfss.episode import IGNORE
 from umtfss.io import atomic_path
 from umtfss.training import checkpoint as ckpt
 from umtfss.training.augment import Augmentation
@@ -282,7 +281,7 @@ def _train_step(model, batch, loss_fn, optimizers, scaler, device, use_amp, amp_
     target = batch["query_mask"].to(device, non_blocking=True)
     supports = batch["supports"].to(device, non_blocking=True)
     support_masks = batch["support_masks"].float().to(device, non_blocking=True)  # 0/1, 255 = ignore or padding
-    query_valid = target != IGNORE  # padding from resize / rotation / crop (and the labels' own ignore pixels)
+    query_valid = batch["query_valid"].to(device, non_blocking=True)  # padding from resize / rotation / crop only
     with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
         logits = model(query, supports, support_masks, query_valid)
     if logits.shape[-2:] != target.shape[-2:]:
