@@ -92,7 +92,7 @@ def _oracle_build(method, config, checkpoint, device):
 
 def _config(resolution, **evaluation):
     evaluation = {"folds": [0], "shots": [1, 2], "seeds": [1, 2], "episodes": 12, "test_size": TEST_SIZE,
-                  "batch_size": 5, "resolution": resolution, "device": "cpu", **evaluation}
+                  "batch_size": 5, "resolution": resolution, "device": "cpu", "geometry": "exact", **evaluation}
     return load({"evaluation": evaluation})
 
 
@@ -137,7 +137,7 @@ def test_oracle_scores_match_independent_computation(tmp_path, resolution, regio
              meta={"embedder": "demo", "run": "t"}, build=_oracle_build)
     scores, per_class = pd.read_csv(out), pd.read_csv(classes_out)
     assert list(scores.columns) == ["method", "backbone", "embedder", "clusters", "fold", "shot", "seed", "miou",
-                                    "fbiou", "episodes", "resolution", "test_size", "sampling", "run"]
+                                    "fbiou", "episodes", "resolution", "geometry", "test_size", "sampling", "run"]
     assert list(per_class.columns) == ["method", "fold", "shot", "seed", "class_id", "class_name", "iou", "episodes"]
     assert len(scores) == 4 and set(scores["episodes"]) == {12} and set(scores["resolution"]) == {resolution}
     assert set(scores["embedder"]) == {"demo"} and set(scores["backbone"]) == {"resnet50-imagenet"}
@@ -311,8 +311,9 @@ def test_cpu_bfloat16_evaluation(tmp_path):
     assert scores["miou"].iloc[0] > 30
 
 
-@pytest.mark.parametrize("resolution", ["original", "resized"])
-def test_batches_mark_padding_for_the_model(tmp_path, resolution):
+@pytest.mark.parametrize("resolution, geometry, test_size", [("original", "exact", TEST_SIZE),
+                                                             ("original", "reference", 75), ("resized", "exact", TEST_SIZE)])
+def test_batches_mark_padding_for_the_model(tmp_path, resolution, geometry, test_size):
     """Query pixels outside the resized image are not valid; support masks are 255 there."""
     from umtfss.evaluation.run import EpisodeBatches, _image_paths
     from umtfss.evaluation.sampler import sample_episodes
@@ -320,24 +321,62 @@ def test_batches_mark_padding_for_the_model(tmp_path, resolution):
     tables = _make_val_set(tmp_path)
     images = pd.read_parquet(tables / "images.parquet")
     episodes = sample_episodes(pd.read_parquet(tables / "image_classes.parquet"), [1, 2], 1, 6, 0)
-    batch = EpisodeBatches(episodes, _image_paths(images), 3, TEST_SIZE, resolution)[0]
+    batch = EpisodeBatches(episodes, _image_paths(images), 3, test_size, resolution, geometry)[0]
     sizes = dict(zip(images["image_id"], zip(images["height"], images["width"])))
 
     def extent(image_id):
         h, w = sizes[image_id]
         if resolution == "resized":
-            return TEST_SIZE, TEST_SIZE
-        return (TEST_SIZE, round(w * TEST_SIZE / h)) if h >= w else (round(h * TEST_SIZE / w), TEST_SIZE)
+            return test_size, test_size
+        if geometry == "reference":  # 75 -> 72 (a multiple of 8), the short side 37.5 -> 37 -> 32
+            return (72, 32) if h >= w else (32, 72)
+        return (test_size, round(w * test_size / h)) if h >= w else (round(h * test_size / w), test_size)
 
     padded_somewhere = False
     for row in range(3):
         rows, cols = extent(episodes["query_id"][row])
         valid = batch["query_valid"][row]
-        assert abs(int(valid.sum()) - rows * cols) <= TEST_SIZE  # rounding of the resized side
+        assert abs(int(valid.sum()) - rows * cols) <= (0 if geometry == "reference" else test_size)  # rounding
         assert not valid[rows:].any() and not valid[:, cols:].any() and valid[: rows - 1, : cols - 1].all()
         for shot, support_id in enumerate(episodes["support_ids"][row]):
             mask = batch["support_masks"][row, shot]
             rows, cols = extent(support_id)
             assert (mask[rows + 1:] == 255).all() and (mask[:, cols + 1:] == 255).all()
-            padded_somewhere |= rows < TEST_SIZE - 1 or cols < TEST_SIZE - 1
+            padded_somewhere |= rows < test_size - 1 or cols < test_size - 1
     assert padded_somewhere == (resolution == "original")
+
+
+def test_reference_geometry_extents_and_scoring_map():
+    """The reference test code's pixel geometry, against numbers worked out by hand."""
+    from umtfss.transforms import resized_extent, unpad_to
+
+    assert resized_extent(375, 500, 473, "reference") == (352, 472)  # 354.75 -> 354 -> 352; 473 -> 472
+    assert resized_extent(500, 375, 473, "reference") == (472, 352)
+    assert resized_extent(375, 500, 473, "exact") == (355, 473)
+    assert resized_extent(1000, 5, 473, "reference") == (472, 2)  # under 8 pixels: not floored to 0
+    with pytest.raises(ValueError, match="geometry"):
+        resized_extent(10, 10, 8, "hsnet")
+    # a prediction that ramps with the canvas column: bilinear with align_corners maps label column x of
+    # the longer side L = 500 onto canvas column x * (473 - 1) / (500 - 1), whatever the image's extent
+    ramp = torch.arange(473, dtype=torch.float32).expand(473, 473)[None].repeat(2, 1, 1)
+    scored = unpad_to(ramp, (352, 472), (375, 500), "reference")
+    assert scored.shape == (2, 375, 500)
+    torch.testing.assert_close(scored[0, 10], torch.arange(500, dtype=torch.float32) * 472 / 499, rtol=0, atol=1e-3)
+    exact = unpad_to(ramp, (355, 473), (375, 500), "exact")
+    assert exact.shape == (2, 375, 500) and float(exact[0, 0, -1]) == pytest.approx(472, abs=0.6)
+
+
+def test_geometry_is_recorded_and_changes_the_scores(tmp_path):
+    torch.set_num_threads(1)
+    tables = _make_val_set(tmp_path)
+    scores = {}
+    for geometry in ("exact", "reference"):
+        out = tmp_path / geometry / "eval_pascal.csv"
+        evaluate(_config("original", geometry=geometry, test_size=75), "pascal", tables, {"oracle": None}, out,
+                 tmp_path / geometry / "classes.csv", build=_oracle_build)
+        scores[geometry] = pd.read_csv(out)
+        assert set(scores[geometry]["geometry"]) == {geometry}
+    assert not np.allclose(scores["exact"]["miou"], scores["reference"]["miou"])
+    resized = tmp_path / "resized.csv"
+    evaluate(_config("resized"), "pascal", tables, {"oracle": None}, resized, tmp_path / "rc.csv", build=_oracle_build)
+    assert pd.read_csv(resized)["geometry"].isna().all()  # no pad geometry when scoring at test size

@@ -103,6 +103,20 @@ def test_prototype_threshold_segments_the_support_colour():
     assert empty.argmax(1).sum() == 0
 
 
+def test_prototype_threshold_normalises_over_the_image_not_the_padding():
+    """Black padding (cosine 0) would set the minimum and lift the grey background over the threshold."""
+    query, supports, masks = _colour_batch()
+    query[:, :, :, 10:] = 0  # the right six columns are padding
+    valid = torch.zeros(1, 16, 16, dtype=torch.bool)
+    valid[:, :, :10] = True
+    predictor = PrototypeThreshold(_RGBBackbone(), threshold=0.5)
+    pred = predictor.predict(query, supports, masks, query_valid=valid).argmax(1)[0]
+    assert torch.equal(pred[3:7, 3:7], torch.ones(4, 4, dtype=torch.long))  # the red square
+    assert pred[10:, :8].sum() == 0 and pred[:2, :8].sum() == 0  # grey background stays background
+    unmasked = predictor.predict(query, supports, masks).argmax(1)[0]
+    assert unmasked[10:, :8].all()  # what the padding did to it
+
+
 def test_all_background_and_model_predictor():
     query, supports, masks = _colour_batch()
     assert AllBackground().predict(query, supports, masks).argmax(1).sum() == 0

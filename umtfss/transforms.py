@@ -28,17 +28,35 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return _unit_float(uint8_tensor(image))
 
 
-def resized_extent(height: int, width: int, size: int) -> tuple[int, int]:
+# Test-time geometry of resize_pad / unpad_to. exact: the longer side becomes `size`, the other is
+# rounded, and a prediction's image part is resized back to the label. reference (PFENet / CyCTR /
+# UMTFSS test code): both sides are floored to a multiple of 8 (a 500 x 375 image fills 472 x 352 of
+# a 473 canvas), and the whole canvas is resized to L x L (L = the label's longer side, bilinear,
+# align_corners) and scored against the label padded with ignore, which shifts the prediction by up
+# to ~1.5 % of the image against the label, as the published numbers were computed.
+GEOMETRIES = ("exact", "reference")
+
+
+def _check_geometry(geometry: str) -> None:
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"test geometry '{geometry}' is not allowed; expected one of {', '.join(GEOMETRIES)}")
+
+
+def resized_extent(height: int, width: int, size: int, geometry: str = "exact") -> tuple[int, int]:
     """(h, w) of an image after resize_pad's resize (longer side -> size), before padding."""
+    _check_geometry(geometry)
     scale = size / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    if geometry == "exact":
+        return max(1, round(height * scale)), max(1, round(width * scale))
+    sides = (size, int(width * scale)) if height >= width else (int(height * scale), size)
+    return tuple(side - side % 8 if side >= 8 else max(1, side) for side in sides)
 
 
-def resize_pad_image(image: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def resize_pad_image(image: torch.Tensor, size: int, geometry: str = "exact") -> tuple[torch.Tensor, tuple[int, int]]:
     """uint8 HxWx3 tensor, on any device -> (float 3xSxS in [0, 1], (h, w) valid extent): the image part of
     resize_pad, so that decoded images can travel as uint8 and be resized where the model runs."""
     h, w = image.shape[:2]
-    nh, nw = resized_extent(h, w, size)
+    nh, nw = resized_extent(h, w, size, geometry)
     img = _unit_float(image)[None]
     img = F.interpolate(img, size=(nh, nw), mode="bilinear", align_corners=False)[0]
     out = img.new_zeros(3, size, size)
@@ -46,12 +64,12 @@ def resize_pad_image(image: torch.Tensor, size: int) -> tuple[torch.Tensor, tupl
     return out, (nh, nw)
 
 
-def resize_pad(image: np.ndarray, mask: np.ndarray | None, size: int):
+def resize_pad(image: np.ndarray, mask: np.ndarray | None, size: int, geometry: str = "exact"):
     """Resize so the longer side is `size`, pad bottom/right to size x size (PFENet's test transform).
 
     Returns (image 3xSxS float, mask SxS long with padding = IGNORE or None, (h, w) valid extent).
     """
-    out, (nh, nw) = resize_pad_image(uint8_tensor(image), size)
+    out, (nh, nw) = resize_pad_image(uint8_tensor(image), size, geometry)
     m = None
     if mask is not None:
         mt = torch.from_numpy(np.ascontiguousarray(mask)).long()[None, None].float()
@@ -79,8 +97,15 @@ def resize_square(image: np.ndarray, mask: np.ndarray | None, size: int):
     return img, m, (size, size)
 
 
-def unpad_to(logits: torch.Tensor, valid_hw: tuple[int, int], out_hw: tuple[int, int]) -> torch.Tensor:
-    """Crop a padded prediction [C,S,S] to its valid extent and resize it to out_hw (bilinear)."""
+def unpad_to(logits: torch.Tensor, valid_hw: tuple[int, int], out_hw: tuple[int, int],
+             geometry: str = "exact") -> torch.Tensor:
+    """A padded prediction [C,S,S] at the label's size out_hw (bilinear): its valid extent resized
+    (exact), or the whole canvas resized to the longer side's square and cropped (reference)."""
+    _check_geometry(geometry)
+    if geometry == "reference":
+        longer = max(out_hw)
+        square = F.interpolate(logits[None], size=(longer, longer), mode="bilinear", align_corners=True)[0]
+        return square[:, : out_hw[0], : out_hw[1]]
     nh, nw = valid_hw
     crop = logits[:, :nh, :nw][None]
     return F.interpolate(crop, size=out_hw, mode="bilinear", align_corners=False)[0]

@@ -81,8 +81,10 @@ class PrototypeThreshold:
             raise ValueError(f"backbone returned layers {sorted(outputs)}, not the requested '{self.layer}'")
         return outputs[self.layer]
 
-    def similarity(self, query, supports, support_masks) -> torch.Tensor:
-        """Min-max normalised cosine similarity to the support prototype, [B,h,w] at feature resolution."""
+    def similarity(self, query, supports, support_masks, query_valid=None) -> torch.Tensor:
+        """Min-max normalised cosine similarity to the support prototype, [B,h,w] at feature resolution;
+        the min and max are taken over the query's image cells (query_valid [B,S,S]; None = all cells),
+        so that padding does not set the scale."""
         b, k = supports.shape[:2]
         query_features = self._features(query)
         support_features = self._features(supports.flatten(0, 1))
@@ -91,13 +93,19 @@ class PrototypeThreshold:
         prototypes, has_mask = prototypes.view(b, k, -1), has_mask.view(b, k, 1).float()
         prototype = (prototypes * has_mask).sum(1) / has_mask.sum(1).clamp_min(1.0)
         cosine = F.cosine_similarity(query_features, prototype[:, :, None, None], dim=1)
-        low = cosine.flatten(1).min(1).values[:, None, None]
-        high = cosine.flatten(1).max(1).values[:, None, None]
+        flat = cosine.flatten(1)
+        if query_valid is None:
+            cells = torch.ones_like(flat, dtype=torch.bool)
+        else:
+            cells = F.interpolate(query_valid[:, None].float(), size=cosine.shape[-2:], mode="nearest").flatten(1) > 0
+            cells |= ~cells.any(dim=1, keepdim=True)  # no image cell at this resolution: all of them
+        low = flat.masked_fill(~cells, float("inf")).min(1).values[:, None, None]
+        high = flat.masked_fill(~cells, float("-inf")).max(1).values[:, None, None]
         return (cosine - low) / (high - low).clamp_min(1e-6)
 
     def predict(self, query, supports, support_masks, query_valid=None):
         _check_inputs(query, supports, support_masks)
-        similarity = self.similarity(query, supports, support_masks)
+        similarity = self.similarity(query, supports, support_masks, query_valid)
         similarity = F.interpolate(similarity[:, None], size=query.shape[-2:], mode="bilinear", align_corners=False)
         foreground = similarity[:, 0] - self.threshold
         return torch.stack([-foreground, foreground], dim=1)

@@ -27,7 +27,7 @@ from umtfss.transforms import resize_pad, resize_square, unpad_to, valid_pixels
 
 SPLIT = "val"
 SCORE_COLUMNS = ["method", "backbone", "embedder", "clusters", "fold", "shot", "seed", "miou", "fbiou", "episodes",
-                 "resolution", "test_size", "sampling"]
+                 "resolution", "geometry", "test_size", "sampling"]
 CLASS_COLUMNS = ["method", "fold", "shot", "seed", "class_id", "class_name", "iou", "episodes"]
 
 
@@ -42,7 +42,7 @@ class EpisodeBatches(Dataset):
     """
 
     def __init__(self, episodes: pd.DataFrame, paths: dict[str, tuple[str, str]], batch_size: int,
-                 test_size: int, resolution: str):
+                 test_size: int, resolution: str, geometry: str = "exact"):
         if resolution not in ("original", "resized"):
             raise ValueError(f"evaluation.resolution '{resolution}' is not allowed; expected original or resized")
         self.episodes = episodes.reset_index(drop=True)
@@ -50,6 +50,7 @@ class EpisodeBatches(Dataset):
         self.batch_size = batch_size
         self.test_size = test_size
         self.resolution = resolution
+        self.geometry = geometry  # of resize_pad (resolution original)
 
     def __len__(self) -> int:
         return math.ceil(len(self.episodes) / self.batch_size)
@@ -70,8 +71,9 @@ class EpisodeBatches(Dataset):
         return loaded
 
     def _transform(self, image, mask):
-        transform = resize_pad if self.resolution == "original" else resize_square
-        return transform(image, mask, self.test_size)
+        if self.resolution == "original":
+            return resize_pad(image, mask, self.test_size, self.geometry)
+        return resize_square(image, mask, self.test_size)
 
     def __getitem__(self, index: int) -> dict:
         rows = self.episodes.iloc[index * self.batch_size:(index + 1) * self.batch_size]
@@ -108,13 +110,14 @@ def _collate_one(item):
     return item
 
 
-def score_batch(logits: torch.Tensor, batch: dict, resolution: str, accumulator: IoUAccumulator) -> None:
+def score_batch(logits: torch.Tensor, batch: dict, resolution: str, accumulator: IoUAccumulator,
+                geometry: str = "exact") -> None:
     """Argmax each episode's logits at the scoring resolution and add it to the accumulator."""
     logits = logits.float().cpu()
     for b, (target, class_id) in enumerate(zip(batch["targets"], batch["class_ids"])):
         episode_logits = logits[b]
         if resolution == "original":
-            episode_logits = unpad_to(episode_logits, batch["valid"][b], target.shape)
+            episode_logits = unpad_to(episode_logits, batch["valid"][b], target.shape, geometry)
         pred = episode_logits.argmax(0).numpy().astype(np.uint8)
         accumulator.update(pred, target, class_id)
 
@@ -144,7 +147,8 @@ def evaluate_predictor(predictor: Predictor, episodes: pd.DataFrame, paths, clas
                        device: torch.device, workers: int = 0, progress: tqdm | None = None) -> IoUAccumulator:
     """Score one predictor on one episode table (on a CPU in bfloat16 autocast when evaluation.cpu_precision says so)."""
     cpu_precision = eval_cfg["cpu_precision"]
-    batches = EpisodeBatches(episodes, paths, eval_cfg["batch_size"], eval_cfg["test_size"], eval_cfg["resolution"])
+    batches = EpisodeBatches(episodes, paths, eval_cfg["batch_size"], eval_cfg["test_size"], eval_cfg["resolution"],
+                             eval_cfg["geometry"])
     loader = DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_collate_one,
                         pin_memory=device.type == "cuda")
     accumulator = IoUAccumulator(class_ids)
@@ -153,7 +157,7 @@ def evaluate_predictor(predictor: Predictor, episodes: pd.DataFrame, paths, clas
             logits = predictor.predict(channels_last_input(batch["query"].to(device), cpu_precision),
                                        batch["supports"].to(device), batch["support_masks"].to(device),
                                        batch["query_valid"].to(device))
-            score_batch(logits, batch, eval_cfg["resolution"], accumulator)
+            score_batch(logits, batch, eval_cfg["resolution"], accumulator, eval_cfg["geometry"])
             if progress is not None:
                 progress.update(len(batch["class_ids"]))
     return accumulator
@@ -226,7 +230,9 @@ def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: d
                 "method": method, "fold": fold, "shot": shot, "seed": seed,
                 "miou": round(100 * acc.miou(), 2), "fbiou": round(100 * acc.fbiou(), 2),
                 "episodes": acc.total_episodes,
-                "resolution": eval_cfg["resolution"], "test_size": eval_cfg["test_size"], "sampling": eval_cfg["sampling"],
+                "resolution": eval_cfg["resolution"],
+                "geometry": eval_cfg["geometry"] if eval_cfg["resolution"] == "original" else "",
+                "test_size": eval_cfg["test_size"], "sampling": eval_cfg["sampling"],
                 **{k: v for k, v in meta.items() if k not in ("backbone", "embedder", "clusters")},
             })
             for class_id, iou in acc.per_class().items():
