@@ -413,3 +413,41 @@ def test_hash_projection_has_a_bias_row_and_can_be_drawn_at_every_call():
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])  # reproducible from the seed
     with pytest.raises(ValueError, match="model.hash_draw"):
         make_model(hash_draw="sometimes")
+
+
+# ------------------------------------------------------------------------------ prior mask
+
+
+def test_prior_mask_against_a_brute_force_loop():
+    """Per query cell: max cosine over the support cells the mask touches, min-max per shot, shot mean."""
+    from umtfss.model.fss import prior_mask
+
+    torch.manual_seed(3)
+    query, support = torch.randn(2, 6, 4, 4), torch.randn(2, 3, 6, 4, 4)
+    masks = torch.zeros(2, 3, 4, 4)  # at the feature grid's size: no resize
+    masks[:, :, 1:3, :2] = 1
+    masks[1, 2] = 0  # an empty shot: its prior is 0
+    got = prior_mask(query, support, masks)
+    expected = torch.zeros(2, 4 * 4)
+    for b in range(2):
+        for k in range(3):
+            cells = [m for m in range(16) if masks[b, k].flatten()[m] > 0]
+            if not cells:
+                continue
+            best = torch.tensor([max(float(torch.cosine_similarity(query[b].flatten(1)[:, n],
+                                                                    support[b, k].flatten(1)[:, m], dim=0))
+                                     for m in cells) for n in range(16)])
+            expected[b] += (best - best.min()) / (best.max() - best.min() + 1e-7)
+    torch.testing.assert_close(got.flatten(1), expected / 3, atol=1e-5, rtol=0)
+
+
+def test_prior_mask_of_signed_features_ignores_the_masked_out_cells():
+    """Masked-out cells (zero vectors, cosine 0) must not lift a query cell whose best match is negative."""
+    from umtfss.model.fss import prior_mask
+
+    v, u = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    query = torch.stack([v, -v, u, v], dim=1).view(1, 2, 2, 2)  # cosines to the support's -v: -1, 1, 0, -1
+    support = (-v)[None, None, :, None, None].repeat(1, 1, 1, 2, 2)
+    masks = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    prior = prior_mask(query, support, masks).flatten()
+    torch.testing.assert_close(prior, torch.tensor([0.0, 1.0, 0.5, 0.0]), atol=1e-5, rtol=0)
