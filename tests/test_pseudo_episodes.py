@@ -273,6 +273,23 @@ def test_episodes_stage_and_sampler(tmp_path):
     for index in range(len(restricted)):
         ep = restricted.episode(index, rng, shots=1)
         assert ep.query_id in allowed and set(ep.support_ids) <= set(allowed)
+    # ... and ranked among the allowed images' regions alone: the top ceil(50 %) of the fold's regions of
+    # the cluster from other images, by brute force, not the fold's share of the top 50 % of all
+    features = np.asarray(restricted.features, np.float32)
+    image_of = regions["image_id"].to_numpy()
+    for query in restricted.queries:
+        others = [r for r in range(len(regions)) if image_of[r] in allowed and image_of[r] != image_of[query]
+                  and regions["cluster"][r] == regions["cluster"][query]]
+        k = math.ceil(0.5 * len(others))
+        ranked = sorted(others, key=lambda r: -float(features[r] @ features[query]))
+        expected = set(ranked[:k])
+        got = set(restricted.candidate_rows(int(query)).tolist())
+        tied = {r for r in others if abs(float(features[r] @ features[query]) - float(features[ranked[k - 1]] @ features[query])) < 1e-5}
+        assert expected - tied <= got <= expected | tied
+    assert set(restricted.queries) == {q for q in np.flatnonzero(np.isin(image_of, allowed))
+                                       if any(image_of[r] in allowed and image_of[r] != image_of[q]
+                                              and regions["cluster"][r] == regions["cluster"][q]
+                                              for r in range(len(regions)))}
 
 
 def test_image_sampling_is_one_episode_per_image_with_its_region_uniform(tmp_path):

@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -524,7 +525,9 @@ class PseudoEpisodes:
     `sampling` 'image' (reference code): episode i is query image i, its query region drawn
     uniformly among the image's query regions, so an epoch is one pass over the images; 'region':
     episode i is query region i. `image_ids` restricts queries AND supports to those images (the
-    paper's 'fold' setting); queries left with no allowed candidate are dropped.
+    paper's 'fold' setting, where U_train is the fold's images): the candidates are then ranked again
+    among those images' regions alone, with the parameters the episodes were built with, as if the
+    episodes stage had seen only them (top 50 % of the fold's regions of the cluster, its own pool).
     """
 
     def __init__(self, episodes_dir: str | Path, label_paths: Sequence[str | Path], images_table,
@@ -548,15 +551,14 @@ class PseudoEpisodes:
         self._check_images()
         self.image_codes, self._image_names = pd.factorize(self.regions["image_id"])
         self.cluster = self.regions["cluster"].to_numpy()
+        self.allowed = self._allowed_images(image_ids)
+        if image_ids is not None:
+            candidates = self._candidates_among_allowed(read_metadata(directory / CANDIDATES_FILE))
         self.threshold = candidates["threshold"].to_numpy(np.float32)
         self.num_candidates = candidates["num_candidates"].to_numpy()
-        self.allowed = self._allowed_images(image_ids)
         in_pool = candidates["in_pool"].to_numpy() & self.allowed[self.image_codes]
         self.pool = {c: rows[in_pool[rows]] for c, rows in _rows_by_cluster(self.cluster).items()}
-        queries = (self.num_candidates > 0) & self.allowed[self.image_codes]
-        if image_ids is not None:
-            queries &= self._has_allowed_candidate(queries)
-        self.queries = np.flatnonzero(queries)
+        self.queries = np.flatnonzero((self.num_candidates > 0) & self.allowed[self.image_codes])
         codes = self.image_codes[self.queries]
         order = np.argsort(codes, kind="stable")
         _, starts = np.unique(codes[order], return_index=True)
@@ -579,22 +581,23 @@ class PseudoEpisodes:
         allowed = set(map(str, image_ids))
         return np.array([name in allowed for name in self._image_names], bool)
 
-    def _has_allowed_candidate(self, queries: np.ndarray) -> np.ndarray:
-        """Exact check (blocked products) that each query keeps >= 1 candidate among allowed images."""
-        keep = np.zeros(len(queries), bool)
-        for cluster, rows in _rows_by_cluster(self.cluster).items():
-            rows = rows[queries[rows]]
-            pool = self.pool[cluster]
-            if rows.size == 0 or pool.size == 0:
-                continue
-            pool_features = torch.from_numpy(np.asarray(self.features[pool], np.float32))
-            for start in range(0, rows.size, QUERY_BLOCK):
-                block = rows[start:start + QUERY_BLOCK]
-                similarity = torch.from_numpy(np.asarray(self.features[block], np.float32)) @ pool_features.T
-                ok = similarity.numpy() >= self.threshold[block, None] - SIMILARITY_TOLERANCE
-                ok &= self.image_codes[block, None] != self.image_codes[pool][None, :]
-                keep[block] = ok.any(axis=1)
-        return keep
+    def _candidates_among_allowed(self, metadata: dict) -> pd.DataFrame:
+        """compute_candidates over the allowed images' regions, laid out over all regions (others: none)."""
+        params = {"top_fraction": 0.5, "max_candidates": 5000, "max_pool": 20000, "seed": 0,
+                  "all_candidates_below": 0, "rank_among": "other_images", **metadata.get("parameters", {})}
+        rows = np.flatnonzero(self.allowed[self.image_codes])
+        print(f"pseudo episodes: ranking the candidates among the {rows.size} regions of {int(self.allowed.sum())} "
+              "allowed images ('fold' setting)", file=sys.stderr)
+        subset = compute_candidates(self.features[rows], self.cluster[rows], self.image_codes[rows],
+                                    params["top_fraction"], params["max_candidates"], params["max_pool"],
+                                    params["seed"], all_candidates_below=params["all_candidates_below"],
+                                    rank_among=params["rank_among"])
+        table = pd.DataFrame({"in_pool": np.zeros(len(self.cluster), bool),
+                              "num_candidates": np.zeros(len(self.cluster), np.int32),
+                              "threshold": np.full(len(self.cluster), np.nan, np.float32)})
+        for column in table.columns:
+            table.loc[rows, column] = subset[column].to_numpy()
+        return table
 
     def _similarity(self, a: int, b: int) -> float:
         return float(np.dot(np.asarray(self.features[a], np.float32), np.asarray(self.features[b], np.float32)))
