@@ -70,9 +70,9 @@ def voc_and_sbd(tmp_path):
 
 def test_pascal_list_rules():
     train, val = pascal_lists(VOC_TRAIN, VOC_VAL, SBD_TRAIN, SBD_VAL, SBD_NOVAL, "reference")
-    assert train == ["a", "b", "c", "f", "g"] and val == VOC_VAL
+    assert train == ["b", "f", "g", "a", "c"] and val == VOC_VAL  # SBD first, as PFENet's merged list
     train, _ = pascal_lists(VOC_TRAIN, VOC_VAL, SBD_TRAIN, SBD_VAL, None, "reference")
-    assert train == ["a", "b", "c", "f", "g", "x"]  # fallback: SBD train minus VOC val
+    assert train == ["b", "c", "f", "g", "x", "a"]  # fallback: SBD train minus VOC val
     train, _ = pascal_lists(VOC_TRAIN, VOC_VAL, SBD_TRAIN, SBD_VAL, SBD_NOVAL, "trainaug")
     assert train == ["a", "b", "c", "f", "g", "x", "h"]
     # the reference sizes: 1,464 VOC train + 5,623 SBD train_noval, 1,134 shared -> 5,953
@@ -100,7 +100,7 @@ def test_convert_sbd_merges_masks_and_writes_lists(voc_and_sbd, tmp_path):
         assert Image.open(out).mode == "L"
         expected = _voc_mask(index) if image_id in VOC_TRAIN + VOC_VAL else _sbd_mask(index)
         assert np.array_equal(io.read_label(out), expected), image_id  # VOC wins for b, c, d, e
-    assert (voc / "lists" / "train_aug.txt").read_text().split() == ["a", "b", "c", "f", "g"]
+    assert (voc / "lists" / "train_aug.txt").read_text().split() == ["b", "f", "g", "a", "c"]
     assert not [p for p in voc.iterdir() if ".tmp-" in p.name]
 
 

@@ -98,9 +98,11 @@ def pascal_lists(voc_train: Sequence[str], voc_val: Sequence[str], sbd_train: Se
                  rule: str = "reference") -> tuple[list[str], list[str]]:
     """The (train, val) image lists of PASCAL-5i; val is always VOC2012 val (1,449 images).
 
-    rule 'reference' (PFENet / CyCTR / UMTFSS, DESIGN.md): VOC train ∪ SBD `train_noval.txt`
-    minus VOC val -> 5,953 images on the real data (1,464 + 5,623 - 1,134 shared). Without
-    train_noval.txt it falls back to VOC train ∪ SBD train minus VOC val, which is larger.
+    rule 'reference' (PFENet / CyCTR / UMTFSS, DESIGN.md): SBD `train_noval.txt` ∪ VOC train
+    minus VOC val -> 5,953 images on the real data (5,623 + 1,464 - 1,134 shared), in the order of
+    PFENet's `voc_sbd_merge_noduplicate.txt`: SBD's ids first, then the VOC train ids SBD lacks (the
+    order matters where list order is used: `clustering.fit_mode: minibatch`). Without
+    train_noval.txt it falls back to SBD train ∪ VOC train minus VOC val, which is larger.
     rule 'trainaug' (the common SegmentationClassAug list, HSNet-style): VOC train ∪ SBD train ∪
     SBD val minus VOC val -> 10,582 images. Order: first appearance in that union, no repeats;
     removing VOC val keeps meta-test images out of training.
@@ -109,7 +111,7 @@ def pascal_lists(voc_train: Sequence[str], voc_val: Sequence[str], sbd_train: Se
         raise ValueError(f"PASCAL list rule is '{rule}', expected one of {', '.join(LIST_RULES)}")
     val = _unique(voc_val)
     if rule == "reference":
-        candidates = list(voc_train) + list(sbd_train if sbd_train_noval is None else sbd_train_noval)
+        candidates = list(sbd_train if sbd_train_noval is None else sbd_train_noval) + list(voc_train)
     else:
         candidates = list(voc_train) + list(sbd_train) + list(sbd_val)
     held_out = set(val)
