@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import pytest
@@ -120,6 +121,7 @@ def test_dino_training_checkpoint_uses_teacher_and_strips_prefixes(tmp_path):
         "teacher": {**{f"backbone.{k}": v for k, v in teacher.items()}, "head.last_layer.weight": torch.randn(4, 8)},
         "student": {f"module.backbone.{k}": v for k, v in student.items()},
         "epoch": 100,
+        "args": argparse.Namespace(arch="vit_small", patch_size=16),  # as DINO's main_dino.py saves it
     }
     path = tmp_path / "checkpoint.pth"
     torch.save(checkpoint, path)
@@ -395,3 +397,24 @@ def test_demo_backbone_is_registered_frozen():
 def test_unwrap_rejects_checkpoints_without_tensors(tmp_path):
     with pytest.raises(ValueError, match="holds no tensors"):
         unwrap_state_dict({"epoch": 3, "arch": "resnet50"}, tmp_path / "meta.pth")
+
+
+def test_the_published_digest_applies_when_a_config_names_the_published_url(monkeypatch):
+    """configs/pascal.yaml names torchvision's URL: its published digest is still checked."""
+    import umtfss.backbones as backbones
+
+    seen = []
+
+    def stop(checkpoint, url, sha256, cache_dir):
+        seen.append((url, sha256))
+        raise RuntimeError("no download in a test")
+
+    monkeypatch.setattr(backbones, "resolve_checkpoint", stop)
+    spec = backbones.backbone_spec("resnet50-imagenet")
+    assert spec.sha256
+    pin = "ab" * 32
+    for url, sha256, expected in [(None, None, spec.sha256), (spec.url, None, spec.sha256),
+                                  ("https://example.org/mine.pth", None, None), (spec.url, pin, pin)]:
+        with pytest.raises(RuntimeError, match="no download"):
+            backbones.build_backbone("resnet50-imagenet", checkpoint_url=url, checkpoint_sha256=sha256)
+        assert seen[-1] == (url or spec.url, expected)

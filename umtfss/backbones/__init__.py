@@ -165,8 +165,8 @@ def build_backbone(
 
     Weights come from `checkpoint` (a local file) if given, else from `checkpoint_url`, else from
     the name's published URL (downloaded once into `cache_dir`, default ~/.cache/umtfss). The
-    published digest is checked only for the published URL; `checkpoint_sha256` is checked for any
-    file. `random_init=True` loads nothing (tests, benchmarks, ablations): the weights are random.
+    published digest is checked whenever the file comes from the published URL (named or not), unless
+    `checkpoint_sha256` is given; `checkpoint_sha256` is checked for any file. `random_init=True` loads nothing (tests, benchmarks, ablations): the weights are random.
     """
     if output_stride not in (8, 16, 32):
         raise ValueError(f"output_stride {output_stride} for backbone '{name}' is not allowed; expected 8, 16 or 32")
@@ -179,8 +179,8 @@ def build_backbone(
     module = spec.factory(output_stride)
     if spec.has_weights and not random_init:
         sha256 = checkpoint_sha256
-        if checkpoint is None and checkpoint_url is None and sha256 is None:
-            sha256 = spec.sha256
+        if checkpoint is None and checkpoint_url in (None, spec.url) and sha256 is None:
+            sha256 = spec.sha256  # the configs name the published URL: its digest still applies
         if checkpoint is None and checkpoint_url is None and spec.url is None:
             raise ValueError(f"backbone '{name}' has no download URL and no checkpoint was given: {spec.hint}")
         path = resolve_checkpoint(checkpoint, checkpoint_url or spec.url, sha256, cache_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import re
@@ -110,12 +111,14 @@ def resolve_checkpoint(
 
 
 def load_state_dict(path: str | Path) -> dict:
-    """Read a checkpoint with `torch.load(weights_only=True)`: tensors and plain containers only."""
+    """Read a checkpoint with `torch.load(weights_only=True)`: tensors and plain containers only, plus
+    argparse.Namespace (a bag of values that DINO's and MoCo's training scripts save as 'args')."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file '{path}' does not exist")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated, garbage or unsafe files
         raise ValueError(
             f"checkpoint '{path}' could not be read ({type(err).__name__}: {str(err).splitlines()[0]}); "

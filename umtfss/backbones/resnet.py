@@ -12,7 +12,8 @@ from torch import nn
 from umtfss.backbones import FeatureBackbone
 from umtfss.backbones.checkpoints import unwrap_state_dict
 
-# torchvision's IMAGENET1K_V1 weights (the ones CyCTR/UMTFSS load); the file name carries the first
+# torchvision's IMAGENET1K_V1 weights (the paper's "ImageNet ResNet-50"; the reference code loads
+# PSPNet's deep-stem resnet50_v2.pth instead, resnet50-deepstem); the file name carries the first
 # 8 hex digits of the file's SHA-256, which we verify.
 TORCHVISION_RESNET50_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
 # The official MoCo v2 (800 epochs) release: a .pth.tar whose "state_dict" keys start with
