@@ -163,8 +163,8 @@ def _coco_json(path):
 @pytest.mark.parametrize("crowd, crowd_value", [("ignore", 255), ("class", 2), ("skip", 0)])
 def test_convert_coco_masks(tmp_path, crowd, crowd_value):
     source = _coco_json(tmp_path / "instances_train2014.json")
-    summary = convert_coco(source, tmp_path / "masks", crowd=crowd, progress=False)
-    assert summary["images"] == 2 and summary["classes"] == 3
+    summary = convert_coco(source, tmp_path / "masks", crowd=crowd, progress=False, keep_unannotated=True)
+    assert summary["images"] == 2 and summary["unannotated"] == 1 and summary["classes"] == 3
     mask = io.read_label(tmp_path / "masks" / "COCO_train2014_000000000007.png")
     assert mask.shape == (40, 50)
     assert mask[5, 5] == 1 and mask[20, 20] == 1           # category 1 -> class 1 (sorted ids 1, 3, 90)
@@ -173,6 +173,16 @@ def test_convert_coco_masks(tmp_path, crowd, crowd_value):
     assert mask[33, 6] == 2 and (mask[32:36, 5:9] == 2).all()  # compressed RLE, category 3 -> class 2
     empty = io.read_label(tmp_path / "masks" / "COCO_train2014_000000000009.png")
     assert empty.shape == (20, 30) and not empty.any()
+
+
+def test_convert_coco_leaves_out_images_without_annotations_by_default(tmp_path):
+    """The reference's COCO train set is the 82,081 annotated images; a mask written earlier goes."""
+    source = _coco_json(tmp_path / "instances_train2014.json")
+    convert_coco(source, tmp_path / "masks", progress=False, keep_unannotated=True)
+    summary = convert_coco(source, tmp_path / "masks", progress=False)  # the defaults: skip, leave out
+    assert summary["images"] == 1 and summary["unannotated"] == 1 and summary["crowd"] == "skip"
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["COCO_train2014_000000000007.png"]
+    assert io.read_label(tmp_path / "masks" / "COCO_train2014_000000000007.png")[30, 38] == 0  # crowd: background
 
 
 def test_convert_coco_cli_round_trip(tmp_path, capsys):
@@ -184,7 +194,16 @@ def test_convert_coco_cli_round_trip(tmp_path, capsys):
     config = json.dumps({"datasets": {"coco": {"root": str(root), "instances_dir": str(tmp_path / "ann")}}})
     assert main(["convert-coco", "--config", config, "--split", "train", "--no-progress"]) == 0
     dataset = open_dataset("coco", load(json.loads(config)))
-    assert dataset.image_ids("train") == ["COCO_train2014_000000000007", "COCO_train2014_000000000009"]
+    assert dataset.image_ids("train") == ["COCO_train2014_000000000007"]  # 9 has no annotation
     assert dataset.read_label("COCO_train2014_000000000007", "train")[12, 12] == 3
+    assert dataset.read_label("COCO_train2014_000000000007", "train")[30, 38] == 0  # datasets.coco.crowd: skip
+    kept = json.dumps({"datasets": {"coco": {"root": str(root), "instances_dir": str(tmp_path / "ann"),
+                                             "keep_unannotated": True, "crowd": "ignore"}}})
+    assert main(["convert-coco", "--config", kept, "--split", "train", "--no-progress"]) == 0
+    dataset = open_dataset("coco", load(json.loads(kept)))
+    assert dataset.image_ids("train") == ["COCO_train2014_000000000007", "COCO_train2014_000000000009"]
+    assert dataset.read_label("COCO_train2014_000000000007", "train")[30, 38] == 255
+    assert main(["convert-coco", "--config", kept, "--split", "train", "--crowd", "class", "--no-progress"]) == 0
+    assert dataset.read_label("COCO_train2014_000000000007", "train")[30, 38] == 2  # the flag wins
     assert main(["convert-coco", "--config", config, "--split", "val", "--no-progress"]) == 1
     assert "instances_val2014.json" in capsys.readouterr().err
