@@ -199,6 +199,18 @@ def test_fine_tuning_keys_do_not_retrain_the_unsupervised_model(pipeline):
     assert "train_unsup" in planned_jobs(plan) and "embed" not in planned_jobs(plan)
 
 
+def test_coco_conversion_keys_rerun_nothing_of_a_pascal_run(pipeline):
+    """datasets.coco.crowd / keep_unannotated are read by convert-coco alone: the demo's jobs stay done."""
+    with edited_config(pipeline) as config:
+        config["datasets"]["coco"] = {"crowd": "ignore", "keep_unannotated": True}
+        write_config(pipeline, config)
+        assert "Nothing to be done" in snakemake(pipeline, "-n", "--cores", "2", "results/eval_pascal.csv").stdout
+        config["datasets"]["coco"] = {"min_class_pixels": 100}  # read by every stage that reads datasets
+        write_config(pipeline, config)
+        plan = planned_jobs(snakemake(pipeline, "-n", "--cores", "2", "results/eval_pascal.csv").stdout)
+    assert "prepare" in plan
+
+
 def test_reference_model_overlay_trains_into_its_own_model_folder(pipeline):
     """configs/reference-model.yaml on top of the config: a new model folder is trained, nothing upstream reruns."""
     proc = snakemake(pipeline, "-n", "-p", "--cores", "2", "results/eval_pascal.csv",

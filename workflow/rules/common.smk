@@ -67,16 +67,28 @@ def folder_images():
         sys.exit(f"umtfss: {err}")
 
 
-def stage_config(*sections):
+# datasets keys that only a converter reads: left out of every other stage's slice, so that setting one
+# reruns that conversion (and what its masks feed), not every stage that reads the datasets section
+CONVERT_ONLY_KEYS = {"coco": ("crowd", "keep_unannotated")}
+
+
+def _section(name, converter=False):
+    if name != "datasets" or converter:
+        return config[name]
+    return {ds: {k: v for k, v in cfg.items() if k not in CONVERT_ONLY_KEYS.get(ds, ())}
+            for ds, cfg in config[name].items()}
+
+
+def stage_config(*sections, converter=False):
     """Only the config sections a stage reads, as JSON: other edits do not rerun it."""
-    return json.dumps({s: config[s] for s in sections}, sort_keys=True)
+    return json.dumps({s: _section(s, converter) for s in sections}, sort_keys=True)
 
 
 def meta_training_config(*sections):
     """stage_config for meta-training: the training section without the fine-tuning keys, so that
     changing the fine-tuning schedule does not retrain the unsupervised model."""
     training = {k: v for k, v in config["training"].items() if not k.startswith("finetune_")}
-    return json.dumps({"training": training, **{s: config[s] for s in sections}}, sort_keys=True)
+    return json.dumps({"training": training, **{s: _section(s) for s in sections}}, sort_keys=True)
 
 
 # clustering: the slices fit and assign read

@@ -40,7 +40,7 @@ if config["datasets"]["coco"]["instances_dir"]:
         output:
             touch(f"{config['datasets']['coco']['root']}/.umtfss-converted"),
         params:
-            cfg=stage_config("datasets"),
+            cfg=stage_config("datasets", converter=True),
         conda:
             CONDA_ENV
         log:
