@@ -205,6 +205,10 @@ def test_episode_class_is_any_base_class_in_the_query_supports_where_it_is_prese
     drawn = {source.episode(source.query_ids.index("g"), np.random.default_rng(seed), shots=1).class_id
              for seed in range(12)}
     assert drawn == {3, 4}
+    present_only = LabelledEpisodes(tables, "toy", fold=0, class_draw="present")
+    assert present_only.classes_of_image["g"] == [3]  # training.labelled_class_draw: present
+    with pytest.raises(ValueError, match="labelled_class_draw"):
+        LabelledEpisodes(tables, "toy", fold=0, class_draw="largest")
     for seed in range(12):
         episode = source.episode(source.query_ids.index("g"), np.random.default_rng(seed), shots=2)
         assert set(episode.support_ids) <= set(source.images_of_class[episode.class_id]) - {"g", "h"}

@@ -191,6 +191,7 @@ def test_changing_refine_reruns_assign_and_after_but_never_fit_or_embed(pipeline
 def test_fine_tuning_keys_do_not_retrain_the_unsupervised_model(pipeline):
     with edited_config(pipeline) as config:
         config["training"]["finetune_epochs"] = 3
+        config["training"]["labelled_class_draw"] = "present"  # read by labelled episodes alone
         write_config(pipeline, config)
         assert "Nothing to be done" in snakemake(pipeline, "-n", "--cores", "2", "results/eval_pascal.csv").stdout
         config["training"]["batch_size"] = 2

@@ -48,13 +48,17 @@ def fold_base_classes(tables, dataset, fold: int) -> tuple[list[int], list[int]]
     return base, novel
 
 
+CLASS_DRAWS = ("any_pixel", "present")
+
+
 class LabelledEpisodes:
     """Supervised episodes over a fold's base classes on the train split (reference-code conventions).
 
     One query per train image where some base class is present (>= min_class_pixels) and has a second
     such image; the episode's class is drawn among the base classes with any pixel in the query that
-    have a support image (PFENet's training draw: the pixel threshold picks images, not the class),
-    supports among the other images where that class is present.
+    have a support image (class_draw 'any_pixel', PFENet's training draw: the pixel threshold picks
+    images, not the class) or only among the present ones ('present'), supports among the other
+    images where that class is present.
     """
 
     def __init__(
@@ -66,7 +70,11 @@ class LabelledEpisodes:
         min_class_pixels: int | None = None,
         remove_novel_train: bool = False,
         reader: Callable | None = None,
+        class_draw: str = "any_pixel",
     ):
+        if class_draw not in CLASS_DRAWS:
+            raise ValueError(f"config key 'training.labelled_class_draw' is '{class_draw}', expected one of "
+                             f"{', '.join(CLASS_DRAWS)}")
         self.fold = fold
         self.base_classes, self.novel_classes = fold_base_classes(tables, dataset, fold)
         images = _table(tables, "images")
@@ -84,7 +92,7 @@ class LabelledEpisodes:
             rows = rows[~rows["image_id"].isin(set(with_novel))]
         rows = rows[rows["class_id"].isin(self.base_classes)]
         present = rows["pixels"] >= min_class_pixels if min_class_pixels is not None else rows["present"].astype(bool)
-        self._build_index(rows[present], rows[rows["pixels"] > 0])
+        self._build_index(rows[present], rows[rows["pixels"] > 0] if class_draw == "any_pixel" else rows[present])
         if not self.query_ids:
             raise ValueError(
                 f"no train image of fold {fold} holds a base class present in at least two images "

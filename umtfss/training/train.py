@@ -425,4 +425,5 @@ def _labelled_source(args, config, fraction: float | None):
             tmp.write_text("".join(f"{i}\n" for i in image_ids))
     return LabelledEpisodes(tables, args.dataset, args.fold, image_ids=image_ids,
                             min_class_pixels=dataset_cfg["min_class_pixels"],
-                            remove_novel_train=dataset_cfg["remove_novel_train"])
+                            remove_novel_train=dataset_cfg["remove_novel_train"],
+                            class_draw=config["training"]["labelled_class_draw"])

@@ -84,10 +84,16 @@ def stage_config(*sections, converter=False):
     return json.dumps({s: _section(s, converter) for s in sections}, sort_keys=True)
 
 
-def meta_training_config(*sections):
-    """stage_config for meta-training: the training section without the fine-tuning keys, so that
-    changing the fine-tuning schedule does not retrain the unsupervised model."""
-    training = {k: v for k, v in config["training"].items() if not k.startswith("finetune_")}
+# training keys that only labelled episodes (sup, sup-P%, finetune-P%) read
+LABELLED_ONLY_KEYS = ("labelled_class_draw",)
+
+
+def meta_training_config(*sections, labelled=False):
+    """stage_config for meta-training: the training section without the fine-tuning keys (and, for
+    unsupervised meta-training, without the labelled-episode keys), so that changing those does not
+    retrain the unsupervised model."""
+    training = {k: v for k, v in config["training"].items()
+                if not k.startswith("finetune_") and (labelled or k not in LABELLED_ONLY_KEYS)}
     return json.dumps({"training": training, **{s: _section(s) for s in sections}}, sort_keys=True)
 
 

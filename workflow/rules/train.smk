@@ -62,7 +62,7 @@ rule train_sup:
     output:
         "results/{dataset}/supervised/{model}/fold{fold}/checkpoint.pt",
     params:
-        cfg=meta_training_config("model", "datasets"),
+        cfg=meta_training_config("model", "datasets", labelled=True),
         method="sup",
         out=lambda w, output: os.path.dirname(output[0]),
         tables=lambda w, input: os.path.dirname(input.tables[0]),
