@@ -418,3 +418,18 @@ def test_the_published_digest_applies_when_a_config_names_the_published_url(monk
         with pytest.raises(RuntimeError, match="no download"):
             backbones.build_backbone("resnet50-imagenet", checkpoint_url=url, checkpoint_sha256=sha256)
         assert seen[-1] == (url or spec.url, expected)
+
+
+def test_dino_position_embedding_is_interpolated_as_dino_does():
+    """DINO samples the pretrained grid at scale (n + 0.1) / sqrt(N), not at the output size."""
+    torch.manual_seed(4)
+    vit = build_dino_vit("dino-vits16", depth=1)
+    n = vit.pretrain_grid
+    grid = vit.pos_embed[:, 1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
+    got = vit.grid_pos_embed(59, 44)
+    assert got.shape == (1, 1 + 59 * 44, vit.pos_embed.shape[-1])
+    dino = F.interpolate(grid, scale_factor=(59.1 / math.sqrt(n * n), 44.1 / math.sqrt(n * n)), mode="bicubic")
+    torch.testing.assert_close(got[:, 1:], dino.permute(0, 2, 3, 1).reshape(1, 59 * 44, -1))
+    by_size = F.interpolate(grid, size=(59, 44), mode="bicubic")
+    assert not torch.allclose(dino, by_size)
+    assert torch.equal(got[:, :1], vit.pos_embed[:, :1])

@@ -121,13 +121,19 @@ class DinoViTBackbone(FeatureBackbone):
                 nn.init.zeros_(module.bias)
 
     def grid_pos_embed(self, rows: int, cols: int) -> torch.Tensor:
-        """Position embeddings [1, 1 + rows*cols, D] for a rows x cols patch grid."""
+        """Position embeddings [1, 1 + rows*cols, D] for a rows x cols patch grid.
+
+        Bicubic with DINO's scale factors ((rows + 0.1) / n, (cols + 0.1) / n) rather than the output
+        size, so the samples sit where DINO's own interpolation puts them (the sizes come out the same).
+        """
         if (rows, cols) == (self.pretrain_grid, self.pretrain_grid):
             return self.pos_embed
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         dim = patch_pos.shape[-1]
-        grid = patch_pos.reshape(1, self.pretrain_grid, self.pretrain_grid, dim).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid.float(), size=(rows, cols), mode="bicubic", align_corners=False)
+        n = self.pretrain_grid
+        grid = patch_pos.reshape(1, n, n, dim).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), scale_factor=((rows + 0.1) / n, (cols + 0.1) / n), mode="bicubic",
+                             align_corners=False)  # output floor(rows + 0.1) x floor(cols + 0.1)
         patch_pos = grid.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(1, rows * cols, dim)
         return torch.cat([cls_pos, patch_pos], dim=1)
 
