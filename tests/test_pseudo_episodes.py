@@ -105,6 +105,38 @@ def test_background_rules_occupancy_and_bbox(tmp_path):
         build_regions([lab], [emb], 4, background_rule="area", progress=False)
 
 
+def test_refined_label_stores_give_regions_measured_on_the_refined_masks(tmp_path):
+    """With superpixel-refined labels, regions, areas, background spans and masked averages come from the
+    refined labels (the masks training sees), not from the grid majority."""
+    labels = np.zeros((1, GRID, GRID))
+    labels[0, 5:7, 0:5] = 2          # 10 cells = 160 px on the grid, 4 px once refined
+    labels[0, 0:2, 6:8] = 3          # 4 rows on the grid; its refined pixels run through every row
+    labels[0, 2, 6:8] = 3
+    labels[0, 3, 6] = 3
+    features = unit(np.random.default_rng(1), (1, GRID, GRID, DIM))
+    lab, emb = write_stores(tmp_path, labels, features, [[GRID, GRID]], ["img"], clusters=5)
+    fine = np.zeros((64, 64), np.int16)  # embed image_size 64: one refined pixel is (32/64)^2 = 0.25 px
+    fine[8:40, 8:40] = 1             # 1,024 refined px = 256 px
+    fine[44:48, 0:4] = 2             # 16 refined px = 4 px: too small
+    fine[:, 52:60] = 3               # every row: background-like
+    fine[40:64, 20:40] = 4           # 480 refined px = 120 px, in no grid cell's majority
+    grid_only = build_regions([lab], [emb], 5, min_region_pixels=100, background_span=0.99, progress=False)[0]
+    assert grid_only["cluster"].tolist() == [2, 3]  # the grid alone keeps 2 and 3 and knows nothing of 1 and 4
+    zarr.open_group(str(lab), mode="a").create_array("refined", data=fine[None], chunks=(1, 64, 64))
+
+    table, feats = build_regions([lab], [emb], 5, min_region_pixels=100, background_span=0.99, progress=False)
+    assert table["cluster"].tolist() == [1, 4]
+    assert table["area_pixels"].tolist() == [256, 120] and table["area"].tolist() == [1024, 480]
+    assert table[["y0", "x0", "y1", "x1", "valid_h", "valid_w"]].iloc[0].tolist() == [8, 8, 40, 40, 64, 64]
+    cells = torch.from_numpy(features[0].astype(np.float16).astype(np.float32)).permute(2, 0, 1)[None]
+    resized = F.interpolate(cells, size=(64, 64), mode="bilinear", align_corners=True)[0].permute(1, 2, 0).numpy()
+    for row, cluster in enumerate(table["cluster"]):
+        expected = resized[fine == cluster].mean(0)
+        np.testing.assert_allclose(feats[row], expected / np.linalg.norm(expected), atol=2e-3)
+    cells_unit = build_regions([lab], [emb], 5, min_region_pixels=10, area_unit="grid", progress=False)[0]
+    assert cells_unit["cluster"].tolist() == [1]  # 16 cells' worth; 4 has 7.5
+
+
 def brute_force_candidates(features, clusters, images, query, pool_rows, fraction, cap):
     eligible = [r for r in pool_rows if images[r] != images[query]]
     sims = features[eligible].astype(np.float64) @ features[query].astype(np.float64)

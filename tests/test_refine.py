@@ -19,7 +19,7 @@ from umtfss.clustering.quality import confusion_matrix
 from umtfss.clustering.refine import (
     cell_of_pixel, embedded_view, grid_majority, group_majority, refine_labels, superpixel_majority,
 )
-from umtfss.pseudo_episodes import PseudoEpisodes, cluster_mask, resize_nearest
+from umtfss.pseudo_episodes import PseudoEpisodes, cluster_mask, read_metadata, resize_nearest
 from umtfss.stores import LabelStore, create_embedding_store
 from umtfss.transforms import resized_extent
 
@@ -236,6 +236,7 @@ def test_region_masks_come_from_the_refined_labels(refined_stores):
     assert cli.main(["episodes", "--config", config, "--labels", str(refined), "--embeddings", str(emb),
                      "--out-dir", str(tmp_path / "episodes")]) == 0
     episodes = PseudoEpisodes(tmp_path / "episodes", [refined], images)
+    assert read_metadata(tmp_path / "episodes" / "regions.parquet")["region_labels"] == "refined"
     store = LabelStore([refined])
     differs = 0
     for region in range(len(episodes.regions)):

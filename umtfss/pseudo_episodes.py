@@ -15,6 +15,12 @@ selection"); the reference code's conventions are config keys (section `episodes
   bbox: its bounding box spans `y1 - y0 >= background_span * valid_h` OR
   `x1 - x0 >= background_span * valid_w` (grid cells with exclusive ends; valid_h x valid_w = the
   grid cells the image covers, padding excluded).
+  With superpixel-refined label stores (`clustering.refine`) all of this is measured on the refined
+  labels, the masks that training sees, as the reference code does: a region is a cluster's refined
+  pixels, its area counts them (one is (longer side / embed image_size)^2 original pixels, or
+  1 / stride^2 of a cell for `area_unit` grid), the background rule uses refined rows and columns,
+  and the masked-average feature is the mean over the region's pixels of the cell features resized
+  bilinearly with aligned corners to the refined extent (the reference's get_mask_embedding).
 - candidates of query q in cluster c: the pool is the cluster's regions, first subsampled to
   `max_pool` at random (seeded per cluster) when larger; the eligible regions are the pool minus
   every region of q's own image (q itself included); q gets the
@@ -124,28 +130,70 @@ class _ImageRegions:
     occupied: np.ndarray  # [r, 2] number of grid rows, columns holding at least one cell of the region
 
 
+def _region_geometry(labels: np.ndarray):
+    """Per label >= 0 of a 2-D label array (small non-negative ids): ids, pixel counts, bbox, occupied
+    rows/columns, and each pixel's region index (-1 outside every region), by bincounts."""
+    h, w = labels.shape
+    flat = labels.reshape(-1).astype(np.int64)
+    inside = flat >= 0
+    per_id = np.bincount(flat[inside])
+    ids = np.flatnonzero(per_id)
+    lookup = np.full(per_id.size, -1, np.int64)
+    lookup[ids] = np.arange(ids.size)
+    region = np.full(flat.size, -1, np.int64)
+    region[inside] = lookup[flat[inside]]
+    ys, xs = np.divmod(np.flatnonzero(inside), w)
+    rows = np.bincount(region[inside] * h + ys, minlength=ids.size * h).reshape(ids.size, h) > 0
+    cols = np.bincount(region[inside] * w + xs, minlength=ids.size * w).reshape(ids.size, w) > 0
+    bbox = np.stack([rows.argmax(1), cols.argmax(1), h - rows[:, ::-1].argmax(1), w - cols[:, ::-1].argmax(1)], axis=1)
+    occupied = np.stack([rows.sum(1), cols.sum(1)], axis=1)
+    return ids, per_id[ids], bbox.astype(np.int64), occupied.astype(np.int64), region
+
+
+def _unit_rows(sums: np.ndarray) -> np.ndarray:
+    return sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+
+
 def image_regions(cells: np.ndarray, features: np.ndarray) -> _ImageRegions:
     """Every cluster's region in one image's valid grid `cells` [h, w] with pixel `features` [h, w, d]."""
-    h, w = cells.shape
-    flat = cells.reshape(-1)
-    order = np.argsort(flat, kind="stable")
-    order = order[flat[order] >= 0]
-    ordered = flat[order]
-    ids, starts, counts = np.unique(ordered, return_index=True, return_counts=True)
+    ids, counts, bbox, occupied, region = _region_geometry(cells)
     if ids.size == 0:
-        d = features.shape[-1]
-        return _ImageRegions(ids.astype(np.int64), counts, np.zeros((0, 4), np.int64), np.zeros((0, d), np.float32),
-                             np.zeros((0, 2), np.int64))
-    ys, xs = np.divmod(order, w)
-    bbox = np.stack([np.minimum.reduceat(ys, starts), np.minimum.reduceat(xs, starts),
-                     np.maximum.reduceat(ys, starts) + 1, np.maximum.reduceat(xs, starts) + 1], axis=1)
-    group = np.repeat(np.arange(ids.size), counts)
-    occupied = np.stack([np.bincount(np.unique(group * h + ys) // h, minlength=ids.size),
-                         np.bincount(np.unique(group * w + xs) // w, minlength=ids.size)], axis=1)
-    pixel_features = features.reshape(h * w, -1)[order].astype(np.float32)
-    sums = np.add.reduceat(pixel_features, starts, axis=0)
-    norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    return _ImageRegions(ids.astype(np.int64), counts, bbox, sums / np.maximum(norms, 1e-12), occupied)
+        return _ImageRegions(ids, counts, bbox, np.zeros((0, features.shape[-1]), np.float32), occupied)
+    order = np.argsort(region, kind="stable")[np.count_nonzero(region < 0):]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    pixel_features = features.reshape(cells.size, -1)[order].astype(np.float32)
+    return _ImageRegions(ids, counts, bbox, _unit_rows(np.add.reduceat(pixel_features, starts, axis=0)), occupied)
+
+
+def bilinear_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lo, hi, t) per output position of a 1-D bilinear resize source -> target with aligned corners
+    (torch's align_corners=True): output i = (1 - t) * in[lo] + t * in[hi]."""
+    position = np.arange(target) * ((source - 1) / (target - 1)) if target > 1 else np.zeros(1)
+    lo = np.minimum(np.floor(position).astype(np.int64), source - 1)
+    return lo, np.minimum(lo + 1, source - 1), position - lo
+
+
+def refined_image_regions(fine: np.ndarray, features: np.ndarray) -> _ImageRegions:
+    """Every cluster's region in one image's superpixel-refined labels `fine` [h, w] (valid part), with the
+    valid cell `features` [gh, gw, d]: area, bbox and occupancy in refined pixels, and as masked-average
+    feature the mean over the region's pixels of the features resized bilinearly (aligned corners) to
+    (h, w), as the reference code averages them. The resized map is never built: the mean is a weighted
+    sum of cells, each pixel giving its four bilinear taps to its region's cell weights."""
+    ids, counts, bbox, occupied, region = _region_geometry(fine)
+    gh, gw, d = features.shape
+    if ids.size == 0:
+        return _ImageRegions(ids, counts, bbox, np.zeros((0, d), np.float32), occupied)
+    h, w = fine.shape
+    valid = region >= 0
+    region = region[valid]
+    row_lo, row_hi, row_t = (np.repeat(a, w)[valid] for a in bilinear_taps(gh, h))
+    col_lo, col_hi, col_t = (np.tile(a, h)[valid] for a in bilinear_taps(gw, w))
+    weights = np.zeros(ids.size * gh * gw)
+    for rows, row_weight in ((row_lo, 1 - row_t), (row_hi, row_t)):
+        for cols, col_weight in ((col_lo, 1 - col_t), (col_hi, col_t)):
+            weights += np.bincount((region * gh + rows) * gw + cols, row_weight * col_weight, minlength=weights.size)
+    sums = weights.reshape(ids.size, gh * gw).astype(np.float32) @ features.reshape(gh * gw, d).astype(np.float32)
+    return _ImageRegions(ids, counts, bbox, _unit_rows(sums), occupied)
 
 
 BACKGROUND_RULES = ("occupancy", "bbox")
@@ -186,9 +234,11 @@ def build_regions(label_paths: Sequence[str | Path], embedding_paths: Sequence[s
     """Regions of every image of the label stores, streamed shard by shard, image by image.
 
     Returns (table, features): the table has one row per kept region, sorted by cluster, with
-    region_id (= row), image_id, cluster, area (grid cells), area_pixels (original-image pixels),
-    y0, x0, y1, x1 (grid cells, exclusive ends), valid_h, valid_w; `features` is float16 [rows, d],
-    the masked-average features.
+    region_id (= row), image_id, cluster, area, area_pixels (original-image pixels), y0, x0, y1, x1
+    (exclusive ends), valid_h, valid_w; `features` is float16 [rows, d], the masked-average features.
+    Geometry is in grid cells, or, when the label stores hold superpixel-refined labels, in refined
+    pixels (the embed input resolution): regions are then the refined labels' (the masks that
+    training sees), filtered on them, with features averaged as refined_image_regions does.
     """
     if area_unit not in AREA_UNITS:
         raise ValueError(f"config key 'episodes.area_unit' is '{area_unit}', expected image or grid")
@@ -204,6 +254,7 @@ def build_regions(label_paths: Sequence[str | Path], embedding_paths: Sequence[s
                          f"{tuple(embeddings.grid)}; expected the labels of these embeddings")
     embedding_row = _unique_index(embeddings.image_ids, "embedding stores", embedding_paths)
     _unique_index(labels.image_ids, "label stores", label_paths)
+    refined = labels.has_refined
 
     columns: dict[str, list] = {k: [] for k in ("image_id", "cluster", "area", "area_pixels", "bbox", "valid")}
     feature_blocks: list[np.ndarray] = []
@@ -221,15 +272,27 @@ def build_regions(label_paths: Sequence[str | Path], embedding_paths: Sequence[s
                 raise ValueError(f"image '{image_id}' has cluster ids in [{cells.min()}, {cells.max()}] inside its "
                                  f"valid grid, expected 0..{clusters - 1}")
             features = embeddings.features(embedding_row[image_id])[:vh, :vw]
-            found = image_regions(cells, features)
             per_cell = pixels_per_cell(embeddings.size(embedding_row[image_id]), embed_size, stride)
+            if refined:  # the masks training will see: regions, areas and spans measured on them
+                fine = labels.refined(index)
+                vh, vw = valid_extent(fine)
+                fine = fine[:vh, :vw]
+                if fine.size and (fine.min() < 0 or fine.max() >= clusters):
+                    raise ValueError(f"image '{image_id}' has refined cluster ids in [{fine.min()}, {fine.max()}] "
+                                     f"inside its valid extent, expected 0..{clusters - 1}")
+                found = refined_image_regions(fine, features)
+                per_unit = per_cell / stride ** 2  # original-image pixels per refined pixel
+                grid_units = 1 / stride ** 2
+            else:
+                found = image_regions(cells, features)
+                per_unit, grid_units = per_cell, 1.0
             keep = region_filter(found, (vh, vw), min_region_pixels, drop_background_like, background_span,
-                                 background_rule, per_cell if area_unit == "image" else 1.0)
+                                 background_rule, per_unit if area_unit == "image" else grid_units)
             n = int(keep.sum())
             columns["image_id"].extend([image_id] * n)
             columns["cluster"].append(found.clusters[keep])
             columns["area"].append(found.area[keep])
-            columns["area_pixels"].append(np.round(found.area[keep] * per_cell))
+            columns["area_pixels"].append(np.round(found.area[keep] * per_unit))
             columns["bbox"].append(found.bbox[keep])
             columns["valid"].append(np.tile([vh, vw], (n, 1)))
             feature_blocks.append(found.features[keep].astype(np.float16))
@@ -456,6 +519,7 @@ def build_episodes(label_paths: Sequence[str | Path], embedding_paths: Sequence[
         "regions": int(len(table)),
         "images": int(table["image_id"].nunique()),
         "feature_dim": int(features.shape[1]),
+        "region_labels": "refined" if labels.has_refined else "grid",  # the unit of area, y0..x1, valid_h/w
         "similarity_tolerance": SIMILARITY_TOLERANCE,
     }
     out_dir = Path(out_dir)
