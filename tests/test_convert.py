@@ -150,7 +150,7 @@ def _coco_json(path):
               {"id": 9, "file_name": "COCO_train2014_000000000009.jpg", "height": 20, "width": 30}]
     annotations = [
         {"id": 1, "image_id": 7, "category_id": 90, "iscrowd": 0, "area": 25.0,
-         "segmentation": _rect_polygon(10, 10, 15, 15)},   # small, drawn over the big one
+         "segmentation": _rect_polygon(10, 10, 15, 15)},   # small, under the big one in annotation order
         {"id": 2, "image_id": 7, "category_id": 1, "iscrowd": 0, "area": 400.0,
          "segmentation": _rect_polygon(2, 2, 22, 22)},
         {"id": 3, "image_id": 7, "category_id": 3, "iscrowd": 1, "area": 150.0,
@@ -163,7 +163,8 @@ def _coco_json(path):
 @pytest.mark.parametrize("crowd, crowd_value", [("ignore", 255), ("class", 2), ("skip", 0)])
 def test_convert_coco_masks(tmp_path, crowd, crowd_value):
     source = _coco_json(tmp_path / "instances_train2014.json")
-    summary = convert_coco(source, tmp_path / "masks", crowd=crowd, progress=False, keep_unannotated=True)
+    summary = convert_coco(source, tmp_path / "masks", crowd=crowd, progress=False, keep_unannotated=True,
+                           overlap="small_on_top")
     assert summary["images"] == 2 and summary["unannotated"] == 1 and summary["classes"] == 3
     mask = io.read_label(tmp_path / "masks" / "COCO_train2014_000000000007.png")
     assert mask.shape == (40, 50)
@@ -173,6 +174,17 @@ def test_convert_coco_masks(tmp_path, crowd, crowd_value):
     assert mask[33, 6] == 2 and (mask[32:36, 5:9] == 2).all()  # compressed RLE, category 3 -> class 2
     empty = io.read_label(tmp_path / "masks" / "COCO_train2014_000000000009.png")
     assert empty.shape == (20, 30) and not empty.any()
+
+
+def test_convert_coco_overlaps_in_annotation_order_by_default(tmp_path):
+    """The reference's masks: a later annotation paints over an earlier one, whatever their sizes."""
+    source = _coco_json(tmp_path / "instances_train2014.json")
+    summary = convert_coco(source, tmp_path / "masks", progress=False)
+    mask = io.read_label(tmp_path / "masks" / "COCO_train2014_000000000007.png")
+    assert summary["overlap"] == "annotation_order"
+    assert (mask[10:15, 10:15] == 1).all() and not (mask == 3).any()  # the big object (2nd) covers the small (1st)
+    with pytest.raises(ValueError, match="datasets.coco.overlap"):
+        convert_coco(source, tmp_path / "masks", progress=False, overlap="largest")
 
 
 def test_convert_coco_leaves_out_images_without_annotations_by_default(tmp_path):
@@ -195,14 +207,16 @@ def test_convert_coco_cli_round_trip(tmp_path, capsys):
     assert main(["convert-coco", "--config", config, "--split", "train", "--no-progress"]) == 0
     dataset = open_dataset("coco", load(json.loads(config)))
     assert dataset.image_ids("train") == ["COCO_train2014_000000000007"]  # 9 has no annotation
-    assert dataset.read_label("COCO_train2014_000000000007", "train")[12, 12] == 3
+    assert dataset.read_label("COCO_train2014_000000000007", "train")[12, 12] == 1  # annotation order
     assert dataset.read_label("COCO_train2014_000000000007", "train")[30, 38] == 0  # datasets.coco.crowd: skip
     kept = json.dumps({"datasets": {"coco": {"root": str(root), "instances_dir": str(tmp_path / "ann"),
-                                             "keep_unannotated": True, "crowd": "ignore"}}})
+                                             "keep_unannotated": True, "crowd": "ignore",
+                                             "overlap": "small_on_top"}}})
     assert main(["convert-coco", "--config", kept, "--split", "train", "--no-progress"]) == 0
     dataset = open_dataset("coco", load(json.loads(kept)))
     assert dataset.image_ids("train") == ["COCO_train2014_000000000007", "COCO_train2014_000000000009"]
     assert dataset.read_label("COCO_train2014_000000000007", "train")[30, 38] == 255
+    assert dataset.read_label("COCO_train2014_000000000007", "train")[12, 12] == 3  # datasets.coco.overlap
     assert main(["convert-coco", "--config", kept, "--split", "train", "--crowd", "class", "--no-progress"]) == 0
     assert dataset.read_label("COCO_train2014_000000000007", "train")[30, 38] == 2  # the flag wins
     assert main(["convert-coco", "--config", config, "--split", "val", "--no-progress"]) == 1

@@ -201,9 +201,9 @@ def test_fine_tuning_keys_do_not_retrain_the_unsupervised_model(pipeline):
 
 
 def test_coco_conversion_keys_rerun_nothing_of_a_pascal_run(pipeline):
-    """datasets.coco.crowd / keep_unannotated are read by convert-coco alone: the demo's jobs stay done."""
+    """datasets.coco.crowd / keep_unannotated / overlap are read by convert-coco alone: the demo's jobs stay done."""
     with edited_config(pipeline) as config:
-        config["datasets"]["coco"] = {"crowd": "ignore", "keep_unannotated": True}
+        config["datasets"]["coco"] = {"crowd": "ignore", "keep_unannotated": True, "overlap": "small_on_top"}
         write_config(pipeline, config)
         assert "Nothing to be done" in snakemake(pipeline, "-n", "--cores", "2", "results/eval_pascal.csv").stdout
         config["datasets"]["coco"] = {"min_class_pixels": 100}  # read by every stage that reads datasets

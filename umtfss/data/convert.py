@@ -17,6 +17,7 @@ PASCAL_CLASSES = 20
 IGNORE = 255
 LIST_RULES = ("reference", "trainaug")
 CROWD_MODES = ("ignore", "class", "skip")
+OVERLAP_ORDERS = ("annotation_order", "small_on_top")  # who wins where two objects overlap
 
 
 
@@ -255,12 +256,14 @@ def _decode_segmentation(segmentation, height: int, width: int) -> np.ndarray | 
 
 
 def convert_coco(instances_json: str | Path, label_dir: str | Path, crowd: str = "skip",
-                 progress: bool = True, keep_unannotated: bool = False) -> dict:
+                 progress: bool = True, keep_unannotated: bool = False, overlap: str = "annotation_order") -> dict:
     """Write one class-mask PNG per annotated image of a COCO instances file: `<label_dir>/<file stem>.png`.
 
     Category ids (80 non-contiguous ids in COCO) map to 1..C in increasing id order, 0 is
-    background. Painting order makes overlaps deterministic: crowd regions first, then objects
-    from the largest to the smallest, so a small object lying on a big one stays visible.
+    background. Where objects overlap, overlap 'annotation_order' lets a later annotation of the
+    file paint over an earlier one (the reference code's masks, CyCTR's prepare script);
+    'small_on_top' paints from the largest object to the smallest (ties by annotation id), so a
+    small object lying on a big one stays visible. Crowd regions, when drawn, go first either way.
     crowd: 'skip' leaves crowd regions background (the reference code's masks, CyCTR's
     prepare script), 'ignore' paints them 255 (not scored), 'class' paints them with their class.
     Images without any annotation get no mask (the reference's 82,081 train images of 82,783; a mask
@@ -269,6 +272,8 @@ def convert_coco(instances_json: str | Path, label_dir: str | Path, crowd: str =
     """
     if crowd not in CROWD_MODES:
         raise ValueError(f"crowd handling is '{crowd}', expected one of {', '.join(CROWD_MODES)}")
+    if overlap not in OVERLAP_ORDERS:
+        raise ValueError(f"config key 'datasets.coco.overlap' is '{overlap}', expected one of {', '.join(OVERLAP_ORDERS)}")
     path, label_dir = Path(instances_json), Path(label_dir)
     data = _load_instances(path)
     category_ids = sorted({int(_field(c, "id", "category", path)) for c in data["categories"]})
@@ -310,7 +315,7 @@ def convert_coco(instances_json: str | Path, label_dir: str | Path, crowd: str =
             (label_dir / f"{stem}.png").unlink(missing_ok=True)
             continue
         layers = []
-        for ann in per_image[image_id]:
+        for position, ann in enumerate(per_image[image_id]):
             segmentation = _field(ann, "segmentation", "annotation", path)
             try:
                 region = _decode_segmentation(segmentation, height, width)
@@ -321,15 +326,17 @@ def convert_coco(instances_json: str | Path, label_dir: str | Path, crowd: str =
                 continue
             is_crowd = bool(ann.get("iscrowd", 0))
             value = IGNORE if is_crowd and crowd == "ignore" else class_of[ann["category_id"]]
-            layers.append((not is_crowd, -int(region.sum()), ann.get("id", 0), value, region))
+            rank = (position,) if overlap == "annotation_order" else (-int(region.sum()), ann.get("id", 0))
+            layers.append(((not is_crowd, *rank), value, region))
         mask = np.zeros((height, width), dtype=np.uint8)
-        for *_, value, region in sorted(layers, key=lambda layer: layer[:3]):
+        for _, value, region in sorted(layers, key=lambda layer: layer[0]):
             mask[region] = value
         drawn += len(layers)
         written += 1
         io.write_png(label_dir / f"{stem}.png", mask)
     return {"images": written, "unannotated": len(images) - len(annotated), "classes": len(category_ids),
             "annotations": len(data["annotations"]), "drawn": drawn, "crowd": crowd, "crowd_annotations": crowds,
+            "overlap": overlap,
             "label_dir": str(label_dir)}
 
 
@@ -393,9 +400,9 @@ def cli_coco(parser):
         for split, source in sources.items():
             label_dir = resolve_under(root, cfg[f"{split}_label_dir"])
             summary = convert_coco(source, label_dir, crowd=args.crowd or cfg["crowd"], progress=not args.no_progress,
-                                   keep_unannotated=cfg["keep_unannotated"])
+                                   keep_unannotated=cfg["keep_unannotated"], overlap=cfg["overlap"])
             print(f"convert-coco {split}: {summary['images']} masks ({summary['unannotated']} images without "
                   f"annotations {'kept' if cfg['keep_unannotated'] else 'left out'}), {summary['classes']} classes, "
-                  f"{summary['drawn']} regions drawn (crowd: {summary['crowd']}) -> {label_dir}")
+                  f"{summary['drawn']} regions drawn (crowd: {summary['crowd']}, overlap: {summary['overlap']}) -> {label_dir}")
 
     return run

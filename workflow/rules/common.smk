@@ -69,7 +69,7 @@ def folder_images():
 
 # datasets keys that only a converter reads: left out of every other stage's slice, so that setting one
 # reruns that conversion (and what its masks feed), not every stage that reads the datasets section
-CONVERT_ONLY_KEYS = {"coco": ("crowd", "keep_unannotated")}
+CONVERT_ONLY_KEYS = {"coco": ("crowd", "keep_unannotated", "overlap")}
 
 
 def _section(name, converter=False):
