@@ -200,16 +200,62 @@ def test_fine_tuning_keys_do_not_retrain_the_unsupervised_model(pipeline):
     assert "train_unsup" in planned_jobs(plan) and "embed" not in planned_jobs(plan)
 
 
-def test_coco_conversion_keys_rerun_nothing_of_a_pascal_run(pipeline):
-    """datasets.coco.crowd / keep_unannotated / overlap are read by convert-coco alone: the demo's jobs stay done."""
+def test_another_data_sets_keys_rerun_nothing_of_a_pascal_run(pipeline):
+    """Each job reads its own data set's keys: COCO's (converter keys or not) leave the PASCAL run done,
+    and so do the keys that no job of it reads (fold_images in the 'all' setting, the reference
+    predictors' unused model keys); a PASCAL key reruns its prepare."""
     with edited_config(pipeline) as config:
-        config["datasets"]["coco"] = {"crowd": "ignore", "keep_unannotated": True, "overlap": "small_on_top"}
+        config["datasets"]["coco"] = {"crowd": "ignore", "keep_unannotated": True, "overlap": "small_on_top",
+                                      "min_class_pixels": 100, "root": "elsewhere"}
+        config["unlabeled"] = {"fold_images": "no_novel"}
+        config["training"]["episode_sampling"] = "image"  # the default, spelt out
         write_config(pipeline, config)
         assert "Nothing to be done" in snakemake(pipeline, "-n", "--cores", "2", "results/eval_pascal.csv").stdout
-        config["datasets"]["coco"] = {"min_class_pixels": 100}  # read by every stage that reads datasets
+        config["datasets"]["pascal"]["min_class_pixels"] = 301
         write_config(pipeline, config)
         plan = planned_jobs(snakemake(pipeline, "-n", "--cores", "2", "results/eval_pascal.csv").stdout)
-    assert "prepare" in plan
+    assert "prepare" in plan and "demo" not in plan
+
+
+def _job_configs(proc) -> dict[str, list[dict]]:
+    """rule name -> the --config JSON of each of its jobs in a dry run's printed commands (-p)."""
+    import json
+    import shlex
+
+    found: dict[str, list[dict]] = {}
+    for block in re.split(r"\n(?:local)?rule ", "\n" + proc.stdout + proc.stderr)[1:]:
+        name = block.split(":", 1)[0]
+        for line in block.splitlines():
+            if "umtfss " in line and "--config" in line:
+                words = shlex.split(line[line.index("umtfss "):])
+                found.setdefault(name, []).append(json.loads(words[words.index("--config") + 1]))
+    return found
+
+
+def test_each_job_gets_only_the_keys_it_reads(tmp_path):
+    """The config slices of a fresh plan: one data set per job, assign's and evaluate's few keys, no
+    keys of the other kind of episodes in any training job."""
+    from umtfss.config import REFERENCE_PREDICTOR_KEYS
+
+    config = {**TINY, "evaluation": {**TINY["evaluation"], "methods": ["prototype-threshold", "unsup", "sup",
+                                                                        "finetune-20%"]}}
+    write_config(tmp_path, config)
+    jobs = _job_configs(snakemake(tmp_path, "-n", "-p", "--cores", "2", "results/eval_pascal.csv"))
+    assert {"demo", "prepare", "assign", "train_unsup", "train_sup", "finetune", "evaluate"} <= set(jobs)
+    for name, slices in jobs.items():
+        for cfg in slices:
+            assert set(cfg.get("datasets", {})) <= {"pascal"}, name
+    assert all(set(c) == {"clustering"} and set(c["clustering"]) == {"device", "refine"} for c in jobs["assign"])
+    (evaluate,) = jobs["evaluate"]
+    assert set(evaluate) == {"evaluation", "model"} and set(evaluate["model"]) == set(REFERENCE_PREDICTOR_KEYS)
+    (unsup,) = jobs["train_unsup"]
+    assert "unlabeled" not in unsup and "datasets" not in unsup
+    assert "episode_sampling" in unsup["training"] and "labelled_class_draw" not in unsup["training"]
+    assert not any(k.startswith("finetune_") for k in unsup["training"])
+    for name in ("train_sup", "finetune"):
+        for cfg in jobs[name]:
+            assert "labelled_class_draw" in cfg["training"] and "episode_sampling" not in cfg["training"], name
+            assert any(k.startswith("finetune_") for k in cfg["training"]) == (name == "finetune"), name
 
 
 def test_reference_model_overlay_trains_into_its_own_model_folder(pipeline):

@@ -14,6 +14,9 @@ from jsonschema import Draft202012Validator, validators
 
 # Paper's meta-test sizes, used when evaluation.episodes is null.
 DEFAULT_TEST_EPISODES = {"pascal": 1000, "coco": 5000}
+# the model keys that evaluation reads (the reference predictors' frozen backbone; trained models carry
+# their own configuration): the workflow passes evaluate these alone
+REFERENCE_PREDICTOR_KEYS = ("backbone", "checkpoint", "checkpoint_url", "checkpoint_sha256")
 
 
 class ConfigError(ValueError):

@@ -151,14 +151,12 @@ def build_predictor(method: str, config: dict, checkpoint: str | Path | None = N
     if method == "prototype-threshold":
         from umtfss.backbones import build_backbone
 
+        from umtfss.config import REFERENCE_PREDICTOR_KEYS
+
+        name, *checkpoint_keys = REFERENCE_PREDICTOR_KEYS
         model_cfg = config["model"]
-        backbone = build_backbone(
-            model_cfg["backbone"],
-            checkpoint=model_cfg.get("checkpoint"),
-            checkpoint_url=model_cfg.get("checkpoint_url"),
-            checkpoint_sha256=model_cfg.get("checkpoint_sha256"),
-            output_stride=8,
-        ).to(device)
+        backbone = build_backbone(model_cfg[name], **{k: model_cfg.get(k) for k in checkpoint_keys},
+                                  output_stride=8).to(device)
         return PrototypeThreshold(backbone, backbone.high_layer, config["evaluation"]["threshold"])
     if checkpoint is None:
         raise ValueError(

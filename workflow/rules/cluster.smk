@@ -56,7 +56,7 @@ rule quality:
             category="Pseudo classes",
         ),
     params:
-        cfg=stage_config("datasets"),
+        cfg=stage_config(),  # quality reads no key
     conda:
         CONDA_ENV
     log:

@@ -8,7 +8,8 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
-from umtfss.config import ConfigError, type_command_line_values, validate as _validate_config
+from umtfss.config import (REFERENCE_PREDICTOR_KEYS, ConfigError, type_command_line_values,
+                           validate as _validate_config)
 from umtfss.data.folder import folder_fingerprint as _folder_fingerprint
 
 try:  # --config clustering='{clusters: 30}' gives the string "30": read it as the schema's integer
@@ -72,29 +73,41 @@ def folder_images():
 CONVERT_ONLY_KEYS = {"coco": ("crowd", "keep_unannotated", "overlap")}
 
 
-def _section(name, converter=False):
-    if name != "datasets" or converter:
+def _section(name, converter=False, dataset=None):
+    """A config section; `datasets` cut to the one data set a job reads (and, but for a converter,
+    without the converter-only keys), so that editing another data set's keys reruns nothing here."""
+    if name != "datasets":
         return config[name]
-    return {ds: {k: v for k, v in cfg.items() if k not in CONVERT_ONLY_KEYS.get(ds, ())}
-            for ds, cfg in config[name].items()}
+    if dataset is None:
+        raise ValueError("a stage reading the datasets section must name its data set")
+    section = config[name][dataset]
+    return {dataset: section if converter else {k: v for k, v in section.items()
+                                                if k not in CONVERT_ONLY_KEYS.get(dataset, ())}}
 
 
-def stage_config(*sections, converter=False):
-    """Only the config sections a stage reads, as JSON: other edits do not rerun it."""
-    return json.dumps({s: _section(s, converter) for s in sections}, sort_keys=True)
+def stage_config(*sections, converter=False, dataset=None, only=None):
+    """Only the config sections a stage reads, as JSON: other edits do not rerun it. `only` maps a
+    section to the keys of it the stage reads, when it reads a few."""
+    only = only or {}
+    sliced = {s: _section(s, converter, dataset) for s in sections}
+    sliced.update({s: {k: config[s][k] for k in keys} for s, keys in only.items()})
+    return json.dumps(sliced, sort_keys=True)
 
 
-# training keys that only labelled episodes (sup, sup-P%, finetune-P%) read
+# training keys that only labelled episodes (sup, sup-P%, finetune-P%) read, and only pseudo episodes
 LABELLED_ONLY_KEYS = ("labelled_class_draw",)
+UNLABELLED_ONLY_KEYS = ("episode_sampling",)
 
 
-def meta_training_config(*sections, labelled=False):
-    """stage_config for meta-training: the training section without the fine-tuning keys (and, for
-    unsupervised meta-training, without the labelled-episode keys), so that changing those does not
-    retrain the unsupervised model."""
+def meta_training_config(*sections, labelled=False, finetune=False, dataset=None, only=None):
+    """stage_config for training: the training section without the keys of the other kind of episodes
+    and, but for fine-tuning (labelled episodes too), without the fine-tuning keys, so that changing
+    those does not retrain the model."""
+    other_kind = UNLABELLED_ONLY_KEYS if labelled or finetune else LABELLED_ONLY_KEYS
     training = {k: v for k, v in config["training"].items()
-                if not k.startswith("finetune_") and (labelled or k not in LABELLED_ONLY_KEYS)}
-    return json.dumps({"training": training, **{s: _section(s) for s in sections}}, sort_keys=True)
+                if (finetune or not k.startswith("finetune_")) and k not in other_kind}
+    return json.dumps({"training": training, **json.loads(stage_config(*sections, dataset=dataset, only=only))},
+                      sort_keys=True)
 
 
 # clustering: the slices fit and assign read
@@ -105,13 +118,14 @@ SUPERPIXEL_KEYS = ("superpixel_scale", "superpixel_sigma", "superpixel_min_size"
 
 def fit_config(clusters):
     section = {k: v for k, v in config["clustering"].items() if k not in ("refine", *SUPERPIXEL_KEYS)}
-    return json.dumps({"clustering": {**section, "clusters": int(clusters)}})
+    return json.dumps({"clustering": {**section, "clusters": int(clusters)}}, sort_keys=True)
 
 
 def assign_config():
-    """The clustering section; the superpixel keys only when they are used (refine: superpixel)."""
-    section = {k: v for k, v in config["clustering"].items() if REFINE or k not in SUPERPIXEL_KEYS}
-    return json.dumps({"clustering": section}, sort_keys=True)
+    """What assign reads of the clustering section: its device and refinement (the superpixel keys
+    only when they are used); the centroids carry the rest."""
+    keys = ("device", "refine") + (SUPERPIXEL_KEYS if REFINE else ())
+    return json.dumps({"clustering": {k: config["clustering"][k] for k in keys}}, sort_keys=True)
 
 
 def prepared(ds):

@@ -20,10 +20,11 @@ if DEMO:
 if config["datasets"]["pascal"]["sbd_root"] and not DEMO:
 
     rule convert_sbd:
-        output:
+        output:  # (and the merged masks under label_dir)
             f"{config['datasets']['pascal']['root']}/{config['datasets']['pascal']['train_list']}",
+            f"{config['datasets']['pascal']['root']}/{config['datasets']['pascal']['val_list']}",
         params:
-            cfg=stage_config("datasets"),
+            cfg=stage_config("datasets", dataset="pascal"),
         conda:
             CONDA_ENV
         log:
@@ -40,7 +41,7 @@ if config["datasets"]["coco"]["instances_dir"]:
         output:
             touch(f"{config['datasets']['coco']['root']}/.umtfss-converted"),
         params:
-            cfg=stage_config("datasets", converter=True),
+            cfg=stage_config("datasets", converter=True, dataset="coco"),
         conda:
             CONDA_ENV
         log:
@@ -57,8 +58,8 @@ rule prepare:
     output:
         **prepared("{dataset}"),
     params:
-        cfg=lambda w: stage_config("datasets", "demo"),
-        out=lambda w: f"results/{w.dataset}/prepare",
+        cfg=lambda w: stage_config("datasets", dataset=w.dataset),
+        out=lambda w, output: os.path.dirname(output.images),
     threads: 2
     conda:
         CONDA_ENV
@@ -77,8 +78,8 @@ if SOURCE == "folder":
             f"results/{SRC}/prepare/classes.parquet",
             f"results/{SRC}/prepare/image_classes.parquet",
         params:
-            cfg=stage_config("unlabeled"),
-            out=f"results/{SRC}/prepare",
+            cfg=stage_config(only={"unlabeled": ("folder", "name")}),
+            out=lambda w, output: os.path.dirname(output[0]),
             # the folder's image list (names, sizes, times): adding, removing or rewriting an image reruns prepare
             images=folder_images(),
         conda:

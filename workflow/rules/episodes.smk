@@ -11,7 +11,7 @@ rule episodes:
         features="results/{src}/{embedder}/clusters-{clusters}/region_features.npy",
     params:
         cfg=stage_config("episodes"),
-        out="results/{src}/{embedder}/clusters-{clusters}",
+        out=lambda w, output: os.path.dirname(output.regions),
     threads: 2
     conda:
         CONDA_ENV

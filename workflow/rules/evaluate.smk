@@ -16,9 +16,9 @@ rule evaluate:
             category="Scores",
         ),
     params:
-        cfg=stage_config("evaluation", "model", "datasets"),
+        cfg=stage_config("evaluation", only={"model": REFERENCE_PREDICTOR_KEYS}),
         methods=evaluation_methods,
-        tables="results/{dataset}/prepare",
+        tables=lambda w: os.path.dirname(prepared(w.dataset)["images"]),
         meta=f"--meta embedder={EMBEDDER} --meta clusters={CLUSTERS} --meta unlabeled={SRC}",
     threads: TORCH_JOB_THREADS
     conda:

@@ -11,7 +11,7 @@ rule train_unsup:
     output:
         "results/{src}/{embedder}/clusters-{clusters}/models/{model}/unsup/checkpoint.pt",
     params:
-        cfg=meta_training_config("model", "unlabeled"),
+        cfg=meta_training_config("model"),
         out=lambda w, output: os.path.dirname(output[0]),
         episodes=lambda w, input: os.path.dirname(input.regions),
     threads: TORCH_JOB_THREADS
@@ -39,7 +39,7 @@ rule train_unsup_fold:
     output:
         "results/{src}/{embedder}/clusters-{clusters}/models/{model}/unsup-fold{fold}/checkpoint.pt",
     params:
-        cfg=meta_training_config("model", "unlabeled", "datasets"),
+        cfg=meta_training_config("model", only={"unlabeled": ("fold_images",)}),
         out=lambda w, output: os.path.dirname(output[0]),
         episodes=lambda w, input: os.path.dirname(input.regions),
         tables=lambda w, input: os.path.dirname(input.images),
@@ -62,7 +62,7 @@ rule train_sup:
     output:
         "results/{dataset}/supervised/{model}/fold{fold}/checkpoint.pt",
     params:
-        cfg=meta_training_config("model", "datasets", labelled=True),
+        cfg=lambda w: meta_training_config("model", "datasets", labelled=True, dataset=w.dataset),
         method="sup",
         out=lambda w, output: os.path.dirname(output[0]),
         tables=lambda w, input: os.path.dirname(input.tables[0]),
@@ -98,7 +98,7 @@ rule finetune:
     output:
         "results/{src}/{embedder}/clusters-{clusters}/models/{model}/finetune-{pct}%/{dataset}/fold{fold}/checkpoint.pt",
     params:
-        cfg=stage_config("model", "training", "datasets"),
+        cfg=lambda w: meta_training_config("model", "datasets", finetune=True, dataset=w.dataset),
         out=lambda w, output: os.path.dirname(output[0]),
         tables=lambda w, input: os.path.dirname(input.tables[0]),
     threads: TORCH_JOB_THREADS
