@@ -11,7 +11,8 @@ mIoU at N = 21, over background + 20 classes; grid-resolution many-to-one is pri
 Cost: assign's seconds per image with refinement minus without (image decoding, resize,
 Felzenszwalb, both votes), the median of --repeats interleaved runs; disk: the 'refined' array's
 bytes per image. The cost at the paper's input size is timed too (--cost-size, default 473): refine_labels
-+ grid_majority on 20 demo images upsampled to that size (smoother than photographs: a lower bound).
++ grid_majority on 20 demo images upsampled to that size (smoother than photographs: a lower bound),
+and the episodes stage's region step on those refined labels against the grid's.
 
     python benchmarks/refine_quality.py                      # seeds 0 and 1, 300 images, reference + small setting
     python benchmarks/refine_quality.py --seeds 0 --images 60   # quick
@@ -36,7 +37,7 @@ from umtfss.clustering.quality import confusion_matrix, quality_metrics
 from umtfss.clustering.refine import embedded_view, grid_majority, refine_labels
 from umtfss.data.demo import generate_demo
 from umtfss.embedding import embed_shard
-from umtfss.pseudo_episodes import valid_extent
+from umtfss.pseudo_episodes import image_regions, refined_image_regions, valid_extent
 from umtfss.stores import EmbeddingStore, LabelStore, create_label_store
 
 IMAGE_SIZE = 160
@@ -92,10 +93,12 @@ def run_seed(seed: int, args, work: Path) -> list[dict]:
                          "assign_s_per_image": float(np.median(seconds[name])) / len(table),
                          "refined_bytes_per_image": disk_bytes(out / "refined") / len(table) if setting else 0.0})
     labels = LabelStore([work / f"labels-{args.clusters}-0.zarr"])
-    seconds, stored = cost_at_size(table, labels, args.cost_size, args.settings[0], work / "large.zarr")
+    seconds, stored, regions_refined, regions_grid = cost_at_size(table, labels, args.cost_size, args.settings[0],
+                                                                   work / "large.zarr")
     bilinear = bilinear_cost_at_size(table, EmbeddingStore([embeddings]), fitted[args.clusters], args.cost_size)
     rows.append({"seed": seed, "cost_size_s_per_image": seconds, "cost_size_bytes_per_image": stored,
-                 "bilinear_size_s_per_image": bilinear})
+                 "bilinear_size_s_per_image": bilinear, "regions_refined_s": regions_refined,
+                 "regions_grid_s": regions_grid})
     return rows
 
 
@@ -115,12 +118,16 @@ def bilinear_cost_at_size(table: pd.DataFrame, store: EmbeddingStore, centroids:
 
 
 def cost_at_size(table: pd.DataFrame, labels: LabelStore, size: int, setting: tuple[float, int], out: Path,
-                 n: int = 20) -> tuple[float, float]:
-    """(median seconds of refine_labels + grid_majority, stored bytes of the refined labels) per image, for
-    images resize-padded to `size` (decoding excluded); the grid labels are the demo's 20x20 ones."""
+                 n: int = 20) -> tuple[float, float, float, float]:
+    """Per image, for images resize-padded to `size` (decoding excluded; the grid labels are the demo's
+    20x20 ones): median seconds of refine_labels + grid_majority, stored bytes of the refined labels,
+    and the episodes stage's region step on them, median seconds from the refined labels
+    (refined_image_regions) and from the grid labels (image_regions), with random unit features of
+    d = 256 on the stride-8 grid of `size` (the PASCAL config's)."""
     n = min(n, len(labels))
     refined = create_label_store(out, n, labels.grid, {}, refined_size=size)["refined"]
-    seconds = []
+    rng = np.random.default_rng(0)
+    seconds, from_refined, from_grid = [], [], []
     for index in range(n):
         view, _ = embedded_view(table["image_path"][index], size)
         rows, cols = valid_extent(labels.labels(index))
@@ -132,7 +139,18 @@ def cost_at_size(table: pd.DataFrame, labels: LabelStore, size: int, setting: tu
         padded = np.full((size, size), -1, np.int16)
         padded[:fine.shape[0], :fine.shape[1]] = fine
         refined[index] = padded
-    return float(np.median(seconds)), disk_bytes(out / "refined") / n
+        cells = (-(-fine.shape[0] // 8), -(-fine.shape[1] // 8))
+        features = rng.normal(size=(*cells, 256))
+        features = (features / np.linalg.norm(features, axis=-1, keepdims=True)).astype(np.float16)
+        started = time.perf_counter()
+        refined_image_regions(fine, features)
+        from_refined.append(time.perf_counter() - started)
+        coarse = grid_majority(fine, cells)
+        started = time.perf_counter()
+        image_regions(coarse, features)
+        from_grid.append(time.perf_counter() - started)
+    return (float(np.median(seconds)), disk_bytes(out / "refined") / n, float(np.median(from_refined)),
+            float(np.median(from_grid)))
 
 
 def main(argv=None) -> int:
@@ -159,6 +177,8 @@ def main(argv=None) -> int:
     cost = frame.pop("cost_size_s_per_image").dropna()
     cost_bytes = frame.pop("cost_size_bytes_per_image").dropna()
     bilinear_cost = frame.pop("bilinear_size_s_per_image").dropna()
+    regions_refined = frame.pop("regions_refined_s").dropna()
+    regions_grid = frame.pop("regions_grid_s").dropna()
     frame = frame.dropna(subset=["refine"])
     print(f"demo, {args.images} train images of {IMAGE_SIZE} px, demo-colortexture, stride 8 (20x20 grid); "
           f"mIoU over background + 20 classes at the {IMAGE_SIZE} px input resolution (grid for reference)")
@@ -184,6 +204,9 @@ def main(argv=None) -> int:
           f"{cost.median() * 1000:.0f} ms per image (median over seeds of the median of 20 images; decoding excluded), "
           f"'refined' array {cost_bytes.mean() / 1000:.1f} kB per image on disk ({args.cost_size ** 2 * 2 / 1000:.0f} kB raw); "
           f"bilinear upsampling of the N = {args.clusters} scores adds {bilinear_cost.median() * 1000:.0f} ms per image")
+    print(f"episodes' regions at {args.cost_size} px (d = 256, stride 8): {regions_refined.median() * 1000:.1f} ms per "
+          f"image from the refined labels vs {regions_grid.median() * 1000:.1f} ms from the grid "
+          f"({regions_refined.median() / regions_grid.median():.1f}x)")
     return 0
 
 

@@ -99,7 +99,7 @@ def pascal_lists(voc_train: Sequence[str], voc_val: Sequence[str], sbd_train: Se
                  rule: str = "reference") -> tuple[list[str], list[str]]:
     """The (train, val) image lists of PASCAL-5i; val is always VOC2012 val (1,449 images).
 
-    rule 'reference' (PFENet / CyCTR / UMTFSS, DESIGN.md): SBD `train_noval.txt` ∪ VOC train
+    rule 'reference' (PFENet / CyCTR / UMTFSS): SBD `train_noval.txt` ∪ VOC train
     minus VOC val -> 5,953 images on the real data (5,623 + 1,464 - 1,134 shared), in the order of
     PFENet's `voc_sbd_merge_noduplicate.txt`: SBD's ids first, then the VOC train ids SBD lacks (the
     order matters where list order is used: `clustering.fit_mode: minibatch`). Without
