@@ -327,6 +327,18 @@ def test_workflow_passes_snakemake_lint():
     assert proc.returncode == 0 and "good condition" in out, out[-3000:]
 
 
+def test_workflow_passes_snakemake_lint_with_a_folder_source(tmp_path):
+    """The folder source defines prepare_folder: the linter passes with it too."""
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "a.png")
+    write_config(tmp_path, {**TINY, "unlabeled": {"source": "folder", "folder": str(tmp_path / "images"), "name": "mine"}})
+    proc = snakemake(tmp_path, "--lint", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "good condition" in out and "prepare_folder" not in out, out[-3000:]
+
+
 @pytest.mark.parametrize("name", ["pascal", "coco"])
 def test_real_data_configs_never_generate_the_demo(tmp_path, name):
     """The README's real-data command plans the converters, not the demo: the demo rule replaces its root."""
