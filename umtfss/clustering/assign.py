@@ -15,6 +15,7 @@ from umtfss.clustering.refine import (
 )
 from umtfss.devices import resolve_device
 from umtfss.io import atomic_path
+from umtfss.pseudo_episodes import bilinear_taps
 from umtfss.stores import EMBEDDING_ATTRS, BackgroundWriter, EmbeddingStore, array_sha256, create_label_store, prefetch
 
 
@@ -84,13 +85,9 @@ def nearest_centroid(features: np.ndarray, centroids: torch.Tensor) -> np.ndarra
 
 
 def _corner_aligned(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lower index, upper index, weight of the upper) per output index of a linear resize with aligned
-    corners: output i samples input i * (in - 1) / (out - 1), as F.interpolate(align_corners=True)."""
-    scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
-    source = torch.arange(out_size, dtype=torch.float64) * scale
-    lower = source.floor().long().clamp(max=in_size - 1)
-    upper = (lower + 1).clamp(max=in_size - 1)
-    return lower, upper, (source - lower).float()
+    """bilinear_taps (aligned corners, as F.interpolate(align_corners=True)) as torch index and weight tensors."""
+    lower, upper, weight = bilinear_taps(in_size, out_size)
+    return torch.from_numpy(lower), torch.from_numpy(upper), torch.from_numpy(weight).float()
 
 
 BILINEAR_STRIP_ROWS = 64  # output rows scored at once: N x 64 x width floats (6 MB at N = 50, 473 px)

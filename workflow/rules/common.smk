@@ -85,13 +85,16 @@ def _section(name, converter=False, dataset=None):
                                                 if k not in CONVERT_ONLY_KEYS.get(dataset, ())}}
 
 
+def _slices(sections, converter=False, dataset=None, only=None):
+    sliced = {s: _section(s, converter, dataset) for s in sections}
+    sliced.update({s: {k: config[s][k] for k in keys} for s, keys in (only or {}).items()})
+    return sliced
+
+
 def stage_config(*sections, converter=False, dataset=None, only=None):
     """Only the config sections a stage reads, as JSON: other edits do not rerun it. `only` maps a
     section to the keys of it the stage reads, when it reads a few."""
-    only = only or {}
-    sliced = {s: _section(s, converter, dataset) for s in sections}
-    sliced.update({s: {k: config[s][k] for k in keys} for s, keys in only.items()})
-    return json.dumps(sliced, sort_keys=True)
+    return json.dumps(_slices(sections, converter, dataset, only), sort_keys=True)
 
 
 # training keys that only labelled episodes (sup, sup-P%, finetune-P%) read, and only pseudo episodes
@@ -106,8 +109,7 @@ def meta_training_config(*sections, labelled=False, finetune=False, dataset=None
     other_kind = UNLABELLED_ONLY_KEYS if labelled or finetune else LABELLED_ONLY_KEYS
     training = {k: v for k, v in config["training"].items()
                 if (finetune or not k.startswith("finetune_")) and k not in other_kind}
-    return json.dumps({"training": training, **json.loads(stage_config(*sections, dataset=dataset, only=only))},
-                      sort_keys=True)
+    return json.dumps({"training": training, **_slices(sections, dataset=dataset, only=only)}, sort_keys=True)
 
 
 # clustering: the slices fit and assign read
