@@ -8,7 +8,6 @@ from torch import nn
 
 from umtfss.config import load
 from umtfss.model import (
-    FSSModel,
     MultiHeadAttention,
     PrototypeCrossAttention,
     VanillaCrossAttention,
@@ -47,12 +46,9 @@ class TinyBackbone(nn.Module):
 def make_model(attention="prototype", fg=3, bg=5, positional="sine", layers=2, **extra):
     torch.manual_seed(0)
     cfg = {"dim": 32, "heads": 4, "layers": layers, "dropout": 0.1, "attention": attention,
-           "prototypes_fg": fg, "prototypes_bg": bg, "hash_bits": 16, "hash_iterations": 5, **extra}
-    model = build_model(cfg, TinyBackbone())
-    if positional != "sine":
-        torch.manual_seed(0)
-        model = FSSModel(TinyBackbone(), positional=positional, **cfg)
-    return model
+           "prototypes_fg": fg, "prototypes_bg": bg, "hash_bits": 16, "hash_iterations": 5, "positional": positional,
+           **extra}
+    return build_model(cfg, TinyBackbone())
 
 
 def episode(batch=2, shots=1, seed=0):
@@ -194,6 +190,8 @@ def test_build_model_reads_the_config_and_rejects_bad_values():
         build_model({"dim": 32, "heads": 4, "attention": "dense"}, TinyBackbone())
     with pytest.raises(ValueError, match="divisible"):
         build_model({"dim": 30, "heads": 4}, TinyBackbone())
+    with pytest.raises(ValueError, match="model.positional is 'rope'"):
+        build_model({"dim": 32, "heads": 4, "positional": "rope"}, TinyBackbone())
     with pytest.raises(ValueError, match="supports must be"):
         make_model()(torch.rand(1, 3, SIZE, SIZE), torch.rand(1, 3, SIZE, SIZE), torch.rand(1, 1, SIZE, SIZE))
 
@@ -332,6 +330,17 @@ def test_head_has_the_reference_dropout():
     model = make_model(head_dropout=0.25)
     dropouts = [m for m in model.head if isinstance(m, torch.nn.Dropout2d)]
     assert len(dropouts) == 1 and dropouts[0].p == 0.25 and model.head[0].bias is None
+
+
+def test_positional_config_key_chooses_the_encoding_and_sine_is_the_default():
+    with pytest.raises(Exception, match="rope"):
+        load({"model": {"positional": "rope"}})
+    assert load({})["model"]["positional"] == "sine"
+    chosen = {kind: build_model(load({"model": {"dim": 32, "heads": 4, "positional": kind}})["model"], TinyBackbone())
+              for kind in ("sine", "learned", "none")}
+    assert [model.positional_kind for model in chosen.values()] == ["sine", "learned", "none"]
+    assert chosen["learned"].learned_positional is not None and chosen["sine"].learned_positional is None
+    assert chosen["sine"]._positional(3, 4, "cpu").shape == (12, 32) and chosen["none"]._positional(3, 4, "cpu") is None
 
 
 def test_padding_aware_sine_encoding_matches_an_unpadded_grid_of_the_image_size():

@@ -21,7 +21,7 @@ __all__ = ["FSSModel", "build_model", "masked_average_pool", "prior_mask", "sine
 MODEL_KEYS = ("dim", "heads", "layers", "dropout", "attention", "prototypes_fg", "prototypes_bg", "hash_bits", "hash_iterations",
               "mask_padding", "mlp_ratio", "head_dropout", "support_merge", "normalize_prototypes", "prototype_source",
               "self_attention", "deformable_points", "linear_bias", "grid_masks", "empty_support",
-              "hash_bias", "hash_draw")
+              "hash_bias", "hash_draw", "positional")
 ATTENTIONS = ("prototype", "vanilla")
 SELF_ATTENTIONS = ("global", "deformable")
 SUPPORT_MERGES = ("own_prototype", "mask_channel")
@@ -214,7 +214,7 @@ class FSSModel(nn.Module):
             if value not in allowed:
                 raise ValueError(f"model.{key} is {value!r}, expected one of {', '.join(allowed)}")
         if positional not in POSITIONALS:
-            raise ValueError(f"positional encoding is {positional!r}, expected one of {', '.join(POSITIONALS)}")
+            raise ValueError(f"model.positional is {positional!r}, expected one of {', '.join(POSITIONALS)}")
         for attr in ("channels", "mid_layers", "high_layer"):
             if not hasattr(backbone, attr):
                 raise ValueError(f"backbone {type(backbone).__name__} lacks attribute '{attr}' of the FeatureBackbone contract")

@@ -11,7 +11,7 @@ from umtfss.io import atomic_path
 FORMAT = "umtfss-checkpoint-1"
 # model keys added after checkpoints existed, with the behaviour a checkpoint written before them was
 # trained with (their schema defaults now follow the reference code)
-LEGACY_MODEL_VALUES = {"linear_bias": True, "grid_masks": "bilinear", "empty_support": "none", "hash_bias": False,
+LEGACY_MODEL_VALUES = {"linear_bias": True, "grid_masks": "bilinear", "empty_support": "none", "hash_bias": False, "positional": "sine",
                        "hash_draw": "fixed"}
 
 
