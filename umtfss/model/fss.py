@@ -210,11 +210,9 @@ class FSSModel(nn.Module):
                                     ("support_merge", support_merge, SUPPORT_MERGES),
                                     ("prototype_source", prototype_source, PROTOTYPE_SOURCES),
                                     ("grid_masks", grid_masks, GRID_MASKS), ("empty_support", empty_support, EMPTY_SUPPORTS),
-                                    ("hash_draw", hash_draw, HASH_DRAWS)):
+                                    ("hash_draw", hash_draw, HASH_DRAWS), ("positional", positional, POSITIONALS)):
             if value not in allowed:
                 raise ValueError(f"model.{key} is {value!r}, expected one of {', '.join(allowed)}")
-        if positional not in POSITIONALS:
-            raise ValueError(f"model.positional is {positional!r}, expected one of {', '.join(POSITIONALS)}")
         for attr in ("channels", "mid_layers", "high_layer"):
             if not hasattr(backbone, attr):
                 raise ValueError(f"backbone {type(backbone).__name__} lacks attribute '{attr}' of the FeatureBackbone contract")
