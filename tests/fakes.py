@@ -77,6 +77,32 @@ def make_coco_tree(root, n_train: int = 8, n_val: int = 4, size: int = 64, seed:
     return root
 
 
+def make_custom_tree(root, n_train: int = 8, n_val: int = 4, size: int = 64, classes: int = 4, seed: int = 0) -> Path:
+    """A user's labelled folder: images/<group>/<id>.png (and one .JPG), masks/<group>/<id>.png, train.txt, val.txt.
+
+    Ids sit in two subfolders ('a/img00', 'b/img01', ...); the val list gives ids with their suffix and a
+    comment line. Image i holds a large (present) object of class 1 + i % classes and a small (not present) one.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    lists = {"train": [], "val": []}
+    for index in range(n_train + n_val):
+        split = "train" if index < n_train else "val"
+        image_id = f"{'ab'[index % 2]}/img{index:02d}"
+        suffix = ".JPG" if index == 1 else ".png"
+        for folder in ("images", "masks"):
+            (root / folder / image_id).parent.mkdir(parents=True, exist_ok=True)
+        large = 1 + index % classes  # so that every run of `classes` images holds each class once, present
+        pair = (large, int(rng.choice([c for c in range(1, classes + 1) if c != large])))
+        image, label = _draw_objects(size, pair, rng)
+        Image.fromarray(image).save(root / "images" / f"{image_id}{suffix}", format="JPEG" if suffix == ".JPG" else None)
+        Image.fromarray(label).save(root / "masks" / f"{image_id}.png")
+        lists[split].append(image_id if split == "train" else f"{image_id}{suffix}")
+    (root / "train.txt").write_text("".join(f"{i}\n" for i in lists["train"]))
+    (root / "val.txt").write_text("# test images\n" + "".join(f"{i}\n" for i in lists["val"]))
+    return root
+
+
 def write_instances_json(path, images: list[dict], annotations: list[dict], category_ids: list[int]) -> Path:
     """A minimal COCO instances JSON (images, annotations, categories)."""
     path = Path(path)

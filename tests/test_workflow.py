@@ -207,6 +207,7 @@ def test_another_data_sets_keys_rerun_nothing_of_a_pascal_run(pipeline):
     with edited_config(pipeline) as config:
         config["datasets"]["coco"] = {"crowd": "ignore", "keep_unannotated": True, "overlap": "small_on_top",
                                       "min_class_pixels": 100, "root": "elsewhere"}
+        config["datasets"]["custom"] = {"root": "mine", "classes": ["a", "b", "c", "d"], "min_class_pixels": 100}
         config["unlabeled"] = {"fold_images": "no_novel"}
         config["training"]["episode_sampling"] = "image"  # the default, spelt out
         write_config(pipeline, config)
@@ -410,6 +411,51 @@ def test_folder_changes_rerun_prepare(tmp_path):
     Image.new("RGB", (20, 20)).save(tmp_path / "images" / "b.png")
     proc = snakemake(tmp_path, "-n", "--cores", "1", target)
     assert "prepare_folder" in planned_jobs(proc.stdout + proc.stderr)
+
+
+def test_own_labelled_images_are_scored_like_a_benchmark(pipeline, tmp_path):
+    """datasets.custom over the demo's own files (its 20 class names, default folds): results/eval_custom.csv
+    reuses the trained model, runs only prepare and evaluate, and repeats the PASCAL scores; fine-tuning
+    on it uses its labels; editing its val list reruns its prepare."""
+    import shutil
+
+    from umtfss.data.pascal import PASCAL_CLASSES
+
+    work = tmp_path / "copy"
+    shutil.copytree(pipeline, work, symlinks=True)
+    config = yaml.safe_load((work / "config.yaml").read_text())
+    config["datasets"]["custom"] = {"root": "data/demo/VOC2012", "image_dir": "JPEGImages",
+                                    "label_dir": "SegmentationClassAug", "train_list": "lists/train_aug.txt",
+                                    "val_list": "lists/val.txt", "classes": list(PASCAL_CLASSES), "min_class_pixels": 300}
+    write_config(work, config)
+    plan = planned_jobs(snakemake(work, "-n", "--cores", "2", "results/eval_custom.csv").stdout)
+    assert {"prepare", "evaluate"} <= plan and not plan & {"demo", "embed", "fit", "assign", "episodes", "train_unsup"}
+    snakemake(work, "--cores", "2", "results/eval_custom.csv")
+    keys = ["method", "fold", "shot", "seed"]
+    custom = pd.read_csv(work / "results/eval_custom.csv").sort_values(keys).reset_index(drop=True)
+    pascal = pd.read_csv(work / "results/eval_pascal.csv").sort_values(keys).reset_index(drop=True)
+    assert len(custom) == 3 and custom[keys + ["miou", "fbiou", "episodes"]].equals(pascal[keys + ["miou", "fbiou", "episodes"]])
+    assert (work / "results/custom/prepare/classes.parquet").is_file() and (work / "logs/custom/prepare.log").is_file()
+
+    config["evaluation"]["methods"] = ["unsup", "finetune-20%"]
+    write_config(work, config)
+    proc = snakemake(work, "-n", "-p", "--cores", "2", "results/eval_custom.csv")
+    out = proc.stdout + proc.stderr
+    assert "models/demo-colortexture-prototype/finetune-20%/custom/fold0/checkpoint.pt" in out
+    assert "--tables results/custom/prepare --dataset custom --fold 0" in out
+    config["evaluation"]["folds"] = [0, 3]
+    config["datasets"]["custom"]["folds"] = [[1, 2], [3, 4]]
+    write_config(work, config)
+    proc = snakemake(work, "-n", "--cores", "2", "results/eval_custom.csv", check=False)
+    assert proc.returncode != 0 and "holds fold(s) [3], but datasets.custom has 2 fold(s)" in proc.stdout + proc.stderr
+
+    config["evaluation"] = yaml.safe_load((pipeline / "config.yaml").read_text())["evaluation"]
+    config["datasets"]["custom"].pop("folds")
+    write_config(work, config)
+    assert "Nothing to be done" in snakemake(work, "-n", "--cores", "2", "results/eval_custom.csv").stdout
+    val_list = work / "data/demo/VOC2012/lists/val.txt"
+    val_list.write_text("".join(line + "\n" for line in val_list.read_text().split()[:-1]))  # one test image fewer
+    assert "prepare" in planned_jobs(snakemake(work, "-n", "--cores", "2", "results/eval_custom.csv").stdout)
 
 
 def test_rerun_after_an_input_change_trains_afresh(pipeline, tmp_path):

@@ -13,7 +13,7 @@ import yaml
 from jsonschema import Draft202012Validator, validators
 
 # Paper's meta-test sizes, used when evaluation.episodes is null.
-DEFAULT_TEST_EPISODES = {"pascal": 1000, "coco": 5000}
+DEFAULT_TEST_EPISODES = {"pascal": 1000, "coco": 5000, "custom": 1000}
 # the model keys that evaluation reads (the reference predictors' frozen backbone; trained models carry
 # their own configuration): the workflow passes evaluate these alone
 REFERENCE_PREDICTOR_KEYS = ("backbone", "checkpoint", "checkpoint_url", "checkpoint_sha256")
@@ -153,7 +153,7 @@ def _check_consistency(config: dict, check_paths: bool) -> None:
     unl = config["unlabeled"]
     if unl["source"] == "folder" and not unl.get("folder"):
         problems.append("config key 'unlabeled.folder' is null, expected an image folder when unlabeled.source is 'folder'")
-    if unl["source"] == "folder" and unl.get("name") in ("pascal", "coco"):
+    if unl["source"] == "folder" and unl.get("name") in ("pascal", "coco", "custom"):
         problems.append(f"config key 'unlabeled.name' is '{unl['name']}', the results folder of the benchmark of that "
                         "name; expected another name for an image folder")
     if unl["source"] == "folder" and unl["setting"] == "fold":
@@ -167,6 +167,14 @@ def _check_consistency(config: dict, check_paths: bool) -> None:
         if percent and not 1 <= int(percent.group(1)) <= 100:
             problems.append(f"config key 'evaluation.methods[{i}]' is '{method}', expected a percentage of the labelled "
                             "train images from 1 to 100")
+    custom = config["datasets"]["custom"]
+    if custom["root"] or custom["classes"] or custom["folds"] is not None:
+        from umtfss.data.custom import custom_folds
+
+        try:
+            custom_folds(custom)
+        except ValueError as err:
+            problems.append(str(err))
     if config["model"]["dim"] % config["model"]["heads"]:
         problems.append(f"config key 'model.dim' ({config['model']['dim']}) must be divisible by 'model.heads' ({config['model']['heads']})")
     if check_paths:

@@ -23,6 +23,7 @@ class SegmentationDataset:
     class_names: list[str] = []
     splits: tuple[str, ...] = ("train", "val")
     config_key: str = ""  # "datasets.pascal", ...: named in error messages
+    num_folds: int = FOLDS
 
     @property
     def num_classes(self) -> int:
@@ -34,8 +35,8 @@ class SegmentationDataset:
         """1-based ids of the fold's novel classes."""
         if not self.class_names:
             raise ValueError(f"data set '{self.name}' has no classes, so no folds")
-        if not isinstance(fold, (int, np.integer)) or not 0 <= fold < FOLDS:
-            raise ValueError(f"fold {fold} does not exist in data set '{self.name}'; expected 0..{FOLDS - 1}")
+        if not isinstance(fold, (int, np.integer)) or not 0 <= fold < self.num_folds:
+            raise ValueError(f"fold {fold} does not exist in data set '{self.name}'; expected 0..{self.num_folds - 1}")
         return self._fold_class_ids(int(fold))
 
     def _fold_class_ids(self, fold: int) -> list[int]:
@@ -47,7 +48,7 @@ class SegmentationDataset:
         return [c for c in range(1, self.num_classes + 1) if c not in novel]
 
     def fold_of_class(self, class_id: int) -> int:
-        for fold in range(FOLDS):
+        for fold in range(self.num_folds):
             if class_id in self.fold_classes(fold):
                 return fold
         raise ValueError(f"class {class_id} is not a class of data set '{self.name}' (1..{self.num_classes})")
@@ -101,7 +102,7 @@ class SegmentationDataset:
 
 
 def open_dataset(name: str, config: dict) -> SegmentationDataset:
-    """The reader for `name` in {pascal, coco, folder}, configured from a loaded (validated) config."""
+    """The reader for `name` in {pascal, coco, custom, folder}, configured from a loaded (validated) config."""
     if name == "pascal":
         from umtfss.data.pascal import PascalDataset
 
@@ -110,11 +111,15 @@ def open_dataset(name: str, config: dict) -> SegmentationDataset:
         from umtfss.data.coco import CocoDataset
 
         return CocoDataset(config["datasets"]["coco"])
+    if name == "custom":
+        from umtfss.data.custom import CustomDataset
+
+        return CustomDataset(config["datasets"]["custom"])
     if name == "folder":
         from umtfss.data.folder import FolderDataset
 
         return FolderDataset(config["unlabeled"])
-    raise ValueError(f"unknown data set '{name}'; expected one of pascal, coco, folder")
+    raise ValueError(f"unknown data set '{name}'; expected one of pascal, coco, custom, folder")
 
 
 def resolve_under(root: Path, value: str) -> Path:

@@ -11,7 +11,7 @@ from umtfss.data.base import SegmentationDataset
 from umtfss.io import IMAGE_SUFFIXES, is_image_path
 
 
-def scan_image_folder(folder: str | Path) -> dict[str, Path]:
+def scan_image_folder(folder: str | Path, key: str = "unlabeled.folder") -> dict[str, Path]:
     """image id ('sub/img': path relative to the folder, no suffix) -> file, for every image below `folder`.
 
     Follows symbolic links to folders (each real folder once) and files; skips hidden files and
@@ -21,7 +21,7 @@ def scan_image_folder(folder: str | Path) -> dict[str, Path]:
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder '{folder}' does not exist (config key unlabeled.folder)")
+        raise FileNotFoundError(f"image folder '{folder}' does not exist (config key {key})")
     paths: dict[str, Path] = {}
     by_target: dict[str, Path] = {}
     duplicates: list[tuple[Path, Path]] = []

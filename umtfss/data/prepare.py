@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from umtfss import io
-from umtfss.data.base import FOLDS, SegmentationDataset, open_dataset
+from umtfss.data.base import SegmentationDataset, open_dataset
 
 TABLE_NAMES = ("images", "classes", "image_classes")
 META_KEY = b"umtfss"
@@ -61,19 +61,23 @@ def _tasks(dataset: SegmentationDataset) -> list[tuple]:
         for image_id in dataset.image_ids(split):
             label = dataset.label_path(image_id, split)
             tasks.append((image_id, split, str(dataset.image_path(image_id, split)),
-                          None if label is None else str(label), dataset.dir_key(split, "image")))
+                          None if label is None else str(label), dataset.dir_key(split, "image"),
+                          dataset.dir_key(split, "label")))
     return tasks
 
 
 def _scan_image(task: tuple) -> tuple[int, int, dict[int, int]]:
     """(height, width, {class id: pixels}) of one image; the label must have the image's size."""
-    image_id, split, image_path, label_path, image_key = task
+    image_id, split, image_path, label_path, image_key, label_key = task
     if not Path(image_path).is_file():
         raise FileNotFoundError(f"image '{image_path}' of {split} image '{image_id}' does not exist "
                                 f"(looked up through {image_key})")
     height, width = io.image_size(image_path)
     if label_path is None:
         return height, width, {}
+    if not Path(label_path).is_file():
+        raise FileNotFoundError(f"label '{label_path}' of {split} image '{image_id}' does not exist "
+                                f"(looked up through {label_key})")
     label = io.read_label(label_path)
     if label.shape != (height, width):
         raise ValueError(f"label '{label_path}' is {label.shape[0]}x{label.shape[1]} but image '{image_path}' "
@@ -98,9 +102,10 @@ def _class_table(dataset: SegmentationDataset) -> pd.DataFrame:
     if not dataset.class_names:
         return pd.DataFrame({"class_id": pd.Series(dtype="int64"), "name": pd.Series(dtype="str"),
                              "fold": pd.Series(dtype="int64")})
-    fold_of = {c: fold for fold in range(FOLDS) for c in dataset.fold_classes(fold)}
+    fold_of = {c: fold for fold in range(dataset.num_folds) for c in dataset.fold_classes(fold)}
     ids = list(range(1, dataset.num_classes + 1))
-    return pd.DataFrame({"class_id": ids, "name": dataset.class_names, "fold": [fold_of[c] for c in ids]})
+    # -1: a class of no fold (datasets.custom.folds may leave one out), a base class of every fold
+    return pd.DataFrame({"class_id": ids, "name": dataset.class_names, "fold": [fold_of.get(c, -1) for c in ids]})
 
 
 def build_tables(dataset: SegmentationDataset, min_class_pixels: int | None, workers: int = 1,
@@ -109,7 +114,12 @@ def build_tables(dataset: SegmentationDataset, min_class_pixels: int | None, wor
     tasks = _tasks(dataset)
     images, rows = [], []
     for task, (height, width, counts) in zip(tasks, _scan_all(tasks, workers, progress, f"prepare {dataset.name}")):
-        image_id, split, image_path, label_path, _ = task
+        image_id, split, image_path, label_path = task[:4]
+        unknown = [c for c in counts if c > dataset.num_classes] if dataset.class_names else []
+        if unknown:
+            raise ValueError(f"label '{label_path}' holds class value(s) {sorted(unknown)}, but data set '{dataset.name}' "
+                             f"has classes 1..{dataset.num_classes} (0 background, 255 ignore); add the class names "
+                             f"({dataset.config_key}.classes) or relabel the mask")
         images.append((image_id, split, image_path, label_path, height, width))
         rows.extend((image_id, split, c, n) for c, n in sorted(counts.items()))
     image_table = pd.DataFrame(images, columns=IMAGE_COLUMNS).astype({"height": "int64", "width": "int64"})
@@ -183,7 +193,7 @@ def train_images_for_fold(tables: Tables, fold: int, remove_novel: bool,
 
 def cli(parser):
     parser.add_argument("--config", required=True, help="YAML file or inline JSON (datasets / unlabeled sections)")
-    parser.add_argument("--dataset", required=True, choices=["pascal", "coco", "folder"])
+    parser.add_argument("--dataset", required=True, choices=["pascal", "coco", "custom", "folder"])
     parser.add_argument("--out", required=True, type=Path, help="output folder for the three parquet tables")
     parser.add_argument("--workers", type=int, default=1, help="processes scanning the labels")
     parser.add_argument("--no-progress", action="store_true")

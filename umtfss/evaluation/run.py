@@ -205,6 +205,11 @@ def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: d
 
     plan = [(fold, shot, seed)
             for fold in eval_cfg["folds"] for shot in eval_cfg["shots"] for seed in eval_cfg["seeds"]]
+    folds_present = sorted({int(f) for f in tables["classes"]["fold"]} - {-1})
+    absent = [f for f in eval_cfg["folds"] if f not in folds_present]
+    if absent:
+        raise ValueError(f"config key 'evaluation.folds' holds fold(s) {absent}, but data set '{dataset_name}' has folds "
+                         f"{folds_present}; expected a subset of them")
     classes_of = {fold: tables.fold_classes(fold) for fold in eval_cfg["folds"]}
     episode_tables = {
         (fold, shot, seed): sample_episodes(tables["image_classes"], classes_of[fold], shot, n_episodes, seed, SPLIT,

@@ -342,7 +342,7 @@ def cli(parser: argparse.ArgumentParser):
     parser.add_argument("--labels", nargs="+", type=Path, help="unsup: label store shards (labels/shard-*.zarr)")
     parser.add_argument("--images", type=Path, help="unsup: images.parquet of the unlabeled source")
     parser.add_argument("--tables", type=Path, help="sup/finetune: prepare folder (images/classes/image_classes parquet)")
-    parser.add_argument("--dataset", help="sup/finetune: benchmark of the tables (pascal, coco)")
+    parser.add_argument("--dataset", help="sup/finetune: benchmark of the tables (pascal, coco, custom)")
     parser.add_argument("--fold", type=int, choices=range(4), help="sup/finetune: fold whose base classes are trained")
     parser.add_argument("--init", type=Path, help="finetune: checkpoint to start from (the unsup model)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -413,8 +413,8 @@ def _labelled_source(args, config, fraction: float | None):
     from umtfss.data.prepare import read_tables
     from umtfss.training.sources import LabelledEpisodes, finetune_subset
 
-    if args.dataset not in ("pascal", "coco"):
-        raise ValueError(f"--dataset is '{args.dataset}', expected pascal or coco (a labelled benchmark)")
+    if args.dataset not in ("pascal", "coco", "custom"):
+        raise ValueError(f"--dataset is '{args.dataset}', expected pascal, coco or custom (a labelled benchmark)")
     tables = read_tables(args.tables)
     dataset_cfg = config["datasets"][args.dataset]
     image_ids = None

@@ -10,6 +10,7 @@ min_version("9.0")
 
 from umtfss.config import (REFERENCE_PREDICTOR_KEYS, ConfigError, type_command_line_values,
                            validate as _validate_config)
+from umtfss.data.custom import custom_folds as _custom_folds
 from umtfss.data.folder import folder_fingerprint as _folder_fingerprint
 
 try:  # --config clustering='{clusters: 30}' gives the string "30": read it as the schema's integer
@@ -29,7 +30,7 @@ wildcard_constraints:
     clusters=r"\d+",
     fold=r"\d",
     pct=r"\d+",
-    dataset=r"pascal|coco",
+    dataset=r"pascal|coco|custom",
     src=r"[^/]+",
     embedder=r"[^/]+",
     model=r"[^/]+",
@@ -148,6 +149,13 @@ def dataset_inputs(ds):
             return [f"{root}/{config['datasets']['pascal']['train_list']}"]
     if ds == "coco" and config["datasets"]["coco"]["instances_dir"]:
         return [f"{config['datasets']['coco']['root']}/.umtfss-converted"]
+    if ds == "custom":  # its lists: editing one reruns prepare and what reads its tables
+        custom = config["datasets"]["custom"]
+        if not custom["root"]:
+            raise ValueError("config key 'datasets.custom.root' is null; expected the folder of your labelled "
+                             "images (README 'Your own labelled images')")
+        root = os.path.expanduser(custom["root"])
+        return [os.path.join(root, custom[key]) for key in ("train_list", "val_list") if custom[key]]
     return []
 
 
@@ -181,6 +189,12 @@ def method_checkpoint(method):
 
 def trained_checkpoints(w):
     """(method, checkpoint.pt) of every trained method the evaluation of {dataset} scores, each fold's own."""
+    if w.dataset == "custom":  # its own fold count: say so before any fine-tuning job fails on a fold
+        count = len(_custom_folds(config["datasets"]["custom"]))
+        absent = [f for f in config["evaluation"]["folds"] if f >= count]
+        if absent:
+            raise ValueError(f"config key 'evaluation.folds' holds fold(s) {absent}, but datasets.custom has "
+                             f"{count} fold(s), 0..{count - 1}")
     found = []
     for method in config["evaluation"]["methods"]:
         ckpt = method_checkpoint(method)

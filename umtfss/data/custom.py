@@ -1,0 +1,132 @@
+"""Your own labelled images as a benchmark: class-id PNG masks, your class names, your fold split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from umtfss.data.base import FOLDS, SegmentationDataset, existing_root, resolve_under
+from umtfss.io import IMAGE_SUFFIXES
+
+KEY = "datasets.custom"
+
+
+def custom_folds(cfg: dict) -> list[list[int]]:
+    """The fold split of `datasets.custom`: its `folds`, checked, or the classes cut into 4 contiguous groups.
+
+    Raises a ValueError naming the key when the classes or the folds cannot make a split.
+    """
+    names = cfg.get("classes") or []
+    if not names:
+        raise ValueError(f"config key '{KEY}.classes' is empty; expected the names of the mask values 1..C "
+                         "(0 is background, 255 ignore)")
+    blank = [i for i, name in enumerate(names) if not str(name).strip()]
+    if blank:
+        raise ValueError(f"config key '{KEY}.classes[{blank[0]}]' is blank; expected a class name")
+    repeated = sorted({str(n) for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"config key '{KEY}.classes' names {repeated} more than once; expected one name per class")
+    count = len(names)
+    folds = cfg.get("folds")
+    if folds is None:
+        if count < FOLDS:
+            raise ValueError(f"config key '{KEY}.classes' names {count} classes, too few to cut into {FOLDS} folds; "
+                             f"set '{KEY}.folds', e.g. [[1], [2]] for two folds of one class each")
+        return [[int(c) for c in group] for group in np.array_split(np.arange(1, count + 1), FOLDS)]
+    seen: dict[int, int] = {}
+    for f, fold in enumerate(folds):
+        for c in fold:
+            if not 1 <= c <= count:
+                raise ValueError(f"config key '{KEY}.folds[{f}]' holds class {c}, but '{KEY}.classes' names {count} "
+                                 f"classes; expected class ids 1..{count}")
+            if c in seen:
+                raise ValueError(f"config key '{KEY}.folds' puts class {c} in folds {seen[c]} and {f}; expected each "
+                                 "class in one fold")
+            seen[c] = f
+    return [[int(c) for c in fold] for fold in folds]
+
+
+def read_custom_list(path: Path, key: str) -> list[str]:
+    """Image ids from a list file: one per line, a path relative to image_dir with or without its suffix.
+
+    Blank lines and lines starting with '#' are skipped; a repeated id keeps its first place.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"image list '{path}' does not exist (config key {key})")
+    ids, seen = [], set()
+    for line in path.read_text().splitlines():
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        image_id = fields[0]
+        if Path(image_id).suffix.lower() in IMAGE_SUFFIXES:
+            image_id = Path(image_id).with_suffix("").as_posix()
+        if image_id not in seen:
+            seen.add(image_id)
+            ids.append(image_id)
+    if not ids:
+        raise ValueError(f"image list '{path}' (config key {key}) holds no image id; expected one per line")
+    return ids
+
+
+class CustomDataset(SegmentationDataset):
+    """Reads `root/<image_dir>/<id>.<jpg|png|...>` and `root/<label_dir>/<id>.png`; splits from the two lists."""
+
+    name = "custom"
+    config_key = KEY
+
+    def __init__(self, cfg: dict):
+        if not cfg.get("root"):
+            raise ValueError(f"config key '{KEY}.root' is null; expected the folder holding your images, masks and "
+                             "lists (README 'Your own labelled images')")
+        self.cfg = cfg
+        self.root = existing_root(cfg["root"], f"{KEY}.root")
+        self.image_dir = resolve_under(self.root, cfg["image_dir"])
+        self.label_dir = resolve_under(self.root, cfg["label_dir"])
+        self.class_names = [str(n) for n in cfg["classes"]]
+        self._folds = custom_folds(cfg)
+        self.num_folds = len(self._folds)
+        self._image_paths: dict[str, Path] = {}
+
+    def _fold_class_ids(self, fold: int) -> list[int]:
+        return list(self._folds[fold])
+
+    def _list_ids(self, split: str) -> list[str]:
+        key = f"{split}_list"
+        if self.cfg[key] is None:
+            return []
+        ids = read_custom_list(resolve_under(self.root, self.cfg[key]), f"{KEY}.{key}")
+        if split == "val" and self.cfg["train_list"] is not None:
+            both = sorted(set(ids) & set(self.image_ids("train")))
+            if both:
+                raise ValueError(f"{len(both)} image(s) are in both {KEY}.train_list and {KEY}.val_list, e.g. "
+                                 f"'{both[0]}'; expected each image in one split (a test image seen in training "
+                                 "inflates the scores)")
+        return ids
+
+    def image_path(self, image_id: str, split: str) -> Path:
+        """The one image file of the id, whatever its suffix (jpg, png, tif, bmp; either case)."""
+        self.check_split(split)
+        if image_id not in self._image_paths:
+            stem = self.image_dir / image_id
+            found, inodes = [], set()
+            for suffix in IMAGE_SUFFIXES:
+                for path in (stem.with_name(stem.name + suffix), stem.with_name(stem.name + suffix.upper())):
+                    if path.is_file() and (path.stat().st_dev, path.stat().st_ino) not in inodes:
+                        inodes.add((path.stat().st_dev, path.stat().st_ino))  # x.jpg is x.JPG where case folds
+                        found.append(path)
+            if len(found) > 1:
+                raise ValueError(f"image id '{image_id}' has {len(found)} files in {self.image_dir} ("
+                                 f"{', '.join(sorted(p.name for p in found))}); expected one (masks belong in "
+                                 f"{KEY}.label_dir)")
+            if not found:
+                listed = f"{KEY}.{split}_list"
+                raise FileNotFoundError(f"image '{image_id}' of {listed} has no file '{stem}.jpg' (or .png, .tif, "
+                                        f".bmp) in {self.image_dir} (config key {KEY}.image_dir)")
+            self._image_paths[image_id] = found[0]
+        return self._image_paths[image_id]
+
+    def label_path(self, image_id: str, split: str) -> Path:
+        self.check_split(split)
+        return self.label_dir / f"{image_id}.png"
