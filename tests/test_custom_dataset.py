@@ -130,7 +130,7 @@ def test_evaluate_and_train_sup_on_custom_tables(custom_root, tmp_path, capsys):
     datasets = {"custom": _custom(custom_root, folds=[[1, 2], [3, 4]], min_class_pixels=500)}
     assert main(["prepare", "--config", json.dumps({"datasets": datasets}), "--dataset", "custom", "--out", str(out),
                  "--no-progress"]) == 0
-    evaluation = {"folds": [0, 1], "shots": [1], "seeds": [0], "episodes": 4, "test_size": 64, "device": "cpu"}
+    evaluation = {"folds": [0, 1], "shots": [1], "seeds": [0], "episodes": 12, "test_size": 64, "device": "cpu"}
     args = ["evaluate", "--tables", str(out), "--dataset", "custom", "--method", "all-background",
             "--method", "prototype-threshold", "--out", str(tmp_path / "e.csv"), "--classes-out", str(tmp_path / "c.csv"),
             "--workers", "0"]
@@ -153,3 +153,12 @@ def test_evaluate_and_train_sup_on_custom_tables(custom_root, tmp_path, capsys):
                  "--config", json.dumps({"model": model, "training": train, "datasets": datasets})]) == 0
     state = ckpt.load(tmp_path / "sup" / "checkpoint.pt")
     assert state["method"] == "sup" and (tmp_path / "sup" / "log.csv").is_file()
+    # one fold of every class: evaluation works, but there is no base class to train on
+    one_fold = {"custom": {**datasets["custom"], "folds": [[1, 2, 3, 4]]}}
+    assert main(["prepare", "--config", json.dumps({"datasets": one_fold}), "--dataset", "custom", "--out",
+                 str(tmp_path / "one"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--method", "sup", "--out-dir", str(tmp_path / "none"), "--tables", str(tmp_path / "one"),
+                 "--dataset", "custom", "--fold", "0", "--quiet",
+                 "--config", json.dumps({"model": model, "training": train, "datasets": one_fold})]) == 1
+    assert "fold 0 of data set 'custom' has no base class" in capsys.readouterr().err

@@ -329,15 +329,17 @@ def test_workflow_passes_snakemake_lint():
 
 
 def test_workflow_passes_snakemake_lint_with_a_folder_source(tmp_path):
-    """The folder source defines prepare_folder: the linter passes with it too."""
+    """The folder source defines prepare_folder, datasets.custom prepare_custom: the linter passes with them too."""
     from PIL import Image
 
     (tmp_path / "images").mkdir()
     Image.new("RGB", (32, 32)).save(tmp_path / "images" / "a.png")
-    write_config(tmp_path, {**TINY, "unlabeled": {"source": "folder", "folder": str(tmp_path / "images"), "name": "mine"}})
+    write_config(tmp_path, {**TINY, "unlabeled": {"source": "folder", "folder": str(tmp_path / "images"), "name": "mine"},
+                            "datasets": {**TINY["datasets"], "custom": {"root": str(tmp_path), "classes": list("abcd")}}})
     proc = snakemake(tmp_path, "--lint", check=False)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "good condition" in out and "prepare_folder" not in out, out[-3000:]
+    assert proc.returncode == 0 and "good condition" in out, out[-3000:]
+    assert "prepare_folder" not in out and "prepare_custom" not in out, out[-3000:]
 
 
 @pytest.mark.parametrize("name", ["pascal", "coco"])
@@ -416,7 +418,7 @@ def test_folder_changes_rerun_prepare(tmp_path):
 def test_own_labelled_images_are_scored_like_a_benchmark(pipeline, tmp_path):
     """datasets.custom over the demo's own files (its 20 class names, default folds): results/eval_custom.csv
     reuses the trained model, runs only prepare and evaluate, and repeats the PASCAL scores; fine-tuning
-    on it uses its labels; editing its val list reruns its prepare."""
+    on it uses its labels; editing its val list or rewriting a mask reruns its prepare."""
     import shutil
 
     from umtfss.data.pascal import PASCAL_CLASSES
@@ -429,7 +431,8 @@ def test_own_labelled_images_are_scored_like_a_benchmark(pipeline, tmp_path):
                                     "val_list": "lists/val.txt", "classes": list(PASCAL_CLASSES), "min_class_pixels": 300}
     write_config(work, config)
     plan = planned_jobs(snakemake(work, "-n", "--cores", "2", "results/eval_custom.csv").stdout)
-    assert {"prepare", "evaluate"} <= plan and not plan & {"demo", "embed", "fit", "assign", "episodes", "train_unsup"}
+    assert {"prepare_custom", "evaluate"} <= plan
+    assert not plan & {"prepare", "demo", "embed", "fit", "assign", "episodes", "train_unsup"}
     snakemake(work, "--cores", "2", "results/eval_custom.csv")
     keys = ["method", "fold", "shot", "seed"]
     custom = pd.read_csv(work / "results/eval_custom.csv").sort_values(keys).reset_index(drop=True)
@@ -455,7 +458,12 @@ def test_own_labelled_images_are_scored_like_a_benchmark(pipeline, tmp_path):
     assert "Nothing to be done" in snakemake(work, "-n", "--cores", "2", "results/eval_custom.csv").stdout
     val_list = work / "data/demo/VOC2012/lists/val.txt"
     val_list.write_text("".join(line + "\n" for line in val_list.read_text().split()[:-1]))  # one test image fewer
-    assert "prepare" in planned_jobs(snakemake(work, "-n", "--cores", "2", "results/eval_custom.csv").stdout)
+    assert "prepare_custom" in planned_jobs(snakemake(work, "-n", "--cores", "2", "results/eval_custom.csv").stdout)
+    snakemake(work, "--cores", "2", "results/custom/prepare/images.parquet")
+    mask = next((work / "data/demo/VOC2012/SegmentationClassAug").iterdir())
+    mask.write_bytes(mask.read_bytes())  # a mask rewritten in place (a newer file): its prepare reruns
+    os.utime(mask, ns=(mask.stat().st_atime_ns, mask.stat().st_mtime_ns + 10**9))
+    assert "prepare_custom" in planned_jobs(snakemake(work, "-n", "--cores", "2", "results/eval_custom.csv").stdout)
 
 
 def test_rerun_after_an_input_change_trains_afresh(pipeline, tmp_path):

@@ -77,6 +77,10 @@ class LabelledEpisodes:
                              f"{', '.join(CLASS_DRAWS)}")
         self.fold = fold
         self.base_classes, self.novel_classes = fold_base_classes(tables, dataset, fold)
+        if not self.base_classes:
+            raise ValueError(f"fold {fold} of data set '{getattr(dataset, 'name', dataset)}' has no base class (every "
+                             "class is novel in it), so there is nothing to train on; labelled training needs classes "
+                             "outside the fold (datasets.custom.folds)")
         images = _table(tables, "images")
         train_images = images[images["split"] == "train"].set_index("image_id")
         self._paths = train_images[["image_path", "label_path"]]

@@ -69,6 +69,18 @@ def folder_images():
         sys.exit(f"umtfss: {err}")
 
 
+def custom_files():
+    """Fingerprint of datasets.custom's image and mask folders (a params value of prepare_custom): adding,
+    rewriting or removing an image or mask reruns its prepare."""
+    custom = config["datasets"]["custom"]
+    root = os.path.expanduser(custom["root"])
+    try:
+        return ":".join(_folder_fingerprint(os.path.join(root, custom[key]), f"datasets.custom.{key}")
+                        for key in ("image_dir", "label_dir"))
+    except (OSError, ValueError) as err:
+        sys.exit(f"umtfss: {err}")
+
+
 # datasets keys that only a converter reads: left out of every other stage's slice, so that setting one
 # reruns that conversion (and what its masks feed), not every stage that reads the datasets section
 CONVERT_ONLY_KEYS = {"coco": ("crowd", "keep_unannotated", "overlap")}

@@ -70,6 +70,32 @@ rule prepare:
         "--workers {threads} > {log} 2>&1"
 
 
+if config["datasets"]["custom"]["root"]:
+
+    ruleorder: prepare_custom > prepare
+
+    rule prepare_custom:
+        # your own labelled images (datasets.custom); the generic prepare would not see their files change
+        input:
+            dataset_inputs("custom"),
+        output:
+            **prepared("custom"),
+        params:
+            cfg=stage_config("datasets", dataset="custom"),
+            out=lambda w, output: os.path.dirname(output.images),
+            # the image and mask folders' file lists (names, sizes, times): adding, removing or rewriting
+            # an image or a mask reruns prepare
+            files=lambda w: custom_files(),
+        threads: 2
+        conda:
+            CONDA_ENV
+        log:
+            "logs/custom/prepare.log",
+        shell:
+            "umtfss prepare --config {params.cfg:q} --dataset custom --out {params.out} "
+            "--workers {threads} > {log} 2>&1"
+
+
 if SOURCE == "folder":
 
     rule prepare_folder:
