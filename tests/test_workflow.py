@@ -311,6 +311,12 @@ def test_missing_dataset_root_is_named(tmp_path):
     assert proc.returncode != 0 and "datasets.pascal.root" in proc.stdout + proc.stderr
 
 
+def test_custom_target_without_its_root_is_named(tmp_path):
+    write_config(tmp_path, TINY)
+    proc = snakemake(tmp_path, "-n", "--cores", "1", "results/eval_custom.csv", check=False)
+    assert proc.returncode != 0 and "'datasets.custom.root' is null" in proc.stdout + proc.stderr
+
+
 def test_repo_default_config_dry_run():
     # --forceall: the plan of a fresh clone, also in a checkout that already ran the demo
     # and no --cores: a plain `snakemake -n` from the repo root must work

@@ -69,6 +69,15 @@ def folder_images():
         sys.exit(f"umtfss: {err}")
 
 
+def custom_root():
+    """datasets.custom.root, or a ValueError saying it is needed (a target of the custom data set was asked for)."""
+    root = config["datasets"]["custom"]["root"]
+    if not root:
+        raise ValueError("config key 'datasets.custom.root' is null; expected the folder of your labelled "
+                         "images (README 'Your own labelled images')")
+    return root
+
+
 def custom_files():
     """Fingerprint of datasets.custom's image and mask folders (a params value of prepare_custom): adding,
     rewriting or removing an image or mask reruns its prepare."""
@@ -163,10 +172,7 @@ def dataset_inputs(ds):
         return [f"{config['datasets']['coco']['root']}/.umtfss-converted"]
     if ds == "custom":  # its lists: editing one reruns prepare and what reads its tables
         custom = config["datasets"]["custom"]
-        if not custom["root"]:
-            raise ValueError("config key 'datasets.custom.root' is null; expected the folder of your labelled "
-                             "images (README 'Your own labelled images')")
-        root = os.path.expanduser(custom["root"])
+        root = os.path.expanduser(custom_root())
         return [os.path.join(root, custom[key]) for key in ("train_list", "val_list") if custom[key]]
     return []
 
@@ -202,6 +208,7 @@ def method_checkpoint(method):
 def trained_checkpoints(w):
     """(method, checkpoint.pt) of every trained method the evaluation of {dataset} scores, each fold's own."""
     if w.dataset == "custom":  # its own fold count: say so before any fine-tuning job fails on a fold
+        custom_root()
         count = len(_custom_folds(config["datasets"]["custom"]))
         absent = [f for f in config["evaluation"]["folds"] if f >= count]
         if absent:
