@@ -445,6 +445,8 @@ def test_own_labelled_images_are_scored_like_a_benchmark(pipeline, tmp_path):
     pascal = pd.read_csv(work / "results/eval_pascal.csv").sort_values(keys).reset_index(drop=True)
     assert len(custom) == 3 and custom[keys + ["miou", "fbiou", "episodes"]].equals(pascal[keys + ["miou", "fbiou", "episodes"]])
     assert (work / "results/custom/prepare/classes.parquet").is_file() and (work / "logs/custom/prepare.log").is_file()
+    everything = snakemake(work, "-n", "--cores", "2").stdout  # the all rule: your tables and curves too
+    assert "results/eval_custom.md" in everything and "results/training_custom.png" in everything
 
     config["evaluation"]["methods"] = ["unsup", "finetune-20%"]
     write_config(work, config)

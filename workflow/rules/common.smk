@@ -239,11 +239,14 @@ def evaluation_methods(w):
 def all_targets():
     """The demo's default: the PASCAL score table (also in the paper layout), the pseudo-mask quality
     table, and the report's figures (stored features, pseudo masks; the loss curves of the trained methods
-    the table scores)."""
+    the table scores); the same tables and curves for datasets.custom when its root is set."""
     targets = ["results/eval_pascal.csv", "results/eval_pascal.md", f"results/{SRC}/{EMBEDDER}/embeddings/features.png",
                f"{cluster_dir()}/pseudo_masks.png"]
     if SOURCE in ("pascal", "coco"):
         targets.append(f"{cluster_dir()}/cluster_quality.csv")
-    if any(method_checkpoint(m) for m in config["evaluation"]["methods"]):
+    trains = any(method_checkpoint(m) for m in config["evaluation"]["methods"])
+    if trains:
         targets.append("results/training_pascal.png")
+    if config["datasets"]["custom"]["root"]:  # your own labelled images: their score tables (and fine-tunings)
+        targets += ["results/eval_custom.csv", "results/eval_custom.md"] + (["results/training_custom.png"] if trains else [])
     return targets
