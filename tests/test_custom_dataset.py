@@ -115,6 +115,9 @@ def test_bad_files_are_named_with_their_key(custom_root, tmp_path):
     Image.fromarray(label).save(custom_root / "masks" / "b" / "img09.png")
     with pytest.raises(ValueError, match=r"img09\.png' holds class value\(s\) \[7\].*classes 1\.\.4.*custom\.classes"):
         tables()
+    Image.fromarray(np.where(label > 0, 255, 0).astype(np.uint8)).save(custom_root / "masks" / "b" / "img09.png")
+    with pytest.raises(ValueError, match=r"no label of data set 'custom' holds a class value 1\.\.4.*Binary 0/255"):
+        tables(train_list=None)  # a binary 0/255 mask: all ignore
     shutil.copy(tmp_path / "kept.png", custom_root / "masks" / "b" / "img09.png")
     assert len(tables(train_list=None).images) == 1  # evaluation only: no train list
 

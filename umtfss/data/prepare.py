@@ -125,6 +125,10 @@ def build_tables(dataset: SegmentationDataset, min_class_pixels: int | None, wor
     image_table = pd.DataFrame(images, columns=IMAGE_COLUMNS).astype({"height": "int64", "width": "int64"})
     image_classes = pd.DataFrame(rows, columns=IMAGE_CLASS_COLUMNS[:-1]).astype({"class_id": "int64", "pixels": "int64"})
     image_classes["present"] = image_classes["pixels"] >= (min_class_pixels or 1)
+    if dataset.class_names and len(image_table) and image_classes.empty:
+        raise ValueError(f"no label of data set '{dataset.name}' holds a class value 1..{dataset.num_classes}, e.g. "
+                         f"'{image_table['label_path'].iloc[0]}': every pixel is background (0) or ignore (255). "
+                         "Binary 0/255 masks need their 255 turned into 1, the first class")
     meta = {"dataset": dataset.name, "min_class_pixels": min_class_pixels, "images": len(image_table)}
     return Tables(image_table, _class_table(dataset), image_classes, meta)
 
