@@ -460,6 +460,13 @@ def test_own_labelled_images_are_scored_like_a_benchmark(pipeline, tmp_path):
     proc = snakemake(work, "-n", "--cores", "2", "results/eval_custom.csv", check=False)
     assert proc.returncode != 0 and "holds fold(s) [3], but datasets.custom has 2 fold(s)" in proc.stdout + proc.stderr
 
+    config["evaluation"]["folds"] = [0]
+    config["unlabeled"] = {"setting": "fold"}
+    write_config(work, config)
+    proc = snakemake(work, "-n", "--cores", "2", "results/eval_custom.csv", check=False)
+    assert proc.returncode != 0 and "not those of datasets.custom" in proc.stdout + proc.stderr
+
+    config["unlabeled"] = {}
     config["evaluation"] = yaml.safe_load((pipeline / "config.yaml").read_text())["evaluation"]
     config["datasets"]["custom"].pop("folds")
     write_config(work, config)

@@ -209,6 +209,9 @@ def trained_checkpoints(w):
     """(method, checkpoint.pt) of every trained method the evaluation of {dataset} scores, each fold's own."""
     if w.dataset == "custom":  # its own fold count: say so before any fine-tuning job fails on a fold
         custom_root()
+        if config["unlabeled"]["setting"] == "fold" and "unsup" in config["evaluation"]["methods"]:
+            raise ValueError(f"config key 'unlabeled.setting' is 'fold': its unsup models leave out the novel classes "
+                             f"of {SRC}'s folds, not those of datasets.custom; score your own classes in the 'all' setting")
         count = len(_custom_folds(config["datasets"]["custom"]))
         absent = [f for f in config["evaluation"]["folds"] if f >= count]
         if absent:
