@@ -81,6 +81,13 @@ def test_bad_classes_or_folds_name_the_key(custom_root, keys, message):
         load({"datasets": {"custom": {**_custom(custom_root), **keys}}})
 
 
+def test_a_custom_root_that_is_not_a_folder_stops_the_workflow_config(tmp_path):
+    config = {"datasets": {"custom": {"root": str(tmp_path / "nowhere"), "classes": CLASSES}}}
+    load(config)  # the package reads paths when it opens the data set
+    with pytest.raises(ConfigError, match=r"datasets\.custom\.root' is '.*nowhere', which is not a directory"):
+        load(config, check_paths=True)  # what the workflow checks before any job
+
+
 def test_folder_source_may_not_take_the_custom_results_folder(tmp_path):
     with pytest.raises(ConfigError, match="unlabeled.name' is 'custom'"):
         load({"unlabeled": {"source": "folder", "folder": str(tmp_path), "name": "custom"}})

@@ -207,6 +207,7 @@ def test_another_data_sets_keys_rerun_nothing_of_a_pascal_run(pipeline):
     with edited_config(pipeline) as config:
         config["datasets"]["coco"] = {"crowd": "ignore", "keep_unannotated": True, "overlap": "small_on_top",
                                       "min_class_pixels": 100, "root": "elsewhere"}
+        (pipeline / "mine").mkdir(exist_ok=True)
         config["datasets"]["custom"] = {"root": "mine", "classes": ["a", "b", "c", "d"], "min_class_pixels": 100}
         config["unlabeled"] = {"fold_images": "no_novel"}
         config["training"]["episode_sampling"] = "image"  # the default, spelt out

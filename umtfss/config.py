@@ -183,6 +183,10 @@ def _check_consistency(config: dict, check_paths: bool) -> None:
             generated = name == "pascal" and config["demo"]["enabled"]
             if not generated and not root.is_dir():
                 problems.append(f"config key 'datasets.{name}.root' is '{root}', which is not a directory; expected the data set root")
+        custom_root = config["datasets"]["custom"]["root"]
+        if custom_root and not Path(custom_root).expanduser().is_dir():
+            problems.append(f"config key 'datasets.custom.root' is '{custom_root}', which is not a directory; expected "
+                            "the folder of your labelled images (null when you have none)")
         if unl["source"] == "folder" and unl.get("folder") and not Path(unl["folder"]).expanduser().is_dir():
             problems.append(f"config key 'unlabeled.folder' is '{unl['folder']}', which is not a directory")
         for section in ("embedding", "model"):
