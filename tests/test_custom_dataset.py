@@ -47,6 +47,12 @@ def test_ids_keep_subfolders_and_any_image_suffix(custom_root):
     assert dataset.read_image("a/img00", "train").shape == (64, 64, 3)
     assert dataset.label_path("b/img09", "val") == custom_root / "masks" / "b" / "img09.png"
     assert dataset.num_folds == 4 and [dataset.fold_classes(f) for f in range(4)] == [[1], [2], [3], [4]]
+    # a file name with spaces: the whole line is the id
+    shutil.copy(custom_root / "images" / "a" / "img00.png", custom_root / "images" / "a" / "my photo 1.png")
+    (custom_root / "val.txt").write_text("  a/my photo 1.png \n\n# done\n")
+    spaced = open_dataset("custom", load({"datasets": {"custom": _custom(custom_root, train_list=None)}}))
+    assert spaced.image_ids("val") == ["a/my photo 1"]
+    assert spaced.image_path("a/my photo 1", "val").name == "my photo 1.png"
 
 
 def test_explicit_folds_and_a_class_of_no_fold(custom_root, tmp_path):

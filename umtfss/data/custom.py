@@ -50,16 +50,16 @@ def custom_folds(cfg: dict) -> list[list[int]]:
 def read_custom_list(path: Path, key: str) -> list[str]:
     """Image ids from a list file: one per line, a path relative to image_dir with or without its suffix.
 
-    Blank lines and lines starting with '#' are skipped; a repeated id keeps its first place.
+    The whole line is the id (file names hold spaces), less the spaces around it; blank lines and
+    lines starting with '#' are skipped; a repeated id keeps its first place.
     """
     if not path.is_file():
         raise FileNotFoundError(f"image list '{path}' does not exist (config key {key})")
     ids, seen = [], set()
-    for line in path.read_text().splitlines():
-        fields = line.split()
-        if not fields or fields[0].startswith("#"):
+    for line in path.read_text(encoding="utf-8").splitlines():
+        image_id = line.strip()
+        if not image_id or image_id.startswith("#"):
             continue
-        image_id = fields[0]
         if Path(image_id).suffix.lower() in IMAGE_SUFFIXES:
             image_id = Path(image_id).with_suffix("").as_posix()
         if image_id not in seen:
