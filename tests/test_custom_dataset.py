@@ -64,6 +64,8 @@ def test_explicit_folds_and_a_class_of_no_fold(custom_root, tmp_path):
     tables = read_tables(out)
     assert tables.classes["fold"].tolist() == [0, 1, 0, -1] and tables.classes["name"].tolist() == CLASSES
     assert tables.fold_classes(0) == [1, 3] and tables.fold_classes(1) == [2]
+    with pytest.raises(ValueError, match=r"fold 2 has no classes; folds present: \[0, 1\]"):
+        tables.fold_classes(2)
     dataset = open_dataset("custom", load({"datasets": {"custom": section}}))
     assert dataset.base_classes(0) == [2, 4] and dataset.base_classes(1) == [1, 3, 4]
     with pytest.raises(ValueError, match="fold 2 does not exist.*expected 0..1"):

@@ -48,7 +48,8 @@ class Tables:
                              "folder), so no folds")
         ids = sorted(int(c) for c in self.classes.loc[self.classes["fold"] == fold, "class_id"])
         if not ids:
-            raise ValueError(f"fold {fold} has no classes; folds present: {sorted(set(self.classes['fold']))}")
+            present = sorted(set(int(f) for f in self.classes["fold"]) - {-1})  # -1: classes of no fold
+            raise ValueError(f"fold {fold} has no classes; folds present: {present}")
         return ids
 
 
