@@ -171,6 +171,25 @@ def test_evaluate_and_train_sup_on_custom_tables(custom_root, tmp_path, capsys):
                  "--config", json.dumps({"model": model, "training": train, "datasets": datasets})]) == 0
     state = ckpt.load(tmp_path / "sup" / "checkpoint.pt")
     assert state["method"] == "sup" and (tmp_path / "sup" / "log.csv").is_file()
+    # --fold all: fine-tuned on every class (a model to apply to new classes), none held out
+    from umtfss.training.sources import LabelledEpisodes
+
+    tables = read_tables(out)
+    assert LabelledEpisodes(tables, "custom", "all", min_class_pixels=500).base_classes == [1, 2, 3, 4]
+    assert LabelledEpisodes(tables, "custom", 1, min_class_pixels=500).base_classes == [1, 2]
+    train_ft = {**train, "finetune_epochs": 1, "finetune_batch_size": 2}
+    assert main(["train", "--method", "finetune-100%", "--out-dir", str(tmp_path / "all"), "--tables", str(out),
+                 "--dataset", "custom", "--fold", "all", "--init", str(tmp_path / "sup" / "checkpoint.pt"), "--quiet",
+                 "--config", json.dumps({"model": model, "training": train_ft, "datasets": datasets})]) == 0
+    assert ckpt.load(tmp_path / "all" / "checkpoint.pt")["method"] == "finetune-100%"
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--method", "sup", "--out-dir", str(tmp_path / "x"), "--fold", "5", "--config", "{}"])
+    assert "'5' is not a fold; expected 0, 1, 2, 3 or all" in capsys.readouterr().err
+    assert main(["train", "--method", "unsup", "--out-dir", str(tmp_path / "x"), "--fold", "all", "--episodes", "e",
+                 "--labels", "l", "--images", "i", "--config", "{}"]) == 1
+    assert "--fold all is for sup and finetune" in capsys.readouterr().err
+
     # one fold of every class: evaluation works, but there is no base class to train on
     one_fold = {"custom": {**datasets["custom"], "folds": [[1, 2, 3, 4]]}}
     assert main(["prepare", "--config", json.dumps({"datasets": one_fold}), "--dataset", "custom", "--out",

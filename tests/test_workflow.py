@@ -455,6 +455,10 @@ def test_own_labelled_images_are_scored_like_a_benchmark(pipeline, tmp_path):
     out = proc.stdout + proc.stderr
     assert "models/demo-colortexture-prototype/finetune-20%/custom/fold0/checkpoint.pt" in out
     assert "--tables results/custom/prepare --dataset custom --fold 0" in out
+    # a model fine-tuned on every labelled class, to apply to new classes (never in the score table)
+    deploy = "results/pascal/demo-colortexture/clusters-12/models/demo-colortexture-prototype/finetune-100%/custom/foldall/checkpoint.pt"
+    proc = snakemake(work, "-n", "-p", "--cores", "2", deploy)
+    assert "--method finetune-100% " in proc.stdout and "--dataset custom --fold all" in proc.stdout
     config["evaluation"]["folds"] = [0, 3]
     config["datasets"]["custom"]["folds"] = [[1, 2], [3, 4]]
     write_config(work, config)

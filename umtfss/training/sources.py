@@ -30,10 +30,16 @@ def _table(tables, name: str) -> pd.DataFrame:
     return value
 
 
-def fold_base_classes(tables, dataset, fold: int) -> tuple[list[int], list[int]]:
-    """(base, novel) class ids of a fold: novel from the data set (or classes.parquet), base = the rest."""
+ALL_CLASSES = "all"  # the 'fold' of a model trained on every labelled class (none held out)
+
+
+def fold_base_classes(tables, dataset, fold: int | str) -> tuple[list[int], list[int]]:
+    """(base, novel) class ids of a fold: novel from the data set (or classes.parquet), base = the rest;
+    fold ALL_CLASSES: every class is a base class."""
     classes = _table(tables, "classes")
     all_ids = sorted(int(c) for c in classes["class_id"])
+    if fold == ALL_CLASSES:
+        return all_ids, []
     if hasattr(dataset, "fold_classes"):
         novel = sorted(int(c) for c in dataset.fold_classes(fold))
     elif hasattr(tables, "fold_classes"):
@@ -52,7 +58,8 @@ CLASS_DRAWS = ("any_pixel", "present")
 
 
 class LabelledEpisodes:
-    """Supervised episodes over a fold's base classes on the train split (reference-code conventions).
+    """Supervised episodes over a fold's base classes on the train split (reference-code conventions);
+    fold ALL_CLASSES: over every class, none held out.
 
     One query per train image where some base class is present (>= min_class_pixels) and has a second
     such image; the episode's class is drawn among the base classes with any pixel in the query that
@@ -65,7 +72,7 @@ class LabelledEpisodes:
         self,
         tables,
         dataset,
-        fold: int,
+        fold: int | str,
         image_ids: list[str] | None = None,
         min_class_pixels: int | None = None,
         remove_novel_train: bool = False,

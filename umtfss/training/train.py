@@ -23,7 +23,7 @@ from umtfss.io import atomic_path
 from umtfss.training import checkpoint as ckpt
 from umtfss.training.augment import Augmentation
 from umtfss.training.losses import build_loss
-from umtfss.training.sources import EpisodeDataset, EpisodeSource
+from umtfss.training.sources import ALL_CLASSES, EpisodeDataset, EpisodeSource
 
 # training keys that do not change the result: a resume may differ in them
 RESUME_FREE_KEYS = {"workers", "device"}
@@ -343,10 +343,21 @@ def cli(parser: argparse.ArgumentParser):
     parser.add_argument("--images", type=Path, help="unsup: images.parquet of the unlabeled source")
     parser.add_argument("--tables", type=Path, help="sup/finetune: prepare folder (images/classes/image_classes parquet)")
     parser.add_argument("--dataset", help="sup/finetune: benchmark of the tables (pascal, coco, custom)")
-    parser.add_argument("--fold", type=int, choices=range(4), help="sup/finetune: fold whose base classes are trained")
+    parser.add_argument("--fold", type=_fold_argument, metavar="{0,1,2,3,all}",
+                        help="sup/finetune: fold whose base classes are trained; 'all': every class, for a model to "
+                             "apply to classes beyond the data set (scoring it on the data set's own folds would "
+                             "test classes it has seen)")
     parser.add_argument("--init", type=Path, help="finetune: checkpoint to start from (the unsup model)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return run
+
+
+def _fold_argument(text: str) -> int | str:
+    if text == ALL_CLASSES:
+        return text
+    if text not in ("0", "1", "2", "3"):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a fold; expected 0, 1, 2, 3 or {ALL_CLASSES}")
+    return int(text)
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -398,6 +409,9 @@ def _pseudo_source(args, config):
     from umtfss.pseudo_episodes import PseudoEpisodes
 
     image_ids = None
+    if args.fold == ALL_CLASSES:
+        raise ValueError("--fold all is for sup and finetune (every labelled class); unsup trains on every image "
+                         "without --tables and --fold")
     if args.tables is not None or args.fold is not None:
         _require(args, ["tables", "fold"], "unsup in the 'fold' setting")
         from umtfss.data.prepare import read_tables, train_images_for_fold

@@ -28,7 +28,7 @@ wildcard_constraints:
     shard=r"\d+",
     nshards=r"\d+",
     clusters=r"\d+",
-    fold=r"\d",
+    fold=r"\d|all",  # all: sup / finetune on every labelled class, a model for new classes (never scored)
     pct=r"\d+",
     dataset=r"pascal|coco|custom",
     src=r"[^/]+",
