@@ -118,7 +118,7 @@ def test_bad_files_are_named_with_their_key(custom_root, tmp_path):
         tables()
     (custom_root / "val.txt").write_text("b/img09\n")
     shutil.copy(custom_root / "images" / "b" / "img09.png", custom_root / "images" / "b" / "img09.jpg")
-    with pytest.raises(ValueError, match=r"'b/img09' has 2 files .*img09\.jpg, img09\.png"):
+    with pytest.raises(ValueError, match=r"img09\.(jpg|png)' and '.*img09\.(jpg|png)' have the same name up to the suffix"):
         tables()
     (custom_root / "images" / "b" / "img09.jpg").unlink()
     (custom_root / "masks" / "b" / "img09.png").rename(tmp_path / "kept.png")

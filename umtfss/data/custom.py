@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from umtfss.data.base import FOLDS, SegmentationDataset, existing_root, resolve_under
+from umtfss.data.folder import scan_image_folder
 from umtfss.io import IMAGE_SUFFIXES
 
 KEY = "datasets.custom"
@@ -87,7 +88,7 @@ class CustomDataset(SegmentationDataset):
         self.class_names = [str(n) for n in cfg["classes"]]
         self._folds = custom_folds(cfg)
         self.num_folds = len(self._folds)
-        self._image_paths: dict[str, Path] = {}
+        self._image_paths: dict[str, Path] | None = None
 
     def _fold_class_ids(self, fold: int) -> list[int]:
         return list(self._folds[fold])
@@ -105,27 +106,21 @@ class CustomDataset(SegmentationDataset):
                                  "inflates the scores)")
         return ids
 
+    def _images(self) -> dict[str, Path]:
+        """id -> file of every image below image_dir, listed once (the folder source's scan: hidden files
+        skipped, links followed, two files of one id an error)."""
+        if self._image_paths is None:
+            self._image_paths = scan_image_folder(self.image_dir, f"{KEY}.image_dir")
+        return self._image_paths
+
     def image_path(self, image_id: str, split: str) -> Path:
-        """The one image file of the id, whatever its suffix (jpg, png, tif, bmp; either case)."""
+        """The one image file of the id, whatever its suffix (jpg, png, tif, bmp; any case)."""
         self.check_split(split)
-        if image_id not in self._image_paths:
-            stem = self.image_dir / image_id
-            found, inodes = [], set()
-            for suffix in IMAGE_SUFFIXES:
-                for path in (stem.with_name(stem.name + suffix), stem.with_name(stem.name + suffix.upper())):
-                    if path.is_file() and (path.stat().st_dev, path.stat().st_ino) not in inodes:
-                        inodes.add((path.stat().st_dev, path.stat().st_ino))  # x.jpg is x.JPG where case folds
-                        found.append(path)
-            if len(found) > 1:
-                raise ValueError(f"image id '{image_id}' has {len(found)} files in {self.image_dir} ("
-                                 f"{', '.join(sorted(p.name for p in found))}); expected one (masks belong in "
-                                 f"{KEY}.label_dir)")
-            if not found:
-                listed = f"{KEY}.{split}_list"
-                raise FileNotFoundError(f"image '{image_id}' of {listed} has no file '{stem}.jpg' (or .png, .tif, "
-                                        f".bmp) in {self.image_dir} (config key {KEY}.image_dir)")
-            self._image_paths[image_id] = found[0]
-        return self._image_paths[image_id]
+        paths = self._images()
+        if image_id not in paths:
+            raise FileNotFoundError(f"image '{image_id}' of {KEY}.{split}_list has no file "
+                                    f"'{self.image_dir / image_id}.jpg' (or .png, .tif, .bmp) (config key {KEY}.image_dir)")
+        return paths[image_id]
 
     def label_path(self, image_id: str, split: str) -> Path:
         self.check_split(split)
