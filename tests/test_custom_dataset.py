@@ -108,6 +108,9 @@ def test_bad_files_are_named_with_their_key(custom_root, tmp_path):
 
     with pytest.raises(ValueError, match=r"datasets\.custom\.root' is null"):
         open_dataset("custom", load({"datasets": {"custom": {"classes": CLASSES}}}))
+    with pytest.raises(ValueError, match=r"'datasets\.custom\.image_dir' and 'datasets\.custom\.label_dir' name "
+                                         r"the same folder"):
+        tables(label_dir="images")
     with pytest.raises(FileNotFoundError, match=r"nope\.txt.*datasets\.custom\.val_list"):
         tables(val_list="nope.txt")
     (custom_root / "val.txt").write_text((custom_root / "val.txt").read_text() + "a/img00\n")

@@ -85,6 +85,10 @@ class CustomDataset(SegmentationDataset):
         self.root = existing_root(cfg["root"], f"{KEY}.root")
         self.image_dir = resolve_under(self.root, cfg["image_dir"])
         self.label_dir = resolve_under(self.root, cfg["label_dir"])
+        if self.image_dir.resolve() == self.label_dir.resolve():
+            raise ValueError(f"config keys '{KEY}.image_dir' and '{KEY}.label_dir' name the same folder "
+                             f"'{self.image_dir}'; expected the masks in a folder of their own (an id is a file name "
+                             "without its suffix, so x.jpg and its mask x.png would share it)")
         self.class_names = [str(n) for n in cfg["classes"]]
         self._folds = custom_folds(cfg)
         self.num_folds = len(self._folds)
