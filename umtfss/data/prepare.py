@@ -19,6 +19,7 @@ from umtfss.data.base import SegmentationDataset, open_dataset
 
 TABLE_NAMES = ("images", "classes", "image_classes")
 META_KEY = b"umtfss"
+NO_FOLD = -1  # classes.parquet's fold of a class in no fold (datasets.custom.folds may leave one out)
 POOL_FROM = 64  # below this many images a process pool costs more than it saves
 
 IMAGE_COLUMNS = ["image_id", "split", "image_path", "label_path", "height", "width"]
@@ -41,6 +42,10 @@ class Tables:
             raise KeyError(f"no table '{name}'; expected one of {list(TABLE_NAMES)}")
         return getattr(self, name)
 
+    def folds(self) -> list[int]:
+        """The folds of the classes table (a class of no fold is no fold)."""
+        return sorted({int(f) for f in self.classes["fold"]} - {NO_FOLD})
+
     def fold_classes(self, fold: int) -> list[int]:
         """Novel class ids of a fold, from the classes table."""
         if self.classes.empty:
@@ -48,8 +53,7 @@ class Tables:
                              "folder), so no folds")
         ids = sorted(int(c) for c in self.classes.loc[self.classes["fold"] == fold, "class_id"])
         if not ids:
-            present = sorted(set(int(f) for f in self.classes["fold"]) - {-1})  # -1: classes of no fold
-            raise ValueError(f"fold {fold} has no classes; folds present: {present}")
+            raise ValueError(f"fold {fold} has no classes; folds present: {self.folds()}")
         return ids
 
 
@@ -105,8 +109,8 @@ def _class_table(dataset: SegmentationDataset) -> pd.DataFrame:
                              "fold": pd.Series(dtype="int64")})
     fold_of = {c: fold for fold in range(dataset.num_folds) for c in dataset.fold_classes(fold)}
     ids = list(range(1, dataset.num_classes + 1))
-    # -1: a class of no fold (datasets.custom.folds may leave one out), a base class of every fold
-    return pd.DataFrame({"class_id": ids, "name": dataset.class_names, "fold": [fold_of.get(c, -1) for c in ids]})
+    # a class of no fold is a base class of every fold
+    return pd.DataFrame({"class_id": ids, "name": dataset.class_names, "fold": [fold_of.get(c, NO_FOLD) for c in ids]})
 
 
 def build_tables(dataset: SegmentationDataset, min_class_pixels: int | None, workers: int = 1,

@@ -205,7 +205,7 @@ def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: d
 
     plan = [(fold, shot, seed)
             for fold in eval_cfg["folds"] for shot in eval_cfg["shots"] for seed in eval_cfg["seeds"]]
-    folds_present = sorted({int(f) for f in tables["classes"]["fold"]} - {-1})
+    folds_present = tables.folds()
     absent = [f for f in eval_cfg["folds"] if f not in folds_present]
     if absent:
         raise ValueError(f"config key 'evaluation.folds' holds fold(s) {absent}, but data set '{dataset_name}' has folds "
