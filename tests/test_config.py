@@ -75,7 +75,7 @@ def test_reference_tasks_overlay_is_valid_on_each_setting(setting):
 @pytest.mark.parametrize(
     "override, words",
     [
-        ({"unlabeled": {"source": "imagenet"}}, ["unlabeled.source", "imagenet", "pascal, coco, folder"]),
+        ({"unlabeled": {"source": "imagenet"}}, ["unlabeled.source", "imagenet", "pascal, coco, custom, folder"]),
         ({"evaluation": {"folds": [7]}}, ["evaluation.folds[0]", "7", "maximum 3"]),
         ({"evaluation": {"shots": [0]}}, ["evaluation.shots[0]", "0", "minimum 1"]),
         ({"clustering": {"clustrs": 4}}, ["clustrs", "clusters"]),
@@ -118,6 +118,17 @@ def test_folder_source_needs_a_folder():
         cfg.load({"unlabeled": {"source": "folder"}})
     with pytest.raises(cfg.ConfigError, match="unlabeled.setting' is 'fold'.*use 'all'"):
         cfg.load({"unlabeled": {"source": "folder", "folder": "imgs", "setting": "fold"}})
+
+
+def test_custom_source_needs_the_labelled_images_and_their_train_list():
+    """unlabeled.source custom builds the pseudo tasks from datasets.custom's train_list images."""
+    with pytest.raises(cfg.ConfigError, match="'unlabeled.source' is 'custom', but 'datasets.custom.root' is null"):
+        cfg.load({"unlabeled": {"source": "custom"}})
+    custom = {"root": "mine", "classes": ["a", "b", "c", "d"]}
+    with pytest.raises(cfg.ConfigError, match="'datasets.custom.train_list' is null"):
+        cfg.load({"unlabeled": {"source": "custom"}, "datasets": {"custom": {**custom, "train_list": None}}})
+    loaded = cfg.load({"unlabeled": {"source": "custom", "setting": "fold"}, "datasets": {"custom": custom}})
+    assert loaded["unlabeled"]["source"] == "custom" and loaded["datasets"]["custom"]["train_list"] == "train.txt"
 
 
 def test_folder_names_that_would_clash_are_refused(tmp_path, monkeypatch):

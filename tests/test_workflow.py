@@ -7,6 +7,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -428,14 +429,9 @@ def test_own_labelled_images_are_scored_like_a_benchmark(pipeline, tmp_path):
     on it uses its labels; editing its val list or rewriting a mask reruns its prepare."""
     import shutil
 
-    from umtfss.data.pascal import PASCAL_CLASSES
-
     work = tmp_path / "copy"
     shutil.copytree(pipeline, work, symlinks=True)
-    config = yaml.safe_load((work / "config.yaml").read_text())
-    config["datasets"]["custom"] = {"root": "data/demo/VOC2012", "image_dir": "JPEGImages",
-                                    "label_dir": "SegmentationClassAug", "train_list": "lists/train_aug.txt",
-                                    "val_list": "lists/val.txt", "classes": list(PASCAL_CLASSES), "min_class_pixels": 300}
+    config = _demo_as_custom(yaml.safe_load((work / "config.yaml").read_text()))
     write_config(work, config)
     plan = planned_jobs(snakemake(work, "-n", "--cores", "2", "results/eval_custom.csv").stdout)
     assert {"prepare_custom", "evaluate"} <= plan
@@ -469,7 +465,7 @@ def test_own_labelled_images_are_scored_like_a_benchmark(pipeline, tmp_path):
     config["unlabeled"] = {"setting": "fold"}
     write_config(work, config)
     proc = snakemake(work, "-n", "--cores", "2", "results/eval_custom.csv", check=False)
-    assert proc.returncode != 0 and "not those of datasets.custom" in proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "not of datasets.custom;" in proc.stdout + proc.stderr
 
     config["unlabeled"] = {}
     config["evaluation"] = yaml.safe_load((pipeline / "config.yaml").read_text())["evaluation"]
@@ -484,6 +480,68 @@ def test_own_labelled_images_are_scored_like_a_benchmark(pipeline, tmp_path):
     mask.write_bytes(mask.read_bytes())  # a mask rewritten in place (a newer file): its prepare reruns
     os.utime(mask, ns=(mask.stat().st_atime_ns, mask.stat().st_mtime_ns + 10**9))
     assert "prepare_custom" in planned_jobs(snakemake(work, "-n", "--cores", "2", "results/eval_custom.csv").stdout)
+
+
+def _demo_as_custom(config):
+    """The demo's own VOC files as datasets.custom (its 20 class names, default folds)."""
+    from umtfss.data.pascal import PASCAL_CLASSES
+
+    config["datasets"]["custom"] = {"root": "data/demo/VOC2012", "image_dir": "JPEGImages",
+                                    "label_dir": "SegmentationClassAug", "train_list": "lists/train_aug.txt",
+                                    "val_list": "lists/val.txt", "classes": list(PASCAL_CLASSES), "min_class_pixels": 300}
+    return config
+
+
+def test_pseudo_tasks_from_own_labelled_images_in_the_fold_setting(pipeline, tmp_path):
+    """unlabeled.source custom: the pseudo tasks are built from datasets.custom's train_list images only (the
+    demo's files: the same stores and clusters as the PASCAL source's), and the 'fold' setting trains one
+    unsup model per fold of your own classes and scores it on them; PASCAL is then refused in that setting,
+    and the all rule asks for your tables only."""
+    import shutil
+
+    import zarr
+
+    work = tmp_path / "copy"
+    shutil.copytree(pipeline, work, symlinks=True)
+    config = _demo_as_custom(yaml.safe_load((work / "config.yaml").read_text()))
+    config["unlabeled"] = {"source": "custom"}
+    write_config(work, config)
+    quality = "results/{}/demo-colortexture/clusters-12/cluster_quality.csv"
+    plan = planned_jobs(snakemake(work, "-n", "--cores", "2", quality.format("custom")).stdout)
+    assert {"prepare_custom", "embed", "fit", "assign", "quality"} <= plan and not plan & {"prepare", "demo"}
+    snakemake(work, "--cores", "2", quality.format("custom"))
+    train_ids = (work / "data/demo/VOC2012/lists/train_aug.txt").read_text().split()
+    embedded = []
+    for shard in range(2):
+        ours = zarr.open_group(work / f"results/custom/demo-colortexture/embeddings/shard-{shard}-of-2.zarr", mode="r")
+        theirs = zarr.open_group(work / f"results/pascal/demo-colortexture/embeddings/shard-{shard}-of-2.zarr", mode="r")
+        assert ours.attrs["image_ids"] == theirs.attrs["image_ids"]
+        assert np.array_equal(ours["features"][:], theirs["features"][:])
+        embedded += ours.attrs["image_ids"]
+    assert sorted(embedded) == sorted(train_ids)  # never a test image of val.txt
+    assert pd.read_csv(work / quality.format("custom")).equals(pd.read_csv(work / quality.format("pascal")))
+
+    config["unlabeled"]["setting"] = "fold"
+    write_config(work, config)
+    proc = snakemake(work, "-n", "-p", "--cores", "2", "results/eval_custom.csv")
+    out = proc.stdout + proc.stderr
+    assert "results/custom/demo-colortexture/clusters-12/models/demo-colortexture-prototype/unsup-fold0/checkpoint.pt" in out
+    assert "--tables results/custom/prepare --dataset custom --fold 0" in out
+    snakemake(work, "--cores", "2", "results/eval_custom.csv")
+    scores = pd.read_csv(work / "results/eval_custom.csv")
+    assert set(scores["method"]) == {"all-background", "prototype-threshold", "unsup"}
+    assert (scores["unlabeled"] == "custom").all()
+    log = (work / "logs/custom/demo-colortexture/clusters-12/demo-colortexture-prototype/train-unsup-fold0.log").read_text()
+    from umtfss.data.prepare import read_tables, train_images_for_fold
+
+    fold_images = train_images_for_fold(read_tables(work / "results/custom/prepare"), 0, remove_novel=False,
+                                        require_base_class=True)
+    assert 0 < len(fold_images) < len(train_ids) and f": {len(fold_images)} of {len(train_ids)} train images" in log
+
+    proc = snakemake(work, "-n", "--cores", "2", "results/eval_pascal.csv", check=False)
+    assert proc.returncode != 0 and "of datasets.custom, not of pascal;" in proc.stdout + proc.stderr
+    everything = snakemake(work, "-n", "--cores", "2").stdout
+    assert "results/eval_custom.md" in everything and "results/eval_pascal.md" not in everything
 
 
 def test_rerun_after_an_input_change_trains_afresh(pipeline, tmp_path):

@@ -159,6 +159,13 @@ def _check_consistency(config: dict, check_paths: bool) -> None:
     if unl["source"] == "folder" and unl["setting"] == "fold":
         problems.append("config key 'unlabeled.setting' is 'fold', which leaves out each fold's novel classes by their "
                         "labels; a folder of images has none: use 'all'")
+    custom = config["datasets"]["custom"]
+    if unl["source"] == "custom" and not custom["root"]:
+        problems.append("config key 'unlabeled.source' is 'custom', but 'datasets.custom.root' is null; expected the "
+                        "folder of your labelled images, whose train_list images the pseudo tasks are built from")
+    elif unl["source"] == "custom" and not custom["train_list"]:
+        problems.append("config key 'unlabeled.source' is 'custom', but 'datasets.custom.train_list' is null; expected "
+                        "the list of the train images the pseudo tasks are built from (the val_list images are the test set)")
     tr = config["training"]
     if tr["scale_min"] > tr["scale_max"]:
         problems.append(f"config key 'training.scale_min' ({tr['scale_min']}) exceeds 'training.scale_max' ({tr['scale_max']})")
@@ -167,7 +174,6 @@ def _check_consistency(config: dict, check_paths: bool) -> None:
         if percent and not 1 <= int(percent.group(1)) <= 100:
             problems.append(f"config key 'evaluation.methods[{i}]' is '{method}', expected a percentage of the labelled "
                             "train images from 1 to 100")
-    custom = config["datasets"]["custom"]
     if custom["root"] or custom["classes"] or custom["folds"] is not None:
         from umtfss.data.custom import custom_folds
 

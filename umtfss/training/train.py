@@ -417,10 +417,16 @@ def _pseudo_source(args, config):
         from umtfss.data.prepare import read_tables, train_images_for_fold
 
         rule = config["unlabeled"]["fold_images"]
-        image_ids = train_images_for_fold(read_tables(args.tables), args.fold, remove_novel=rule == "no_novel",
+        tables = read_tables(args.tables)
+        image_ids = train_images_for_fold(tables, args.fold, remove_novel=rule == "no_novel",
                                           require_base_class=rule == "base_present")
-    return PseudoEpisodes(args.episodes, args.labels, args.images, image_ids=image_ids,
-                          sampling=config["training"]["episode_sampling"])
+    source = PseudoEpisodes(args.episodes, args.labels, args.images, image_ids=image_ids,
+                            sampling=config["training"]["episode_sampling"])
+    if image_ids is not None:  # what the fold's model is trained on, for the log
+        train = int((tables.images["split"] == "train").sum())
+        print(f"umtfss train: fold {args.fold} ('fold' setting, fold_images {rule}): {len(image_ids)} of {train} "
+              f"train images, {len(source)} query {source.sampling}s", file=sys.stderr)
+    return source
 
 
 def _labelled_source(args, config, fraction: float | None):

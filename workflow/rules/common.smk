@@ -39,6 +39,7 @@ wildcard_constraints:
 DEMO = config["demo"]["enabled"]
 SOURCE = config["unlabeled"]["source"]
 SRC = config["unlabeled"]["name"] if SOURCE == "folder" else SOURCE
+LABELLED = ("pascal", "coco", "custom")  # sources with labels: the pseudo masks can be measured against them
 EMBEDDER = config["embedding"]["backbone"] + (
     f"-d{config['embedding']['dim']}" if config["embedding"]["dim"] else ""
 )
@@ -207,11 +208,14 @@ def method_checkpoint(method):
 
 def trained_checkpoints(w):
     """(method, checkpoint.pt) of every trained method the evaluation of {dataset} scores, each fold's own."""
+    if config["unlabeled"]["setting"] == "fold" and "unsup" in config["evaluation"]["methods"] \
+            and "custom" in (w.dataset, SRC) and w.dataset != SRC:  # fold i of one is not fold i of the other
+        named = {ds: "datasets.custom" if ds == "custom" else ds for ds in (SRC, w.dataset)}
+        raise ValueError(f"config key 'unlabeled.setting' is 'fold': its unsup models leave out the novel classes "
+                         f"of the folds of {named[SRC]}, not of {named[w.dataset]}; score {w.dataset} in the 'all' "
+                         f"setting, or set unlabeled.source to {w.dataset}")
     if w.dataset == "custom":  # its own fold count: say so before any fine-tuning job fails on a fold
         custom_root()
-        if config["unlabeled"]["setting"] == "fold" and "unsup" in config["evaluation"]["methods"]:
-            raise ValueError(f"config key 'unlabeled.setting' is 'fold': its unsup models leave out the novel classes "
-                             f"of {SRC}'s folds, not those of datasets.custom; score your own classes in the 'all' setting")
         count = len(_custom_folds(config["datasets"]["custom"]))
         absent = [f for f in config["evaluation"]["folds"] if f >= count]
         if absent:
@@ -242,14 +246,14 @@ def evaluation_methods(w):
 def all_targets():
     """The demo's default: the PASCAL score table (also in the paper layout), the pseudo-mask quality
     table, and the report's figures (stored features, pseudo masks; the loss curves of the trained methods
-    the table scores); the same tables and curves for datasets.custom when its root is set."""
-    targets = ["results/eval_pascal.csv", "results/eval_pascal.md", f"results/{SRC}/{EMBEDDER}/embeddings/features.png",
-               f"{cluster_dir()}/pseudo_masks.png"]
-    if SOURCE in ("pascal", "coco"):
-        targets.append(f"{cluster_dir()}/cluster_quality.csv")
+    the table scores); the same tables and curves for datasets.custom when its root is set, and only
+    those when the pseudo tasks come from its images (unlabeled.source custom)."""
     trains = any(method_checkpoint(m) for m in config["evaluation"]["methods"])
-    if trains:
-        targets.append("results/training_pascal.png")
-    if config["datasets"]["custom"]["root"]:  # your own labelled images: their score tables (and fine-tunings)
-        targets += ["results/eval_custom.csv", "results/eval_custom.md"] + (["results/training_custom.png"] if trains else [])
+    # PASCAL's tables, but for pseudo tasks from your labelled images (scored on them; PASCAL stays a target)
+    benchmarks = ([] if SOURCE == "custom" else ["pascal"]) + (["custom"] if config["datasets"]["custom"]["root"] else [])
+    targets = [f"results/{SRC}/{EMBEDDER}/embeddings/features.png", f"{cluster_dir()}/pseudo_masks.png"]
+    if SOURCE in LABELLED:
+        targets.append(f"{cluster_dir()}/cluster_quality.csv")
+    for ds in benchmarks:
+        targets += [f"results/eval_{ds}.csv", f"results/eval_{ds}.md"] + ([f"results/training_{ds}.png"] if trains else [])
     return targets

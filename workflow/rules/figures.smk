@@ -34,7 +34,7 @@ rule pseudo_masks:
         ),
     params:
         # a benchmark's images have labels: each is shown beside its pseudo masks (a look, never training)
-        truth=lambda w: "--ground-truth" if w.src in ("pascal", "coco") else "",
+        truth=lambda w: "--ground-truth" if w.src in LABELLED else "",
     conda:
         CONDA_ENV
     log:
