@@ -202,3 +202,8 @@ def test_evaluate_and_train_sup_on_custom_tables(custom_root, tmp_path, capsys):
                  "--dataset", "custom", "--fold", "0", "--quiet",
                  "--config", json.dumps({"model": model, "training": train, "datasets": one_fold})]) == 1
     assert "fold 0 of data set 'custom' has no base class" in capsys.readouterr().err
+    # the same for an unsup model of that fold (unlabeled.source custom, 'fold' setting): no image to train on
+    assert main(["train", "--method", "unsup", "--out-dir", str(tmp_path / "none"), "--tables", str(tmp_path / "one"),
+                 "--dataset", "custom", "--fold", "0", "--episodes", "e", "--labels", "l", "--images", "i", "--quiet",
+                 "--config", json.dumps({"model": model, "training": train})]) == 1
+    assert "fold 0 of '" in (err := capsys.readouterr().err) and "has no train image that holds a base class" in err

@@ -420,6 +420,10 @@ def _pseudo_source(args, config):
         tables = read_tables(args.tables)
         image_ids = train_images_for_fold(tables, args.fold, remove_novel=rule == "no_novel",
                                           require_base_class=rule == "base_present")
+        if not image_ids:
+            which = "holds a base class" if rule == "base_present" else "is free of the fold's novel classes"
+            raise ValueError(f"fold {args.fold} of '{args.tables}' has no train image that {which} "
+                             f"(config key unlabeled.fold_images is '{rule}'): nothing to meta-train its unsup model on")
     source = PseudoEpisodes(args.episodes, args.labels, args.images, image_ids=image_ids,
                             sampling=config["training"]["episode_sampling"])
     if image_ids is not None:  # what the fold's model is trained on, for the log
