@@ -483,12 +483,13 @@ def test_own_labelled_images_are_scored_like_a_benchmark(pipeline, tmp_path):
 
 
 def _demo_as_custom(config):
-    """The demo's own VOC files as datasets.custom (its 20 class names, default folds)."""
+    """The demo's own VOC files as datasets.custom (configs/demo-custom.yaml: its 20 class names), in PASCAL's
+    default folds and at the tiny demo's min_class_pixels."""
     from umtfss.data.pascal import PASCAL_CLASSES
 
-    config["datasets"]["custom"] = {"root": "data/demo/VOC2012", "image_dir": "JPEGImages",
-                                    "label_dir": "SegmentationClassAug", "train_list": "lists/train_aug.txt",
-                                    "val_list": "lists/val.txt", "classes": list(PASCAL_CLASSES), "min_class_pixels": 300}
+    custom = yaml.safe_load((REPO / "configs" / "demo-custom.yaml").read_text())["datasets"]["custom"]
+    assert custom.pop("folds") and custom["classes"] == list(PASCAL_CLASSES)
+    config["datasets"]["custom"] = {**custom, "min_class_pixels": config["datasets"]["pascal"]["min_class_pixels"]}
     return config
 
 
@@ -521,7 +522,8 @@ def test_pseudo_tasks_from_own_labelled_images_in_the_fold_setting(pipeline, tmp
     assert sorted(embedded) == sorted(train_ids)  # never a test image of val.txt
     assert pd.read_csv(work / quality.format("custom")).equals(pd.read_csv(work / quality.format("pascal")))
 
-    config["unlabeled"]["setting"] = "fold"
+    config["unlabeled"] = yaml.safe_load((REPO / "configs" / "demo-custom-fold.yaml").read_text())["unlabeled"]
+    assert config["unlabeled"] == {"source": "custom", "setting": "fold"}
     write_config(work, config)
     proc = snakemake(work, "-n", "-p", "--cores", "2", "results/eval_custom.csv")
     out = proc.stdout + proc.stderr
