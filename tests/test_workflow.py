@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -406,6 +407,29 @@ def test_folder_source_fine_tunes_on_the_benchmark_labels(tmp_path):
     assert not any("results/mine/prepare/classes.parquet" in line for line in inputs)
 
 
+def test_a_folder_holding_the_test_images_stops_before_any_job(pipeline, tmp_path):
+    """U_train from a folder that holds PASCAL's (the demo's) val images, as copies: the score table of a
+    model meta-trained on it is refused, naming an image; a folder of the train images only is fine."""
+    images = pipeline / "data/demo/VOC2012/JPEGImages"
+    train = (pipeline / "data/demo/VOC2012/lists/train_aug.txt").read_text().split()
+    val = (pipeline / "data/demo/VOC2012/lists/val.txt").read_text().split()
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for image_id in train + val[:3]:
+        shutil.copy(images / f"{image_id}.jpg", folder / f"copy_{image_id}.jpg")
+    with edited_config(pipeline) as config:
+        config["unlabeled"] = {"source": "folder", "folder": str(folder), "name": "mine"}
+        write_config(pipeline, config)
+        proc = snakemake(pipeline, "-n", "--cores", "2", "results/eval_pascal.csv", check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and f"3 of the {len(val)} test images of pascal (datasets.pascal.val_list)" in out
+        assert f"copy_{val[0]}.jpg" in out
+        for image_id in val[:3]:
+            (folder / f"copy_{image_id}.jpg").unlink()
+        proc = snakemake(pipeline, "-n", "--cores", "2", "results/eval_pascal.csv", check=False)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+
 def test_folder_changes_rerun_prepare(tmp_path):
     """Adding an image to the folder reruns prepare_folder (and so everything after it)."""
     from PIL import Image
@@ -427,7 +451,6 @@ def test_own_labelled_images_are_scored_like_a_benchmark(pipeline, tmp_path):
     """datasets.custom over the demo's own files (its 20 class names, default folds): results/eval_custom.csv
     reuses the trained model, runs only prepare and evaluate, and repeats the PASCAL scores; fine-tuning
     on it uses its labels; editing its val list or rewriting a mask reruns its prepare."""
-    import shutil
 
     work = tmp_path / "copy"
     shutil.copytree(pipeline, work, symlinks=True)
@@ -498,8 +521,6 @@ def test_pseudo_tasks_from_own_labelled_images_in_the_fold_setting(pipeline, tmp
     demo's files: the same stores and clusters as the PASCAL source's), and the 'fold' setting trains one
     unsup model per fold of your own classes and scores it on them; PASCAL is then refused in that setting,
     and the all rule asks for your tables only."""
-    import shutil
-
     import zarr
 
     work = tmp_path / "copy"
@@ -548,8 +569,6 @@ def test_pseudo_tasks_from_own_labelled_images_in_the_fold_setting(pipeline, tmp
 
 def test_rerun_after_an_input_change_trains_afresh(pipeline, tmp_path):
     """A rerun of train_unsup after its episodes changed must not resume the old run's last.pt."""
-    import shutil
-
     import torch
 
     work = tmp_path / "copy"

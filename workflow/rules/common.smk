@@ -12,6 +12,7 @@ from umtfss.config import (REFERENCE_PREDICTOR_KEYS, ConfigError, type_command_l
                            validate as _validate_config)
 from umtfss.data.custom import custom_folds as _custom_folds
 from umtfss.data.folder import folder_fingerprint as _folder_fingerprint
+from umtfss.data.overlap import check_test_images_unseen as _check_test_images_unseen
 
 try:  # --config clustering='{clusters: 30}' gives the string "30": read it as the schema's integer
     # (overwrite_config holds the --configfile values too; YAML typed those already, but for 1e-3)
@@ -206,8 +207,21 @@ def method_checkpoint(method):
     return f"{models}/{method}/{{dataset}}/fold{{fold}}/checkpoint.pt"  # fine-tuned on the benchmark's labels
 
 
+_UNSEEN_CHECKED = set()
+
+
+def check_test_images_unseen(dataset):
+    """Stop before any job when the unlabeled folder holds a test image of the benchmark scored with a model
+    meta-trained on it (once per data set and Snakemake start)."""
+    pseudo = any(m == "unsup" or m.startswith("finetune-") for m in config["evaluation"]["methods"])
+    if SOURCE == "folder" and pseudo and dataset not in _UNSEEN_CHECKED:
+        _check_test_images_unseen(config, dataset)
+        _UNSEEN_CHECKED.add(dataset)
+
+
 def trained_checkpoints(w):
     """(method, checkpoint.pt) of every trained method the evaluation of {dataset} scores, each fold's own."""
+    check_test_images_unseen(w.dataset)
     if config["unlabeled"]["setting"] == "fold" and "unsup" in config["evaluation"]["methods"] \
             and "custom" in (w.dataset, SRC) and w.dataset != SRC:  # fold i of one is not fold i of the other
         named = {ds: "datasets.custom" if ds == "custom" else ds for ds in (SRC, w.dataset)}
