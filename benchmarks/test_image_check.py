@@ -1,0 +1,79 @@
+"""Benchmark: what the test-image check of a folder source costs each Snakemake start, beside the folder
+scan that the start already pays for the folder's fingerprint.
+
+A synthetic folder of N files (sizes drawn like JPEG photographs: log-normal around 100 KB, so that many
+files share a size with a test image, as in a real folder) and a test set of M files, a few of them
+copied into the folder. Side by side in one run: (1) the fingerprint (scan + stat, paid already), (2)
+the check: the scan again and `shared_images` (stat of both sets, heads of same-size files, whole files
+only where the heads agree). Reports both and the bytes the check read; the copies must be found.
+
+    python benchmarks/test_image_check.py                  # 20,000 folder images, 1,449 test images (PASCAL val)
+    python benchmarks/test_image_check.py --folder 2000 --test 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def write_files(folder: Path, count: int, rng: np.random.Generator, prefix: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = np.clip(rng.lognormal(np.log(100_000), 0.5, count), 2_000, 2_000_000).astype(int)
+    paths = []
+    for i, size in enumerate(sizes):
+        path = folder / f"{prefix}{i:06d}.jpg"
+        path.write_bytes(rng.bytes(int(size)))
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folder", type=int, default=20_000, help="images in the unlabeled folder")
+    parser.add_argument("--test", type=int, default=1_449, help="test images (PASCAL val: 1,449)")
+    parser.add_argument("--copies", type=int, default=3, help="test images copied into the folder")
+    args = parser.parse_args(argv)
+
+    import shutil
+
+    from umtfss.data import overlap
+    from umtfss.data.folder import folder_fingerprint, scan_image_folder
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, test_dir = Path(tmp) / "folder", Path(tmp) / "test"
+        write_files(folder, args.folder, rng, "u")
+        test = write_files(test_dir, args.test, rng, "t")
+        for path in test[:args.copies]:
+            shutil.copy(path, folder / f"copy_{path.name}")
+        read = {"bytes": 0}
+        digest = overlap._digest
+
+        def counting(path, limit):
+            read["bytes"] += min(path.stat().st_size, limit or path.stat().st_size)
+            return digest(path, limit)
+
+        overlap._digest = counting
+        start = time.perf_counter()
+        folder_fingerprint(folder)
+        fingerprint_s = time.perf_counter() - start
+        start = time.perf_counter()
+        pairs = overlap.shared_images(test, scan_image_folder(folder).values())
+        check_s = time.perf_counter() - start
+        overlap._digest = digest
+    found = sorted(p.name for p, _ in pairs)
+    assert found == sorted(p.name for p in test[:args.copies]), found
+    total = args.folder + args.copies
+    print(f"folder of {total} images, {args.test} test images, {args.copies} copies (found: {len(pairs)})")
+    print(f"fingerprint (paid at every start already): {fingerprint_s:.2f} s")
+    print(f"test-image check: {check_s:.2f} s ({check_s / fingerprint_s:.1f}x the fingerprint), "
+          f"{read['bytes'] / 2**20:.1f} MiB read")
+
+
+if __name__ == "__main__":
+    main()
