@@ -592,7 +592,7 @@ def test_cli_unsup_trains_on_real_pseudo_episodes(tmp_path):
 
 
 @pytest.mark.parametrize("rule, expected", [("base_present", ["a", "b", "c", "d", "e"]), ("no_novel", ["a", "d", "e"])])
-def test_fold_setting_images(toy_tables, tmp_path, monkeypatch, rule, expected):
+def test_fold_setting_images(toy_tables, tmp_path, monkeypatch, capsys, rule, expected):
     """'fold' setting: by default (reference code) the images where a base class is present, novel
     classes allowed (b, c hold novel 1, 2; f holds only novel 1); no_novel drops every image with one."""
     import umtfss.pseudo_episodes
@@ -604,8 +604,19 @@ def test_fold_setting_images(toy_tables, tmp_path, monkeypatch, rule, expected):
     for name in ("images", "classes", "image_classes"):
         getattr(toy_tables, name).to_parquet(tables_dir / f"{name}.parquet")
     seen = {}
-    monkeypatch.setattr(umtfss.pseudo_episodes, "PseudoEpisodes", lambda *a, image_ids, sampling: seen.update(ids=image_ids))
+
+    class Episodes:  # records the images it is restricted to; a query image each
+        def __init__(self, *args, image_ids, sampling):
+            seen.update(ids=image_ids)
+            self.sampling = sampling
+
+        def __len__(self):
+            return len(seen["ids"])
+
+    monkeypatch.setattr(umtfss.pseudo_episodes, "PseudoEpisodes", Episodes)
     args = SimpleNamespace(tables=tables_dir, fold=0, episodes=None, labels=None, images=None)
     config = load({"unlabeled": {"setting": "fold", "fold_images": rule}})
     _pseudo_source(args, config)
     assert seen["ids"] == expected
+    train = int((toy_tables.images["split"] == "train").sum())
+    assert f"fold 0 ('fold' setting, fold_images {rule}): {len(expected)} of {train} train images" in capsys.readouterr().err
