@@ -71,7 +71,7 @@ def check_test_images_unseen(config: dict, dataset: str) -> None:
     test = [path for path in test if path.is_file()]  # a missing image is prepare's error, with its key
     pairs = shared_images(test, scan_image_folder(unl["folder"]).values())
     if pairs:
-        key = "datasets.custom.val_list" if dataset == "custom" else f"datasets.{dataset}.val_list"
+        key = "datasets.coco.val_image_dir" if dataset == "coco" else f"datasets.{dataset}.val_list"
         fix = (", or set unlabeled.source to custom (the pseudo tasks then come from its train_list only)"
                if dataset == "custom" else "")
         raise ValueError(f"{len(pairs)} of the {len(test)} test images of {dataset} ({key}) are also in unlabeled.folder "
