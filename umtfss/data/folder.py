@@ -68,11 +68,12 @@ def scan_image_folder(folder: str | Path, key: str = "unlabeled.folder") -> dict
     return dict(sorted(paths.items()))
 
 
-def folder_fingerprint(folder: str | Path, key: str = "unlabeled.folder") -> str:
+def folder_fingerprint(folder: str | Path, key: str = "unlabeled.folder", paths: dict[str, Path] | None = None) -> str:
     """sha256 of the folder's image list (ids, sizes, modification times): it changes when an image is
-    added, removed, renamed or rewritten, so the workflow reruns `prepare` and what follows."""
+    added, removed, renamed or rewritten, so the workflow reruns `prepare` and what follows. `paths`:
+    the folder's scan_image_folder, when the caller has it already."""
     digest = hashlib.sha256()
-    for image_id, path in scan_image_folder(folder, key).items():
+    for image_id, path in (scan_image_folder(folder, key) if paths is None else paths).items():
         stat = path.stat()
         digest.update(f"{image_id}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8"))
     return digest.hexdigest()

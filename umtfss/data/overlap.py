@@ -50,12 +50,13 @@ def shared_images(test: Iterable[Path], unlabeled: Iterable[Path]) -> list[tuple
     return pairs
 
 
-def check_test_images_unseen(config: dict, dataset: str) -> None:
+def check_test_images_unseen(config: dict, dataset: str, unlabeled: Iterable[Path] | None = None) -> None:
     """Stop when a test image of `dataset` (its val split) is in the unlabeled folder: meta-training on
     pseudo tasks of that folder would see it, unlabelled, and the scores would be transductive.
 
     Checked for a folder source only (a benchmark source uses its train split, disjoint from val). A
     test list that does not exist yet (before the demo is generated or SBD converted) is not checked.
+    `unlabeled`: the folder's image files, when the caller has scanned it already.
     """
     from umtfss.data.base import open_dataset
     from umtfss.data.folder import scan_image_folder
@@ -69,7 +70,7 @@ def check_test_images_unseen(config: dict, dataset: str) -> None:
     except FileNotFoundError:
         return
     test = [path for path in test if path.is_file()]  # a missing image is prepare's error, with its key
-    pairs = shared_images(test, scan_image_folder(unl["folder"]).values())
+    pairs = shared_images(test, scan_image_folder(unl["folder"]).values() if unlabeled is None else unlabeled)
     if pairs:
         key = "datasets.coco.val_image_dir" if dataset == "coco" else f"datasets.{dataset}.val_list"
         fix = (", or set unlabeled.source to custom (the pseudo tasks then come from its train_list only)"

@@ -11,7 +11,7 @@ min_version("9.0")
 from umtfss.config import (REFERENCE_PREDICTOR_KEYS, ConfigError, type_command_line_values,
                            validate as _validate_config)
 from umtfss.data.custom import custom_folds as _custom_folds
-from umtfss.data.folder import folder_fingerprint as _folder_fingerprint
+from umtfss.data.folder import folder_fingerprint as _folder_fingerprint, scan_image_folder as _scan_image_folder
 from umtfss.data.overlap import check_test_images_unseen as _check_test_images_unseen
 
 try:  # --config clustering='{clusters: 30}' gives the string "30": read it as the schema's integer
@@ -63,11 +63,24 @@ MODEL_TAG = "-".join([config["model"]["backbone"], config["model"]["attention"]]
                      + (["merged"] if config["model"]["prototype_source"] == "merged" else []))
 
 
+_FOLDER_SCAN = {}
+
+
+def folder_scan():
+    """id -> file of every image of the unlabeled folder, scanned once per Snakemake start."""
+    if "paths" not in _FOLDER_SCAN:
+        try:
+            _FOLDER_SCAN["paths"] = _scan_image_folder(config["unlabeled"]["folder"])
+        except (OSError, ValueError) as err:
+            sys.exit(f"umtfss: {err}")
+    return _FOLDER_SCAN["paths"]
+
+
 def folder_images():
     """Fingerprint of the unlabeled image folder's image list (a params value of prepare_folder)."""
     try:
-        return _folder_fingerprint(config["unlabeled"]["folder"])
-    except (OSError, ValueError) as err:
+        return _folder_fingerprint(config["unlabeled"]["folder"], paths=folder_scan())
+    except OSError as err:  # a file gone since the scan
         sys.exit(f"umtfss: {err}")
 
 
@@ -215,7 +228,7 @@ def check_test_images_unseen(dataset):
     meta-trained on it (once per data set and Snakemake start)."""
     pseudo = any(m == "unsup" or m.startswith("finetune-") for m in config["evaluation"]["methods"])
     if SOURCE == "folder" and pseudo and dataset not in _UNSEEN_CHECKED:
-        _check_test_images_unseen(config, dataset)
+        _check_test_images_unseen(config, dataset, folder_scan().values())
         _UNSEEN_CHECKED.add(dataset)
 
 
