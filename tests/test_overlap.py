@@ -43,3 +43,30 @@ def test_a_folder_holding_test_images_is_refused(tmp_path):
     for name in ("img04.png", "img06.png"):
         (folder / name).unlink()
     check_test_images_unseen(config, "custom")  # train images may be unlabeled images too
+
+
+def test_a_passed_check_is_not_repeated_until_a_file_changes(tmp_path, monkeypatch):
+    """The memo records both file sets once they passed: the next start compares nothing, unless an image
+    of the folder or of the test set was added, removed or rewritten."""
+    from fakes import make_custom_tree
+
+    from umtfss.data import overlap
+
+    root = make_custom_tree(tmp_path / "mine", n_train=4, n_val=4)
+    folder = tmp_path / "unlabeled"
+    shutil.copytree(root / "images" / "b", folder)  # b/img01, b/img03 (train) and b/img05, b/img07 (val)
+    for name in ("img05.png", "img07.png"):
+        (folder / name).unlink()
+    config = load({"unlabeled": {"source": "folder", "folder": str(folder)},
+                   "datasets": {"custom": {"root": str(root), "classes": ["cat", "dog", "car", "tree"]}}})
+    memo = tmp_path / "memo" / "custom.txt"
+    calls = []
+    compare = overlap.shared_images
+    monkeypatch.setattr(overlap, "shared_images", lambda *a: calls.append(1) or compare(*a))
+    check_test_images_unseen(config, "custom", memo=memo)
+    check_test_images_unseen(config, "custom", memo=memo)
+    assert len(calls) == 1 and memo.read_text().startswith("custom ")
+    shutil.copy(root / "images" / "b" / "img05.png", folder / "again.png")  # a test image comes back
+    with pytest.raises(ValueError, match="1 of the 4 test images"):
+        check_test_images_unseen(config, "custom", memo=memo)
+    assert len(calls) == 2

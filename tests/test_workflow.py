@@ -428,6 +428,10 @@ def test_a_folder_holding_the_test_images_stops_before_any_job(pipeline, tmp_pat
             (folder / f"copy_{image_id}.jpg").unlink()
         proc = snakemake(pipeline, "-n", "--cores", "2", "results/eval_pascal.csv", check=False)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        assert (pipeline / ".snakemake/umtfss/test-images-mine-pascal.txt").is_file()  # passed: not compared again
+        shutil.copy(images / f"{val[5]}.jpg", folder / "late.jpg")  # unless an image comes in
+        proc = snakemake(pipeline, "-n", "--cores", "2", "results/eval_pascal.csv", check=False)
+        assert proc.returncode != 0 and "late.jpg" in proc.stdout + proc.stderr
 
 
 def test_folder_changes_rerun_prepare(tmp_path):

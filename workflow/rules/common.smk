@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+from pathlib import Path
 
 from snakemake.utils import min_version
 
@@ -228,7 +229,9 @@ def check_test_images_unseen(dataset):
     meta-trained on it (once per data set and Snakemake start)."""
     pseudo = any(m == "unsup" or m.startswith("finetune-") for m in config["evaluation"]["methods"])
     if SOURCE == "folder" and pseudo and dataset not in _UNSEEN_CHECKED:
-        _check_test_images_unseen(config, dataset, folder_scan().values())
+        # passed once, an unchanged folder and test set are not compared again
+        memo = f".snakemake/umtfss/test-images-{SRC}-{dataset}.txt"
+        _check_test_images_unseen(config, dataset, folder_scan().values(), memo=Path(memo))
         _UNSEEN_CHECKED.add(dataset)
 
 
