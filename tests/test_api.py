@@ -147,3 +147,5 @@ def test_segmenter_predicts_what_umtfss_predict_writes(checkpoint, tmp_path):
         segmenter.segment(query, [(support, np.zeros_like(mask))])
     with pytest.raises(ValueError, match="no support"):
         segmenter.segment(query, [])
+    classes = np.where(mask > 0, 3, 1).astype(np.uint8)  # a class-index mask: class 3 where the 0/255 mask is lit
+    np.testing.assert_array_equal(segmenter.segment(query, [(support, classes)], support_class=3), written)

@@ -110,6 +110,33 @@ def test_support_mask_reading_conventions(tmp_path):
     np.testing.assert_array_equal(read_support_mask(tmp_path / "indexed.png"), [[0, 1], [255, 1]])
     write_png(tmp_path / "rgb.png", np.stack([binary * 0, binary, binary * 0], axis=2))
     np.testing.assert_array_equal(read_support_mask(tmp_path / "rgb.png"), [[0, 1], [1, 0]])
+    # a class-index mask (a benchmark's, datasets.custom's): one class against the rest
+    np.testing.assert_array_equal(read_support_mask(tmp_path / "indexed.png", 3), [[0, 0], [255, 1]])
+    np.testing.assert_array_equal(read_support_mask(tmp_path / "indexed.png", 7), [[0, 1], [255, 0]])
+    with pytest.raises(ValueError, match="rgb.png' is not a single-channel class-index PNG"):
+        read_support_mask(tmp_path / "rgb.png", 3)
+    with pytest.raises(ValueError, match="support class is 255, expected a mask value from 1 to 254"):
+        read_support_mask(tmp_path / "indexed.png", 255)
+
+
+def test_support_class_picks_one_class_of_a_class_index_mask(files, tmp_path, capsys):
+    """--support-class K: the class-index mask's class K is the support foreground, the same mask as a 0/255
+    file of that class gives; a mask without class K is named."""
+    mask = np.asarray(Image.open(files / "mask.png"))
+    classes = np.where(mask > 0, 2, 0).astype(np.uint8)
+    classes[:3] = 5  # another class: background for class 2
+    write_png(tmp_path / "classes.png", classes)
+    base = ["predict", "--checkpoint", str(files / "model.pt"), "--query", str(files / "query.jpg"), "--device", "cpu"]
+    assert main(base + ["--support", str(files / "support.png"), str(files / "mask.png"),
+                        "--out", str(tmp_path / "binary.png")]) == 0
+    assert main(base + ["--support", str(files / "support.png"), str(tmp_path / "classes.png"),
+                        "--support-class", "2", "--out", str(tmp_path / "class2.png")]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "class2.png")),
+                                  np.asarray(Image.open(tmp_path / "binary.png")))
+    capsys.readouterr()
+    assert main(base + ["--support", str(files / "support.png"), str(tmp_path / "classes.png"),
+                        "--support-class", "4", "--out", str(tmp_path / "class4.png")]) == 1
+    assert "classes.png' has no foreground pixel of support class 4" in capsys.readouterr().err
 
 
 def test_missing_and_mismatched_files_are_named(files, tmp_path, capsys):

@@ -185,12 +185,14 @@ class FewShotSegmenter:
         size = size or int(load(checkpoint)["config"]["evaluation"]["test_size"])
         return cls(load_model(checkpoint, "cpu"), size, device, cpu_precision)
 
-    def segment(self, query, supports: Sequence[tuple]) -> np.ndarray:
+    def segment(self, query, supports: Sequence[tuple], support_class: int | None = None) -> np.ndarray:
         """uint8 0/1 foreground mask at the query's own size."""
-        return self.segment_many([query], supports)[0]
+        return self.segment_many([query], supports, support_class)[0]
 
-    def segment_many(self, queries: Sequence, supports: Sequence[tuple]) -> list[np.ndarray]:
-        """One mask per query, the supports shared, in one forward pass."""
+    def segment_many(self, queries: Sequence, supports: Sequence[tuple],
+                     support_class: int | None = None) -> list[np.ndarray]:
+        """One mask per query, the supports shared, in one forward pass. `support_class`: the masks hold
+        class indices and this class is the foreground (as `umtfss predict --support-class`)."""
         from umtfss.predict import as_support_mask, check_support, predict_masks, read_support_mask, support_tensors
 
         if not supports:
@@ -198,9 +200,10 @@ class FewShotSegmenter:
         pairs = []
         for number, (image, mask) in enumerate(supports):
             name = str(mask) if isinstance(mask, (str, Path)) else f"#{number}"
-            mask = read_support_mask(mask) if isinstance(mask, (str, Path)) else as_support_mask(mask)
+            mask = (read_support_mask(mask, support_class) if isinstance(mask, (str, Path))
+                    else as_support_mask(mask, support_class))
             image = _image(image)
-            check_support(image, mask, f"#{number}", name)
+            check_support(image, mask, f"#{number}", name, support_class)
             pairs.append((image, mask))
         torch.manual_seed(0)  # a model that draws at inference (model.hash_draw per_call) predicts the same each call
         return predict_masks(self.model, [_image(q) for q in queries], *support_tensors(pairs, self.size), self.size,

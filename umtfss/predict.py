@@ -13,25 +13,36 @@ from umtfss.episode import IGNORE
 from umtfss.transforms import resize_pad, unpad_to, valid_pixels
 
 
-def read_support_mask(path: str | Path) -> np.ndarray:
+def read_support_mask(path: str | Path, class_id: int | None = None) -> np.ndarray:
     """A support mask file as uint8 0/1/255 (see as_support_mask); RGB(A) masks are reduced by their
-    brightest channel."""
+    brightest channel. With `class_id`, a class-index mask (a benchmark's or datasets.custom's) read as
+    that class against the rest."""
     from umtfss.io import ImageReadError, read_label, read_rgb
 
     try:
         values = read_label(path)
     except ImageReadError:
+        if class_id is not None:
+            raise ValueError(f"support mask '{path}' is not a single-channel class-index PNG, which a support "
+                             f"class ({class_id}) needs") from None
         values = read_rgb(path).max(axis=2)  # colour-coded masks: any lit channel is foreground
-    return as_support_mask(values)
+    return as_support_mask(values, class_id)
 
 
-def as_support_mask(values: np.ndarray) -> np.ndarray:
+def as_support_mask(values: np.ndarray, class_id: int | None = None) -> np.ndarray:
     """uint8 0/1/255 from an HxW array: nonzero = foreground, 255 = ignore.
 
     A 0/255 mask (its only nonzero value is 255, e.g. one written by `umtfss predict`) counts as
-    0/1: its 255 is foreground, not ignore.
+    0/1: its 255 is foreground, not ignore. With `class_id` (1..254), the array holds class indices:
+    that class is foreground, 255 ignore, every other value background.
     """
     values = np.asarray(values)
+    if class_id is not None:
+        if not 1 <= class_id < IGNORE:
+            raise ValueError(f"support class is {class_id}, expected a mask value from 1 to {IGNORE - 1}")
+        mask = (values == class_id).astype(np.uint8)
+        mask[values == IGNORE] = IGNORE
+        return mask
     nonzero = values[values > 0]
     if nonzero.size and np.all(nonzero == IGNORE):
         return (values > 0).astype(np.uint8)
@@ -40,7 +51,8 @@ def as_support_mask(values: np.ndarray) -> np.ndarray:
     return mask
 
 
-def check_support(image: np.ndarray, mask: np.ndarray, image_name: str, mask_name: str) -> None:
+def check_support(image: np.ndarray, mask: np.ndarray, image_name: str, mask_name: str,
+                  class_id: int | None = None) -> None:
     """A support mask must have its image's size and some foreground; the message names both."""
     if image.shape[:2] != mask.shape:
         raise ValueError(
@@ -48,7 +60,8 @@ def check_support(image: np.ndarray, mask: np.ndarray, image_name: str, mask_nam
             f"{image_name} is {image.shape[1]}x{image.shape[0]}; they must have the same size"
         )
     if not (mask == 1).any():
-        raise ValueError(f"support mask {mask_name} has no foreground pixel (nonzero, not 255)")
+        what = "(nonzero, not 255)" if class_id is None else f"of support class {class_id}"
+        raise ValueError(f"support mask {mask_name} has no foreground pixel {what}")
 
 
 def _check_file(path: Path, what: str) -> Path:
@@ -57,15 +70,16 @@ def _check_file(path: Path, what: str) -> Path:
     return path
 
 
-def load_supports(pairs: list[tuple[str, str]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(image, mask) per --support pair; each mask must have its image's size and some foreground."""
+def load_supports(pairs: list[tuple[str, str]], class_id: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image, mask) per --support pair; each mask must have its image's size and some foreground
+    (pixels of `class_id` in class-index masks, when given)."""
     from umtfss.io import read_rgb
 
     supports = []
     for image_path, mask_path in pairs:
         image = read_rgb(_check_file(Path(image_path), "support image"))
-        mask = read_support_mask(_check_file(Path(mask_path), "support mask"))
-        check_support(image, mask, f"'{image_path}'", f"'{mask_path}'")
+        mask = read_support_mask(_check_file(Path(mask_path), "support mask"), class_id)
+        check_support(image, mask, f"'{image_path}'", f"'{mask_path}'", class_id)
         supports.append((image, mask))
     return supports
 
@@ -155,6 +169,9 @@ def cli(parser: argparse.ArgumentParser):
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt written by umtfss train")
     parser.add_argument("--support", required=True, action="append", nargs=2, metavar=("IMAGE", "MASK"),
                         help="a support image and its mask PNG (nonzero = foreground); repeat for K shots")
+    parser.add_argument("--support-class", type=int, metavar="K",
+                        help="the masks are class-index PNGs (a benchmark's, datasets.custom's): class K is the "
+                             "foreground, 255 ignore, every other value background")
     parser.add_argument("--query", required=True, action="append", type=Path,
                         help="image to segment, or a folder of images (searched recursively); repeatable")
     parser.add_argument("--out", required=True, type=Path,
@@ -182,7 +199,7 @@ def run(args: argparse.Namespace) -> Path:
     if args.batch < 1:
         raise ValueError(f"--batch is {args.batch}, expected at least 1")
     plan = query_plan(list(args.query), args.out, args.overlay)
-    supports = load_supports(args.support)
+    supports = load_supports(args.support, args.support_class)
     size = args.size or int(load(checkpoint)["config"]["evaluation"]["test_size"])
     if size < 32:
         raise ValueError(f"--size is {size}, expected at least 32")
