@@ -224,3 +224,42 @@ def test_a_model_that_draws_its_hash_at_every_call_predicts_the_same_each_run(tm
                      "--device", "cpu"]) == 0
         runs.append(np.asarray(Image.open(tmp_path / name)))
     assert np.array_equal(runs[0], runs[1])
+
+
+def test_supports_drawn_from_a_prepared_labelled_data_set(files, tmp_path, capsys):
+    """--support-from TABLES --support-class K --shots N: N train images where class K is present, seeded,
+    named on stderr, the same masks as giving those files with --support; bad draws are named."""
+    import json
+
+    from fakes import make_custom_tree
+
+    from umtfss.data.prepare import read_tables
+
+    root = make_custom_tree(tmp_path / "mine", n_train=8, n_val=4, classes=4)
+    datasets = {"custom": {"root": str(root), "classes": ["cat", "dog", "car", "tree"], "min_class_pixels": 500}}
+    assert main(["prepare", "--config", json.dumps({"datasets": datasets}), "--dataset", "custom",
+                 "--out", str(tmp_path / "tables"), "--no-progress"]) == 0
+    tables = read_tables(tmp_path / "tables")
+    rows = tables.image_classes
+    with_dog = set(rows.loc[(rows["split"] == "train") & (rows["class_id"] == 2) & rows["present"], "image_id"])
+    base = ["predict", "--checkpoint", str(files / "model.pt"), "--query", str(files / "query.jpg"), "--device", "cpu"]
+    capsys.readouterr()
+    assert main(base + ["--support-from", str(tmp_path / "tables"), "--support-class", "2", "--shots", "2",
+                        "--out", str(tmp_path / "drawn.png")]) == 0
+    named = capsys.readouterr().err.split("umtfss predict: supports ")[1].splitlines()[0].split(", ")
+    paths = dict(zip(tables.images["image_path"], tables.images["image_id"]))
+    assert len(named) == 2 and {paths[p] for p in named} <= with_dog
+    explicit = [arg for image in named for arg in ("--support", image, str(root / "masks" / f"{paths[image]}.png"))]
+    assert main(base + explicit + ["--support-class", "2", "--out", str(tmp_path / "given.png")]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "drawn.png")),
+                                  np.asarray(Image.open(tmp_path / "given.png")))
+    capsys.readouterr()
+    draw = base + ["--support-from", str(tmp_path / "tables"), "--out", str(tmp_path / "x.png")]
+    assert main(draw + ["--support-class", "2", "--shots", str(len(with_dog) + 1)]) == 1
+    assert f"class 2 (dog) is present in {len(with_dog)} train image(s)" in capsys.readouterr().err
+    assert main(draw + ["--support-class", "9"]) == 1
+    assert "support class 9 is not a class of the tables" in capsys.readouterr().err
+    assert main(draw) == 1
+    assert "give it with --support-class K" in capsys.readouterr().err
+    assert main(draw + ["--support-class", "2", "--support", str(files / "support.png"), str(files / "mask.png")]) == 1
+    assert "not both" in capsys.readouterr().err

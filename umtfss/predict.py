@@ -84,6 +84,27 @@ def load_supports(pairs: list[tuple[str, str]], class_id: int | None = None) -> 
     return supports
 
 
+def draw_supports(tables_dir: str | Path, class_id: int, shots: int, split: str = "train",
+                  seed: int = 0) -> list[tuple[str, str]]:
+    """(image, mask) paths of `shots` images of a prepared data set (`umtfss prepare`'s tables) where the
+    class is present, drawn with `seed` from the split's images in table order."""
+    from umtfss.data.prepare import read_tables
+
+    tables = read_tables(tables_dir)
+    names = dict(zip(tables.classes["class_id"].astype(int), tables.classes["name"].astype(str)))
+    if class_id not in names:
+        raise ValueError(f"support class {class_id} is not a class of the tables in '{tables_dir}'; their classes: "
+                         + ", ".join(f"{c} {n}" for c, n in sorted(names.items())))
+    rows = tables.image_classes
+    present = set(rows.loc[(rows["split"] == split) & (rows["class_id"] == class_id) & rows["present"], "image_id"])
+    images = tables.images[(tables.images["split"] == split) & tables.images["image_id"].isin(present)]
+    if len(images) < shots:
+        raise ValueError(f"class {class_id} ({names[class_id]}) is present in {len(images)} {split} image(s) of "
+                         f"'{tables_dir}', fewer than the {shots} support(s) asked for")
+    picked = np.sort(np.random.default_rng(seed).choice(len(images), shots, replace=False))
+    return [(str(images["image_path"].iloc[i]), str(images["label_path"].iloc[i])) for i in picked]
+
+
 def support_tensors(supports: list[tuple[np.ndarray, np.ndarray]], size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[K, 3, size, size] images and [K, size, size] masks (0/1, 255 on ignore and padding), resized and
     padded as the queries are."""
@@ -167,11 +188,17 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarr
 def cli(parser: argparse.ArgumentParser):
     """Arguments of `umtfss predict`."""
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt written by umtfss train")
-    parser.add_argument("--support", required=True, action="append", nargs=2, metavar=("IMAGE", "MASK"),
+    parser.add_argument("--support", action="append", nargs=2, metavar=("IMAGE", "MASK"),
                         help="a support image and its mask PNG (nonzero = foreground); repeat for K shots")
     parser.add_argument("--support-class", type=int, metavar="K",
                         help="the masks are class-index PNGs (a benchmark's, datasets.custom's): class K is the "
                              "foreground, 255 ignore, every other value background")
+    parser.add_argument("--support-from", type=Path, metavar="TABLES",
+                        help="instead of --support: draw the supports from a prepared labelled data set "
+                             "(results/<dataset>/prepare), --shots images where --support-class is present")
+    parser.add_argument("--shots", type=int, default=1, help="supports drawn by --support-from (default 1)")
+    parser.add_argument("--support-split", default="train", help="split --support-from draws from (default train)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --support-from draw (default 0)")
     parser.add_argument("--query", required=True, action="append", type=Path,
                         help="image to segment, or a folder of images (searched recursively); repeatable")
     parser.add_argument("--out", required=True, type=Path,
@@ -199,6 +226,16 @@ def run(args: argparse.Namespace) -> Path:
     if args.batch < 1:
         raise ValueError(f"--batch is {args.batch}, expected at least 1")
     plan = query_plan(list(args.query), args.out, args.overlay)
+    if (args.support is None) == (args.support_from is None):
+        raise ValueError("give the supports with --support IMAGE MASK (repeatable) or draw them with --support-from "
+                         "TABLES --support-class K, not both")
+    if args.support_from is not None:
+        if args.support_class is None:
+            raise ValueError("--support-from draws the images where a class is present: give it with --support-class K")
+        if args.shots < 1:
+            raise ValueError(f"--shots is {args.shots}, expected at least 1")
+        args.support = draw_supports(args.support_from, args.support_class, args.shots, args.support_split, args.seed)
+        print("umtfss predict: supports " + ", ".join(image for image, _ in args.support), file=sys.stderr)
     supports = load_supports(args.support, args.support_class)
     size = args.size or int(load(checkpoint)["config"]["evaluation"]["test_size"])
     if size < 32:
