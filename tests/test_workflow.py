@@ -79,7 +79,7 @@ def test_all_rule_draws_the_report_figures(pipeline, tmp_path):
     from PIL import Image
 
     plan = planned_jobs(snakemake(pipeline, "-n", "--cores", "2").stdout)
-    assert {"score_table", "feature_pca"} <= plan and not plan & {"train_unsup", "evaluate", "embed"}
+    assert {"score_table", "feature_pca", "examples"} <= plan and not plan & {"train_unsup", "evaluate", "embed"}
     snakemake(pipeline, "--cores", "2")
     masks = pipeline / "results/pascal/demo-colortexture/clusters-12/pseudo_masks.png"
     curves = pipeline / "results/training_pascal.png"
@@ -88,6 +88,9 @@ def test_all_rule_draws_the_report_figures(pipeline, tmp_path):
     features = pipeline / "results/pascal/demo-colortexture/embeddings/features.png"
     assert Image.open(features).size == (2 * 4 * 192, 4 * 192)  # 16 images, each beside its feature colours
     assert Image.open(curves).size == (500, 340)  # one panel: unsup is the only trained method
+    # the first 6 test episodes of fold 0: support, query and truth, then all-background, prototype-threshold, unsup
+    assert Image.open(pipeline / "results/eval_pascal_examples.png").size == (5 * 220, 6 * 220)
+    assert "unsup" in (pipeline / "logs/examples-pascal.log").read_text()
     assert (pipeline / "logs/training_pascal.log").is_file()
     table = (pipeline / "results/eval_pascal.md").read_text()  # the score table in the papers' layout
     assert "| method | 1-shot fold0 | 1-shot mean | 1-shot FB-IoU |" in table and "\n| unsup | " in table
@@ -95,7 +98,7 @@ def test_all_rule_draws_the_report_figures(pipeline, tmp_path):
     snakemake(pipeline, "--report", str(out))
     html = out.read_text(errors="replace")
     assert "pseudo_masks.png" in html and "training_pascal.png" in html and "cluster_quality.csv" in html
-    assert "eval_pascal.md" in html and "features.png" in html
+    assert "eval_pascal.md" in html and "features.png" in html and "eval_pascal_examples.png" in html
     with edited_config(pipeline) as config:
         config["evaluation"]["methods"] = ["all-background", "prototype-threshold"]
         write_config(pipeline, config)
@@ -471,6 +474,7 @@ def test_own_labelled_images_are_scored_like_a_benchmark(pipeline, tmp_path):
     assert (work / "results/custom/prepare/classes.parquet").is_file() and (work / "logs/custom/prepare.log").is_file()
     everything = snakemake(work, "-n", "--cores", "2").stdout  # the all rule: your tables and curves too
     assert "results/eval_custom.md" in everything and "results/training_custom.png" in everything
+    assert "results/eval_custom_examples.png" in everything
 
     config["evaluation"]["methods"] = ["unsup", "finetune-20%"]
     write_config(work, config)

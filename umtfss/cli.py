@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "episodes": ("umtfss.pseudo_episodes:cli", "pseudo regions and support candidates (parquet)"),
     "train": ("umtfss.training.train:cli", "meta-train or fine-tune the FSS model"),
     "evaluate": ("umtfss.evaluation.run:cli", "meta-test methods on a benchmark, write the score tables"),
+    "examples": ("umtfss.evaluation.examples:cli", "draw the first test episodes of a fold: support, truth, each method's mask"),
     "score-table": ("umtfss.evaluation.tables:cli", "a score table as papers print it: mIoU per fold and mean, per shot"),
     "predict": ("umtfss.predict:cli", "segment a query image from support images and masks"),
     "inspect": ("umtfss.inspect:cli", "summarise any artifact (Zarr, parquet, npy, csv, checkpoint) or a folder of them"),

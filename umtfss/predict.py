@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from umtfss.devices import CPU_PRECISIONS, channels_last_input, inference_autocast, lay_out_for_precision
-from umtfss.episode import IGNORE
+from umtfss.episode import IGNORE, binary_mask
 from umtfss.transforms import resize_pad, unpad_to, valid_pixels
 
 
@@ -40,9 +40,7 @@ def as_support_mask(values: np.ndarray, class_id: int | None = None) -> np.ndarr
     if class_id is not None:
         if not 1 <= class_id < IGNORE:
             raise ValueError(f"support class is {class_id}, expected a mask value from 1 to {IGNORE - 1}")
-        mask = (values == class_id).astype(np.uint8)
-        mask[values == IGNORE] = IGNORE
-        return mask
+        return binary_mask(values, class_id)
     nonzero = values[values > 0]
     if nonzero.size and np.all(nonzero == IGNORE):
         return (values > 0).astype(np.uint8)

@@ -275,8 +275,8 @@ def evaluation_methods(w):
 
 def all_targets():
     """The demo's default: the PASCAL score table (also in the paper layout), the pseudo-mask quality
-    table, and the report's figures (stored features, pseudo masks; the loss curves of the trained methods
-    the table scores); the same tables and curves for datasets.custom when its root is set, and only
+    table, and the report's figures (stored features, pseudo masks, test episodes with each method's mask;
+    the loss curves of the trained methods the table scores); the same tables and curves for datasets.custom when its root is set, and only
     those when the pseudo tasks come from its images (unlabeled.source custom)."""
     trains = any(method_checkpoint(m) for m in config["evaluation"]["methods"])
     # PASCAL's tables, but for pseudo tasks from your labelled images (scored on them; PASCAL stays a target)
@@ -285,5 +285,6 @@ def all_targets():
     if SOURCE in LABELLED:
         targets.append(f"{cluster_dir()}/cluster_quality.csv")
     for ds in benchmarks:
-        targets += [f"results/eval_{ds}.csv", f"results/eval_{ds}.md"] + ([f"results/training_{ds}.png"] if trains else [])
+        targets += [f"results/eval_{ds}.csv", f"results/eval_{ds}.md", f"results/eval_{ds}_examples.png"]
+        targets += [f"results/training_{ds}.png"] if trains else []
     return targets

@@ -44,3 +44,23 @@ rule score_table:
         "logs/score_table_{dataset}.log",
     shell:
         "umtfss score-table {input:q} --out {output:q} > {log} 2>&1"
+
+
+rule examples:
+    # a look at what the scores mean: the first test episodes of the first fold, each method's mask (umtfss examples)
+    input:
+        evaluation_inputs,
+    output:
+        report("results/eval_{dataset}_examples.png", caption="../report/examples.rst", category="Scores"),
+    params:
+        cfg=stage_config("evaluation", only={"model": REFERENCE_PREDICTOR_KEYS}),
+        methods=evaluation_methods,
+        tables=lambda w: os.path.dirname(prepared(w.dataset)["images"]),
+    threads: 2
+    conda:
+        CONDA_ENV
+    log:
+        "logs/examples-{dataset}.log",
+    shell:
+        "umtfss examples --config {params.cfg:q} --dataset {wildcards.dataset} --tables {params.tables} "
+        "{params.methods} --out {output} > {log} 2>&1"

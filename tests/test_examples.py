@@ -1,0 +1,63 @@
+"""`umtfss examples`: the evaluation's first test episodes of a fold, each method's masks and IoU, drawn as a figure."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from umtfss.cli import main
+from umtfss.config import load
+from umtfss.data.prepare import read_tables
+from umtfss.evaluation.examples import draw_examples, episode_iou, predict_examples
+from umtfss.evaluation.sampler import sample_episodes
+
+CLASSES = ["cat", "dog", "car", "tree"]
+
+
+@pytest.fixture
+def tables(tmp_path):
+    from fakes import make_custom_tree
+
+    root = make_custom_tree(tmp_path / "mine", n_train=4, n_val=12, classes=len(CLASSES))
+    datasets = {"custom": {"root": str(root), "classes": CLASSES, "folds": [[1, 2], [3, 4]], "min_class_pixels": 500}}
+    assert main(["prepare", "--config", json.dumps({"datasets": datasets}), "--dataset", "custom",
+                 "--out", str(tmp_path / "tables"), "--no-progress"]) == 0
+    return tmp_path / "tables"
+
+
+def _config():
+    evaluation = {"folds": [1, 0], "shots": [1], "seeds": [7], "episodes": 12, "test_size": 64, "device": "cpu"}
+    return load({"model": {"backbone": "demo-colortexture"}, "evaluation": evaluation})
+
+
+def test_examples_are_the_first_episodes_evaluate_scores(tables, tmp_path):
+    config = _config()
+    examples = predict_examples(config, "custom", tables, {"all-background": None, "prototype-threshold": None}, count=3)
+    expected = sample_episodes(read_tables(tables).image_classes, [3, 4], 1, 12, 7, "val", "image_walk").head(3)
+    assert (examples.fold, examples.shot, examples.seed) == (1, 1, 7)  # the first of evaluation.folds / shots / seeds
+    assert examples.episodes[["query_id", "class_id"]].equals(expected[["query_id", "class_id"]].reset_index(drop=True))
+    assert list(examples.episodes["support_ids"]) == list(expected["support_ids"])
+    for method, masks in examples.masks.items():
+        assert [m.shape for m in masks] == [t.shape for t in examples.targets] == [(64, 64)] * 3
+        ious = [round(100 * episode_iou(m, t), 1) for m, t in zip(masks, examples.targets)]
+        assert list(examples.episodes[f"iou_{method}"]) == ious
+    assert (examples.episodes["iou_all-background"] == 0).all()  # every query holds its class
+    assert all((t == 1).any() for t in examples.targets)
+    out = draw_examples(examples, tables, tmp_path / "examples.png")
+    assert Image.open(out).size == (4 * 220, 3 * 220)  # support, query and truth, two methods; a row per episode
+
+
+def test_examples_command_writes_the_figure_and_names_bad_input(tables, tmp_path, capsys):
+    config = json.dumps({"model": {"backbone": "demo-colortexture"}, "evaluation": {
+        "folds": [0], "shots": [1], "seeds": [0], "episodes": 8, "test_size": 64, "device": "cpu"}})
+    base = ["examples", "--config", config, "--dataset", "custom", "--tables", str(tables),
+            "--method", "prototype-threshold"]
+    assert main(base + ["--out", str(tmp_path / "e.png"), "--count", "2", "--shot", "2"]) == 0
+    assert Image.open(tmp_path / "e.png").size == (3 * 220, 2 * 220)
+    assert "examples written to" in capsys.readouterr().out
+    assert main(base + ["--out", str(tmp_path / "x.png"), "--fold", "5"]) == 1
+    assert "fold 5 has no classes" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "x.png"), "--count", "0"]) == 1
+    assert "--count is 0" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
