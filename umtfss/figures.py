@@ -37,6 +37,25 @@ def running_mean(values: np.ndarray, window: int) -> np.ndarray:
     return pd.Series(values, dtype=np.float64).rolling(window, min_periods=1).mean().to_numpy()
 
 
+def pyplot():
+    """matplotlib's pyplot drawing into files (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    return plt
+
+
+def save_figure(figure, out: str | Path, dpi: int = 100) -> Path:
+    """Write a matplotlib figure as a PNG atomically and free it."""
+    out = Path(out)
+    with atomic_path(out) as temp:
+        figure.savefig(temp, format="png", dpi=dpi)
+    pyplot().close(figure)
+    return out
+
+
 def plot_training_curves(logs: list[tuple[str, str | Path]], out: str | Path, smooth: int = 25) -> Path:
     """A PNG with one panel per method: the loss of every step (thin) and its running mean over `smooth`
     steps (bold), one line per log of that method (the folds of a fine-tuning, labelled by their folder).
@@ -50,11 +69,7 @@ def plot_training_curves(logs: list[tuple[str, str | Path]], out: str | Path, sm
     panels: dict[str, list[tuple[str, pd.DataFrame]]] = {}
     for method, path in logs:
         panels.setdefault(method, []).append((Path(path).parent.name, read_training_log(path)))
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: the figure goes to a file
-    from matplotlib import pyplot as plt
-
+    plt = pyplot()
     columns = min(len(panels), 3)
     rows = math.ceil(len(panels) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.4 * rows), squeeze=False)
@@ -73,11 +88,7 @@ def plot_training_curves(logs: list[tuple[str, str | Path]], out: str | Path, sm
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     figure.tight_layout()
-    out = Path(out)
-    with atomic_path(out) as temp:
-        figure.savefig(temp, format="png", dpi=100)
-    plt.close(figure)
-    return out
+    return save_figure(figure, out)
 
 
 def _method_and_path(text: str) -> tuple[str, str]:

@@ -16,9 +16,9 @@ from umtfss.data.prepare import read_tables
 from umtfss.devices import channels_last_input, check_cpu_precision, inference_autocast, resolve_device
 from umtfss.episode import binary_mask
 from umtfss.evaluation.predictors import Predictor, build_predictor
-from umtfss.evaluation.run import SPLIT, EpisodeBatches, _image_paths, lay_out_predictor, parse_method
+from umtfss.evaluation.run import SPLIT, EpisodeBatches, _image_paths, lay_out_predictor, methods_of, parse_method
 from umtfss.evaluation.sampler import sample_episodes
-from umtfss.io import atomic_path, read_label, read_rgb
+from umtfss.io import read_label, read_rgb
 from umtfss.transforms import unpad_to
 
 TRUTH, PREDICTION = (1.0, 0.9, 0.0), (1.0, 0.1, 0.1)  # yellow: the labelled mask (outlined); red: a method's
@@ -95,11 +95,9 @@ def _outline(ax, mask: np.ndarray) -> None:
 def draw_examples(examples: Examples, tables_dir: str | Path, out: str | Path, tile: float = 2.2) -> Path:
     """One row per episode: its first support and its query, the labelled masks outlined in yellow, then
     each method's mask tinted red (the truth outlined over it), titled with its episode IoU."""
-    import matplotlib
+    from umtfss.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")  # no display: the figure goes to a file
-    from matplotlib import pyplot as plt
-
+    plt = pyplot()
     episodes, masks = examples.episodes, examples.masks
     tables = read_tables(tables_dir)
     paths = _image_paths(tables["images"])
@@ -127,11 +125,7 @@ def draw_examples(examples: Examples, tables_dir: str | Path, out: str | Path, t
     figure.suptitle(f"fold {examples.fold}, {examples.shot}-shot, seed {examples.seed}: "
                     f"the first {len(episodes)} test episodes", fontsize=9)
     figure.tight_layout()
-    out = Path(out)
-    with atomic_path(out) as temp:
-        figure.savefig(temp, format="png", dpi=100)
-    plt.close(figure)
-    return out
+    return save_figure(figure, out)
 
 
 def cli(parser: argparse.ArgumentParser):
@@ -149,9 +143,7 @@ def cli(parser: argparse.ArgumentParser):
 
     def run(args: argparse.Namespace) -> None:
         config = config_module.load(args.config)
-        methods = dict(args.method)
-        if len(methods) != len(args.method):
-            raise ValueError(f"--method names repeat: {[m for m, _ in args.method]}")
+        methods = methods_of(args.method)
         examples = predict_examples(config, args.dataset, args.tables, methods, args.count, args.fold, args.shot,
                                     args.seed)
         draw_examples(examples, args.tables, args.out)

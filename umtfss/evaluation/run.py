@@ -296,6 +296,14 @@ def parse_method(text: str) -> tuple[str, str | None]:
     return name, checkpoint or None
 
 
+def methods_of(pairs: list[tuple[str, str | None]]) -> dict[str, str | None]:
+    """The --method (name, checkpoint) pairs as a dict; a name given twice is an error."""
+    methods = dict(pairs)
+    if len(methods) != len(pairs):
+        raise ValueError(f"--method names repeat: {[m for m, _ in pairs]}")
+    return methods
+
+
 def parse_workers(text: str) -> int | str:
     """'auto' or a count >= 0."""
     if text == "auto":
@@ -331,9 +339,7 @@ def cli(parser: argparse.ArgumentParser):
 
     def run(args: argparse.Namespace) -> None:
         config = config_module.load(args.config)
-        methods = dict(args.method)
-        if len(methods) != len(args.method):
-            raise ValueError(f"--method names repeat: {[m for m, _ in args.method]}")
+        methods = methods_of(args.method)
         evaluate(config, args.dataset, args.tables, methods, args.out, args.classes_out, dict(args.meta),
                  workers=args.workers)
 
