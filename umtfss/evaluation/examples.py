@@ -49,7 +49,9 @@ def predict_examples(config: dict, dataset: str, tables_dir: str | Path, methods
                      count: int = 6, fold: int | None = None, shot: int | None = None, seed: int | None = None,
                      build: Callable[..., Predictor] = build_predictor) -> Examples:
     """The first `count` episodes of the evaluation's table for (fold, shot, seed), by default the first of
-    evaluation.folds / shots / seeds: the episodes `umtfss evaluate` scores first, and each method's masks."""
+    evaluation.folds / shots / seeds: the episodes `umtfss evaluate` scores first, and each method's masks
+    (the same masks as evaluate's but for models that draw at inference, `model.hash_draw: per_call`,
+    whose draws follow the batching)."""
     eval_cfg = config["evaluation"]
     fold = eval_cfg["folds"][0] if fold is None else fold
     shot = eval_cfg["shots"][0] if shot is None else shot
