@@ -61,3 +61,19 @@ def test_examples_command_writes_the_figure_and_names_bad_input(tables, tmp_path
     assert main(base + ["--out", str(tmp_path / "x.png"), "--count", "0"]) == 1
     assert "--count is 0" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_per_fold_checkpoint_is_the_drawn_folds(tables):
+    """A checkpoint path with {fold} (sup, finetune-P%) names the model of the fold drawn."""
+    from umtfss.evaluation.predictors import AllBackground
+
+    built = []
+
+    def build(method, config, checkpoint, device):
+        built.append((method, checkpoint))
+        return AllBackground()
+
+    examples = predict_examples(_config(), "custom", tables, {"finetune-20%": "ft/fold{fold}/checkpoint.pt"}, count=2,
+                                fold=0, build=build)
+    assert built == [("finetune-20%", "ft/fold0/checkpoint.pt")] and examples.fold == 0
+    assert list(examples.episodes["iou_finetune-20%"]) == [0.0, 0.0]
