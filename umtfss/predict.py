@@ -87,14 +87,14 @@ def draw_supports(tables_dir: str | Path, class_id: int, shots: int, split: str 
     """(image, mask) paths of `shots` images of a prepared data set (`umtfss prepare`'s tables) where the
     class is present, drawn with `seed` from the split's images in table order."""
     from umtfss.data.prepare import read_tables
+    from umtfss.evaluation.sampler import class_image_lists
 
     tables = read_tables(tables_dir)
     names = dict(zip(tables.classes["class_id"].astype(int), tables.classes["name"].astype(str)))
     if class_id not in names:
         raise ValueError(f"support class {class_id} is not a class of the tables in '{tables_dir}'; their classes: "
                          + ", ".join(f"{c} {n}" for c, n in sorted(names.items())))
-    rows = tables.image_classes
-    present = set(rows.loc[(rows["split"] == split) & (rows["class_id"] == class_id) & rows["present"], "image_id"])
+    present = class_image_lists(tables.image_classes, [class_id], split)[class_id]
     images = tables.images[(tables.images["split"] == split) & tables.images["image_id"].isin(present)]
     if len(images) < shots:
         raise ValueError(f"class {class_id} ({names[class_id]}) is present in {len(images)} {split} image(s) of "
