@@ -114,7 +114,8 @@ def checkpoint(tmp_path_factory):
                    "evaluation": {"test_size": 64}})
     torch.manual_seed(0)
     model, backbone = ckpt.build_fss_model(config["model"])
-    ckpt.save(root / "model.pt", config=config, method="unsup", model=ckpt.trainable_state(model, backbone),
+    ckpt.save(root / "model.pt", config=config, config_sections=["evaluation", "model"], method="unsup",
+              model=ckpt.trainable_state(model, backbone),
               epoch=0, step=0)
     return root / "model.pt"
 

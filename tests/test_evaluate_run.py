@@ -380,3 +380,40 @@ def test_geometry_is_recorded_and_changes_the_scores(tmp_path):
     resized = tmp_path / "resized.csv"
     evaluate(_config("resized"), "pascal", tables, {"oracle": None}, resized, tmp_path / "rc.csv", build=_oracle_build)
     assert pd.read_csv(resized)["geometry"].isna().all()  # no pad geometry when scoring at test size
+
+
+def test_feature_cache_reuses_the_backbone_and_scores_the_same(tmp_path, monkeypatch, capsys):
+    """evaluation.feature_cache_mb: a trained model and prototype-threshold run their frozen backbone once per
+    test image, not once per query and support, and score exactly as with the cache off (0)."""
+    from umtfss.backbones.demo import ColorTextureBackbone
+    from umtfss.training import checkpoint as ckpt
+
+    torch.set_num_threads(1)
+    tables = _make_val_set(tmp_path)
+    model_cfg = {"backbone": "demo-colortexture", "dim": 16, "heads": 2, "layers": 1, "prototypes_fg": 4,
+                 "prototypes_bg": 8, "hash_bits": 8, "hash_iterations": 2}
+    config = load({"model": model_cfg, "evaluation": {"folds": [0], "shots": [1, 2], "seeds": [1], "episodes": 12,
+                                                      "test_size": 96, "batch_size": 5, "device": "cpu"}})
+    torch.manual_seed(0)
+    model, backbone = ckpt.build_fss_model(config["model"])
+    ckpt.save(tmp_path / "model.pt", config=config, method="unsup", model=ckpt.trainable_state(model, backbone),
+              epoch=0, step=0)
+    forward = ColorTextureBackbone.forward
+    seen = []
+    monkeypatch.setattr(ColorTextureBackbone, "forward", lambda self, x: (seen.append(len(x)), forward(self, x))[1])
+    tables_by_cache = []
+    for mb in (0, 64):
+        seen.clear()
+        config["evaluation"]["feature_cache_mb"] = mb
+        scores, per_class = evaluate(config, "pascal", tables, {"prototype-threshold": None,
+                                                                "unsup": str(tmp_path / "model.pt")},
+                                     tmp_path / f"s{mb}.csv", tmp_path / f"c{mb}.csv")
+        tables_by_cache.append((scores, per_class, sum(seen)))
+    (off, off_classes, off_images), (on, on_classes, on_images) = tables_by_cache
+    pd.testing.assert_frame_equal(off, on)
+    pd.testing.assert_frame_equal(off_classes, on_classes)
+    assert off["miou"].nunique() > 1  # the scores say something
+    slots = 2 * 12 * (2 + 3)  # two methods; 12 episodes of 1 query + 1 support, 12 of 1 + 2
+    assert off_images == slots
+    assert on_images == 2 * 8  # each method: once per val image (each holds class 1 or 2, fold 0's)
+    assert "feature cache:" in capsys.readouterr().err

@@ -21,10 +21,11 @@ TINY_MODEL = {"backbone": "demo-colortexture", "dim": 16, "heads": 2, "layers": 
 def files(tmp_path_factory):
     """A freshly initialised tiny checkpoint, a grayscale query of odd size, one RGB support + 0/255 mask."""
     root = tmp_path_factory.mktemp("predict")
-    config = load({"model": dict(TINY_MODEL), "evaluation": {"test_size": 64}})
+    config = load({"model": dict(TINY_MODEL), "training": {"crop_size": 64}})  # as the workflow's: no evaluation
     torch.manual_seed(0)
     model, backbone = ckpt.build_fss_model(config["model"])
-    ckpt.save(root / "model.pt", config=config, method="unsup", model=ckpt.trainable_state(model, backbone), epoch=0, step=0)
+    ckpt.save(root / "model.pt", config=config, config_sections=["model", "training"], method="unsup",
+              model=ckpt.trainable_state(model, backbone), epoch=0, step=0)
     Image.fromarray((np.random.default_rng(0).random((37, 53)) * 255).astype(np.uint8), mode="L").save(root / "query.jpg")
     support = np.zeros((30, 44, 3), np.uint8)
     support[5:20, 10:30] = (200, 30, 30)
@@ -36,12 +37,14 @@ def files(tmp_path_factory):
     return root
 
 
-def test_predict_writes_a_binary_mask_of_the_query_size(files, tmp_path):
+def test_predict_writes_a_binary_mask_of_the_query_size(files, tmp_path, capsys):
     out, overlay = tmp_path / "out" / "mask.png", tmp_path / "overlay.png"
     code = main(["predict", "--checkpoint", str(files / "model.pt"), "--support", str(files / "support.png"),
                  str(files / "mask.png"), "--support", str(files / "support.png"), str(files / "mask.png"),
                  "--query", str(files / "query.jpg"), "--out", str(out), "--overlay", str(overlay), "--device", "cpu"])
     assert code == 0
+    # a workflow checkpoint knows no evaluation.test_size: it segments at the crop it was trained at
+    assert "size 64 (training.crop_size of the checkpoint" in capsys.readouterr().err
     result = np.asarray(Image.open(out))
     assert result.shape == (37, 53) and set(np.unique(result)) <= {0, 255}
     assert np.asarray(Image.open(overlay)).shape == (37, 53, 3)
@@ -199,8 +202,8 @@ def test_a_model_that_draws_its_hash_at_every_call_predicts_the_same_each_run(tm
     config = load({"model": {**TINY_MODEL, "hash_draw": "per_call"}, "evaluation": {"test_size": 64}})
     torch.manual_seed(0)
     model, backbone = ckpt.build_fss_model(config["model"])
-    ckpt.save(tmp_path / "model.pt", config=config, method="unsup", model=ckpt.trainable_state(model, backbone),
-              epoch=0, step=0)
+    ckpt.save(tmp_path / "model.pt", config=config, config_sections=["evaluation", "model"], method="unsup",
+              model=ckpt.trainable_state(model, backbone), epoch=0, step=0)
     rng = np.random.default_rng(0)
     query = (rng.random((37, 53, 3)) * 255).astype(np.uint8)
     support = (rng.random((30, 44, 3)) * 50).astype(np.uint8)
@@ -263,3 +266,32 @@ def test_supports_drawn_from_a_prepared_labelled_data_set(files, tmp_path, capsy
     assert "give it with --support-class K" in capsys.readouterr().err
     assert main(draw + ["--support-class", "2", "--support", str(files / "support.png"), str(files / "mask.png")]) == 1
     assert "not both" in capsys.readouterr().err
+
+
+def test_the_supports_go_through_the_backbone_once_per_run(files, tmp_path, monkeypatch):
+    """The supports are the same for every query: predict runs the frozen backbone on them once, not once
+    per query and batch, and writes the masks the per-query path writes."""
+    from umtfss import predict as predict_module
+    from umtfss.backbones.demo import ColorTextureBackbone
+
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("a", "b", "c"):
+        write_png(queries / f"{name}.png", (rng.random((30, 44, 3)) * 255).astype(np.uint8))
+    forward = ColorTextureBackbone.forward
+    seen = []
+    monkeypatch.setattr(ColorTextureBackbone, "forward", lambda self, x: (seen.append(len(x)), forward(self, x))[1])
+    support = ["--support", str(files / "support.png"), str(files / "mask.png")] * 2
+    common = ["predict", "--checkpoint", str(files / "model.pt"), *support, "--query", str(queries),
+              "--device", "cpu", "--batch", "2"]
+    assert main(common + ["--out", str(tmp_path / "shared")]) == 0
+    assert sum(seen) == 3 + 2  # three queries, two supports once
+    seen.clear()
+    monkeypatch.setattr(predict_module, "takes_features", lambda model: False)
+    assert main(common + ["--out", str(tmp_path / "per_query")]) == 0
+    assert sum(seen) == 3 + 2 * 3  # the supports again with every query
+    for name in ("a", "b", "c"):
+        shared = np.asarray(Image.open(tmp_path / "shared" / f"{name}.png"))
+        assert set(np.unique(shared)) == {0, 255}  # a mask with both sides: the comparison says something
+        np.testing.assert_array_equal(shared, np.asarray(Image.open(tmp_path / "per_query" / f"{name}.png")))

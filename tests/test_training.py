@@ -547,6 +547,14 @@ def test_cli_sup_then_finetune_on_prepare_tables(toy_tables, tmp_path):
     assert state["method"] == "sup-50%"
     # 3 of the 5 images in batches of 4 (sup's batch_size): one step; the fine-tuning batch of 2 would take 2
     assert len(list(csv.DictReader(open(tmp_path / "sup50" / "log.csv")))) == 1
+    # the sections the config gave are recorded: a workflow job gets no evaluation section, so predict's
+    # default size is the crop the model was trained at, not evaluation.test_size's schema default (473)
+    assert state["config_sections"] == ["datasets", "model", "training"]
+    assert ckpt.test_size(state) == (48, "training.crop_size")
+    with_evaluation = json.dumps({**json.loads(config), "evaluation": {"test_size": 40}})
+    assert main(["train", "--method", "sup-50%", "--out-dir", str(tmp_path / "sup50e"), "--config", with_evaluation,
+                 *common[2:]]) == 0
+    assert ckpt.test_size(ckpt.load(tmp_path / "sup50e" / "checkpoint.pt")) == (40, "evaluation.test_size")
 
 
 def test_cli_names_missing_arguments(tmp_path, capsys):

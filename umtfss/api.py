@@ -179,10 +179,11 @@ class FewShotSegmenter:
     @classmethod
     def load(cls, checkpoint: str | Path, *, size: int | None = None, device: str = "auto",
              cpu_precision: str = "float32") -> "FewShotSegmenter":
-        """The model of a `umtfss train` checkpoint; `size` defaults to the test size it was configured with."""
-        from umtfss.training.checkpoint import load, load_model
+        """The model of a `umtfss train` checkpoint; `size` defaults to the test size it was configured with,
+        else (a workflow checkpoint, trained without the evaluation section) the crop it was trained at."""
+        from umtfss.training.checkpoint import load, load_model, test_size
 
-        size = size or int(load(checkpoint)["config"]["evaluation"]["test_size"])
+        size = size or test_size(load(checkpoint))[0]
         return cls(load_model(checkpoint, "cpu"), size, device, cpu_precision)
 
     def segment(self, query, supports: Sequence[tuple], support_class: int | None = None) -> np.ndarray:

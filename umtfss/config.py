@@ -212,6 +212,12 @@ def used_datasets(config: dict) -> list[str]:
 
 def load(source: str | Path | dict | None = None, check_paths: bool = False) -> dict:
     """Load a config from a YAML path, a JSON/YAML string, a dict, or None (all defaults), validated."""
+    return validate(read_raw(source), check_paths=check_paths)
+
+
+def read_raw(source: str | Path | dict | None = None) -> dict:
+    """The config as given (load's sources), before validation fills the defaults: its top-level keys say
+    which sections a stage was given (Snakemake passes each stage only those it reads)."""
     if source is None:
         data: Any = {}
     elif isinstance(source, dict):
@@ -230,7 +236,7 @@ def load(source: str | Path | dict | None = None, check_paths: bool = False) -> 
                 raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"configuration must be a mapping, got {type(data).__name__}")
-    return validate(data, check_paths=check_paths)
+    return data
 
 
 def test_episodes(config: dict, dataset: str) -> int:

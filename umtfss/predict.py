@@ -114,13 +114,31 @@ def support_tensors(supports: list[tuple[np.ndarray, np.ndarray]], size: int) ->
     return torch.stack(images), torch.stack(masks)
 
 
+def takes_features(model) -> bool:
+    """Whether the model's forward takes precomputed backbone features (FSSModel: its backbone is frozen)."""
+    import inspect
+
+    return hasattr(model, "backbone_layers") and "features" in inspect.signature(model.forward).parameters
+
+
+@torch.no_grad()
+def backbone_features(model, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The frozen backbone's outputs that the model reads, for images [N,3,S,S] on the model's device."""
+    outputs = model.backbone(images)
+    return {name: outputs[name] for name in model.backbone_layers}
+
+
 @torch.no_grad()
 def predict_masks(model, queries: list[np.ndarray], support_images: torch.Tensor, support_masks: torch.Tensor,
-                  size: int, device="cpu", cpu_precision: str = "float32") -> list[np.ndarray]:
+                  size: int, device="cpu", cpu_precision: str = "float32",
+                  support_features: dict[str, torch.Tensor] | None = None) -> list[np.ndarray]:
     """Foreground 0/1 uint8 masks of several queries (one forward pass), each at its query's own size.
 
     `cpu_precision` 'bfloat16' runs a CPU forward in bfloat16 autocast (the model laid out by
-    devices.lay_out_for_precision); elsewhere the forward is float32.
+    devices.lay_out_for_precision); elsewhere the forward is float32. The supports are the same for
+    every query, so a model with a frozen backbone (takes_features) runs it on them once, not once per
+    query; `support_features` (backbone_features of the supports, under the same autocast) saves even
+    that across calls.
     """
     device = torch.device(device)
     prepared = [resize_pad(query, None, size) for query in queries]
@@ -129,7 +147,13 @@ def predict_masks(model, queries: list[np.ndarray], support_images: torch.Tensor
     images = support_images[None].expand(len(queries), *support_images.shape).to(device)
     masks = support_masks[None].expand(len(queries), *support_masks.shape).to(device)
     with inference_autocast(device, False, cpu_precision):
-        logits = model(batch, images, masks, query_valid.to(device)).float()
+        features = {}
+        if takes_features(model):
+            if support_features is None:
+                support_features = backbone_features(model, support_images.to(device))
+            shared = {name: t[None].expand(len(queries), *t.shape).flatten(0, 1) for name, t in support_features.items()}
+            features = {"features": (backbone_features(model, batch), shared)}
+        logits = model(batch, images, masks, query_valid.to(device), **features).float()
     if logits.shape[-2:] != (size, size):
         logits = torch.nn.functional.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
     return [unpad_to(logits[row].cpu(), valid, query.shape[:2]).argmax(0).numpy().astype(np.uint8)
@@ -201,7 +225,8 @@ def cli(parser: argparse.ArgumentParser):
                         help="image to segment, or a folder of images (searched recursively); repeatable")
     parser.add_argument("--out", required=True, type=Path,
                         help="output mask PNG (0/255, the query's size); a folder when --query is a folder or repeated")
-    parser.add_argument("--size", type=int, help="test size (default: evaluation.test_size of the checkpoint's config)")
+    parser.add_argument("--size", type=int, help="test size (default: the checkpoint's evaluation.test_size when its "
+                                                 "training config set one, else the crop it was trained at)")
     parser.add_argument("--overlay", type=Path, help="also write the query with the mask tinted red (file or folder, as --out)")
     parser.add_argument("--batch", type=int, default=8, help="queries per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
@@ -217,7 +242,7 @@ def run(args: argparse.Namespace) -> Path:
     from tqdm import tqdm
 
     from umtfss.io import read_rgb, write_png
-    from umtfss.training.checkpoint import load, load_model
+    from umtfss.training.checkpoint import load, load_model, test_size
     from umtfss.devices import resolve_device
 
     checkpoint = _check_file(args.checkpoint, "checkpoint")
@@ -235,18 +260,25 @@ def run(args: argparse.Namespace) -> Path:
         args.support = draw_supports(args.support_from, args.support_class, args.shots, args.support_split, args.seed)
         print("umtfss predict: supports " + ", ".join(image for image, _ in args.support), file=sys.stderr)
     supports = load_supports(args.support, args.support_class)
-    size = args.size or int(load(checkpoint)["config"]["evaluation"]["test_size"])
+    if args.size is None:
+        args.size, source = test_size(load(checkpoint))
+        print(f"umtfss predict: size {args.size} ({source} of the checkpoint; --size to change)", file=sys.stderr)
+    size = args.size
     if size < 32:
         raise ValueError(f"--size is {size}, expected at least 32")
     device = resolve_device(args.device, "--device")
     model = lay_out_for_precision(load_model(checkpoint, device), device, args.cpu_precision, "predict")
     torch.manual_seed(0)  # a model that draws at inference (model.hash_draw per_call) predicts the same each run
     support_images, support_masks = support_tensors(supports, size)
+    shared = None  # the supports' backbone features, computed once for every query batch
+    if takes_features(model):
+        with inference_autocast(device, False, args.cpu_precision):
+            shared = backbone_features(model, channels_last_input(support_images.to(device), args.cpu_precision))
     bar = tqdm(total=len(plan), desc="predict", unit="img", file=sys.stderr, disable=len(plan) == 1)
     for start in range(0, len(plan), args.batch):
         chunk = plan[start:start + args.batch]
         queries = [read_rgb(query) for query, _, _ in chunk]  # an unreadable image stops here, named
-        masks = predict_masks(model, queries, support_images, support_masks, size, device, args.cpu_precision)
+        masks = predict_masks(model, queries, support_images, support_masks, size, device, args.cpu_precision, shared)
         for (_, out, overlay_path), query, mask in zip(chunk, queries, masks):
             write_png(out, (mask * 255).astype(np.uint8))
             if overlay_path is not None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
+from umtfss.evaluation.feature_cache import FeatureCache
 
 REFERENCE_METHODS = ("all-background", "prototype-threshold")
 
@@ -18,11 +20,26 @@ class Predictor(Protocol):
 
     query [B,3,S,S] float in [0,1]; supports [B,K,3,S,S]; support_masks [B,K,S,S] float 0/1 with
     255 on ignored and padded pixels; query_valid [B,S,S] bool (the query's image pixels, None = all)
-    -> logits [B,2,S,S]. Inputs are already on the predictor's device.
+    -> logits [B,2,S,S]. Inputs are already on the predictor's device. A predictor with a frozen
+    backbone may also offer use_feature_cache(max_mb); once it is on, predict takes image_ids =
+    (query ids [B], support id lists [B][K]) and runs the backbone once per image id (FeatureCache).
     """
 
     def predict(self, query: torch.Tensor, supports: torch.Tensor, support_masks: torch.Tensor,
                 query_valid: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+def _split_ids(image_ids, batch: int, shots: int) -> tuple[list[str] | None, list[str] | None]:
+    """(query ids [B], support ids [B*K] in supports.flatten(0, 1) order) from image_ids = (query ids,
+    per-episode support id lists), or (None, None)."""
+    if image_ids is None:
+        return None, None
+    query_ids, support_ids = image_ids
+    flat = [str(i) for ids in support_ids for i in ids]
+    if len(query_ids) != batch or len(flat) != batch * shots:
+        raise ValueError(f"image_ids name {len(query_ids)} queries and {len(flat)} supports for a batch of "
+                         f"{batch} episodes of {shots} shots")
+    return [str(i) for i in query_ids], flat
 
 
 def _check_inputs(query: torch.Tensor, supports: torch.Tensor, support_masks: torch.Tensor) -> None:
@@ -75,19 +92,29 @@ class PrototypeThreshold:
             raise ValueError("PrototypeThreshold needs a feature layer: the backbone has no 'high_layer'")
         self.threshold = float(threshold)
 
-    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        self.cache: FeatureCache | None = None
+
+    def use_feature_cache(self, max_mb: float) -> FeatureCache:
+        """Keep the backbone's features of each image id predict is given (the backbone is frozen)."""
+        self.cache = FeatureCache(max_mb, [self.layer])
+        return self.cache
+
+    def _features(self, images: torch.Tensor, ids=None) -> torch.Tensor:
+        if self.cache is not None and ids is not None:
+            return self.cache.features(self.backbone, images, ids)[self.layer]
         outputs = self.backbone(images)
         if self.layer not in outputs:
             raise ValueError(f"backbone returned layers {sorted(outputs)}, not the requested '{self.layer}'")
         return outputs[self.layer]
 
-    def similarity(self, query, supports, support_masks, query_valid=None) -> torch.Tensor:
+    def similarity(self, query, supports, support_masks, query_valid=None, image_ids=None) -> torch.Tensor:
         """Min-max normalised cosine similarity to the support prototype, [B,h,w] at feature resolution;
         the min and max are taken over the query's image cells (query_valid [B,S,S]; None = all cells),
         so that padding does not set the scale."""
         b, k = supports.shape[:2]
-        query_features = self._features(query)
-        support_features = self._features(supports.flatten(0, 1))
+        query_ids, support_ids = _split_ids(image_ids, b, k)
+        query_features = self._features(query, query_ids)
+        support_features = self._features(supports.flatten(0, 1), support_ids)
         foreground = (support_masks == 1).float()  # ignore and padding (255) are not foreground
         prototypes, has_mask = masked_average(support_features, foreground.flatten(0, 1))
         prototypes, has_mask = prototypes.view(b, k, -1), has_mask.view(b, k, 1).float()
@@ -103,9 +130,9 @@ class PrototypeThreshold:
         high = flat.masked_fill(~cells, float("-inf")).max(1).values[:, None, None]
         return (cosine - low) / (high - low).clamp_min(1e-6)
 
-    def predict(self, query, supports, support_masks, query_valid=None):
+    def predict(self, query, supports, support_masks, query_valid=None, image_ids=None):
         _check_inputs(query, supports, support_masks)
-        similarity = self.similarity(query, supports, support_masks, query_valid)
+        similarity = self.similarity(query, supports, support_masks, query_valid, image_ids)
         similarity = F.interpolate(similarity[:, None], size=query.shape[-2:], mode="bilinear", align_corners=False)
         foreground = similarity[:, 0] - self.threshold
         return torch.stack([-foreground, foreground], dim=1)
@@ -119,14 +146,27 @@ class ModelPredictor:
     """
 
     def __init__(self, model: torch.nn.Module):
-        import inspect
-
         self.model = model.eval()
         self.takes_valid = "query_valid" in inspect.signature(model.forward).parameters
+        self.cache: FeatureCache | None = None
 
-    def predict(self, query, supports, support_masks, query_valid=None):
+    def use_feature_cache(self, max_mb: float) -> FeatureCache | None:
+        """Keep the frozen backbone's features of each image id predict is given; None for a model
+        that cannot take them (only FSSModel's forward does)."""
+        layers = getattr(self.model, "backbone_layers", None)
+        if layers is None or "features" not in inspect.signature(self.model.forward).parameters:
+            return None
+        self.cache = FeatureCache(max_mb, layers)
+        return self.cache
+
+    def predict(self, query, supports, support_masks, query_valid=None, image_ids=None):
         _check_inputs(query, supports, support_masks)
-        if self.takes_valid:
+        if self.cache is not None and image_ids is not None:
+            query_ids, support_ids = _split_ids(image_ids, *supports.shape[:2])
+            features = (self.cache.features(self.model.backbone, query, query_ids),
+                        self.cache.features(self.model.backbone, supports.flatten(0, 1), support_ids))
+            logits = self.model(query, supports, support_masks, query_valid=query_valid, features=features)
+        elif self.takes_valid:
             logits = self.model(query, supports, support_masks, query_valid=query_valid)
         else:
             logits = self.model(query, supports, (support_masks == 1).float())

@@ -103,6 +103,8 @@ class EpisodeBatches(Dataset):
             "targets": targets,
             "valid": valid,
             "class_ids": [int(c) for c in rows["class_id"]],
+            "query_ids": [str(i) for i in rows["query_id"]],
+            "support_ids": [[str(i) for i in ids] for ids in rows["support_ids"]],
         }
 
 
@@ -152,15 +154,34 @@ def evaluate_predictor(predictor: Predictor, episodes: pd.DataFrame, paths, clas
     loader = DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_collate_one,
                         pin_memory=device.type == "cuda")
     accumulator = IoUAccumulator(class_ids)
+    cached = getattr(predictor, "cache", None) is not None  # use_feature_cache was called: name the images
     with torch.no_grad(), inference_autocast(device, False, cpu_precision):
         for batch in loader:
+            ids = {"image_ids": (batch["query_ids"], batch["support_ids"])} if cached else {}
             logits = predictor.predict(channels_last_input(batch["query"].to(device), cpu_precision),
                                        batch["supports"].to(device), batch["support_masks"].to(device),
-                                       batch["query_valid"].to(device))
+                                       batch["query_valid"].to(device), **ids)
             score_batch(logits, batch, eval_cfg["resolution"], accumulator, eval_cfg["geometry"])
             if progress is not None:
                 progress.update(len(batch["class_ids"]))
     return accumulator
+
+
+def _with_feature_cache(predictor: Predictor, max_mb: float) -> Predictor:
+    """The predictor, keeping its frozen backbone's features per test image (evaluation.feature_cache_mb;
+    0: off) when it can: every method sees the same images in many episodes, fold by fold."""
+    use = getattr(predictor, "use_feature_cache", None)
+    if use is not None and max_mb > 0:
+        use(max_mb)
+    return predictor
+
+
+def _report_cache(predictors: dict) -> None:
+    """The feature cache's line in the log, once per predictor (what it saved, what it held)."""
+    for predictor in predictors.values():
+        cache = getattr(predictor, "cache", None)
+        if cache is not None:
+            tqdm.write(cache.summary(), file=sys.stderr)
 
 
 def _default_meta(config: dict, meta: dict) -> dict:
@@ -223,8 +244,11 @@ def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: d
         for fold, shot, seed in plan:
             path = checkpoint.format(fold=fold) if checkpoint else checkpoint
             if path not in predictors:
+                _report_cache(predictors)
                 predictors.clear()
-                predictors[path] = lay_out_predictor(build(method, config, path, device), device, cpu_precision)
+                predictors[path] = _with_feature_cache(
+                    lay_out_predictor(build(method, config, path, device), device, cpu_precision),
+                    eval_cfg["feature_cache_mb"])
             predictor = predictors[path]
             progress.set_description(f"{method} fold {fold} {shot}-shot seed {seed}")
             torch.manual_seed(seed)  # a model that draws at inference (model.hash_draw per_call) repeats per seed
@@ -244,6 +268,7 @@ def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: d
                 class_rows.append({"method": method, "fold": fold, "shot": shot, "seed": seed, "class_id": class_id,
                                    "class_name": class_names.get(class_id, str(class_id)),
                                    "iou": round(100 * iou, 2), "episodes": acc.episodes[class_id]})
+        _report_cache(predictors)
     progress.close()
     extra = [k for k in meta if k not in SCORE_COLUMNS]
     scores = pd.DataFrame(score_rows, columns=SCORE_COLUMNS + extra)

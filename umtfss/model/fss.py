@@ -279,6 +279,11 @@ class FSSModel(nn.Module):
         self.backbone.eval()  # frozen BatchNorm: running statistics never update
         return self
 
+    @property
+    def backbone_layers(self) -> tuple[str, ...]:
+        """The backbone outputs forward reads (what a feature cache needs to keep)."""
+        return tuple(dict.fromkeys((*self.mid_layers, self.high_layer)))
+
     # --- parts of the forward pass ---------------------------------------------------------
     def _backbone_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -331,14 +336,20 @@ class FSSModel(nn.Module):
         return cells | ~cells.any(dim=1, keepdim=True)
 
     def forward(self, query: torch.Tensor, supports: torch.Tensor, support_masks: torch.Tensor,
-                query_valid: torch.Tensor | None = None) -> torch.Tensor:
+                query_valid: torch.Tensor | None = None,
+                features: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
+        """`features`: the frozen backbone's outputs for the query [B,...] and the supports [B*K,...],
+        computed beforehand (the meta-test's feature cache); they must be those of `query` and `supports`."""
         self._check_shapes(query, supports, support_masks)
         batch, shots = supports.shape[:2]
         size = query.shape[-2:]
         support_ignored = support_masks == IGNORE
         support_masks = (support_masks == 1).to(query.dtype)  # ignore and padding are not foreground
-        query_features = self._backbone_features(query)
-        support_features = self._backbone_features(supports.flatten(0, 1))
+        if features is None:
+            query_features = self._backbone_features(query)
+            support_features = self._backbone_features(supports.flatten(0, 1))
+        else:
+            query_features, support_features = features
 
         query_mid = self.reduce_query(self._middle(query_features))  # [B,d,h,w]
         support_mid = self.reduce_support(self._middle(support_features))  # [B*K,d,h,w]

@@ -22,6 +22,16 @@ def save(path: str | Path, **payload) -> Path:
     return Path(path)
 
 
+def test_size(payload: dict) -> tuple[int, str]:
+    """(size, the key it comes from) to segment at with a checkpoint: its config's evaluation.test_size
+    when the training config set one, else the crop it was trained at. The workflow gives a training job
+    no evaluation section (changing it must not retrain), so there the crop is the size it knows."""
+    config = payload["config"]
+    if "evaluation" in payload.get("config_sections", ()):
+        return int(config["evaluation"]["test_size"]), "evaluation.test_size"
+    return int(config["training"]["crop_size"]), "training.crop_size"
+
+
 def load(path: str | Path, map_location="cpu") -> dict:
     """Read a checkpoint written by `save` (torch.load with weights_only=True: no code runs)."""
     path = Path(path)

@@ -182,6 +182,7 @@ def train(
     method_name: str = "unsup",
     progress: bool = True,
     inputs: str | None = None,
+    config_sections: list[str] | None = None,
 ) -> Path:
     """Train the FSS model on `source` into out_dir (last.pt each epoch, checkpoint.pt, log.csv).
 
@@ -189,6 +190,7 @@ def train(
     fingerprint of the training data, umtfss.io.fingerprint) the run continues from it and ends
     exactly as an uninterrupted run; a last.pt of anything else is stale (the workflow reruns a job
     after its config or inputs changed) and the run starts over, saying why on stderr.
+    `config_sections`: the top-level keys the config was given with (recorded: predict's default size).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -271,7 +273,8 @@ def train(
     if not (out_dir / "log.csv").exists():
         log.write()
     final = ckpt.save(out_dir / "checkpoint.pt", config=config, method=method_name,
-                      model=ckpt.trainable_state(model, backbone), epoch=schedule.epochs, step=step, inputs=inputs)
+                      model=ckpt.trainable_state(model, backbone), epoch=schedule.epochs, step=step, inputs=inputs,
+                      config_sections=sorted(config_sections or []))  # which sections were given (test_size)
     return final
 
 
@@ -361,7 +364,7 @@ def _fold_argument(text: str) -> int | str:
 
 
 def run(args: argparse.Namespace) -> Path:
-    from umtfss.config import load
+    from umtfss.config import load, read_raw
 
     config = load(args.config)
     method = args.method
@@ -378,7 +381,8 @@ def run(args: argparse.Namespace) -> Path:
     if args.init is not None and not args.init.is_file():
         raise FileNotFoundError(f"--init checkpoint '{args.init}' does not exist")
     return train(config, source, args.out_dir, init_checkpoint=args.init, finetune=bool(finetune),
-                 method_name=method, progress=not args.quiet, inputs=_inputs_fingerprint(args))
+                 method_name=method, progress=not args.quiet, inputs=_inputs_fingerprint(args),
+                 config_sections=sorted(read_raw(args.config)))
 
 
 def _inputs_fingerprint(args) -> str:
