@@ -1,5 +1,7 @@
 """`umtfss predict`: masks at the query's own size from a saved checkpoint, and clear input errors."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -295,3 +297,31 @@ def test_the_supports_go_through_the_backbone_once_per_run(files, tmp_path, monk
         shared = np.asarray(Image.open(tmp_path / "shared" / f"{name}.png"))
         assert set(np.unique(shared)) == {0, 255}  # a mask with both sides: the comparison says something
         np.testing.assert_array_equal(shared, np.asarray(Image.open(tmp_path / "per_query" / f"{name}.png")))
+
+
+def test_supports_drawn_from_workflow_tables_work_from_any_folder(files, tmp_path, monkeypatch, capsys):
+    """The workflow writes its tables' paths relative to the folder it ran in: --support-from
+    FOLDER/results/custom/prepare finds the images from elsewhere too."""
+    import json
+
+    from fakes import make_custom_tree
+
+    workflow = tmp_path / "workflow"
+    make_custom_tree(workflow / "data" / "mine", n_train=8, n_val=4, classes=4)
+    monkeypatch.chdir(workflow)  # as Snakemake runs prepare: relative root, relative output
+    datasets = {"custom": {"root": "data/mine", "classes": ["cat", "dog", "car", "tree"], "min_class_pixels": 500}}
+    assert main(["prepare", "--config", json.dumps({"datasets": datasets}), "--dataset", "custom",
+                 "--out", "results/custom/prepare", "--no-progress"]) == 0
+    import pandas as pd
+
+    assert not Path(pd.read_parquet("results/custom/prepare/images.parquet")["image_path"].iloc[0]).is_absolute()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(files / "model.pt"), "--query", str(files / "query.jpg"),
+                 "--device", "cpu", "--support-from", str(workflow / "results" / "custom" / "prepare"),
+                 "--support-class", "2", "--out", "mask.png"]) == 0, capsys.readouterr().err
+    named = capsys.readouterr().err.split("umtfss predict: supports ")[1].splitlines()[0]
+    assert named.startswith(str(workflow / "data" / "mine"))
+    assert (elsewhere / "mask.png").is_file()
