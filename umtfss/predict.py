@@ -10,6 +10,7 @@ import torch
 
 from umtfss.devices import CPU_PRECISIONS, channels_last_input, inference_autocast, lay_out_for_precision
 from umtfss.episode import IGNORE, binary_mask
+from umtfss.evaluation.feature_cache import takes_features
 from umtfss.transforms import resize_pad, unpad_to, valid_pixels
 
 
@@ -126,13 +127,6 @@ def support_tensors(supports: list[tuple[np.ndarray, np.ndarray]], size: int) ->
         images.append(image_t)
         masks.append(mask_t.float())  # 0/1, 255 = ignore or padding
     return torch.stack(images), torch.stack(masks)
-
-
-def takes_features(model) -> bool:
-    """Whether the model's forward takes precomputed backbone features (FSSModel: its backbone is frozen)."""
-    import inspect
-
-    return hasattr(model, "backbone_layers") and "features" in inspect.signature(model.forward).parameters
 
 
 @torch.no_grad()

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 
 MB = 1 << 20
+
+
+def takes_features(model) -> bool:
+    """Whether the model's forward takes its backbone's features computed beforehand (FSSModel, whose
+    backbone is frozen: `backbone_layers` names the outputs it reads, `features=` takes them)."""
+    return hasattr(model, "backbone_layers") and "features" in inspect.signature(model.forward).parameters
 
 
 class FeatureCache:

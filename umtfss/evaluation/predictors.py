@@ -9,7 +9,7 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from umtfss.evaluation.feature_cache import FeatureCache
+from umtfss.evaluation.feature_cache import FeatureCache, takes_features
 
 REFERENCE_METHODS = ("all-background", "prototype-threshold")
 
@@ -153,10 +153,9 @@ class ModelPredictor:
     def use_feature_cache(self, max_mb: float) -> FeatureCache | None:
         """Keep the frozen backbone's features of each image id predict is given; None for a model
         that cannot take them (only FSSModel's forward does)."""
-        layers = getattr(self.model, "backbone_layers", None)
-        if layers is None or "features" not in inspect.signature(self.model.forward).parameters:
+        if not takes_features(self.model):
             return None
-        self.cache = FeatureCache(max_mb, layers)
+        self.cache = FeatureCache(max_mb, self.model.backbone_layers)
         return self.cache
 
     def predict(self, query, supports, support_masks, query_valid=None, image_ids=None):
