@@ -40,7 +40,8 @@ def test_each_image_id_runs_the_backbone_once():
     assert backbone.images == 3  # 'b' came from the cache, only 'c' ran
     torch.testing.assert_close(again["low"][0], direct["low"][1], rtol=0, atol=1e-6)
     assert (cache.hits, cache.misses, len(cache)) == (2, 3, 3)
-    assert "2 of 5 image forwards reused (40 %)" in cache.summary()
+    assert cache.summary().startswith("feature cache: 2 of 5 image forwards reused (40 %), 3 images kept")
+    assert "did not stay" not in cache.summary()  # all of them fit
 
 
 def test_the_memory_bound_drops_the_least_recently_used():
@@ -54,7 +55,8 @@ def test_the_memory_bound_drops_the_least_recently_used():
     backbone.images = 0
     cache.features(backbone, images[:3], ["a", "b", "c"])
     assert backbone.images == 1  # only 'b' was dropped
-    assert cache.peak_bytes == 2 * entry
+    assert cache.peak_bytes == 2 * entry and cache.dropped == 2  # 'b', then 'a' for 'b' again
+    assert cache.summary().endswith("1 of 3 images did not stay, evaluation.feature_cache_mb 1 would keep them all")
 
 
 def test_a_zero_bound_keeps_nothing_and_a_negative_one_is_refused():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -37,6 +38,9 @@ class FeatureCache:
         self.peak_bytes = 0
         self.hits = 0
         self.misses = 0
+        self.dropped = 0  # kept, then dropped for room
+        self._seen: set[str] = set()
+        self._entry_bytes = 0  # of the last entry computed: one image's features
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -71,11 +75,14 @@ class FeatureCache:
 
     def _keep(self, image_id: str, entry: dict[str, torch.Tensor]) -> None:
         size = sum(t.numel() * t.element_size() for t in entry.values())
+        self._seen.add(image_id)
+        self._entry_bytes = size
         if size > self.max_bytes:
             return
         while self._kept and self.bytes + size > self.max_bytes:
             _, evicted = self._kept.popitem(last=False)
             self.bytes -= sum(t.numel() * t.element_size() for t in evicted.values())
+            self.dropped += 1
         self._kept[image_id] = entry
         self.bytes += size
         self.peak_bytes = max(self.peak_bytes, self.bytes)
@@ -84,5 +91,10 @@ class FeatureCache:
         """One line for the log: how many backbone forwards it saved, and what it held."""
         total = self.hits + self.misses
         share = 100.0 * self.hits / total if total else 0.0
-        return (f"feature cache: {self.hits} of {total} image forwards reused ({share:.0f} %), "
+        line = (f"feature cache: {self.hits} of {total} image forwards reused ({share:.0f} %), "
                 f"{len(self)} images kept, peak {self.peak_bytes / MB:.1f} of {self.max_bytes / MB:.0f} MB")
+        if len(self._seen) > len(self):  # some did not fit: say what would hold them all
+            need = math.ceil(len(self._seen) * self._entry_bytes / MB)
+            line += (f"; {len(self._seen) - len(self)} of {len(self._seen)} images did not stay, "
+                     f"evaluation.feature_cache_mb {need} would keep them all")
+        return line
