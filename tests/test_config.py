@@ -132,13 +132,32 @@ def test_custom_source_needs_the_labelled_images_and_their_train_list():
 
 
 def test_folder_names_that_would_clash_are_refused(tmp_path, monkeypatch):
-    for name in ("pascal", "coco", "..", ".hidden"):
+    for name in ("pascal", "coco", "benchmarks", "custom", "..", ".hidden"):
         with pytest.raises(cfg.ConfigError, match="unlabeled.name"):
             cfg.load({"unlabeled": {"source": "folder", "folder": "imgs", "name": name}})
+    with pytest.raises(cfg.ConfigError, match=r"the results folder of datasets.custom.name's \(results/site_a/\)"):
+        cfg.load({"unlabeled": {"source": "folder", "folder": "imgs", "name": "site_a"},
+                  "datasets": {"custom": {"name": "site_a"}}})
+    assert cfg.load({"unlabeled": {"source": "folder", "folder": "imgs", "name": "custom"},
+                     "datasets": {"custom": {"name": "site_a"}}})["unlabeled"]["name"] == "custom"
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "mine").mkdir()
     loaded = cfg.load({"unlabeled": {"source": "folder", "folder": "~/mine", "name": "mine"}}, check_paths=True)
     assert loaded["unlabeled"]["folder"] == "~/mine"  # '~' is the user's home, as for umtfss prepare
+
+
+def test_labelled_set_names_that_would_clash_are_refused():
+    for name in ("pascal", "coco", "benchmarks"):
+        with pytest.raises(cfg.ConfigError, match=f"'datasets.custom.name' is '{name}', a results folder"):
+            cfg.load({"datasets": {"custom": {"name": name}}})
+    for name in ("a/b", "site.a", "-x", ""):
+        with pytest.raises(cfg.ConfigError, match="datasets.custom.name"):
+            cfg.load({"datasets": {"custom": {"name": name}}})
+    config = cfg.load({"datasets": {"custom": {"name": "site_a"}}})
+    assert [cfg.benchmark_kind(config, n) for n in ("pascal", "coco", "site_a", "custom")] == ["pascal", "coco",
+                                                                                              "custom", "custom"]
+    with pytest.raises(ValueError, match="--dataset is 'site_b', expected pascal, coco or site_a"):
+        cfg.benchmark_kind(config, "site_b")
 
 
 def test_load_accepts_inline_json_and_yaml_file(tmp_path):

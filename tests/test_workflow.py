@@ -524,6 +524,48 @@ def _demo_as_custom(config):
     return config
 
 
+def test_a_named_labelled_set_keeps_its_results_beside_another(pipeline, tmp_path):
+    """datasets.custom.name: its tables, score table and fine-tunings live under the name (results/site_a/,
+    eval_site_a.csv, finetune-20%/site_a/), the jobs still read datasets.custom, and a second name is a
+    second set beside the first; the unsupervised model is the one both reuse."""
+    work = tmp_path / "copy"
+    shutil.copytree(pipeline, work, symlinks=True)
+    config = _demo_as_custom(yaml.safe_load((work / "config.yaml").read_text()))
+    config["datasets"]["custom"]["name"] = "site_a"
+    write_config(work, config)
+    others = {"prepare", "demo", "embed", "fit", "assign", "episodes", "train_unsup", "finetune"}
+    plan = planned_jobs(snakemake(work, "-n", "--cores", "2", "results/eval_site_a.csv").stdout)
+    assert {"prepare_custom", "evaluate"} <= plan and not plan & others
+    snakemake(work, "--cores", "2", "results/eval_site_a.csv")
+    keys = ["method", "fold", "shot", "seed"]
+    named = pd.read_csv(work / "results/eval_site_a.csv").sort_values(keys).reset_index(drop=True)
+    pascal = pd.read_csv(work / "results/eval_pascal.csv").sort_values(keys).reset_index(drop=True)
+    assert named[keys + ["miou", "fbiou"]].equals(pascal[keys + ["miou", "fbiou"]])
+    assert (work / "results/site_a/prepare/images.parquet").is_file() and (work / "logs/site_a/prepare.log").is_file()
+    assert not (work / "results/custom").exists()
+    everything = snakemake(work, "-n", "--cores", "2").stdout  # the all rule: the named tables
+    assert "results/eval_site_a.md" in everything and "results/eval_custom" not in everything
+    # a fine-tuning on the named set: its own folder, the package told the data set by its name
+    finetuned = "results/pascal/demo-colortexture/clusters-12/models/demo-colortexture-prototype/finetune-20%/site_a/fold0/checkpoint.pt"
+    proc = snakemake(work, "-p", "--cores", "2", finetuned)
+    assert "--tables results/site_a/prepare --dataset site_a --fold 0" in proc.stdout + proc.stderr
+    assert (work / finetuned).is_file()
+    # a second labelled set (here the same files) beside the first: the first's results stay
+    config["datasets"]["custom"]["name"] = "site_b"
+    write_config(work, config)
+    plan = planned_jobs(snakemake(work, "-n", "--cores", "2", "results/eval_site_b.csv").stdout)
+    assert {"prepare_custom", "evaluate"} <= plan and not plan & others
+    config["datasets"]["custom"]["name"] = "site_a"
+    write_config(work, config)
+    assert "Nothing to be done" in snakemake(work, "-n", "--cores", "2", "results/eval_site_a.csv", finetuned).stdout
+    # its train images as the pseudo-task source: embed, clustering and quality under the name
+    config["unlabeled"] = {"source": "custom"}
+    write_config(work, config)
+    proc = snakemake(work, "-n", "--cores", "2")
+    assert "results/site_a/demo-colortexture/clusters-12/cluster_quality.csv" in proc.stdout
+    assert "results/site_a/demo-colortexture/embeddings/shard-0-of-2.zarr" in proc.stdout
+
+
 def test_pseudo_tasks_from_own_labelled_images_in_the_fold_setting(pipeline, tmp_path):
     """unlabeled.source custom: the pseudo tasks are built from datasets.custom's train_list images only (the
     demo's files: the same stores and clusters as the PASCAL source's), and the 'fold' setting trains one

@@ -153,13 +153,18 @@ def _check_consistency(config: dict, check_paths: bool) -> None:
     unl = config["unlabeled"]
     if unl["source"] == "folder" and not unl.get("folder"):
         problems.append("config key 'unlabeled.folder' is null, expected an image folder when unlabeled.source is 'folder'")
-    if unl["source"] == "folder" and unl.get("name") in ("pascal", "coco", "custom"):
-        problems.append(f"config key 'unlabeled.name' is '{unl['name']}', the results folder of the benchmark of that "
-                        "name; expected another name for an image folder")
+    custom = config["datasets"]["custom"]
+    taken = ("pascal", "coco", "benchmarks")  # results/<name>/ of a benchmark, and of the jobs' benchmark files
+    if custom["name"] in taken:
+        problems.append(f"config key 'datasets.custom.name' is '{custom['name']}', a results folder umtfss writes "
+                        f"itself (results/{custom['name']}/); expected another name for your labelled images")
+    if unl["source"] == "folder" and unl.get("name") in (*taken, custom["name"]):
+        owner = "datasets.custom.name's" if unl["name"] == custom["name"] else "a benchmark's or the jobs' benchmark files'"
+        problems.append(f"config key 'unlabeled.name' is '{unl['name']}', the results folder of {owner} "
+                        f"(results/{unl['name']}/); expected another name for an image folder")
     if unl["source"] == "folder" and unl["setting"] == "fold":
         problems.append("config key 'unlabeled.setting' is 'fold', which leaves out each fold's novel classes by their "
                         "labels; a folder of images has none: use 'all'")
-    custom = config["datasets"]["custom"]
     if unl["source"] == "custom" and not custom["root"]:
         problems.append("config key 'unlabeled.source' is 'custom', but 'datasets.custom.root' is null; expected the "
                         "folder of your labelled images, whose train_list images the pseudo tasks are built from")
@@ -237,6 +242,16 @@ def read_raw(source: str | Path | dict | None = None) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"configuration must be a mapping, got {type(data).__name__}")
     return data
+
+
+def benchmark_kind(config: dict, name: str) -> str:
+    """pascal, coco or custom: the benchmark named `name` in artifact paths (datasets.custom.name names yours)."""
+    if name in ("pascal", "coco"):
+        return name
+    if name in ("custom", config["datasets"]["custom"]["name"]):
+        return "custom"
+    raise ValueError(f"--dataset is '{name}', expected pascal, coco or {config['datasets']['custom']['name']} "
+                     "(datasets.custom.name: your labelled images), a labelled benchmark")
 
 
 def test_episodes(config: dict, dataset: str) -> int:

@@ -441,17 +441,18 @@ def _labelled_source(args, config, fraction: float | None):
     from umtfss.data.prepare import read_tables
     from umtfss.training.sources import LabelledEpisodes, finetune_subset
 
-    if args.dataset not in ("pascal", "coco", "custom"):
-        raise ValueError(f"--dataset is '{args.dataset}', expected pascal, coco or custom (a labelled benchmark)")
+    from umtfss.config import benchmark_kind
+
+    dataset = benchmark_kind(config, args.dataset)  # the workflow names yours datasets.custom.name
     tables = read_tables(args.tables)
-    dataset_cfg = config["datasets"][args.dataset]
+    dataset_cfg = config["datasets"][dataset]
     image_ids = None
     if fraction is not None:
         image_ids = finetune_subset(tables, fraction, config["training"]["seed"])
         args.out_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(args.out_dir / "train_subset.txt") as tmp:
             tmp.write_text("".join(f"{i}\n" for i in image_ids))
-    return LabelledEpisodes(tables, args.dataset, args.fold, image_ids=image_ids,
+    return LabelledEpisodes(tables, dataset, args.fold, image_ids=image_ids,
                             min_class_pixels=dataset_cfg["min_class_pixels"],
                             remove_novel_train=dataset_cfg["remove_novel_train"],
                             class_draw=config["training"]["labelled_class_draw"])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ wildcard_constraints:
     clusters=r"\d+",
     fold=r"\d|all",  # all: sup / finetune on every labelled class, a model for new classes (never scored)
     pct=r"\d+",
-    dataset=r"pascal|coco|custom",
+    dataset="|".join(["pascal", "coco", re.escape(config["datasets"]["custom"]["name"])]),
     src=r"[^/]+",
     embedder=r"[^/]+",
     model=r"[^/]+",
@@ -40,8 +41,16 @@ wildcard_constraints:
 
 DEMO = config["demo"]["enabled"]
 SOURCE = config["unlabeled"]["source"]
-SRC = config["unlabeled"]["name"] if SOURCE == "folder" else SOURCE
-LABELLED = ("pascal", "coco", "custom")  # sources with labels: the pseudo masks can be measured against them
+CUSTOM = config["datasets"]["custom"]["name"]  # your labelled images in paths: results/<name>/, eval_<name>.csv
+SRC = {"folder": config["unlabeled"]["name"], "custom": CUSTOM}.get(SOURCE, SOURCE)
+LABELLED = ("pascal", "coco", CUSTOM)  # sources with labels: the pseudo masks can be measured against them
+
+
+def kind(ds):
+    """The package's name of the benchmark named `ds` in paths: pascal, coco, or custom (datasets.custom, which
+    paths call datasets.custom.name)."""
+    return "custom" if ds == CUSTOM else ds
+
 EMBEDDER = config["embedding"]["backbone"] + (
     f"-d{config['embedding']['dim']}" if config["embedding"]["dim"] else ""
 )
@@ -112,15 +121,17 @@ CONVERT_ONLY_KEYS = {"coco": ("crowd", "keep_unannotated", "overlap")}
 
 
 def _section(name, converter=False, dataset=None):
-    """A config section; `datasets` cut to the one data set a job reads (and, but for a converter,
-    without the converter-only keys), so that editing another data set's keys reruns nothing here."""
+    """A config section; `datasets` cut to the one data set a job reads (its name in paths or its kind; but
+    for a converter, without the converter-only keys), so that editing another data set's keys reruns nothing here."""
     if name != "datasets":
         return config[name]
     if dataset is None:
         raise ValueError("a stage reading the datasets section must name its data set")
-    section = config[name][dataset]
-    return {dataset: section if converter else {k: v for k, v in section.items()
-                                                if k not in CONVERT_ONLY_KEYS.get(dataset, ())}}
+    dataset = kind(dataset)
+    left_out = () if converter else CONVERT_ONLY_KEYS.get(dataset, ())
+    if dataset == "custom" and CUSTOM == "custom":  # the default name: slices (and params) as before the key
+        left_out += ("name",)
+    return {dataset: {k: v for k, v in config[name][dataset].items() if k not in left_out}}
 
 
 def _slices(sections, converter=False, dataset=None, only=None):
@@ -186,7 +197,7 @@ def dataset_inputs(ds):
             return [f"{root}/{config['datasets']['pascal']['train_list']}"]
     if ds == "coco" and config["datasets"]["coco"]["instances_dir"]:
         return [f"{config['datasets']['coco']['root']}/.umtfss-converted"]
-    if ds == "custom":  # its lists: editing one reruns prepare and what reads its tables
+    if ds == CUSTOM:  # its lists: editing one reruns prepare and what reads its tables
         custom = config["datasets"]["custom"]
         root = os.path.expanduser(custom_root())
         return [os.path.join(root, custom[key]) for key in ("train_list", "val_list") if custom[key]]
@@ -231,7 +242,7 @@ def check_test_images_unseen(dataset):
     if SOURCE == "folder" and pseudo and dataset not in _UNSEEN_CHECKED:
         # passed once, an unchanged folder and test set are not compared again
         memo = f".snakemake/umtfss/test-images-{SRC}-{dataset}.txt"
-        _check_test_images_unseen(config, dataset, folder_scan().values(), memo=Path(memo))
+        _check_test_images_unseen(config, kind(dataset), folder_scan().values(), memo=Path(memo))
         _UNSEEN_CHECKED.add(dataset)
 
 
@@ -239,12 +250,12 @@ def trained_checkpoints(w):
     """(method, checkpoint.pt) of every trained method the evaluation of {dataset} scores, each fold's own."""
     check_test_images_unseen(w.dataset)
     if config["unlabeled"]["setting"] == "fold" and "unsup" in config["evaluation"]["methods"] \
-            and "custom" in (w.dataset, SRC) and w.dataset != SRC:  # fold i of one is not fold i of the other
-        named = {ds: "datasets.custom" if ds == "custom" else ds for ds in (SRC, w.dataset)}
+            and CUSTOM in (w.dataset, SRC) and w.dataset != SRC:  # fold i of one is not fold i of the other
+        named = {ds: "datasets.custom" if ds == CUSTOM else ds for ds in (SRC, w.dataset)}
         raise ValueError(f"config key 'unlabeled.setting' is 'fold': its unsup models leave out the novel classes "
                          f"of the folds of {named[SRC]}, not of {named[w.dataset]}; score {w.dataset} in the 'all' "
                          f"setting, or set unlabeled.source to {w.dataset}")
-    if w.dataset == "custom":  # its own fold count: say so before any fine-tuning job fails on a fold
+    if w.dataset == CUSTOM:  # its own fold count: say so before any fine-tuning job fails on a fold
         custom_root()
         count = len(_custom_folds(config["datasets"]["custom"]))
         absent = [f for f in config["evaluation"]["folds"] if f >= count]
@@ -280,9 +291,9 @@ def all_targets():
     those when the pseudo tasks come from its images (unlabeled.source custom)."""
     trains = any(method_checkpoint(m) for m in config["evaluation"]["methods"])
     # PASCAL's tables, but for pseudo tasks from your labelled images (scored on them; PASCAL stays a target)
-    benchmarks = ([] if SOURCE == "custom" else ["pascal"]) + (["custom"] if config["datasets"]["custom"]["root"] else [])
+    benchmarks = ([] if SOURCE == "custom" else ["pascal"]) + ([CUSTOM] if config["datasets"]["custom"]["root"] else [])
     targets = [f"results/{SRC}/{EMBEDDER}/embeddings/features.png", f"{cluster_dir()}/pseudo_masks.png"]
-    if SOURCE in LABELLED:
+    if SRC in LABELLED:
         targets.append(f"{cluster_dir()}/cluster_quality.csv")
     for ds in benchmarks:
         targets += [f"results/eval_{ds}.csv", f"results/eval_{ds}.md", f"results/eval_{ds}_examples.png"]

@@ -77,11 +77,11 @@ if config["datasets"]["custom"]["root"]:
     rule prepare_custom:
         # your own labelled images (datasets.custom); the generic prepare would not see their files change
         input:
-            dataset_inputs("custom"),
+            dataset_inputs(CUSTOM),
         output:
-            **prepared("custom"),
+            **prepared(CUSTOM),
         params:
-            cfg=stage_config("datasets", dataset="custom"),
+            cfg=stage_config("datasets", dataset=CUSTOM),
             out=lambda w, output: os.path.dirname(output.images),
             # the image and mask folders' file lists (names, sizes, times): adding, removing or rewriting
             # an image or a mask reruns prepare
@@ -90,7 +90,7 @@ if config["datasets"]["custom"]["root"]:
         conda:
             CONDA_ENV
         log:
-            "logs/custom/prepare.log",
+            f"logs/{CUSTOM}/prepare.log",
         shell:
             "umtfss prepare --config {params.cfg:q} --dataset custom --out {params.out} "
             "--workers {threads} > {log} 2>&1"

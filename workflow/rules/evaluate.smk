@@ -20,6 +20,7 @@ rule evaluate:
         methods=evaluation_methods,
         tables=lambda w: os.path.dirname(prepared(w.dataset)["images"]),
         meta=f"--meta embedder={EMBEDDER} --meta clusters={CLUSTERS} --meta unlabeled={SRC}",
+        kind=lambda w: kind(w.dataset),
     threads: TORCH_JOB_THREADS
     conda:
         CONDA_ENV
@@ -28,7 +29,7 @@ rule evaluate:
     benchmark:
         "results/benchmarks/evaluate-{dataset}.tsv"
     shell:
-        "umtfss evaluate --config {params.cfg:q} --dataset {wildcards.dataset} --tables {params.tables} "
+        "umtfss evaluate --config {params.cfg:q} --dataset {params.kind} --tables {params.tables} "
         "{params.methods} --out {output.scores} --classes-out {output.classes} {params.meta} --workers auto > {log} 2>&1"
 
 
@@ -56,11 +57,12 @@ rule examples:
         cfg=stage_config("evaluation", only={"model": REFERENCE_PREDICTOR_KEYS}),
         methods=evaluation_methods,
         tables=lambda w: os.path.dirname(prepared(w.dataset)["images"]),
+        kind=lambda w: kind(w.dataset),
     threads: 2
     conda:
         CONDA_ENV
     log:
         "logs/examples-{dataset}.log",
     shell:
-        "umtfss examples --config {params.cfg:q} --dataset {wildcards.dataset} --tables {params.tables} "
+        "umtfss examples --config {params.cfg:q} --dataset {params.kind} --tables {params.tables} "
         "{params.methods} --out {output} > {log} 2>&1"
