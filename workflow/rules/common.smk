@@ -10,8 +10,8 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
-from umtfss.config import (REFERENCE_PREDICTOR_KEYS, ConfigError, type_command_line_values,
-                           validate as _validate_config)
+from umtfss.config import (REFERENCE_PREDICTOR_KEYS, ConfigError, benchmark_kind as _benchmark_kind,
+                           type_command_line_values, validate as _validate_config)
 from umtfss.data.custom import custom_folds as _custom_folds
 from umtfss.data.folder import folder_fingerprint as _folder_fingerprint, scan_image_folder as _scan_image_folder
 from umtfss.data.overlap import check_test_images_unseen as _check_test_images_unseen
@@ -47,9 +47,8 @@ LABELLED = ("pascal", "coco", CUSTOM)  # sources with labels: the pseudo masks c
 
 
 def kind(ds):
-    """The package's name of the benchmark named `ds` in paths: pascal, coco, or custom (datasets.custom, which
-    paths call datasets.custom.name)."""
-    return "custom" if ds == CUSTOM else ds
+    """The package's name of the benchmark named `ds` in paths: pascal, coco, or custom (datasets.custom.name)."""
+    return _benchmark_kind(config, ds)
 
 EMBEDDER = config["embedding"]["backbone"] + (
     f"-d{config['embedding']['dim']}" if config["embedding"]["dim"] else ""
