@@ -268,10 +268,10 @@ def run(args: argparse.Namespace) -> Path:
         args.support = draw_supports(args.support_from, args.support_class, args.shots, args.support_split, args.seed)
         print("umtfss predict: supports " + ", ".join(image for image, _ in args.support), file=sys.stderr)
     supports = load_supports(args.support, args.support_class)
-    if args.size is None:
-        args.size, source = test_size(load(checkpoint))
-        print(f"umtfss predict: size {args.size} ({source} of the checkpoint; --size to change)", file=sys.stderr)
     size = args.size
+    if size is None:
+        size, source = test_size(load(checkpoint))
+        print(f"umtfss predict: size {size} ({source} of the checkpoint; --size to change)", file=sys.stderr)
     if size < 32:
         raise ValueError(f"--size is {size}, expected at least 32")
     device = resolve_device(args.device, "--device")
