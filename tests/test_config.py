@@ -72,6 +72,46 @@ def test_reference_tasks_overlay_is_valid_on_each_setting(setting):
     assert loaded["embedding"] == cfg.load(base)["embedding"]
 
 
+
+def _flat(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+@pytest.mark.parametrize("files", [["pascal.yaml"], ["coco.yaml"], ["pascal.yaml", "reference-model.yaml"],
+                                   ["pascal.yaml", "reference-tasks.yaml"], ["coco.yaml", "reference-backbone.yaml"]])
+def test_a_setting_leaves_nothing_of_the_demo_over(files):
+    """Snakemake layers --configfile files over the workflow's config.yaml (the demo) key by key: a
+    setting must set every key config.yaml sets, or a paper run silently keeps the demo's (dim 64, ...)."""
+    from snakemake.utils import update_config  # the merge Snakemake itself applies
+
+    alone: dict = {}
+    for name in files:
+        update_config(alone, yaml.safe_load((REPO / "configs" / name).read_text()))
+    layered = yaml.safe_load((REPO / "config.yaml").read_text())
+    update_config(layered, copy.deepcopy(alone))
+    expected, got = _flat(cfg.load(alone)), _flat(cfg.load(layered))
+    left_over = {key: (got[key], value) for key, value in expected.items()
+                 if got[key] != value and not (key.startswith("demo.") and key != "demo.enabled")}
+    assert left_over == {}, f"config.yaml's values (left) survive under {files}: {left_over}"
+    assert got["demo.enabled"] is False
+
+def test_the_schema_lists_every_registered_backbone():
+    """A backbone name typo stops the run before any job, by the schema's list: it must be the registry's."""
+    from umtfss.backbones import list_backbones
+
+    properties = cfg.schema()["properties"]
+    for section in ("embedding", "model"):
+        assert sorted(properties[section]["properties"]["backbone"]["enum"]) == list_backbones(), section
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_device_names_torch_takes_are_accepted(device):
+    assert cfg.load({"training": {"device": device}})["training"]["device"] == device
+
+
 @pytest.mark.parametrize(
     "override, words",
     [
@@ -86,6 +126,9 @@ def test_reference_tasks_overlay_is_valid_on_each_setting(setting):
         ({"evaluation": {"methods": ["unsup", "unsup"]}}, ["evaluation.methods", "each item once"]),
         ({"training": {"finetune_fractions": [0.2]}}, ["training.finetune_fractions", "was removed",
                                                         "finetune-P%", "evaluation.methods"]),
+        ({"model": {"backbone": "resnet51-imagenet"}}, ["model.backbone", "resnet51-imagenet", "resnet50-imagenet"]),
+        ({"embedding": {"backbone": "dino-vits"}}, ["embedding.backbone", "dino-vits", "dino-vits8, dino-vits16"]),
+        ({"training": {"device": "gpu"}}, ["training.device", '"gpu"', "cuda"]),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(override, words):
@@ -168,6 +211,13 @@ def test_load_accepts_inline_json_and_yaml_file(tmp_path):
     assert cfg.load(str(path))["clustering"]["clusters"] == 9
     with pytest.raises(cfg.ConfigError, match="does not exist"):
         cfg.load(str(tmp_path / "missing.yaml"))
+    # the README's flow style works inline too; what is no mapping names where it came from
+    assert cfg.load("{clustering: {clusters: 30}}")["clustering"]["clusters"] == 30
+    with pytest.raises(cfg.ConfigError, match="inline --config .* is neither JSON nor a YAML mapping"):
+        cfg.load("{clustering: {clusters: 30}")
+    path.write_text("- clustering\n")
+    with pytest.raises(cfg.ConfigError, match=r"mapping of sections .* got a list in config file '.*c.yaml'"):
+        cfg.load(str(path))
 
 
 def test_paper_episode_counts():
@@ -197,3 +247,17 @@ def test_command_line_strings_get_the_schema_types():
     file_values = {"clustering": {"clusters": "30"}}  # a value the command line did not set is left alone
     cfg.type_command_line_values(file_values, {"clustering": {"clusters": "40"}})
     assert file_values == {"clustering": {"clusters": "30"}}
+
+
+def test_numbers_written_1e_3_are_numbers_in_every_file(tmp_path):
+    """PyYAML reads 1e-3 (no dot) as text; a number key takes it as the number, a string key keeps it."""
+    path = tmp_path / "c.yaml"
+    path.write_text("training: {lr_adamw: 1e-3, finetune_lr_adamw: 2E-4}\nunlabeled: {name: 1e3}\n"
+                    "clustering: {subset_pixels: 1e6}\n")
+    assert yaml.safe_load(path.read_text())["training"]["lr_adamw"] == "1e-3"  # what PyYAML hands over
+    with pytest.raises(cfg.ConfigError, match=r"'clustering.subset_pixels' has value \"1e6\", expected type integer"):
+        cfg.load(path)  # an integer key is not made a float
+    path.write_text(path.read_text().replace("subset_pixels: 1e6", "subset_pixels: 1000000"))
+    loaded = cfg.load(path)
+    assert (loaded["training"]["lr_adamw"], loaded["training"]["finetune_lr_adamw"]) == (1e-3, 2e-4)
+    assert loaded["unlabeled"]["name"] == "1e3"

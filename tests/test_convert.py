@@ -123,6 +123,19 @@ def test_convert_sbd_reports_missing_masks(voc_and_sbd, capsys):
     assert not (voc / "SegmentationClassAug").exists()
 
 
+def test_the_reference_list_without_train_noval_stops_before_writing(voc_and_sbd, capsys):
+    """Without SBD's train_noval.txt the reference rule would give a larger list than the paper's: an error
+    naming the file and both ways on; the trainaug rule does not need it."""
+    voc, sbd = voc_and_sbd
+    (sbd / "train_noval.txt").unlink()
+    config = json.dumps({"datasets": {"pascal": {"root": str(voc), "sbd_root": str(sbd)}}})
+    assert main(["convert-sbd", "--config", config, "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"'{sbd / 'train_noval.txt'}' does not exist" in err and "--rule trainaug" in err
+    assert not (voc / "SegmentationClassAug").exists() and not (voc / "lists").exists()
+    assert main(["convert-sbd", "--config", config, "--rule", "trainaug", "--no-progress"]) == 0
+
+
 def _rect_polygon(x0, y0, x1, y1):
     return [[x0, y0, x1, y0, x1, y1, x0, y1]]
 

@@ -167,6 +167,19 @@ def test_image_over_the_pixel_limit_is_named(tmp_path, monkeypatch):
             read(tmp_path / "panorama.png")
 
 
+def test_the_pixel_limit_variable_is_read_at_the_first_image_and_a_bad_value_named(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    Image.new("1", (300, 300)).save(tmp_path / "panorama.png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 10_000)
+    monkeypatch.setattr(io, "_PIXEL_LIMIT_READ", False)
+    monkeypatch.setenv("UMTFSS_MAX_IMAGE_PIXELS", "300M")
+    with pytest.raises(ValueError, match=r"UMTFSS_MAX_IMAGE_PIXELS is '300M', expected a pixel count"):
+        io.read_rgb(tmp_path / "panorama.png")
+    monkeypatch.setenv("UMTFSS_MAX_IMAGE_PIXELS", "0")  # no limit: the large image reads
+    assert io.read_rgb(tmp_path / "panorama.png").shape == (300, 300, 3) and PILImage.MAX_IMAGE_PIXELS is None
+
+
 def test_folder_corrupt_image_names_the_path(tmp_path):
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

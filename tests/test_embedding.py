@@ -245,12 +245,18 @@ def test_shard_rows_and_table_errors(tmp_path):
         embedding.load_image_table(tmp_path / "nothing.parquet")
 
 
-def test_missing_layer_falls_back_to_embed_layer(table, tmp_path, capsys):
+def test_the_default_layer_falls_back_to_the_embed_layer_and_another_missing_one_stops(table, tmp_path, capsys):
+    from umtfss.backbones import build_backbone
+
+    demo = build_backbone("demo-colortexture")  # no layer4: the schema default means its own layer
+    assert embedding.resolve_layer(demo, "layer4") == demo.embed_layer == "features"
+    assert "no layer 'layer4' (the default of embedding.layer)" in capsys.readouterr().err
     out = tmp_path / "f.zarr"
-    embed_shard(table, 0, 1, out, StandInBackbone(), layer="last", image_size=64, batch_size=5, device="cpu",
-                workers=0, progress=False)
-    assert EmbeddingStore(out).attrs["layer"] == "layer4"
-    assert "no layer 'last'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"config key 'embedding.layer' is 'last', but backbone 'stand-in' has "
+                                         r"layers layer3, layer4; expected one of them"):
+        embed_shard(table, 0, 1, out, StandInBackbone(), layer="last", image_size=64, batch_size=5, device="cpu",
+                    workers=0, progress=False)
+    assert not out.exists()
 
 
 def test_store_reader_errors(tmp_path, table):

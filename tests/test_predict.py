@@ -166,6 +166,9 @@ def test_predict_a_folder_of_queries(files, tmp_path, capsys):
     Image.fromarray(np.zeros((21, 34, 3), np.uint8)).save(queries / "a.jpg")
     Image.fromarray(np.zeros((40, 18), np.uint8), mode="L").save(queries / "sub" / "b.png")
     (queries / "notes.txt").write_text("not an image")
+    (queries / "._a.jpg").write_bytes(b"\x00\x05AppleDouble")  # hidden files and folders are skipped
+    (queries / ".thumbnails").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(queries / ".thumbnails" / "t.png")
     out, overlays = tmp_path / "masks", tmp_path / "overlays"
     support = ["--support", str(files / "support.png"), str(files / "mask.png")]
     common = ["predict", "--checkpoint", str(files / "model.pt"), *support, "--device", "cpu", "--batch", "2"]
@@ -325,3 +328,49 @@ def test_supports_drawn_from_workflow_tables_work_from_any_folder(files, tmp_pat
     named = capsys.readouterr().err.split("umtfss predict: supports ")[1].splitlines()[0]
     assert named.startswith(str(workflow / "data" / "mine"))
     assert (elsewhere / "mask.png").is_file()
+
+
+def test_a_moved_checkpoint_names_its_backbone_file_and_takes_another(tmp_path, monkeypatch, capsys):
+    """A model checkpoint holds the trained weights only: its frozen backbone is rebuilt from the
+    model.checkpoint recorded at training, a relative path. Elsewhere the error says so, and
+    --backbone-checkpoint (FewShotSegmenter.load's backbone_checkpoint) points at the file."""
+    import torchvision
+
+    from umtfss.api import FewShotSegmenter
+
+    train_dir, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    (train_dir / "initmodel").mkdir(parents=True)
+    elsewhere.mkdir()
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), train_dir / "initmodel" / "r50.pth")
+    monkeypatch.chdir(train_dir)
+    config = load({"model": {**TINY_MODEL, "backbone": "resnet50-imagenet", "checkpoint": "initmodel/r50.pth"},
+                   "training": {"crop_size": 64}})
+    model, backbone = ckpt.build_fss_model(config["model"])
+    ckpt.save(train_dir / "model.pt", config=config, config_sections=["model", "training"], method="unsup",
+              model=ckpt.trainable_state(model, backbone), epoch=0, step=0)
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(ValueError, match=r"model.pt' holds the trained weights, not its frozen backbone's: backbone "
+                                         r"'resnet50-imagenet' is rebuilt from model.checkpoint 'initmodel/r50.pth'"
+                                         r".*--backbone-checkpoint PATH"):
+        ckpt.load_model(train_dir / "model.pt")
+    assert main(["predict", "--checkpoint", str(train_dir / "model.pt"), "--support", str(files_dir(tmp_path)[0]),
+                 str(files_dir(tmp_path)[1]), "--query", str(files_dir(tmp_path)[0]), "--out", "m.png",
+                 "--device", "cpu"]) == 1
+    assert "--backbone-checkpoint PATH" in capsys.readouterr().err
+    weights = train_dir / "initmodel" / "r50.pth"
+    assert main(["predict", "--checkpoint", str(train_dir / "model.pt"), "--backbone-checkpoint", str(weights),
+                 "--support", str(files_dir(tmp_path)[0]), str(files_dir(tmp_path)[1]),
+                 "--query", str(files_dir(tmp_path)[0]), "--out", "m.png", "--device", "cpu"]) == 0
+    loaded = FewShotSegmenter.load(train_dir / "model.pt", device="cpu", backbone_checkpoint=weights).model
+    state, expected = loaded.state_dict(), model.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def files_dir(root):
+    """(image, mask) of one small support written under root."""
+    image, mask = root / "s.png", root / "s_mask.png"
+    if not image.exists():
+        write_png(image, np.full((40, 48, 3), 90, np.uint8))
+        write_png(mask, (np.arange(40 * 48).reshape(40, 48) % 7 == 0).astype(np.uint8) * 255)
+    return image, mask

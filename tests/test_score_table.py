@@ -53,3 +53,10 @@ def test_errors_name_the_file_and_the_missing_columns(tmp_path):
     assert main(["score-table", str(tmp_path / "nope.csv")]) == 1
     with pytest.raises(ValueError, match=r"no column\(s\) seed, fbiou"):
         paper_table(pd.DataFrame({"method": ["a"], "fold": [0], "shot": [1], "miou": [1.0]}))
+
+
+def test_a_file_that_is_not_a_csv_is_named(tmp_path, capsys):
+    path = tmp_path / "eval_pascal.md"
+    path.write_text("| method | 1-shot |\n|---|---|\nunsup, 80, 1, 2, 3\n")
+    assert main(["score-table", str(path)]) == 1
+    assert f"score table '{path}' is not a CSV file" in capsys.readouterr().err

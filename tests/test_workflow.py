@@ -364,14 +364,36 @@ def test_real_data_configs_never_generate_the_demo(tmp_path, name):
     command = f"results/eval_{name}.csv --cores 16 --resources gpu=1 --configfile {REPO / 'configs' / f'{name}.yaml'}"
     assert command.replace(str(REPO / "configs") + "/", "configs/") in (REPO / "README.md").read_text() + (
         REPO / "configs" / f"{name}.yaml").read_text()
-    proc = snakemake(tmp_path, "-n", *command.split(), check=False)
+    proc = snakemake(tmp_path, "-n", "-p", *command.split(), check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     jobs = planned_jobs(out)
     assert "demo" not in jobs and f"convert_{'sbd' if name == 'pascal' else 'coco'}" in jobs and "evaluate" in jobs
+    # layered over the demo's config.yaml, the jobs get the paper's values, not the demo's
+    (unsup,) = _job_configs(proc)["train_unsup"]
+    assert (unsup["model"]["dim"], unsup["model"]["heads"], unsup["training"]["adamw_schedule"]) == (256, 8, "constant")
+    # every torch or faiss job asks for the GPU that `--resources gpu=1` hands out one at a time
+    resources = {}
+    for block in re.split(r"\n(?:local)?rule ", "\n" + out)[1:]:
+        found = re.search(r"\n\s*resources: (.*)", block)
+        resources.setdefault(block.split(":", 1)[0], set()).add(found.group(1) if found else "")
+    for rule in ("embed", "fit", "assign", "train_unsup", "finetune", "evaluate", "examples"):
+        if rule in resources:
+            assert all("gpu=1" in r for r in resources[rule]), (rule, resources[rule])
+    assert {"embed", "fit", "assign", "train_unsup", "finetune", "evaluate"} <= set(resources)
+    assert not any("gpu=1" in r for r in resources.get("prepare", set()) | resources.get("episodes", set()))
     # the workflow-catalog linter, with the real-data rules (the converters) defined
     lint = snakemake(tmp_path, "--lint", "--configfile", str(REPO / "configs" / f"{name}.yaml"), check=False)
     assert lint.returncode == 0 and "good condition" in lint.stdout + lint.stderr, (lint.stdout + lint.stderr)[-3000:]
+    # the `all` rule scores the benchmark whose train images the pseudo tasks come from
+    every = snakemake(tmp_path, "-n", "--cores", "16", "--configfile", str(REPO / "configs" / f"{name}.yaml"))
+    other = "coco" if name == "pascal" else "pascal"
+    assert f"results/eval_{name}.md" in every.stdout and f"results/eval_{other}.csv" not in every.stdout
+    # fold i of COCO is not fold i of PASCAL: fold-setting unsup models of one do not score the other
+    refused = snakemake(tmp_path, "-n", f"results/eval_{other}.csv", "--cores", "16", "--configfile",
+                        str(REPO / "configs" / f"{name}.yaml"), "--config", "unlabeled={setting: fold}", check=False)
+    assert refused.returncode != 0 and f"leave out the novel classes of the folds of {name}, not of {other}" in (
+        refused.stdout + refused.stderr), (refused.stdout + refused.stderr)[-3000:]
 
 
 def test_reference_backbone_overlay_needs_its_checkpoint_and_trains_its_own_model(tmp_path):

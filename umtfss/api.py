@@ -46,7 +46,7 @@ class PixelEmbedder:
         self.cpu_precision = check_cpu_precision(cpu_precision, "cpu_precision")
         self.device = resolve_device(device, "device")
         self.backbone = lay_out_for_precision(backbone.to(self.device).eval(), self.device, cpu_precision, "embed")
-        self.layer = resolve_layer(self.backbone, layer)
+        self.layer = resolve_layer(self.backbone, layer, "layer")
         self.stride = int(self.backbone.strides[self.layer])
         self.image_size = int(image_size)
         self.amp = amp
@@ -178,13 +178,14 @@ class FewShotSegmenter:
 
     @classmethod
     def load(cls, checkpoint: str | Path, *, size: int | None = None, device: str = "auto",
-             cpu_precision: str = "float32") -> "FewShotSegmenter":
+             cpu_precision: str = "float32", backbone_checkpoint: str | Path | None = None) -> "FewShotSegmenter":
         """The model of a `umtfss train` checkpoint; `size` defaults to the test size it was configured with,
-        else (a workflow checkpoint, trained without the evaluation section) the crop it was trained at."""
+        else (a workflow checkpoint, trained without the evaluation section) the crop it was trained at.
+        `backbone_checkpoint`: the frozen backbone's weights file, when the one recorded at training is not here."""
         from umtfss.training.checkpoint import load, load_model, test_size
 
         size = size or test_size(load(checkpoint))[0]
-        return cls(load_model(checkpoint, "cpu"), size, device, cpu_precision)
+        return cls(load_model(checkpoint, "cpu", backbone_checkpoint), size, device, cpu_precision)
 
     def segment(self, query, supports: Sequence[tuple], support_class: int | None = None) -> np.ndarray:
         """uint8 0/1 foreground mask at the query's own size."""

@@ -132,11 +132,31 @@ def type_command_line_values(config: dict, overrides: dict) -> dict:
     return config
 
 
+EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e-3, which YAML 1.1 reads as text
+
+
+def _exponent_numbers(value, node: dict):
+    """`value` with the strings of number keys written as 1e-3 made floats: PyYAML (YAML 1.1) reads a
+    number without a dot in its mantissa as text, so `lr_adamw: 1e-3` would be refused in one file and
+    taken in another."""
+    if isinstance(value, dict):
+        properties = node.get("properties", {}) if isinstance(node, dict) else {}
+        return {key: _exponent_numbers(sub, properties.get(key, {})) for key, sub in value.items()}
+    if isinstance(value, list):
+        items = node.get("items", {}) if isinstance(node, dict) else {}
+        return [_exponent_numbers(sub, items) for sub in value]
+    if (isinstance(value, str) and EXPONENT_NUMBER.fullmatch(value.strip())
+            and "number" in _accepted_types(node) and "string" not in _accepted_types(node)):
+        return float(value)
+    return value
+
+
 def validate(config: dict, check_paths: bool = False) -> dict:
     """Fill defaults in place and raise ConfigError listing every invalid key."""
     removed = _removed_keys(config)
     if removed:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(removed))
+    config.update(_exponent_numbers(config, schema()))
     validator = _DefaultFilling(schema())
     # two passes: defaults of nested objects are filled once the parent default exists
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
@@ -230,9 +250,17 @@ def read_raw(source: str | Path | dict | None = None) -> dict:
     else:
         text = str(source)
         if text.lstrip().startswith("{"):
-            data = json.loads(text)
+            where = "the inline --config"
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError:  # a YAML flow mapping, e.g. {clustering: {clusters: 30}}
+                try:
+                    data = yaml.safe_load(text)
+                except yaml.YAMLError as err:
+                    raise ConfigError(f"inline --config '{text[:80]}' is neither JSON nor a YAML mapping: {err}") from None
         else:
             path = Path(text)
+            where = f"config file '{path}'"
             if not path.is_file():
                 raise ConfigError(f"config file '{path}' does not exist")
             try:
@@ -240,7 +268,8 @@ def read_raw(source: str | Path | dict | None = None) -> dict:
             except yaml.YAMLError as err:
                 raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"configuration must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"configuration must be a mapping of sections (embedding:, clustering:, ...), got a "
+                          f"{type(data).__name__}" + (f" in {where}" if source is not None and not isinstance(source, dict) else ""))
     return data
 
 

@@ -42,6 +42,10 @@ def report(path: str | Path = ".") -> list[tuple[str, str]]:
         rows.append(("cuda", "not available: every stage runs on the CPU"))
     faiss_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     rows.append(("faiss GPUs", str(faiss_gpus)))
+    if _version("faiss-cpu") and _version("faiss-gpu"):
+        rows.append(("faiss", "warning: faiss-cpu and faiss-gpu are both installed; they write the same 'faiss' "
+                              "module, so the one installed last is imported (faiss GPUs above). Keep one: "
+                              "pip uninstall -y faiss-cpu faiss-gpu && pip install faiss-gpu"))
     backend, device = choose_backend("auto", "auto")
     rows.append(("fit (backend auto)", f"{backend} k-means on {device}"))
     native = cpu_bfloat16_native()

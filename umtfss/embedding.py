@@ -106,15 +106,23 @@ def _collate(items):
 # features
 # --------------------------------------------------------------------------------------------
 
-def resolve_layer(backbone, layer: str | None) -> str:
-    """The backbone output to store: `layer` when the backbone has it, else its embed_layer (with a note)."""
-    if layer in (None, "default"):
-        return backbone.embed_layer
+DEFAULT_LAYER = "layer4"  # the schema default of embedding.layer: a ResNet's; other backbones use their own
+
+
+def resolve_layer(backbone, layer: str | None, key: str = "embedding.layer") -> str:
+    """The backbone output to store: `layer` when the backbone has it; the default (or null) falls back to
+    the backbone's embed_layer (a ViT's 'last', the demo's 'features'), any other missing name is an error."""
     if layer in backbone.channels:
         return layer
-    print(f"umtfss embed: note: backbone '{backbone.name}' has no layer '{layer}' "
-          f"(it has {', '.join(backbone.channels)}); using its embed layer '{backbone.embed_layer}'", file=sys.stderr)
-    return backbone.embed_layer
+    if layer in (None, "default", DEFAULT_LAYER):
+        if layer == DEFAULT_LAYER:
+            print(f"umtfss embed: note: backbone '{backbone.name}' has no layer '{layer}' (the default of "
+                  f"{key}); using its embed layer '{backbone.embed_layer}'", file=sys.stderr)
+        return backbone.embed_layer
+    named = f"config key '{key}'" if "." in key else f"'{key}'"
+    raise ValueError(f"{named} is '{layer}', but backbone '{backbone.name}' has layers "
+                     f"{', '.join(backbone.channels)}; expected one of them (or '{DEFAULT_LAYER}', the default, "
+                     f"for the backbone's embed layer '{backbone.embed_layer}')")
 
 
 def random_projection(in_dim: int, out_dim: int, seed: int = PROJECTION_SEED) -> torch.Tensor:

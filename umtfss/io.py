@@ -18,9 +18,26 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
 # PIL refuses images over ~179 megapixels (decompression-bomb guard); UMTFSS_MAX_IMAGE_PIXELS sets
 # another limit for trusted folders of huge images (0 = none).
-if os.environ.get("UMTFSS_MAX_IMAGE_PIXELS", "").strip():
-    _limit = int(os.environ["UMTFSS_MAX_IMAGE_PIXELS"])
-    Image.MAX_IMAGE_PIXELS = _limit if _limit > 0 else None
+_PIXEL_LIMIT_READ = False
+
+
+def _apply_pixel_limit() -> None:
+    """Set PIL's limit from UMTFSS_MAX_IMAGE_PIXELS before the first image is opened; read there, not
+    at import, so that a bad value is an error naming the variable, not a traceback of an import."""
+    global _PIXEL_LIMIT_READ
+    if _PIXEL_LIMIT_READ:
+        return
+    text = os.environ.get("UMTFSS_MAX_IMAGE_PIXELS", "").strip()
+    if text:
+        try:
+            limit = int(text.replace("_", ""))
+        except ValueError:
+            raise ValueError(f"environment variable UMTFSS_MAX_IMAGE_PIXELS is '{text}', expected a pixel count "
+                             "such as 300000000 (0 = no limit)") from None
+        Image.MAX_IMAGE_PIXELS = limit if limit > 0 else None
+    _PIXEL_LIMIT_READ = True
+
+
 _TOO_LARGE = ("larger than PIL's decompression-bomb limit; if the file is trusted, set the environment variable "
               "UMTFSS_MAX_IMAGE_PIXELS to a higher pixel count (0 = no limit)")
 
@@ -56,6 +73,7 @@ def _open_image(path: str | Path) -> Iterator[Image.Image]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file '{path}' does not exist")
+    _apply_pixel_limit()
     try:
         image = Image.open(path)
     except Image.DecompressionBombError as err:
@@ -145,6 +163,7 @@ def _header_size(path: str | Path, kind: str, exif: bool) -> tuple[int, int]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{kind} file '{path}' does not exist")
+    _apply_pixel_limit()
     try:
         with Image.open(path) as image:
             width, height = image.size

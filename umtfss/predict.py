@@ -181,7 +181,8 @@ def query_plan(queries: list[Path], out: Path, overlay: Path | None) -> list[tup
     Otherwise they are folders: a folder's images (searched recursively) keep their relative path,
     loose files their name, with .png.
     """
-    from umtfss.io import IMAGE_SUFFIXES, is_image_path
+    from umtfss.data.folder import scan_image_folder
+    from umtfss.io import IMAGE_SUFFIXES
 
     single = len(queries) == 1 and not queries[0].is_dir() and not out.is_dir()  # an existing folder takes the mask
     if single:
@@ -193,10 +194,8 @@ def query_plan(queries: list[Path], out: Path, overlay: Path | None) -> list[tup
     named: dict[Path, Path] = {}
     for query in queries:
         if query.is_dir():
-            found = sorted(p for p in query.rglob("*") if p.is_file() and is_image_path(p))
-            if not found:
-                raise ValueError(f"query folder '{query}' holds no image ({', '.join(IMAGE_SUFFIXES)})")
-            names = [p.relative_to(query).with_suffix(".png") for p in found]
+            scanned = scan_image_folder(query, "--query")  # as the folder source: hidden files skipped, links once
+            found, names = list(scanned.values()), [Path(f"{image_id}.png") for image_id in scanned]
         else:
             found, names = [_check_file(query, "query image")], [Path(query.name).with_suffix(".png")]
         for path, name in zip(found, names):
@@ -218,6 +217,9 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarr
 def cli(parser: argparse.ArgumentParser):
     """Arguments of `umtfss predict`."""
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt written by umtfss train")
+    parser.add_argument("--backbone-checkpoint", type=Path, metavar="PATH",
+                        help="the frozen backbone's weights, when the model.checkpoint file recorded at training "
+                             "is not at its path here (a model checkpoint holds only the trained weights)")
     parser.add_argument("--support", action="append", nargs=2, metavar=("IMAGE", "MASK"),
                         help="a support image and its mask PNG (nonzero = foreground); repeat for K shots")
     parser.add_argument("--support-class", type=int, metavar="K",
@@ -275,7 +277,7 @@ def run(args: argparse.Namespace) -> Path:
     if size < 32:
         raise ValueError(f"--size is {size}, expected at least 32")
     device = resolve_device(args.device, "--device")
-    model = lay_out_for_precision(load_model(checkpoint, device), device, args.cpu_precision, "predict")
+    model = lay_out_for_precision(load_model(checkpoint, device, args.backbone_checkpoint), device, args.cpu_precision, "predict")
     torch.manual_seed(0)  # a model that draws at inference (model.hash_draw per_call) predicts the same each run
     support_images, support_masks = support_tensors(supports, size)
     shared = None  # the supports' backbone features, computed once for every query batch

@@ -31,7 +31,7 @@ def faiss_gpu(device: str) -> bool:
     if device.startswith("cuda"):
         if gpus == 0:
             raise ValueError(f"config key 'clustering.device' is '{device}' but faiss sees no GPU "
-                             "(install the 'gpu' extra, faiss-gpu, or use 'auto'/'cpu', or 'clustering.backend: torch')")
+                             "(replace faiss-cpu by faiss-gpu, README 'Real data'; or use 'auto'/'cpu', or 'clustering.backend: torch')")
         return True
     raise ValueError(f"config key 'clustering.device' is '{device}', expected auto, cpu, cuda or cuda:N")
 

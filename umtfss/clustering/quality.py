@@ -43,13 +43,16 @@ RESOLUTIONS = ("auto", "grid", "input")
 
 def label_paths_by_image(images_table: str | Path | pd.DataFrame) -> dict[str, str]:
     """image_id -> ground-truth mask path for the images of the table that have one."""
+    source = "images table"
     if isinstance(images_table, (str, Path)):
         if not Path(images_table).is_file():
             raise FileNotFoundError(f"images table '{images_table}' does not exist")
+        source = f"images table '{images_table}'"
         images_table = pd.read_parquet(images_table)
     missing = {"image_id", "label_path"} - set(images_table.columns)
     if missing:
-        raise ValueError(f"images table lacks column(s) {sorted(missing)}; expected image_id and label_path")
+        raise ValueError(f"{source} lacks column(s) {sorted(missing)}; expected image_id and label_path "
+                         "(the prepare stage's images.parquet)")
     labelled = images_table[images_table["label_path"].notna()].drop_duplicates("image_id")
     return dict(zip(labelled["image_id"].astype(str), labelled["label_path"].astype(str)))
 

@@ -125,8 +125,8 @@ def convert_sbd(voc_root: str | Path, sbd_root: str | Path, label_dir: str | Pat
     """Write SegmentationClassAug (mode-L class-id PNGs) and the train / val lists from VOC2012 + SBD.
 
     Inputs: `voc_root/ImageSets/Segmentation/{train,val}.txt` with palette PNGs in
-    `voc_root/SegmentationClass/`, and `sbd_root/{train,val}.txt` (+ optional `train_noval.txt`)
-    with `sbd_root/cls/<id>.mat`. Every image of these lists gets a mask; VOC's own mask is used
+    `voc_root/SegmentationClass/`, and `sbd_root/{train,val}.txt` (+ `train_noval.txt`, which rule
+    'reference' needs) with `sbd_root/cls/<id>.mat`. Every image of these lists gets a mask; VOC's own mask is used
     whenever it exists (finer, and it keeps VOC's 255 boundary band), otherwise SBD's. Lists
     follow `pascal_lists(rule)`. Everything is checked before anything is written; the mask folder
     is built under a temporary name and renamed at the end, then the val and train lists are
@@ -151,9 +151,12 @@ def convert_sbd(voc_root: str | Path, sbd_root: str | Path, label_dir: str | Pat
     sbd_val = _read_ids(sbd_root / "val.txt", "SBD list")
     noval_path = sbd_root / "train_noval.txt"
     noval = _read_ids(noval_path, "SBD list") if noval_path.is_file() else None
-    if rule == "reference" and noval is None:
-        print(f"convert-sbd: '{noval_path}' not found; the train list is VOC train + SBD train minus VOC val, "
-              f"not the reference 5,953-image list", file=sys.stderr)
+    if rule == "reference" and noval is None:  # without it the list would be silently larger than the paper's
+        raise FileNotFoundError(
+            f"'{noval_path}' does not exist: the reference 5,953-image train list is SBD's train_noval.txt plus "
+            "VOC train, minus VOC val. Download train_noval.txt from the SBD page into that folder (README, "
+            "'Real data'), or run 'umtfss convert-sbd --rule trainaug --config ...' once for the 10,582-image "
+            "list (the workflow then uses the lists it wrote)")
     train, val = pascal_lists(voc_train, voc_val, sbd_train, sbd_val, noval, rule)
 
     ids = _unique(voc_train + voc_val + sbd_train + sbd_val + (noval or []))
@@ -358,7 +361,7 @@ def cli_sbd(parser):
         cfg = load(args.config)["datasets"]["pascal"]
         if not cfg["sbd_root"]:
             raise ConfigError("config key 'datasets.pascal.sbd_root' is null, expected the SBD "
-                              "benchmark_RELEASE/dataset folder (cls/*.mat, train.txt, val.txt)")
+                              "benchmark_RELEASE/dataset folder (cls/*.mat, train.txt, val.txt, train_noval.txt)")
         root = existing_root(cfg["root"], "datasets.pascal.root")
         sbd_root = existing_root(cfg["sbd_root"], "datasets.pascal.sbd_root")
         summary = convert_sbd(root, sbd_root, resolve_under(root, cfg["label_dir"]),

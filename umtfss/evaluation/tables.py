@@ -63,7 +63,11 @@ def cli(parser: argparse.ArgumentParser):
     def run(args: argparse.Namespace) -> None:
         if not args.scores.is_file():
             raise FileNotFoundError(f"score table '{args.scores}' does not exist")
-        scores = pd.read_csv(args.scores)
+        try:
+            scores = pd.read_csv(args.scores)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+            raise ValueError(f"score table '{args.scores}' is not a CSV file ({err}); expected "
+                             "results/eval_<dataset>.csv from the evaluate stage") from None
         seeds = scores["seed"].nunique() if "seed" in scores.columns else 0
         text = (f"mIoU and FB-IoU (%) of {args.scores}; mean over {seeds} evaluation seed(s)"
                 + (", ± std over seeds" if seeds > 1 else "") + "\n\n" + markdown(paper_table(scores)))

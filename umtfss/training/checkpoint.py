@@ -95,15 +95,32 @@ def load_trainable_state(model: torch.nn.Module, backbone, state: dict, source: 
         )
 
 
-def load_model(path: str | Path, device="cpu"):
-    """The trained FSSModel of a checkpoint, in eval mode on `device` (backbone from the stored config)."""
+def load_model(path: str | Path, device="cpu", backbone_checkpoint: str | Path | None = None):
+    """The trained FSSModel of a checkpoint, in eval mode on `device`.
+
+    The checkpoint holds the trained weights only; the frozen backbone is rebuilt from the stored
+    config (its model.checkpoint file, else its URL). `backbone_checkpoint` replaces that file, for a
+    checkpoint moved to another folder or machine (a recorded checkpoint_sha256 still has to match).
+    """
     data = load(path)
     config = data.get("config")
     if not isinstance(config, dict) or "model" not in config or "model" not in data:
         raise ValueError(f"checkpoint '{path}' holds no model config or weights")
     # a checkpoint from before a behaviour key existed was trained with the behaviour of that time
     model_cfg = {**LEGACY_MODEL_VALUES, **config["model"]}
-    model, backbone = build_fss_model(model_cfg)
+    if backbone_checkpoint is not None:
+        model_cfg["checkpoint"] = str(backbone_checkpoint)
+    try:
+        model, backbone = build_fss_model(model_cfg)
+    except (FileNotFoundError, ValueError) as err:
+        recorded = model_cfg.get("checkpoint")
+        if recorded is None or backbone_checkpoint is not None:
+            raise
+        raise ValueError(f"checkpoint '{path}' holds the trained weights, not its frozen backbone's: backbone "
+                         f"'{model_cfg['backbone']}' is rebuilt from model.checkpoint '{recorded}', as recorded at "
+                         f"training time (relative paths from {Path.cwd()}), and that failed: {err}. Point at the "
+                         "backbone's weights with --backbone-checkpoint PATH (umtfss predict) or "
+                         "backbone_checkpoint= (FewShotSegmenter.load)") from None
     try:
         load_trainable_state(model, backbone, data["model"], path)
     except ValueError as err:

@@ -10,6 +10,8 @@ rule fit:
     params:
         cfg=lambda w: fit_config(w.clusters),
     threads: 2
+    resources:
+        gpu=gpus("clustering"),
     conda:
         CONDA_ENV
     log:
@@ -33,6 +35,8 @@ rule assign:
         cfg=assign_config(),
         images=lambda w, input: f"--images {input.images}" if REFINE else "",
     threads: 2
+    resources:
+        gpu=gpus("clustering"),
     conda:
         CONDA_ENV
     log:

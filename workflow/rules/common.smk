@@ -65,6 +65,13 @@ except Exception:  # no --cores: a dry run, --report, --dag
     _CORES = None
 TORCH_JOB_THREADS = _CORES if _CORES and _CORES <= 1024 else (os.cpu_count() or 1)
 CONDA_ENV = f"../../envs/{config['software_env']}.yaml"  # relative to the rule files
+
+
+def gpus(section):
+    """The `gpu` resource of a job whose device is config[section].device: one unless it is 'cpu', so that
+    `--resources gpu=1` (or a cluster executor) gives every torch or faiss job a GPU, one at a time."""
+    return 1 if config[section]["device"] != "cpu" else 0
+
 # the model's folder: backbone and cross-attention, plus the reference code's architecture choices
 # when set (configs/reference-model.yaml), so that paper and reference models sit side by side
 MODEL_TAG = "-".join([config["model"]["backbone"], config["model"]["attention"]]
@@ -249,7 +256,7 @@ def trained_checkpoints(w):
     """(method, checkpoint.pt) of every trained method the evaluation of {dataset} scores, each fold's own."""
     check_test_images_unseen(w.dataset)
     if config["unlabeled"]["setting"] == "fold" and "unsup" in config["evaluation"]["methods"] \
-            and CUSTOM in (w.dataset, SRC) and w.dataset != SRC:  # fold i of one is not fold i of the other
+            and w.dataset != SRC:  # fold i of one data set is not fold i of another (COCO's, PASCAL's, yours)
         named = {ds: "datasets.custom" if ds == CUSTOM else ds for ds in (SRC, w.dataset)}
         raise ValueError(f"config key 'unlabeled.setting' is 'fold': its unsup models leave out the novel classes "
                          f"of the folds of {named[SRC]}, not of {named[w.dataset]}; score {w.dataset} in the 'all' "
@@ -284,13 +291,15 @@ def evaluation_methods(w):
 
 
 def all_targets():
-    """The demo's default: the PASCAL score table (also in the paper layout), the pseudo-mask quality
+    """The demo's default: the PASCAL score table (COCO's with a COCO source; also in the paper layout), the pseudo-mask quality
     table, and the report's figures (stored features, pseudo masks, test episodes with each method's mask;
     the loss curves of the trained methods the table scores); the same tables and curves for datasets.custom when its root is set, and only
     those when the pseudo tasks come from its images (unlabeled.source custom)."""
     trains = any(method_checkpoint(m) for m in config["evaluation"]["methods"])
     # PASCAL's tables, but for pseudo tasks from your labelled images (scored on them; PASCAL stays a target)
-    benchmarks = ([] if SOURCE == "custom" else ["pascal"]) + ([CUSTOM] if config["datasets"]["custom"]["root"] else [])
+    # COCO's tables for pseudo tasks from COCO (configs/coco.yaml), PASCAL's for a PASCAL or folder source
+    benchmarks = {"custom": [], "coco": ["coco"]}.get(SOURCE, ["pascal"]) + (
+        [CUSTOM] if config["datasets"]["custom"]["root"] else [])
     targets = [f"results/{SRC}/{EMBEDDER}/embeddings/features.png", f"{cluster_dir()}/pseudo_masks.png"]
     if SRC in LABELLED:
         targets.append(f"{cluster_dir()}/cluster_quality.csv")

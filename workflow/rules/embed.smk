@@ -10,7 +10,7 @@ rule embed:
         cfg=stage_config("embedding"),
     threads: 2
     resources:
-        gpu=1 if config["embedding"]["device"] != "cpu" else 0,
+        gpu=gpus("embedding"),
     conda:
         CONDA_ENV
     log:

@@ -22,6 +22,8 @@ rule evaluate:
         meta=f"--meta embedder={EMBEDDER} --meta clusters={CLUSTERS} --meta unlabeled={SRC}",
         kind=lambda w: kind(w.dataset),
     threads: TORCH_JOB_THREADS
+    resources:
+        gpu=gpus("evaluation"),
     conda:
         CONDA_ENV
     log:
@@ -59,6 +61,8 @@ rule examples:
         tables=lambda w: os.path.dirname(prepared(w.dataset)["images"]),
         kind=lambda w: kind(w.dataset),
     threads: 2
+    resources:
+        gpu=gpus("evaluation"),
     conda:
         CONDA_ENV
     log:

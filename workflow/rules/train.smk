@@ -16,7 +16,7 @@ rule train_unsup:
         episodes=lambda w, input: os.path.dirname(input.regions),
     threads: TORCH_JOB_THREADS
     resources:
-        gpu=1 if config["training"]["device"] != "cpu" else 0,
+        gpu=gpus("training"),
     conda:
         CONDA_ENV
     log:
@@ -44,6 +44,8 @@ rule train_unsup_fold:
         episodes=lambda w, input: os.path.dirname(input.regions),
         tables=lambda w, input: os.path.dirname(input.images),
     threads: TORCH_JOB_THREADS
+    resources:
+        gpu=gpus("training"),
     conda:
         CONDA_ENV
     log:
@@ -67,6 +69,8 @@ rule train_sup:
         out=lambda w, output: os.path.dirname(output[0]),
         tables=lambda w, input: os.path.dirname(input.tables[0]),
     threads: TORCH_JOB_THREADS
+    resources:
+        gpu=gpus("training"),
     conda:
         CONDA_ENV
     log:
@@ -102,6 +106,8 @@ rule finetune:
         out=lambda w, output: os.path.dirname(output[0]),
         tables=lambda w, input: os.path.dirname(input.tables[0]),
     threads: TORCH_JOB_THREADS
+    resources:
+        gpu=gpus("training"),
     conda:
         CONDA_ENV
     log:
