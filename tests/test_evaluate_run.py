@@ -417,3 +417,74 @@ def test_feature_cache_reuses_the_backbone_and_scores_the_same(tmp_path, monkeyp
     assert off_images == slots
     assert on_images == 2 * 8  # each method: once per val image (each holds class 1 or 2, fold 0's)
     assert "feature cache:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("resolution, geometry", [("original", "exact"), ("original", "reference"), ("resized", "exact")])
+def test_one_resize_of_the_label_gives_every_class_its_episode_mask(resolution, geometry):
+    """The test-image cache resizes an image's class-id label once; an episode's mask is binary_mask of it,
+    which must equal resizing that class's binary mask (nearest neighbour commutes with the mapping)."""
+    from umtfss.episode import binary_mask
+    from umtfss.evaluation.image_cache import to_test_size
+    from umtfss.transforms import resize_pad, resize_square
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (37, 61, 3), dtype=np.uint8)
+    label = rng.choice(np.array([0, 1, 2, 7, 255], np.uint8), size=(37, 61))
+    prepared = to_test_size(image, label, 80, resolution, geometry)
+    for class_id in (1, 2, 7):
+        if resolution == "original":
+            tensor, mask, extent = resize_pad(image, binary_mask(label, class_id), 80, geometry)
+        else:
+            tensor, mask, extent = resize_square(image, binary_mask(label, class_id), 80)
+        assert torch.equal(prepared.image, tensor) and prepared.extent == extent
+        np.testing.assert_array_equal(binary_mask(prepared.label_at_test_size, class_id), mask.numpy())
+    assert prepared.nbytes == 3 * 80 * 80 * 4 + label.nbytes + 80 * 80
+
+
+@pytest.mark.parametrize("resolution", ["original", "resized"])
+def test_image_cache_decodes_each_test_image_once_and_scores_the_same(tmp_path, monkeypatch, capsys, resolution):
+    """evaluation.image_cache_mb: evaluate runs fold by fold and decodes each test image once for all
+    methods, shots and seeds; the tables equal those of decoding per batch (0), listed method by method."""
+    from umtfss.evaluation import run
+
+    tables = _make_val_set(tmp_path)
+    classes = pd.read_parquet(tables / "classes.parquet")
+    classes = classes[classes.class_id != 3].copy()
+    classes.loc[classes.class_id == 2, "fold"] = 1  # two folds of one class each
+    classes.to_parquet(tables / "classes.parquet")
+    read = run.read_rgb
+    decoded = []
+    monkeypatch.setattr(run, "read_rgb", lambda path: (decoded.append(path), read(path))[1])
+    results = []
+    for mb in (0, 64):
+        decoded.clear()
+        config = _config(resolution, folds=[0, 1], image_cache_mb=mb)
+        scores, per_class = evaluate(config, "pascal", tables, {"oracle": None, "all-background": None},
+                                     tmp_path / f"s{mb}.csv", tmp_path / f"c{mb}.csv", build=_oracle_build)
+        results.append((scores, per_class, list(decoded)))
+    (off, off_classes, off_decoded), (on, on_classes, on_decoded) = results
+    pd.testing.assert_frame_equal(off, on)
+    pd.testing.assert_frame_equal(off_classes, on_classes)
+    assert off["miou"].nunique() > 1
+    assert list(on["method"]) == ["oracle"] * 8 + ["all-background"] * 8  # folds x shots x seeds, per method
+    assert list(on["fold"][:8]) == [0] * 4 + [1] * 4 and list(on["shot"][:4]) == [1, 1, 2, 2]
+    assert len(on_decoded) == len(set(on_decoded)) <= 8 < len(off_decoded)  # once each, not once per batch
+    assert "test-image cache: " in capsys.readouterr().err
+    assert (tmp_path / "s0.csv").read_bytes() == (tmp_path / "s64.csv").read_bytes()
+
+
+def test_a_class_without_episode_counts_as_zero_as_in_the_reference_codes(tmp_path, capsys):
+    """evaluation.unseen_classes: with one episode, one of fold 0's two classes gets none; 'zero' (the
+    default) divides by both classes and lists the missing one with 0 episodes, 'skip' leaves it out."""
+    tables = _make_val_set(tmp_path)
+    rows = {}
+    for rule in ("zero", "skip"):
+        config = _config("original", shots=[1], seeds=[1], episodes=1, unseen_classes=rule)
+        scores, per_class = evaluate(config, "pascal", tables, {"oracle": None}, tmp_path / "s.csv",
+                                     tmp_path / "c.csv", build=_oracle_build)
+        rows[rule] = (float(scores["miou"].iloc[0]), per_class)
+    zero, skip = rows["zero"], rows["skip"]
+    assert list(skip[1]["episodes"]) == [1] and sorted(zero[1]["episodes"]) == [0, 1]
+    assert skip[0] > 0 and zero[0] == pytest.approx(round(skip[0] / 2, 2), abs=0.01)
+    assert zero[1].loc[zero[1]["episodes"] == 0, "iou"].item() == 0.0
+    assert "received no episode; counted as IoU 0 in the mIoU (evaluation.unseen_classes)" in capsys.readouterr().err

@@ -43,8 +43,13 @@ def test_sums_across_episodes_not_mean_of_episode_ious():
     acc.update(np.array([[1, 0, 0, 0]]), np.array([[0, 1, 1, 0]]), 1)
     # class 2: I=2, U=3 -> 2/3
     acc.update(torch.tensor([[1, 1, 1, 0]]), np.array([[1, 1, 0, I]]), 2)
-    assert acc.per_class() == {1: pytest.approx(1 / 4), 2: pytest.approx(2 / 3)}
-    assert acc.miou() == pytest.approx((1 / 4 + 2 / 3) / 2)  # unseen class 3 left out
+    assert acc.per_class("skip") == {1: pytest.approx(1 / 4), 2: pytest.approx(2 / 3)}
+    assert acc.miou("skip") == pytest.approx((1 / 4 + 2 / 3) / 2)  # unseen class 3 left out
+    # the reference codes divide by the fold's classes: unseen class 3 counts as 0
+    assert acc.per_class() == {1: pytest.approx(1 / 4), 2: pytest.approx(2 / 3), 3: 0.0}
+    assert acc.miou() == pytest.approx((1 / 4 + 2 / 3 + 0) / 3)
+    with pytest.raises(ValueError, match="evaluation.unseen_classes' is 'drop'"):
+        acc.miou("drop")
     assert acc.unseen() == [3] and acc.seen() == [1, 2]
     # fg over all episodes: I = 1+0+2 = 3, U = 1+3+3 = 7; bg: I = 3+1+0 = 4, U = 3+4+1 = 8
     assert acc.fbiou() == pytest.approx(0.5 * (3 / 7 + 4 / 8))

@@ -69,6 +69,7 @@ def test_augmentation_keeps_image_and_mask_aligned():
     image[mask == 1] = (255, 0, 0)  # red = object
     image[mask == 255] = (0, 0, 255)  # blue = ignore region
     aug = Augmentation(crop_size=64, scale_min=0.8, scale_max=1.2, rotation=20, pad_fill="zero")
+    ignore_seen = False
     for _ in range(10):
         img, msk, valid = aug(image, mask, rng)
         assert img.shape == (3, 64, 64) and msk.shape == (64, 64) and msk.dtype == torch.long
@@ -82,7 +83,37 @@ def test_augmentation_keeps_image_and_mask_aligned():
         assert (msk[black] == 255).all()
         # validity is False exactly on the fill: the mask's own ignore region (blue) stays valid input
         assert not valid[black].any() and valid[bright].all()
-        assert valid[(msk == 255) & bright].any()
+        ignore_seen |= bool(valid[(msk == 255) & bright].any())
+    assert ignore_seen
+
+
+def test_the_crop_is_drawn_again_until_it_keeps_the_object():
+    """training.crop_foreground (reference 0.85, up to 31 more draws): a crop rarely cuts the object away."""
+    mask = np.zeros((120, 120), np.uint8)
+    mask[20:52, 70:102] = 1  # an object that 17 % of the 64 px windows keep at 85 %
+    image = np.zeros((120, 120, 3), np.uint8)
+    kept = {}
+    for fraction in (0.85, 0.0):
+        aug = Augmentation(crop_size=64, scale_min=1.0, scale_max=1.0, rotation=0, flip=False, blur=False,
+                           crop_foreground=fraction)
+        rng = np.random.default_rng(0)
+        kept[fraction] = [int((aug(image, mask, rng)[1] == 1).sum()) / int(mask.sum()) for _ in range(40)]
+    assert sum(k >= 0.85 for k in kept[0.85]) >= 38  # 1 - 0.83 ** 32 = 99.8 % of the crops
+    assert sum(k >= 0.85 for k in kept[0.0]) <= 15  # one uniform draw: 17 %
+    rng = np.random.default_rng(0)
+    empty = Augmentation(crop_size=64, rotation=0, crop_foreground=0.85)(image, np.zeros_like(mask), rng)
+    assert empty[0].shape == (3, 64, 64)  # no foreground: the first crop
+
+
+@pytest.mark.parametrize("p, low, high", [(0.0, 0, 0), (0.5, 25, 55), (1.0, 76, 80)])
+def test_rotation_happens_with_its_probability(p, low, high):
+    """training.rotation_p (reference 0.5): a rotated square image shows fill in its corners."""
+    image = np.full((64, 64, 3), 255, np.uint8)
+    aug = Augmentation(crop_size=64, scale_min=1.0, scale_max=1.0, rotation=30, rotation_p=p, blur=False,
+                       pad_fill="zero")
+    rng = np.random.default_rng(1)
+    rotated = sum(bool((aug(image, np.zeros((64, 64), np.uint8), rng)[2] == 0).any()) for _ in range(80))
+    assert low <= rotated <= high
 
 
 @pytest.mark.parametrize("fill", ["mean", "zero"])

@@ -23,14 +23,23 @@ def _iou(intersection: int, union: int) -> float:
     return intersection / union if union > 0 else 0.0
 
 
+UNSEEN_RULES = ("zero", "skip")
+
+
+def _check_unseen(unseen: str) -> None:
+    if unseen not in UNSEEN_RULES:
+        raise ValueError(f"config key 'evaluation.unseen_classes' is '{unseen}', expected one of {', '.join(UNSEEN_RULES)}")
+
+
 class IoUAccumulator:
     """Sums intersections and unions over episodes; scores are ratios of sums, not means of per-episode IoUs.
 
     mIoU follows PFENet/HSNet: for each class of the fold, Σ intersection / Σ union of the foreground over
-    the episodes of that class, then the mean over classes. Classes that received no episode are left out
-    of the mean (and listed by `unseen()`), so short test runs still score; `miou()` raises if no class
-    was seen. FB-IoU: Σ I / Σ U over all episodes for the foreground and for the background, averaged.
-    Pixels whose target is 255 are excluded from every count.
+    the episodes of that class, then the mean over the fold's classes, where a class that received no
+    episode counts as 0, as both reference codes count it (`unseen='zero'`); `unseen='skip'` leaves it
+    out of the mean instead. `unseen()` lists such classes; `miou()` raises if no class was seen.
+    FB-IoU: Σ I / Σ U over all episodes for the foreground and for the background, averaged. Pixels
+    whose target is 255 are excluded from every count.
     """
 
     def __init__(self, class_ids: Iterable[int]):
@@ -76,19 +85,21 @@ class IoUAccumulator:
         return [c for c in self.class_ids if self.episodes[c] > 0]
 
     def unseen(self) -> list[int]:
-        """Classes that received no episode (left out of mIoU)."""
+        """Classes that received no episode (0 in mIoU, or left out of it with unseen='skip')."""
         return [c for c in self.class_ids if self.episodes[c] == 0]
 
-    def per_class(self) -> dict[int, float]:
-        """IoU of every seen class, as a fraction."""
-        return {c: _iou(self.intersection[c], self.union[c]) for c in self.seen()}
+    def per_class(self, unseen: str = "zero") -> dict[int, float]:
+        """IoU of every class of the fold, as a fraction, an unseen one as 0 ('zero'); of the seen ones ('skip')."""
+        _check_unseen(unseen)
+        classes = self.class_ids if unseen == "zero" else self.seen()
+        return {c: _iou(self.intersection[c], self.union[c]) for c in classes}
 
-    def miou(self) -> float:
-        """Mean over the seen classes of Σ I / Σ U (fraction)."""
-        scores = self.per_class()
-        if not scores:
+    def miou(self, unseen: str = "zero") -> float:
+        """Mean of Σ I / Σ U (fraction) over the fold's classes, an unseen one as 0 ('zero', the reference
+        codes') or over the seen classes only ('skip')."""
+        if not self.seen():
             raise ValueError("mIoU is undefined: no episode was accumulated")
-        return float(np.mean(list(scores.values())))
+        return float(np.mean(list(self.per_class(unseen).values())))
 
     def fbiou(self) -> float:
         """Mean of the foreground and background Σ I / Σ U over all episodes (fraction)."""

@@ -18,12 +18,13 @@ from umtfss import config as config_module
 from umtfss.episode import binary_mask
 from umtfss.io import atomic_path, read_label, read_rgb
 from umtfss.evaluation.evaluator import IoUAccumulator
+from umtfss.evaluation.image_cache import ImageCache, PreparedImage, to_test_size
 from umtfss.data.prepare import read_tables
 from umtfss.devices import (channels_last_input, check_cpu_precision, inference_autocast, lay_out_for_precision,
                             resolve_device)
 from umtfss.evaluation.predictors import Predictor, build_predictor
 from umtfss.evaluation.sampler import sample_episodes
-from umtfss.transforms import resize_pad, resize_square, unpad_to, valid_pixels
+from umtfss.transforms import unpad_to, valid_pixels
 
 SPLIT = "val"
 SCORE_COLUMNS = ["method", "backbone", "embedder", "clusters", "fold", "shot", "seed", "miou", "fbiou", "episodes",
@@ -39,10 +40,12 @@ class EpisodeBatches(Dataset):
 
     An item holds the predictor inputs at test size and, per episode, the target to score against:
     the original-size mask (resolution 'original') or the mask resized to test size ('resized').
+    `cache` (an ImageCache, in-process loading only) keeps each image at test size across batches
+    and across the EpisodeBatches of one evaluate run, so that it is decoded once.
     """
 
     def __init__(self, episodes: pd.DataFrame, paths: dict[str, tuple[str, str]], batch_size: int,
-                 test_size: int, resolution: str, geometry: str = "exact"):
+                 test_size: int, resolution: str, geometry: str = "exact", cache: ImageCache | None = None):
         if resolution not in ("original", "resized"):
             raise ValueError(f"evaluation.resolution '{resolution}' is not allowed; expected original or resized")
         self.episodes = episodes.reset_index(drop=True)
@@ -51,50 +54,47 @@ class EpisodeBatches(Dataset):
         self.test_size = test_size
         self.resolution = resolution
         self.geometry = geometry  # of resize_pad (resolution original)
+        self.cache = cache
 
     def __len__(self) -> int:
         return math.ceil(len(self.episodes) / self.batch_size)
 
-    def _load(self, image_ids) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        loaded = {}
-        for image_id in image_ids:
-            if image_id not in self.paths:
-                raise ValueError(f"image '{image_id}' of an episode is not in images.parquet (split '{SPLIT}')")
-            image_path, label_path = self.paths[image_id]
-            # writable copies: torch.from_numpy warns on the read-only arrays PIL hands out
-            image = np.require(read_rgb(image_path), requirements="W")
-            label = np.require(read_label(label_path), requirements="W")
-            if image.shape[:2] != label.shape:
-                raise ValueError(
-                    f"image '{image_path}' is {image.shape[:2]} but its label '{label_path}' is {label.shape}")
-            loaded[image_id] = (image, label)
-        return loaded
+    def _read(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        if image_id not in self.paths:
+            raise ValueError(f"image '{image_id}' of an episode is not in images.parquet (split '{SPLIT}')")
+        image_path, label_path = self.paths[image_id]
+        # writable copies: torch.from_numpy warns on the read-only arrays PIL hands out
+        image = np.require(read_rgb(image_path), requirements="W")
+        label = np.require(read_label(label_path), requirements="W")
+        if image.shape[:2] != label.shape:
+            raise ValueError(
+                f"image '{image_path}' is {image.shape[:2]} but its label '{label_path}' is {label.shape}")
+        return image, label
 
-    def _transform(self, image, mask):
-        if self.resolution == "original":
-            return resize_pad(image, mask, self.test_size, self.geometry)
-        return resize_square(image, mask, self.test_size)
+    def _prepared(self, image_id: str) -> PreparedImage:
+        if self.cache is not None and (kept := self.cache.lookup(image_id)) is not None:
+            return kept
+        prepared = to_test_size(*self._read(image_id), self.test_size, self.resolution, self.geometry)
+        if self.cache is not None:
+            self.cache.keep(image_id, prepared, prepared.nbytes)
+        return prepared
 
     def __getitem__(self, index: int) -> dict:
         rows = self.episodes.iloc[index * self.batch_size:(index + 1) * self.batch_size]
         needed = set(rows["query_id"]) | {s for ids in rows["support_ids"] for s in ids}
-        images = self._load(sorted(needed))
+        images = {image_id: self._prepared(image_id) for image_id in sorted(needed)}
         queries, supports, support_masks, targets, valid = [], [], [], [], []
         for row in rows.itertuples(index=False):
-            image, label = images[row.query_id]
-            target = binary_mask(label, row.class_id)
-            query, resized_target, extent = self._transform(image, target)
-            queries.append(query)
-            valid.append(extent)
-            targets.append(target if self.resolution == "original" else resized_target.numpy().astype(np.uint8))
-            shot_images, shot_masks = [], []
-            for support_id in row.support_ids:
-                s_image, s_label = images[support_id]
-                s_tensor, s_mask, _ = self._transform(s_image, binary_mask(s_label, row.class_id))
-                shot_images.append(s_tensor)
-                shot_masks.append(s_mask.float())  # 0/1, 255 = ignore or padding
-            supports.append(torch.stack(shot_images))
-            support_masks.append(torch.stack(shot_masks))
+            query = images[row.query_id]
+            queries.append(query.image)
+            valid.append(query.extent)
+            targets.append(binary_mask(query.label if self.resolution == "original" else query.label_at_test_size,
+                                       row.class_id))
+            shots = [images[support_id] for support_id in row.support_ids]
+            supports.append(torch.stack([shot.image for shot in shots]))
+            # 0/1, 255 = ignore or padding
+            support_masks.append(torch.stack([torch.from_numpy(binary_mask(shot.label_at_test_size, row.class_id)).float()
+                                              for shot in shots]))
         return {
             "query": torch.stack(queries),
             "query_valid": valid_pixels(valid, self.test_size),
@@ -146,11 +146,13 @@ def lay_out_predictor(predictor: Predictor, device: torch.device, cpu_precision:
 
 
 def evaluate_predictor(predictor: Predictor, episodes: pd.DataFrame, paths, class_ids, eval_cfg: dict,
-                       device: torch.device, workers: int = 0, progress: tqdm | None = None) -> IoUAccumulator:
-    """Score one predictor on one episode table (on a CPU in bfloat16 autocast when evaluation.cpu_precision says so)."""
+                       device: torch.device, workers: int = 0, progress: tqdm | None = None,
+                       images: ImageCache | None = None) -> IoUAccumulator:
+    """Score one predictor on one episode table (on a CPU in bfloat16 autocast when evaluation.cpu_precision says so).
+    `images` keeps the test images at test size between calls (with workers=0 only: workers decode apart)."""
     cpu_precision = eval_cfg["cpu_precision"]
     batches = EpisodeBatches(episodes, paths, eval_cfg["batch_size"], eval_cfg["test_size"], eval_cfg["resolution"],
-                             eval_cfg["geometry"])
+                             eval_cfg["geometry"], images if workers == 0 else None)
     loader = DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_collate_one,
                         pin_memory=device.type == "cuda")
     accumulator = IoUAccumulator(class_ids)
@@ -238,45 +240,64 @@ def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: d
         for fold, shot, seed in plan
     }
     score_rows, class_rows = [], []
+    # fold by fold, every method on it: a fold's test images, decoded once, serve all methods and shots
+    images = ImageCache(eval_cfg["image_cache_mb"]) if workers == 0 and eval_cfg["image_cache_mb"] > 0 else None
     progress = tqdm(total=len(methods) * len(plan) * n_episodes, desc="evaluate", unit="episode", file=sys.stderr)
-    for method, checkpoint in methods.items():
-        predictors: dict = {}  # a checkpoint path with "{fold}" names one model per fold (sup, finetune)
-        for fold, shot, seed in plan:
+    predictors: dict = {}  # the predictor in use: a checkpoint path with "{fold}" names one model per fold
+    for fold in eval_cfg["folds"]:
+        for method, checkpoint in methods.items():
             path = checkpoint.format(fold=fold) if checkpoint else checkpoint
-            if path not in predictors:
+            if (method, path) not in predictors:
                 _report_cache(predictors)
                 predictors.clear()
-                predictors[path] = _with_feature_cache(
+                predictors[method, path] = _with_feature_cache(
                     lay_out_predictor(build(method, config, path, device), device, cpu_precision),
                     eval_cfg["feature_cache_mb"])
-            predictor = predictors[path]
-            progress.set_description(f"{method} fold {fold} {shot}-shot seed {seed}")
-            torch.manual_seed(seed)  # a model that draws at inference (model.hash_draw per_call) repeats per seed
-            acc = evaluate_predictor(predictor, episode_tables[fold, shot, seed], paths, classes_of[fold], eval_cfg,
-                                     device, workers, progress)
-            score_rows.append({
-                **{k: meta[k] for k in ("backbone", "embedder", "clusters")},
-                "method": method, "fold": fold, "shot": shot, "seed": seed,
-                "miou": round(100 * acc.miou(), 2), "fbiou": round(100 * acc.fbiou(), 2),
-                "episodes": acc.total_episodes,
-                "resolution": eval_cfg["resolution"],
-                "geometry": eval_cfg["geometry"] if eval_cfg["resolution"] == "original" else "",
-                "test_size": eval_cfg["test_size"], "sampling": eval_cfg["sampling"],
-                **{k: v for k, v in meta.items() if k not in ("backbone", "embedder", "clusters")},
-            })
-            for class_id, iou in acc.per_class().items():
-                class_rows.append({"method": method, "fold": fold, "shot": shot, "seed": seed, "class_id": class_id,
-                                   "class_name": class_names.get(class_id, str(class_id)),
-                                   "iou": round(100 * iou, 2), "episodes": acc.episodes[class_id]})
-        _report_cache(predictors)
+            predictor = predictors[method, path]
+            for shot in eval_cfg["shots"]:
+                for seed in eval_cfg["seeds"]:
+                    progress.set_description(f"{method} fold {fold} {shot}-shot seed {seed}")
+                    torch.manual_seed(seed)  # a model that draws at inference (model.hash_draw per_call) repeats per seed
+                    acc = evaluate_predictor(predictor, episode_tables[fold, shot, seed], paths, classes_of[fold],
+                                             eval_cfg, device, workers, progress, images)
+                    unseen = eval_cfg["unseen_classes"]
+                    if acc.unseen():
+                        tqdm.write(f"{method} fold {fold} {shot}-shot seed {seed}: class(es) "
+                                   f"{', '.join(class_names.get(c, str(c)) for c in acc.unseen())} received no episode; "
+                                   + ("counted as IoU 0 in the mIoU" if unseen == "zero" else "left out of the mIoU")
+                                   + " (evaluation.unseen_classes)", file=sys.stderr)
+                    score_rows.append({
+                        **{k: meta[k] for k in ("backbone", "embedder", "clusters")},
+                        "method": method, "fold": fold, "shot": shot, "seed": seed,
+                        "miou": round(100 * acc.miou(unseen), 2), "fbiou": round(100 * acc.fbiou(), 2),
+                        "episodes": acc.total_episodes,
+                        "resolution": eval_cfg["resolution"],
+                        "geometry": eval_cfg["geometry"] if eval_cfg["resolution"] == "original" else "",
+                        "test_size": eval_cfg["test_size"], "sampling": eval_cfg["sampling"],
+                        **{k: v for k, v in meta.items() if k not in ("backbone", "embedder", "clusters")},
+                    })
+                    for class_id, iou in acc.per_class(unseen).items():
+                        class_rows.append({"method": method, "fold": fold, "shot": shot, "seed": seed,
+                                           "class_id": class_id, "class_name": class_names.get(class_id, str(class_id)),
+                                           "iou": round(100 * iou, 2), "episodes": acc.episodes[class_id]})
+    _report_cache(predictors)
+    if images is not None:
+        tqdm.write(images.summary(), file=sys.stderr)
     progress.close()
     extra = [k for k in meta if k not in SCORE_COLUMNS]
-    scores = pd.DataFrame(score_rows, columns=SCORE_COLUMNS + extra)
-    per_class = pd.DataFrame(class_rows, columns=CLASS_COLUMNS)
+    order = {method: rank for rank, method in enumerate(methods)}  # the tables list method by method, as given
+    scores = _method_major(pd.DataFrame(score_rows, columns=SCORE_COLUMNS + extra), order)
+    per_class = _method_major(pd.DataFrame(class_rows, columns=CLASS_COLUMNS), order)
     write_csv(scores, out_csv)
     write_csv(per_class, classes_csv)
     print(summary(scores).to_string(index=False))
     return scores, per_class
+
+
+def _method_major(rows: pd.DataFrame, order: dict[str, int]) -> pd.DataFrame:
+    """Rows run fold by fold, listed method by method (the order of --method), each in run order."""
+    ranks = rows["method"].map(order)
+    return rows.iloc[np.argsort(ranks.to_numpy(), kind="stable")].reset_index(drop=True)
 
 
 def summary(scores: pd.DataFrame) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""Training augmentation (PFENet style): random scale, rotation, Gaussian blur, flip, then pad and random crop."""
+"""Training augmentation (PFENet style): random scale, rotation, Gaussian blur, flip, then pad and a random crop that keeps the object."""
 
 from __future__ import annotations
 
@@ -28,9 +28,12 @@ class Augmentation:
     scale_min: float = 0.9
     scale_max: float = 1.1
     rotation: float = 10.0
+    rotation_p: float = 0.5
     flip: bool = True
     blur: bool = True
     pad_fill: str = "mean"
+    crop_foreground: float = 0.85
+    crop_redraws: int = 31
 
     @classmethod
     def from_config(cls, training_cfg: dict) -> "Augmentation":
@@ -39,9 +42,12 @@ class Augmentation:
             scale_min=float(training_cfg["scale_min"]),
             scale_max=float(training_cfg["scale_max"]),
             rotation=float(training_cfg["rotation"]),
+            rotation_p=float(training_cfg["rotation_p"]),
             flip=bool(training_cfg["flip"]),
             blur=bool(training_cfg["blur"]),
             pad_fill=str(training_cfg["pad_fill"]),
+            crop_foreground=float(training_cfg["crop_foreground"]),
+            crop_redraws=int(training_cfg["crop_redraws"]),
         )
 
     def __post_init__(self):
@@ -68,13 +74,14 @@ def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, 
     msk = torch.stack([label, torch.ones_like(label)])  # channel 1: 1 on image pixels, 0 on fill
     fill = PAD_FILLS[aug.pad_fill]
     img, msk = _random_scale(img, msk, rng, aug.scale_min, aug.scale_max)
-    img, msk = _random_rotate(img, msk, rng, aug.rotation, fill)
+    if aug.rotation_p >= 1 or rng.random() < aug.rotation_p:  # p 1 draws nothing: the stream of before the key
+        img, msk = _random_rotate(img, msk, rng, aug.rotation, fill)
     if aug.blur and rng.random() < 0.5:
         img = TF.gaussian_blur(img, kernel_size=[BLUR_KERNEL, BLUR_KERNEL], sigma=[BLUR_SIGMA, BLUR_SIGMA])
     if aug.flip and rng.random() < 0.5:
         img, msk = img.flip(-1), msk.flip(-1)
     img, msk = _pad_to(img, msk, aug.crop_size, fill)
-    img, msk = _random_crop(img, msk, rng, aug.crop_size)
+    img, msk = _random_crop(img, msk, rng, aug.crop_size, aug.crop_foreground, aug.crop_redraws)
     return img.contiguous(), msk[0].long().contiguous(), msk[1].bool().contiguous()
 
 
@@ -113,8 +120,22 @@ def _pad_to(img, msk, size, fill=(0.0, 0.0, 0.0)):
     return img, msk
 
 
-def _random_crop(img, msk, rng, size):
+def _random_crop(img, msk, rng, size, keep_foreground: float = 0.0, redraws: int = 0):
+    """A random size x size window; while it holds less than `keep_foreground` of the mask's foreground
+    (label 1) pixels, drawn again, at most `redraws` times (the reference's Crop: 0.85, while crop_cnt <= 30,
+    the last draw kept), so that a crop rarely cuts the episode's object away."""
     h, w = img.shape[-2:]
-    top = int(rng.integers(0, h - size + 1))
-    left = int(rng.integers(0, w - size + 1))
-    return img[:, top : top + size, left : left + size], msk[:, top : top + size, left : left + size]
+
+    def window():
+        top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+        return slice(top, top + size), slice(left, left + size)
+
+    rows, cols = window()
+    if keep_foreground > 0 and (h > size or w > size):
+        foreground = msk[0] == 1
+        total = int(foreground.sum())
+        for _ in range(redraws):
+            if int(foreground[rows, cols].sum()) >= keep_foreground * total:
+                break
+            rows, cols = window()
+    return img[:, rows, cols], msk[:, rows, cols]

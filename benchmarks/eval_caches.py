@@ -1,15 +1,18 @@
-"""Benchmark: the meta-test with and without evaluation.feature_cache_mb, side by side in one run.
+"""Benchmark: the meta-test with and without one of its caches, side by side in one run.
 
-The frozen backbone's features of each test image are kept once computed, so the backbone runs once
-per image and fold instead of once per query and support of every episode. Runs `evaluate` on a
-prepared benchmark with the cache off (0) and on, alternating `--repeats` times, and reports seconds,
+--cache feature (evaluation.feature_cache_mb): the frozen backbone's features of each test image are
+kept once computed, so the backbone runs once per image and fold instead of once per query and support
+of every episode. --cache image (evaluation.image_cache_mb): each test image is decoded and brought to
+test size once per fold, for every method, shot and seed, instead of once per batch. Runs `evaluate` on
+a prepared benchmark with the cache off (0) and on, alternating `--repeats` times, and reports seconds,
 episodes per second, their ratio, what the cache reused and held, and whether the two score tables are
 identical (they must be).
 
-    snakemake --cores 2 results/eval_pascal.csv    # first: the demo's tables and unsup checkpoint
-    python benchmarks/eval_feature_cache.py        # the demo: fold 0, 1- and 5-shot, 300 episodes
-    python benchmarks/eval_feature_cache.py --method prototype-threshold --episodes 100
-    python benchmarks/eval_feature_cache.py --predict 64   # umtfss predict: 64 queries, 5 shots
+    snakemake --cores 2 results/eval_pascal.csv    # first: the demo's tables and checkpoints
+    python benchmarks/eval_caches.py               # features; the demo: fold 0, 1- and 5-shot, 300 episodes
+    python benchmarks/eval_caches.py --method prototype-threshold --episodes 100
+    python benchmarks/eval_caches.py --cache image --demo-methods   # the demo's four methods, test images
+    python benchmarks/eval_caches.py --predict 64   # umtfss predict: 64 queries, 5 shots
 
 With --predict Q: `umtfss predict` on the first Q test images with 5 supports drawn from the train
 images (`--support-from`), the supports' backbone features computed once per run (the default) against
@@ -28,7 +31,11 @@ from pathlib import Path
 
 import torch
 
-DEMO_CHECKPOINT = "results/pascal/demo-colortexture/clusters-50/models/demo-colortexture-prototype/unsup/checkpoint.pt"
+DEMO_MODELS = "results/pascal/demo-colortexture/clusters-50/models/demo-colortexture-prototype"
+DEMO_CHECKPOINT = f"{DEMO_MODELS}/unsup/checkpoint.pt"
+DEMO_METHODS = {"all-background": None, "prototype-threshold": None, "unsup": DEMO_CHECKPOINT,
+                "finetune-20%": f"{DEMO_MODELS}/finetune-20%/pascal/fold{{fold}}/checkpoint.pt"}  # config.yaml's
+CACHE_LINES = ("feature cache", "test-image cache")
 
 
 def main(argv=None) -> None:
@@ -41,7 +48,11 @@ def main(argv=None) -> None:
     parser.add_argument("--folds", type=int, nargs="+", default=[0])
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--episodes", type=int, default=300)
-    parser.add_argument("--feature-cache-mb", type=float, default=1024)
+    parser.add_argument("--cache", choices=["feature", "image"], default="feature",
+                        help="which cache to turn off and on: evaluation.feature_cache_mb or image_cache_mb")
+    parser.add_argument("--mb", type=float, help="its size when on (default: the schema's)")
+    parser.add_argument("--demo-methods", action="store_true",
+                        help="score the demo's four methods (config.yaml's evaluation.methods) instead of --method")
     parser.add_argument("--repeats", type=int, default=2, help="off/on pairs, alternating")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -54,38 +65,43 @@ def main(argv=None) -> None:
     from umtfss.config import load
     from umtfss.evaluation.run import evaluate
 
-    checkpoint = None if args.method == "prototype-threshold" else args.checkpoint
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        raise SystemExit(f"checkpoint '{checkpoint}' does not exist: run the demo first "
-                         "(snakemake --cores 2 results/eval_pascal.csv) or pass --checkpoint")
+    methods = dict(DEMO_METHODS) if args.demo_methods else {
+        args.method: None if args.method == "prototype-threshold" else args.checkpoint}
+    for checkpoint in filter(None, methods.values()):
+        for fold in args.folds:
+            if not Path(checkpoint.format(fold=fold)).is_file():
+                raise SystemExit(f"checkpoint '{checkpoint.format(fold=fold)}' does not exist: run the demo first "
+                                 "(snakemake --cores 2 results/eval_pascal.csv) or pass --checkpoint")
     torch.set_num_threads(args.threads)
     config = load(args.config)
     config["evaluation"].update(folds=args.folds, shots=args.shots, episodes=args.episodes, device=args.device,
                                 seeds=[321])
-    runs = {0.0: [], args.feature_cache_mb: []}
+    key = f"{args.cache}_cache_mb"
+    size = args.mb if args.mb is not None else config["evaluation"][key]
+    runs = {0.0: [], size: []}
     tables, logs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             for mb in runs:
-                config["evaluation"]["feature_cache_mb"] = mb
+                config["evaluation"][key] = mb
                 err = io.StringIO()
                 start = time.perf_counter()
                 with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-                    scores, _ = evaluate(config, args.dataset, args.tables, {args.method: checkpoint},
-                                         Path(tmp) / "s.csv", Path(tmp) / "c.csv")
+                    scores, _ = evaluate(config, args.dataset, args.tables, methods, Path(tmp) / "s.csv",
+                                         Path(tmp) / "c.csv")
                 runs[mb].append(time.perf_counter() - start)
                 tables[mb] = scores
                 logs[mb] = [line.strip() for line in err.getvalue().replace("\r", "\n").splitlines()
-                            if line.startswith("feature cache")]
-    episodes = args.episodes * len(args.folds) * len(args.shots)
-    off, on = min(runs[0.0]), min(runs[args.feature_cache_mb])
-    identical = tables[0.0].equals(tables[args.feature_cache_mb])
+                            if line.startswith(CACHE_LINES)]
+    episodes = args.episodes * len(args.folds) * len(args.shots) * len(methods)
+    off, on = min(runs[0.0]), min(runs[size])
+    identical = tables[0.0].equals(tables[size])
     print(json.dumps({
-        "method": args.method, "folds": args.folds, "shots": args.shots, "episodes": episodes,
+        "cache": key, "methods": list(methods), "folds": args.folds, "shots": args.shots, "episodes": episodes,
         "threads": args.threads, "device": args.device,
-        "seconds_off": [round(s, 2) for s in runs[0.0]], "seconds_on": [round(s, 2) for s in runs[args.feature_cache_mb]],
+        "seconds_off": [round(s, 2) for s in runs[0.0]], "seconds_on": [round(s, 2) for s in runs[size]],
         "episodes_per_s_off": round(episodes / off, 1), "episodes_per_s_on": round(episodes / on, 1),
-        "speed-up": round(off / on, 2), "scores_identical": identical, "cache": logs[args.feature_cache_mb],
+        "speed-up": round(off / on, 2), "scores_identical": identical, "cache_lines_on": logs[size],
     }, indent=1))
     if not identical:
         raise SystemExit("the score tables differ between the cache off and on")
