@@ -224,14 +224,19 @@ def test_another_data_sets_keys_rerun_nothing_of_a_pascal_run(pipeline):
     assert "prepare" in plan and "demo" not in plan
 
 
+def _job_blocks(text: str):
+    """(rule name, the job's block of lines) for each job a dry run printed."""
+    for block in re.split(r"\n(?:local)?rule ", "\n" + text)[1:]:
+        yield block.split(":", 1)[0], block
+
+
 def _job_configs(proc) -> dict[str, list[dict]]:
     """rule name -> the --config JSON of each of its jobs in a dry run's printed commands (-p)."""
     import json
     import shlex
 
     found: dict[str, list[dict]] = {}
-    for block in re.split(r"\n(?:local)?rule ", "\n" + proc.stdout + proc.stderr)[1:]:
-        name = block.split(":", 1)[0]
+    for name, block in _job_blocks(proc.stdout + proc.stderr):
         for line in block.splitlines():
             if "umtfss " in line and "--config" in line:
                 words = shlex.split(line[line.index("umtfss "):])
@@ -374,9 +379,9 @@ def test_real_data_configs_never_generate_the_demo(tmp_path, name):
     assert (unsup["model"]["dim"], unsup["model"]["heads"], unsup["training"]["adamw_schedule"]) == (256, 8, "constant")
     # every torch or faiss job asks for the GPU that `--resources gpu=1` hands out one at a time
     resources = {}
-    for block in re.split(r"\n(?:local)?rule ", "\n" + out)[1:]:
+    for rule, block in _job_blocks(out):
         found = re.search(r"\n\s*resources: (.*)", block)
-        resources.setdefault(block.split(":", 1)[0], set()).add(found.group(1) if found else "")
+        resources.setdefault(rule, set()).add(found.group(1) if found else "")
     for rule in ("embed", "fit", "assign", "train_unsup", "finetune", "evaluate", "examples"):
         if rule in resources:
             assert all("gpu=1" in r for r in resources[rule]), (rule, resources[rule])

@@ -156,8 +156,9 @@ def validate(config: dict, check_paths: bool = False) -> dict:
     removed = _removed_keys(config)
     if removed:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(removed))
-    config.update(_exponent_numbers(config, schema()))
-    validator = _DefaultFilling(schema())
+    config_schema = schema()
+    config.update(_exponent_numbers(config, config_schema))
+    validator = _DefaultFilling(config_schema)
     # two passes: defaults of nested objects are filled once the parent default exists
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     if not errors:
