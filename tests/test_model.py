@@ -460,3 +460,17 @@ def test_prior_mask_of_signed_features_ignores_the_masked_out_cells():
     masks = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
     prior = prior_mask(query, support, masks).flatten()
     torch.testing.assert_close(prior, torch.tensor([0.0, 1.0, 0.5, 0.0]), atol=1e-5, rtol=0)
+
+
+def test_prior_mask_stays_float32_under_autocast():
+    """Mixed precision (training.amp, evaluation.cpu_precision) must not round the prior's cosines to bfloat16."""
+    from umtfss.model.fss import prior_mask
+
+    torch.manual_seed(5)
+    query, support = torch.randn(2, 64, 12, 12), torch.randn(2, 2, 64, 12, 12)
+    masks = (torch.rand(2, 2, 48, 48) > 0.5).float()
+    expected = prior_mask(query, support, masks)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = prior_mask(query, support, masks)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)

@@ -100,11 +100,8 @@ def _typed_value(text: str, node: dict):
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    if isinstance(value, str) and "number" in types:  # 1e-3: YAML 1.1 reads it as a string
-        try:
-            return float(text)
-        except ValueError:
-            return text
+    if isinstance(value, str):  # 1e-3: YAML 1.1 reads it as a string
+        return _exponent_numbers(text, node)
     return text if isinstance(value, (dict, list)) else value
 
 

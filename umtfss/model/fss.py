@@ -52,13 +52,15 @@ def prior_mask(query_high: torch.Tensor, support_high: torch.Tensor, support_mas
     query_high [B,C,h,w]; support_high [B,K,C,h,w]; support_masks [B,K,H,W] float 0/1. The max runs over
     the support cells the mask touches: PFENet's masked-out cells are zero vectors (cosine 0), which
     changes nothing for ReLU features (ResNet) but would clamp the prior of signed features (ViT, the
-    demo's filter bank) at 0. A support without foreground gives a prior of 0.
+    demo's filter bank) at 0. A support without foreground gives a prior of 0. Computed in float32 under
+    any autocast, as the reference code (no mixed precision) computes it: in bfloat16 it moved by up to 0.008.
     """
     batch, shots, channels, height, width = support_high.shape
-    masks = _resize(support_masks.flatten(0, 1)[:, None].float(), (height, width)).view(batch, shots, 1, height, width)
-    query = F.normalize(query_high.flatten(2).float(), dim=1, eps=1e-7)  # [B,C,Nq]
-    support = F.normalize((support_high * masks).flatten(3).float(), dim=2, eps=1e-7)  # [B,K,C,Ns]
-    similarity = torch.einsum("bcn,bkcm->bknm", query, support)  # [B,K,Nq,Ns]
+    with torch.autocast(query_high.device.type, enabled=False):
+        masks = _resize(support_masks.flatten(0, 1)[:, None].float(), (height, width)).view(batch, shots, 1, height, width)
+        query = F.normalize(query_high.flatten(2).float(), dim=1, eps=1e-7)  # [B,C,Nq]
+        support = F.normalize((support_high.float() * masks).flatten(3), dim=2, eps=1e-7)  # [B,K,C,Ns]
+        similarity = torch.einsum("bcn,bkcm->bknm", query, support)  # [B,K,Nq,Ns]
     outside = masks.flatten(3) <= 0  # [B,K,1,Ns]: broadcast over the query cells
     similarity = similarity.masked_fill_(outside, float("-inf")).amax(dim=3)  # [B,K,Nq], in place: it is large
     similarity = similarity.masked_fill_(torch.isinf(similarity), 0.0)  # no foreground cell
