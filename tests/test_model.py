@@ -474,3 +474,22 @@ def test_prior_mask_stays_float32_under_autocast():
         got = prior_mask(query, support, masks)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_deformable_attention_samples_in_float32_under_autocast(monkeypatch):
+    """A bfloat16 sampling grid moves samples by up to a tenth of a cell: the grid and values stay float32."""
+    from umtfss.model import attention as attention_module
+
+    seen = []
+    real = attention_module.F.grid_sample
+
+    def recording(value, grid, **kwargs):
+        seen.append((value.dtype, grid.dtype))
+        return real(value, grid, **kwargs)
+
+    monkeypatch.setattr(attention_module.F, "grid_sample", recording)
+    torch.manual_seed(0)
+    block = attention_module.DeformableAttention(16, heads=2, points=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(torch.randn(2, 12, 16), 3, 4)
+    assert seen == [(torch.float32, torch.float32)] and torch.isfinite(out).all()

@@ -139,3 +139,26 @@ def test_per_sample_limit_equals_separate_calls():
     assert not joint.valid[0, 4:].any()
     with pytest.raises(ValueError, match="limit"):
         hamming_kmeans(features, mask, 3, limit=torch.tensor([4, 2]))
+
+
+def test_cluster_means_of_a_large_cluster_stay_finite_in_float16():
+    """Under float16 autocast (training.amp on a GPU without bf16) a cluster's sum passes 65,504; the mean must not."""
+    from umtfss.model.prototypes import cluster_means
+
+    features = torch.zeros(1, 15000, 3)
+    features[..., 0] = 4.5  # sum 67,500
+    assign = torch.zeros(1, 15000, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.float16):
+        clusters = cluster_means(features, assign, 2)
+    assert torch.isfinite(clusters.prototypes).all()
+    torch.testing.assert_close(clusters.prototypes[0, 0].float(), torch.tensor([4.5, 0.0, 0.0]))
+    assert clusters.counts.tolist() == [[15000, 0]]
+
+
+def test_hash_codes_under_autocast_equal_the_float32_codes():
+    """Projections near 0 change sign when autocast rounds the matmul to bfloat16."""
+    features, _ = random_batch(batch=2, n=2000, dim=64)
+    projection = random_projection(64, 32, seed=1)
+    expected = hash_codes(features, projection)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(hash_codes(features, projection), expected)

@@ -659,3 +659,28 @@ def test_fold_setting_images(toy_tables, tmp_path, monkeypatch, capsys, rule, ex
     assert seen["ids"] == expected
     train = int((toy_tables.images["split"] == "train").sum())
     assert f"fold 0 ('fold' setting, fold_images {rule}): {len(expected)} of {train} train images" in capsys.readouterr().err
+
+
+def test_amp_takes_float16_where_bfloat16_is_only_emulated(monkeypatch):
+    """V100 / T4: torch.cuda.is_bf16_supported() says yes by emulation; training must take fp16 + GradScaler."""
+    from umtfss.training.train import _amp_settings
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert _amp_settings(torch.device("cuda"), True) == (True, torch.float16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert _amp_settings(torch.device("cuda"), True) == (True, torch.bfloat16)
+    assert _amp_settings(torch.device("cpu"), True) == (False, None)
+    assert _amp_settings(torch.device("cuda"), False) == (False, None)
+
+
+def test_a_float16_resume_takes_the_state_of_a_disabled_scaler():
+    """last.pt of a CPU or bf16 run holds {} for the scaler; an fp16 run resuming it must not fail on it."""
+    from umtfss.training.train import _restore_scaler
+
+    stored = torch.amp.GradScaler("cpu", enabled=False).state_dict()
+    scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
+    _restore_scaler(scaler, stored)
+    assert scaler.get_scale() == 1024.0
+    trained = torch.amp.GradScaler("cpu", enabled=True, init_scale=8.0)
+    _restore_scaler(scaler, trained.state_dict())
+    assert scaler.get_scale() == 8.0

@@ -56,9 +56,10 @@ def hash_codes(features: torch.Tensor, projection: torch.Tensor) -> torch.Tensor
     code's hash_bias, under which Hamming distance follows the L2 distance rather than the angle. A
     leading batch axis ([B,d(+1),b]) hashes each sample with its own projection.
     """
-    weights = projection.to(device=features.device, dtype=features.dtype)
+    weights = projection.to(device=features.device, dtype=torch.float32)
     dim = features.shape[-1]
-    projected = features.detach() @ weights[..., :dim, :]
+    with torch.autocast(features.device.type, enabled=False):  # in bfloat16, 2.4 % of pixels flipped a bit
+        projected = features.detach().float() @ weights[..., :dim, :]
     if weights.shape[-2] == dim + 1:
         projected = projected + weights[..., dim:, :]
     return torch.where(projected > 0, 1.0, -1.0).to(features.dtype)
@@ -121,12 +122,14 @@ def cluster_means(features: torch.Tensor, assign: torch.Tensor, k: int) -> Clust
     """Prototypes = S^T X / counts (Eq. 5 normalised by cluster size); differentiable in the features.
 
     S is the one-hot assignment [B,N,k]; a matmul (not an atomic scatter) keeps GPU results
-    deterministic, which the hashing of the next layer needs.
+    deterministic, which the hashing of the next layer needs. Summed in float32 under any autocast: a
+    float16 sum over a large cluster passes 65,504 and would make the prototype inf, then NaN.
     """
-    one_hot = (assign[..., None] == torch.arange(k, device=assign.device)).to(features.dtype)  # -1 matches nothing
-    counts = one_hot.sum(dim=1).round().long()
-    sums = one_hot.transpose(1, 2) @ features
-    prototypes = sums / counts.clamp(min=1).to(features.dtype)[..., None]
+    with torch.autocast(features.device.type, enabled=False):
+        one_hot = (assign[..., None] == torch.arange(k, device=assign.device)).float()  # -1 matches nothing
+        counts = one_hot.sum(dim=1).round().long()
+        sums = one_hot.transpose(1, 2) @ features.float()
+        prototypes = (sums / counts.clamp(min=1).float()[..., None]).to(features.dtype)
     return Clusters(assign, prototypes, counts, counts > 0)
 
 

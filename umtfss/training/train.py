@@ -102,10 +102,12 @@ def build_optimizers(model, training_cfg: dict, schedule: Schedule) -> dict[str,
 
 
 def _amp_settings(device: torch.device, enabled: bool) -> tuple[bool, torch.dtype | None]:
-    """(autocast on?, dtype): bf16 where the GPU supports it, else fp16 (with a GradScaler)."""
+    """(autocast on?, dtype): bf16 where the GPU has bf16 units (Ampere and later), else fp16 (with a GradScaler).
+
+    torch's default also says yes where bf16 is only emulated (V100, T4): slow, and 8 mantissa bits for 11."""
     if device.type != "cuda" or not enabled:
         return False, None
-    return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return True, torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -318,6 +320,12 @@ def _stale_reason(path: Path, config: dict, method_name: str, inputs: str | None
     return None
 
 
+def _restore_scaler(scaler: torch.amp.GradScaler, stored: dict) -> None:
+    """A saved GradScaler state; {} (saved by a disabled scaler: CPU, bf16 GPU) leaves a fp16 resume its fresh scale."""
+    if stored:
+        scaler.load_state_dict(stored)
+
+
 def _resume(path, model, backbone, optimizers, schedulers, scaler, device) -> tuple[int, int]:
     """Restore everything from last.pt (checked by _stale_reason first)."""
     state = ckpt.load(path)
@@ -327,7 +335,7 @@ def _resume(path, model, backbone, optimizers, schedulers, scaler, device) -> tu
     for name, opt in optimizers.items():
         opt.load_state_dict(state["optimizers"][name])
         schedulers[name].load_state_dict(state["schedulers"][name])
-    scaler.load_state_dict(state["scaler"])
+    _restore_scaler(scaler, state["scaler"])
     _set_rng_state(state["rng"], device)
     return int(state["epoch"]), int(state["step"])
 
