@@ -148,5 +148,7 @@ def test_segmenter_predicts_what_umtfss_predict_writes(checkpoint, tmp_path):
         segmenter.segment(query, [(support, np.zeros_like(mask))])
     with pytest.raises(ValueError, match="no support"):
         segmenter.segment(query, [])
+    with pytest.raises(ValueError, match="size is 100000, expected 32 to 4096"):
+        FewShotSegmenter.load(checkpoint, size=100000, device="cpu")
     classes = np.where(mask > 0, 3, 1).astype(np.uint8)  # a class-index mask: class 3 where the 0/255 mask is lit
     np.testing.assert_array_equal(segmenter.segment(query, [(support, classes)], support_class=3), written)

@@ -136,6 +136,10 @@ def test_cli(tmp_path, capsys):
     base = ["assign", "--embeddings", str(store_path), "--centroids", str(tmp_path / "c.npy"), "--out", str(out)]
     assert cli.main(base + ["--config", json.dumps({"clustering": {"device": "cpu"}})]) == 0
     assert len(LabelStore(out)) == 7
+    np.save(tmp_path / "nan.npy", np.full((5, 8), np.nan, np.float32))
+    nan = base[:4] + [str(tmp_path / "nan.npy")] + base[5:]
+    assert cli.main(nan + ["--config", json.dumps({"clustering": {"device": "cpu"}})]) == 1
+    assert "nan.npy' hold non-finite values" in capsys.readouterr().err
     assert cli.main(base + ["--config", json.dumps({"clustering": {"refine": "superpixel"}})]) == 1
     assert "clustering.refine" in capsys.readouterr().err
 
@@ -217,7 +221,7 @@ def test_background_writer_waits_for_ready_before_it_reads_a_block(tmp_path):
 
 
 def test_parallel_chunk_reader_reads_what_zarr_reads(tmp_path, monkeypatch):
-    """read_images (threads decoding chunk files) equals zarr's read, fill value included, and names a bad chunk."""
+    """read_images (threads decoding chunk files) equals zarr's read, and names a missing or bad chunk."""
     from umtfss import stores
 
     data = np.random.default_rng(0).normal(size=(6, 4, 3, 5)).astype(np.float16)
@@ -227,11 +231,13 @@ def test_parallel_chunk_reader_reads_what_zarr_reads(tmp_path, monkeypatch):
     zarr_reads = []
     original_getitem = type(features).__getitem__
     monkeypatch.setattr(type(features), "__getitem__", lambda self, key: zarr_reads.append(key) or original_getitem(self, key))
-    block = stores.read_images(features, 1, 6)
+    block = stores.read_images(features, 1, 5)
     assert zarr_reads == []  # the direct path was taken
-    np.testing.assert_array_equal(block[:4], data[1:5])
-    assert (block[4] == 0).all()
-    np.testing.assert_array_equal(block, original_getitem(features, slice(1, 6)))
+    np.testing.assert_array_equal(block, data[1:5])
+    np.testing.assert_array_equal(block, original_getitem(features, slice(1, 5)))
+    # zarr would read the lost chunk as zeros, which pass for features; the reader refuses it
+    with pytest.raises(ValueError, match=r"chunk file .*features/c/5/0/0/0.* \(image 5 of the store\) is missing"):
+        stores.read_images(features, 1, 6)
     (tmp_path / "e.zarr" / "features" / "c" / "2" / "0" / "0" / "0").write_bytes(b"not blosc")
     with pytest.raises(ValueError, match=r"chunk file .*features/c/2/0/0/0.* is corrupt"):
         stores.read_images(features, 0, 6)
@@ -255,3 +261,38 @@ def test_chunk_reader_works_in_a_forked_child(tmp_path):
     with multiprocessing.get_context("fork").Pool(1) as pool:
         child = pool.apply_async(stores.read_images, (features, 0, 4)).get(timeout=60)
     np.testing.assert_array_equal(child, data)
+
+
+def test_a_store_that_lost_a_chunk_or_a_repeated_shard_is_refused(tmp_path):
+    """fit, assign, episodes and quality read stores through these readers: a lost chunk file or a shard given
+    twice must stop them, not become an image of zeros or count its images twice."""
+    import shutil
+
+    store_path = write_store(tmp_path / "e.zarr")
+    with pytest.raises(ValueError, match="more than once"):
+        EmbeddingStore([store_path, store_path])
+    shutil.rmtree(store_path / "features" / "c" / "3")
+    store = EmbeddingStore(store_path)
+    with pytest.raises(ValueError, match=r"features/c/3/0/0/0.* is missing"):
+        store.features(3)
+    with pytest.raises(ValueError, match="is missing"):
+        assign_shard(store_path, random_centroids(), tmp_path / "l.zarr", device="cpu", progress=False)
+    assert not (tmp_path / "l.zarr").exists()
+
+
+def test_cli_refuses_an_output_that_is_an_input_or_a_folder_of_files(tmp_path, capsys):
+    store_path = write_store(tmp_path / "e.zarr")
+    np.save(tmp_path / "c.npy", random_centroids())
+    config = json.dumps({"clustering": {"device": "cpu"}})
+    before = sorted(p.relative_to(store_path) for p in store_path.rglob("*"))
+    argv = ["assign", "--config", config, "--embeddings", str(store_path), "--centroids", str(tmp_path / "c.npy")]
+    assert cli.main(argv + ["--out", str(store_path)]) == 1
+    assert f"--out '{store_path}' is also --embeddings" in capsys.readouterr().err
+    assert cli.main(argv + ["--out", str(tmp_path / "l.zarr"), "--batch-images", "0"]) == 1
+    assert "--batch-images is 0, expected 1 or more" in capsys.readouterr().err
+    assert sorted(p.relative_to(store_path) for p in store_path.rglob("*")) == before
+    mine = tmp_path / "mine"
+    (mine / "notes.txt").parent.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert cli.main(argv + ["--out", str(mine)]) == 1
+    assert "without 'zarr.json'" in capsys.readouterr().err and (mine / "notes.txt").read_text() == "keep"

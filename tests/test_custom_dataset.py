@@ -185,7 +185,23 @@ def test_evaluate_and_train_sup_on_custom_tables(custom_root, tmp_path, capsys):
                  "--dataset", "custom", "--fold", "all", "--init", str(tmp_path / "sup" / "checkpoint.pt"), "--quiet",
                  "--config", json.dumps({"model": model, "training": train_ft, "datasets": datasets})]) == 0
     assert ckpt.load(tmp_path / "all" / "checkpoint.pt")["method"] == "finetune-100%"
+    # a checkpoint records the classes it trained on with labels; evaluate refuses a fold whose test classes they are
+    assert state["labelled_classes"] == sorted(CLASSES[:2])  # fold 1's base classes
+    assert ckpt.load(tmp_path / "all" / "checkpoint.pt")["labelled_classes"] == sorted(CLASSES)
     capsys.readouterr()
+    scored = ["evaluate", "--tables", str(out), "--dataset", "custom", "--out", str(tmp_path / "m.csv"),
+              "--classes-out", str(tmp_path / "mc.csv"), "--workers", "0"]
+    config_model = {"model": model, "evaluation": {**evaluation, "episodes": 4}}
+    sup = f"sup={tmp_path / 'sup' / 'checkpoint.pt'}"
+    assert main([*scored, "--method", sup, "--config", json.dumps(config_model)]) == 1
+    err = capsys.readouterr().err
+    assert f"was trained with labels on {', '.join(sorted(CLASSES[:2]))}, test class(es) of fold 0" in err
+    assert not (tmp_path / "m.csv").exists()  # refused before any work
+    config_model["evaluation"]["folds"] = [1]
+    assert main([*scored, "--method", sup, "--config", json.dumps(config_model)]) == 0
+    assert main([*scored, "--method", f"finetune-100%={tmp_path / 'all' / 'checkpoint.pt'}",
+                 "--config", json.dumps(config_model)]) == 1
+    assert "test class(es) of fold 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--method", "sup", "--out-dir", str(tmp_path / "x"), "--fold", "5", "--config", "{}"])
     assert "'5' is not a fold; expected 0, 1, 2, 3 or all" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 import os
 
 import faiss
+import pytest
 import torch
 
 from umtfss.cli import main
@@ -35,3 +36,43 @@ def test_both_faiss_wheels_are_named_as_a_conflict(tmp_path, monkeypatch):
     assert "both installed" in rows["faiss"] and "pip uninstall -y faiss-cpu faiss-gpu" in rows["faiss"]
     monkeypatch.setattr(doctor, "_version", lambda name: None if name == "faiss-gpu" else real(name))
     assert "faiss" not in dict(doctor.report(tmp_path))
+
+
+def test_a_path_not_created_yet_or_a_file_still_gets_every_row(tmp_path, capsys):
+    """--path DIR that does not exist yet (the stages create it): free disk at its nearest existing parent,
+    said so, and every other row; a file: its folder, said so."""
+    assert main(["doctor", "--path", str(tmp_path)]) == 0
+    topics = [line.split("  ", 1)[0].strip() for line in capsys.readouterr().out.splitlines()]
+    missing = tmp_path / "results" / "run1"
+    assert main(["doctor", "--path", str(missing)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("  ", 1)[0].strip(): line.split("  ", 1)[1].strip() for line in out.splitlines()}
+    assert [line.split("  ", 1)[0].strip() for line in out.splitlines()] == topics
+    assert f"free at {tmp_path.resolve()} " in rows["disk"] and str(missing.resolve()) in rows["disk"]
+    assert "does not exist" in rows["disk"]
+    (tmp_path / "notes.txt").write_text("a file")
+    assert main(["doctor", "--path", str(tmp_path / "notes.txt")]) == 0
+    disk = [line for line in capsys.readouterr().out.splitlines() if line.startswith("disk")][0]
+    assert f"free at {tmp_path.resolve()} " in disk and "expects a folder" in disk
+    assert not missing.exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    """A stage interrupted by Ctrl-C: `umtfss <stage>: interrupted` on stderr, exit 130, no traceback."""
+    from umtfss import doctor
+
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(doctor, "report", interrupted)
+    assert main(["doctor"]) == 130
+    assert capsys.readouterr().err.strip() == "umtfss doctor: interrupted"
+
+
+def test_no_stage_is_a_usage_error(capsys):
+    """`umtfss` alone prints the help and exits 2, as a usage error; --help itself exits 0."""
+    assert main([]) == 2
+    assert "usage: umtfss" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0

@@ -77,3 +77,20 @@ def test_a_per_fold_checkpoint_is_the_drawn_folds(tables):
                                 fold=0, build=build)
     assert built == [("finetune-20%", "ft/fold0/checkpoint.pt")] and examples.fold == 0
     assert list(examples.episodes["iou_finetune-20%"]) == [0.0, 0.0]
+
+
+def test_counts_beyond_the_evaluations_episodes_and_non_png_names_are_refused(tables, tmp_path, capsys):
+    """The figure draws the first of the episodes evaluate scores: --count above evaluation.episodes is
+    refused, naming the maximum (by default 6, or all of a shorter table); --out must be a .png name."""
+    evaluation = {"folds": [0], "shots": [1], "seeds": [0], "episodes": 4, "test_size": 64, "device": "cpu"}
+    base = ["examples", "--config", json.dumps({"model": {"backbone": "demo-colortexture"}, "evaluation": evaluation}),
+            "--dataset", "custom", "--tables", str(tables), "--method", "all-background"]
+    assert main(base + ["--out", str(tmp_path / "x.png"), "--count", "100000"]) == 1
+    err = capsys.readouterr().err
+    assert "--count is 100000, expected 1 to 4 episodes" in err and len(err.strip().splitlines()) == 1
+    assert main(base + ["--out", str(tmp_path / "b.jpg")]) == 1
+    err = capsys.readouterr().err
+    assert "--out" in err and "b.jpg" in err and ".png" in err
+    assert not list(tmp_path.glob("x.png")) and not list(tmp_path.glob("b.jpg"))
+    assert main(base + ["--out", str(tmp_path / "all.png")]) == 0  # the default 6, of a 4-episode table: 4
+    assert Image.open(tmp_path / "all.png").size == (3 * 220, 4 * 220)

@@ -79,3 +79,10 @@ def test_cli_writes_the_figure_and_refuses_a_log_without_method(tmp_path, capsys
         cli.main(["plot-training", "--log", str(log), "--out", str(out)])
     assert exit_info.value.code == 2
     assert "is not METHOD=PATH" in capsys.readouterr().err
+
+
+def test_a_folder_given_as_log_is_named_as_a_folder(tmp_path, capsys):
+    (tmp_path / "unsup").mkdir()
+    assert cli.main(["plot-training", "--log", f"unsup={tmp_path / 'unsup'}", "--out", str(tmp_path / "x.png")]) == 1
+    assert f"training log '{tmp_path / 'unsup'}' is a folder, expected a CSV file" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -14,10 +14,11 @@ from umtfss.clustering.fit import fit_centroids, sample_pixels, train_kmeans
 from umtfss.stores import EmbeddingStore, array_sha256, create_embedding_store
 
 
-def write_store(path, features, valid, dtype="float32"):
-    """An embedding store holding the given [n, gh, gw, C] features (padding cells filled with a marker)."""
+def write_store(path, features, valid, dtype="float32", first_id=0):
+    """An embedding store holding the given [n, gh, gw, C] features (padding cells filled with a marker);
+    its images are im<first_id>, im<first_id + 1>, ... (shards of one set hold distinct ids)."""
     n, gh, gw, dim = features.shape
-    attrs = {"image_ids": [f"im{i}" for i in range(n)], "backbone": "synthetic", "layer": "layer4", "stride": 8,
+    attrs = {"image_ids": [f"im{i}" for i in range(first_id, first_id + n)], "backbone": "synthetic", "layer": "layer4", "stride": 8,
              "image_size": gh * 8, "dim": dim, "dtype": dtype, "checkpoint_sha256": None, "preprocessing": "test",
              "shard": 0, "num_shards": 1, "umtfss_version": "test"}
     group = create_embedding_store(path, n, (gh, gw), dim, dtype, attrs)
@@ -166,3 +167,12 @@ def test_cli_writes_outputs_atomically(tmp_path, monkeypatch, capsys):
     assert "boom" in capsys.readouterr().err
     np.testing.assert_array_equal(np.load(out_c), centroids)
     assert sorted(p.name for p in out_c.parent.iterdir()) == ["centroids.npy", "fit.json"]
+
+
+def test_cli_refuses_one_path_for_both_outputs(tmp_path, capsys):
+    path, _, _ = clustered_store(tmp_path / "e.zarr")
+    config = json.dumps({"clustering": {"clusters": 3, "subset_pixels": 200, "iterations": 4}})
+    same = tmp_path / "c.npy"
+    argv = ["fit", "--config", config, "--embeddings", str(path), "--out-centroids", str(same), "--out-meta", str(same)]
+    assert cli.main(argv) == 1
+    assert "--out-meta" in capsys.readouterr().err and not same.exists()

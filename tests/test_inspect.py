@@ -241,3 +241,83 @@ def test_embedding_store_overlay_colours_features_by_principal_components(tmp_pa
     with pytest.raises(FileNotFoundError, match="images table .*absent.parquet' does not exist"):
         write_feature_overlay(tmp_path / "emb.zarr", tmp_path / "absent.parquet", tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+def write_images_table(tmp_path, ids="abc"):
+    rows = []
+    for image_id in ids:
+        Image.fromarray(np.full((30, 45, 3), 200, np.uint8)).save(tmp_path / f"{image_id}.png")
+        rows.append({"image_id": image_id, "image_path": str(tmp_path / f"{image_id}.png")})
+    pd.DataFrame(rows).to_parquet(tmp_path / "images.parquet")
+    return tmp_path / "images.parquet"
+
+
+def test_a_corrupt_zarr_json_is_named(tmp_path, capsys):
+    path = write_label_store(tmp_path)
+    metadata = path / "labels" / "zarr.json"
+    metadata.write_text(metadata.read_text().replace('"shape"', 'shape', 1))
+    assert cli.main(["inspect", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"'{metadata}' is not valid JSON" in err and "Traceback" not in err
+    (path / "zarr.json").write_text('{"zarr_format": 3, "node_')  # the group's own metadata, truncated
+    with pytest.raises(ValueError, match=f"'{re.escape(str(path / 'zarr.json'))}' is not valid JSON"):
+        summarise(path)
+    assert "labels.zarr/  " in summarise(tmp_path) and "'zarr.json' is not valid JSON" in summarise(tmp_path)
+
+
+def test_a_wrong_or_damaged_images_table_is_named(tmp_path, capsys):
+    path = write_label_store(tmp_path)
+    table = write_images_table(tmp_path)
+    truncated = tmp_path / "truncated.parquet"
+    truncated.write_bytes(table.read_bytes()[:300])
+    pd.DataFrame({"region_id": [0], "image_id": ["a"], "cluster": [1]}).to_parquet(tmp_path / "regions.parquet")
+    cases = ((truncated, f"images table '{truncated}' is not a readable parquet file"),
+             (tmp_path / "regions.parquet", f"images table '{tmp_path / 'regions.parquet'}' lacks column(s) ['image_path']"),
+             (tmp_path, f"images table '{tmp_path}' (--images) is a folder, expected a parquet file"))
+    for images, message in cases:
+        assert cli.main(["inspect", str(path), "--overlay", str(tmp_path / "o.png"), "--images", str(images)]) == 1
+        captured = capsys.readouterr()
+        assert message in captured.err and "FieldRef" not in captured.err
+        assert captured.out == ""  # refused before the summary
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_overlay_options_are_checked_before_the_summary(tmp_path, capsys):
+    path = write_label_store(tmp_path)
+    table = write_images_table(tmp_path)
+    overlay = ["--overlay", str(tmp_path / "o.png"), "--images", str(table)]
+    for args, message in ((["--n", "0"] + overlay, "--n is 0; expected >= 1"),
+                          (["--n", "-3"] + overlay, "--n is -3; expected >= 1"),
+                          (["--n", "0"], "--n is 0; expected >= 1"),
+                          (["--ground-truth"], "--ground-truth applies to the overlay"),
+                          (["--overlay", str(tmp_path / "o.png")], "--overlay needs --images"),
+                          (["--overlay", str(tmp_path), "--images", str(table)], "is a folder, expected the path of a PNG")):
+        assert cli.main(["inspect", str(path), *args]) == 1
+        captured = capsys.readouterr()
+        assert message in captured.err and captured.out == ""
+    assert cli.main(["inspect", str(table), *overlay]) == 1
+    assert "is not a Zarr store" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
+    assert cli.main(["inspect", str(path), *overlay, "--n", "1"]) == 0  # one image: one tile
+    assert np.asarray(Image.open(tmp_path / "o.png")).shape == (192, 192, 3)
+
+
+def test_missing_chunks_are_counted_and_flagged(tmp_path, capsys):
+    from umtfss.stores import create_embedding_store
+
+    attrs = {"image_ids": ["x", "y", "z"], "stride": 8, "image_size": 48}
+    group = create_embedding_store(tmp_path / "emb.zarr", 3, (2, 2), 4, "float32", attrs)
+    group["features"][:] = np.ones((3, 2, 2, 4), np.float32)
+    group["valid"][:] = 2
+    group["sizes"][:] = 16
+    assert "chunks: 3 of 3 present\n" in summarise(tmp_path / "emb.zarr") + "\n"
+    assert "WARNING" not in summarise(tmp_path / "emb.zarr")
+    (tmp_path / "emb.zarr" / "features" / group["features"].metadata.encode_chunk_key((1, 0, 0, 0))).unlink()
+    text = summarise(tmp_path / "emb.zarr")
+    assert "chunks: 2 of 3 present -- WARNING: 1 missing (image 1)" in text and "read as zeros" in text
+    labels = write_label_store(tmp_path)
+    (labels / "labels" / "c" / "2" / "0" / "0").unlink()
+    assert "chunks: 2 of 3 present -- WARNING: 1 missing (image 2)" in summarise(labels)
+    assert cli.main(["inspect", str(tmp_path)]) == 0
+    listed = capsys.readouterr().out
+    assert "INCOMPLETE: 'features' 2 of 3 chunks present" in listed and "'labels' 2 of 3 chunks present" in listed

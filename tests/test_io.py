@@ -1,6 +1,7 @@
 """Image/label reading of odd modes, corrupt files, PNG writing and atomic output paths."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,13 +132,13 @@ def test_atomic_path_renames_on_success_and_cleans_on_error(tmp_path):
         (temp / "a").write_text("first")
     assert (target / "a").read_text() == "first"
 
-    with io.atomic_path(target) as temp:  # replaces an existing directory
+    with io.atomic_path(target, folder=True) as temp:  # replaces an existing directory
         temp.mkdir()
         (temp / "b").write_text("second")
     assert sorted(p.name for p in target.iterdir()) == ["b"]
 
     with pytest.raises(RuntimeError):
-        with io.atomic_path(target) as temp:
+        with io.atomic_path(target, folder=True) as temp:
             temp.mkdir()
             (temp / "c").write_text("half")
             raise RuntimeError("killed")
@@ -150,6 +151,38 @@ def test_atomic_path_renames_on_success_and_cleans_on_error(tmp_path):
         assert temp.suffix == ".parquet"
         temp.write_text("new")
     assert table.read_text() == "new" and len(list(tmp_path.iterdir())) == 2
+
+
+def test_atomic_path_refuses_to_replace_what_is_not_an_earlier_output(tmp_path):
+    """A typo must not delete a folder of the user's files, nor a file where a store goes; checked before any work."""
+    notes = tmp_path / "myresults" / "sub" / "notes.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("precious")
+    started = []
+    for path, kwargs in ((tmp_path / "myresults", {}), (tmp_path / "myresults", {"folder": True, "marker": "zarr.json"})):
+        with pytest.raises(io.OutputInTheWay, match="myresults"):
+            with io.atomic_path(path, **kwargs) as temp:
+                started.append(temp)
+    table = tmp_path / "table.parquet"
+    table.write_text("mine")
+    with pytest.raises(io.OutputInTheWay, match="is a file"):
+        with io.atomic_path(table, folder=True) as temp:
+            started.append(temp)
+    assert started == [] and notes.read_text() == "precious" and table.read_text() == "mine"
+    store = tmp_path / "old.zarr"
+    (store / "features").mkdir(parents=True)
+    (store / "zarr.json").write_text("{}")
+    with io.atomic_path(store, folder=True, marker="zarr.json") as temp:  # an earlier store: replaced
+        temp.mkdir()
+    assert store.is_dir() and not (store / "features").exists()
+
+
+def test_outputs_must_differ_from_inputs_and_each_other(tmp_path):
+    with pytest.raises(io.OutputInTheWay, match="--out 'emb.zarr' is also --embeddings"):
+        io.check_outputs_apart({"--out": "emb.zarr"}, {"--embeddings": [tmp_path / "x.zarr", "emb.zarr"]})
+    with pytest.raises(io.OutputInTheWay, match="--out-meta .* is also --out-centroids"):
+        io.check_outputs_apart({"--out-centroids": tmp_path / "c.npy", "--out-meta": tmp_path / "c.npy"}, {})
+    io.check_outputs_apart({"--out": tmp_path / "labels.zarr"}, {"--embeddings": [tmp_path / "emb.zarr"]})
 
 
 def test_sweep_removes_what_killed_writers_left(tmp_path):
@@ -204,3 +237,28 @@ def test_fingerprint_follows_contents_store_metadata_and_extra(tmp_path):
     assert fingerprint([table, store], extra={"fold": 0}) == fourth
     with pytest.raises(FileNotFoundError, match="missing.parquet"):
         fingerprint([tmp_path / "missing.parquet"])
+
+
+def test_table_paths_written_relative_to_the_workflow_folder_work_from_anywhere(tmp_path, monkeypatch):
+    """A stage run alone outside the workflow's folder finds the images its tables name (relative to that folder)."""
+    import pandas as pd
+
+    root = tmp_path / "project"
+    (root / "data").mkdir(parents=True)
+    io.write_png(root / "data" / "a.png", np.zeros((4, 4, 3), np.uint8))
+    table_file = root / "results" / "demo" / "prepare" / "images.parquet"
+    table_file.parent.mkdir(parents=True)
+    frame = pd.DataFrame({"image_id": ["a", "b"], "image_path": ["data/a.png", "data/b.png"],
+                          "label_path": [None, "data/b_label.png"]})
+    monkeypatch.chdir(root)
+    assert io.resolve_table_paths(frame, table_file) is frame  # from the workflow's folder: as written
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    resolved = io.resolve_table_paths(frame, Path("..") / "project" / "results" / "demo" / "prepare" / "images.parquet")
+    assert resolved["image_path"].tolist() == [str(root / "data" / "a.png"), str(root / "data" / "b.png")]
+    assert pd.isna(resolved["label_path"][0]) and resolved["label_path"][1] == str(root / "data" / "b_label.png")
+    assert io.read_rgb(resolved["image_path"][0]).shape == (4, 4, 3)
+    assert frame["image_path"][0] == "data/a.png"  # the caller's frame is not changed
+    lost = frame.assign(image_path=["gone/a.png", "gone/b.png"])
+    assert io.resolve_table_paths(lost, table_file) is lost  # found nowhere: the reader names the file

@@ -108,7 +108,7 @@ def test_group_objective_is_the_mean_distance_to_the_nearest_centroid(tmp_path):
 def test_running_means_are_the_same_over_shards(tmp_path):
     path, feats, valid = clustered_store(tmp_path / "one.zarr", n_images=30)
     first = write_store(tmp_path / "a.zarr", feats[:11], valid[:11])
-    second = write_store(tmp_path / "b.zarr", feats[11:], valid[11:])
+    second = write_store(tmp_path / "b.zarr", feats[11:], valid[11:], first_id=11)
     start = random_unit(4, 8, seed=2) * 0.9
     whole, _ = running_means(EmbeddingStore(path), start, image_groups(30, 7), spherical=False, progress=False)
     split, _ = running_means(EmbeddingStore([first, second]), start, image_groups(30, 7), spherical=False,

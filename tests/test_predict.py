@@ -374,3 +374,86 @@ def files_dir(root):
         write_png(image, np.full((40, 48, 3), 90, np.uint8))
         write_png(mask, (np.arange(40 * 48).reshape(40, 48) % 7 == 0).astype(np.uint8) * 255)
     return image, mask
+
+
+def test_size_above_the_bound_is_refused_in_one_line(files, tmp_path, capsys):
+    """--size 100000 would allocate a 100000x100000 canvas: refused, naming --size and the range."""
+    assert main(["predict", "--checkpoint", str(files / "model.pt"), "--support", str(files / "support.png"),
+                 str(files / "mask.png"), "--query", str(files / "query.jpg"), "--out", str(tmp_path / "m.png"),
+                 "--device", "cpu", "--size", "100000"]) == 1
+    err = capsys.readouterr().err
+    assert "--size is 100000, expected 32 to 4096" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_outputs_never_overwrite_the_inputs(files, tmp_path, capsys):
+    """A mask or overlay written over a query, support image or support mask, or an overlay over its mask,
+    is refused before anything runs, naming the options and the path; the inputs stay as they were."""
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    write_png(queries / "a.png", np.full((21, 34, 3), 90, np.uint8))
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(queries / "b.jpg")
+    support, mask = tmp_path / "support.png", tmp_path / "mask.png"
+    support.write_bytes((files / "support.png").read_bytes())
+    mask.write_bytes((files / "mask.png").read_bytes())
+    inputs = {path: path.read_bytes() for path in (queries / "a.png", queries / "b.jpg", support, mask)}
+    base = ["predict", "--checkpoint", str(files / "model.pt"), "--support", str(support), str(mask), "--device", "cpu"]
+    cases = [
+        (["--query", str(queries / "a.png"), "--out", str(queries / "a.png")], ("--out", "--query", "a.png")),
+        (["--query", str(queries / "b.jpg"), "--out", str(support)], ("--out", "--support", "support.png")),
+        (["--query", str(queries / "b.jpg"), "--out", str(tmp_path / "m.png"), "--overlay", str(mask)],
+         ("--overlay", "--support", "mask.png")),
+        (["--query", str(queries), "--out", str(queries)], ("--out", "--query", str(queries))),
+        (["--query", str(queries / "b.jpg"), "--out", str(tmp_path / "m.png"), "--overlay", str(tmp_path / "m.png")],
+         ("--overlay", "--out", "m.png")),
+        (["--query", str(queries), "--out", str(tmp_path / "masks"), "--overlay", str(tmp_path / "masks")],
+         ("--overlay", "--out", "masks")),
+    ]
+    for arguments, named in cases:
+        assert main(base + arguments) == 1, arguments
+        err = capsys.readouterr().err
+        assert all(word in err for word in named) and len(err.strip().splitlines()) == 1, (arguments, err)
+    # --out a folder holding queries: the mask that would land on a query (a.png's own) is refused
+    assert main(base + ["--query", str(queries / "b.jpg"), "--query", str(queries / "a.png"),
+                        "--out", str(queries)]) == 1
+    err = capsys.readouterr().err
+    assert "--out" in err and "--query" in err and str(queries / "a.png") in err
+    assert {path: path.read_bytes() for path in inputs} == inputs
+    assert not (tmp_path / "m.png").exists() and not (tmp_path / "masks").exists()
+    assert sorted(p.name for p in queries.iterdir()) == ["a.png", "b.jpg"]
+
+
+def test_a_single_out_file_must_be_a_png_name(files, tmp_path, capsys):
+    """predict writes PNG data: --out o3.jpg (or --overlay o.jpg) would be PNG bytes under a JPEG name."""
+    base = ["predict", "--checkpoint", str(files / "model.pt"), "--support", str(files / "support.png"),
+            str(files / "mask.png"), "--query", str(files / "query.jpg"), "--device", "cpu"]
+    assert main(base + ["--out", str(tmp_path / "o3.jpg")]) == 1
+    err = capsys.readouterr().err
+    assert "--out" in err and "o3.jpg" in err and ".png" in err
+    assert main(base + ["--out", str(tmp_path / "o.png"), "--overlay", str(tmp_path / "o.jpg")]) == 1
+    assert "--overlay" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+    assert main(base + ["--out", str(tmp_path / "O.PNG")]) == 0
+
+
+def test_a_class_index_mask_without_support_class_is_noted(files, tmp_path, capsys):
+    """A class-index mask (0/1/11/20/255) given without --support-class: still every class one foreground,
+    but stderr names the file and its values and suggests --support-class; a 0/255 or 0/1/255 mask is quiet."""
+    mask = np.asarray(Image.open(files / "mask.png"))
+    classes = np.where(mask > 0, 11, 0).astype(np.uint8)
+    classes[:3], classes[-3:], classes[5:8, :5] = 1, 20, 255
+    write_png(tmp_path / "classes.png", classes)
+    binary = np.where(classes == 255, 255, (classes > 0) * 1).astype(np.uint8)
+    write_png(tmp_path / "binary.png", binary)
+    base = ["predict", "--checkpoint", str(files / "model.pt"), "--query", str(files / "query.jpg"), "--device", "cpu"]
+    capsys.readouterr()
+    assert main(base + ["--support", str(files / "support.png"), str(tmp_path / "classes.png"),
+                        "--out", str(tmp_path / "merged.png")]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "--support-class" in line]
+    assert len(notes) == 1 and "classes.png" in notes[0] and "0, 1, 11, 20, 255" in notes[0]
+    assert main(base + ["--support", str(files / "support.png"), str(tmp_path / "binary.png"),
+                        "--support", str(files / "support.png"), str(files / "mask.png"),
+                        "--out", str(tmp_path / "binary_out.png")]) == 0
+    assert "--support-class" not in capsys.readouterr().err
+    np.testing.assert_array_equal(read_support_mask(tmp_path / "classes.png"),
+                                  read_support_mask(tmp_path / "binary.png"))

@@ -128,3 +128,19 @@ def test_label_size_mismatch_is_reported(tmp_path, voc_root):
     config = load({"datasets": {"pascal": {"root": str(root)}}})
     with pytest.raises(ValueError, match=f"{image_id}.png.*10x10.*64x64"):
         prepare(open_dataset("pascal", config), config, tmp_path / "o", progress=False)
+
+
+def test_progress_bar_reaches_its_total(voc_root, capsys):
+    from umtfss.data.prepare import build_tables
+
+    config = load({"datasets": {"pascal": {"root": str(voc_root)}}})
+    build_tables(open_dataset("pascal", config), 2048, progress=True)
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert "12/12" in last, last
+
+
+def test_an_output_file_is_refused_before_the_scan(voc_root, tmp_path, capsys):
+    (tmp_path / "out").write_text("")
+    config = json.dumps({"datasets": {"pascal": {"root": str(voc_root)}}})
+    assert main(["prepare", "--config", config, "--dataset", "pascal", "--out", str(tmp_path / "out"), "--no-progress"]) == 1
+    assert f"output '{tmp_path / 'out'}' (prepare --out) is a file, expected a folder" in capsys.readouterr().err

@@ -60,3 +60,26 @@ def test_a_file_that_is_not_a_csv_is_named(tmp_path, capsys):
     path.write_text("| method | 1-shot |\n|---|---|\nunsup, 80, 1, 2, 3\n")
     assert main(["score-table", str(path)]) == 1
     assert f"score table '{path}' is not a CSV file" in capsys.readouterr().err
+
+
+def test_a_truncated_score_table_is_refused_with_its_line(tmp_path, capsys):
+    csv = tmp_path / "eval_pascal.csv"
+    scores().to_csv(csv, index=False)
+    truncated = tmp_path / "t.csv"
+    lines = csv.read_text().splitlines()  # as `head -c` leaves it: the header, a row, the second cut after miou
+    truncated.write_text("\n".join(lines[:2]) + "\n" + lines[2].rsplit(",", 2)[0])
+    for command in ("score-table", "inspect"):
+        assert main([command, str(truncated)]) == 1
+        captured = capsys.readouterr()
+        assert f"score table '{truncated}' line 3: no fbiou" in captured.err and "nan" not in captured.out
+    edited = scores()
+    edited["miou"] = edited["miou"].astype(object)
+    edited.loc[4, "miou"] = "61,0"
+    edited.to_csv(csv, index=False)
+    assert main(["score-table", str(csv)]) == 1
+    assert "line 6: miou '61,0' (not a number)" in capsys.readouterr().err
+
+
+def test_a_folder_is_not_a_score_table(tmp_path, capsys):
+    assert main(["score-table", str(tmp_path)]) == 1
+    assert f"score table '{tmp_path}' is a folder, expected a CSV file" in capsys.readouterr().err

@@ -550,7 +550,7 @@ def test_checkpoint_from_before_the_reference_layer_keys_keeps_the_behaviour_it_
 # --------------------------------------------------------------------------- command line
 
 
-def test_cli_sup_then_finetune_on_prepare_tables(toy_tables, tmp_path):
+def test_cli_sup_then_finetune_on_prepare_tables(toy_tables, tmp_path, capsys):
     import json
 
     from umtfss.cli import main
@@ -571,6 +571,14 @@ def test_cli_sup_then_finetune_on_prepare_tables(toy_tables, tmp_path):
     subset = (tmp_path / "ft" / "train_subset.txt").read_text().split()
     assert len(subset) == 3 and subset == finetune_subset(toy_tables, 0.5, 0)
     assert ckpt.load(tmp_path / "ft" / "checkpoint.pt")["method"] == "finetune-50%"
+    # an --init of another architecture: the keys that differ, not torch's list of every mismatching tensor
+    other = json.loads(config)
+    other["model"] = {**other["model"], "dim": other["model"]["dim"] * 2}
+    other_common = ["--config", json.dumps(other), *common[2:]]
+    assert main(["train", "--method", "finetune-50%", "--out-dir", str(tmp_path / "ft2"), "--init",
+                 str(tmp_path / "sup" / "checkpoint.pt"), *other_common]) == 1
+    dim = other["model"]["dim"]
+    assert f"was trained with another model: model.dim: {dim // 2} -> {dim}" in capsys.readouterr().err
     # sup-50%: from scratch (no --init) on the very subset finetune-50% fine-tuned on, the sup schedule
     assert main(["train", "--method", "sup-50%", "--out-dir", str(tmp_path / "sup50"), *common]) == 0
     assert (tmp_path / "sup50" / "train_subset.txt").read_text().split() == subset
@@ -684,3 +692,31 @@ def test_a_float16_resume_takes_the_state_of_a_disabled_scaler():
     trained = torch.amp.GradScaler("cpu", enabled=True, init_scale=8.0)
     _restore_scaler(scaler, trained.state_dict())
     assert scaler.get_scale() == 8.0
+
+
+def test_a_checkpoint_that_cannot_be_read_says_why_without_torchs_advice(tmp_path):
+    """torch suggests weights_only=False (running the file's code); umtfss names the file and why instead."""
+    import collections
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(ValueError, match="garbage.pt. cannot be read: truncated, or not a torch file") as info:
+        ckpt.load(garbage)
+    objects = tmp_path / "objects.pt"
+    torch.save({"format": "umtfss-checkpoint-1", "counts": collections.OrderedDict(a=1), "x": argparse_namespace()},
+               objects)
+    with pytest.raises(ValueError, match="not a file of tensors and plain values") as objects_info:
+        ckpt.load(objects)
+    for err in (info.value, objects_info.value):
+        assert "weights_only` set to `False`" not in str(err) and "file an issue" not in str(err)
+    with pytest.raises(ValueError, match="is a folder; expected a checkpoint file"):
+        ckpt.load(tmp_path)
+    torch.save({"x": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="is not a umtfss checkpoint"):
+        ckpt.load(tmp_path / "other.pt")
+
+
+def argparse_namespace():
+    import argparse
+
+    return argparse.Namespace(a=1)

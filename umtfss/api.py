@@ -169,8 +169,10 @@ class FewShotSegmenter:
     def __init__(self, model: torch.nn.Module, size: int, device: str = "auto", cpu_precision: str = "float32"):
         from umtfss.devices import check_cpu_precision, lay_out_for_precision, resolve_device
 
-        if size < 32:
-            raise ValueError(f"size is {size}, expected at least 32")
+        from umtfss.predict import MAX_SIZE, MIN_SIZE
+
+        if not MIN_SIZE <= size <= MAX_SIZE:
+            raise ValueError(f"size is {size}, expected {MIN_SIZE} to {MAX_SIZE} (pixels of the longer side)")
         self.cpu_precision = check_cpu_precision(cpu_precision, "cpu_precision")
         self.device = resolve_device(device, "device")
         self.model = lay_out_for_precision(model.to(self.device).eval(), self.device, cpu_precision, "predict")

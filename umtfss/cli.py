@@ -42,15 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        build_parser().parse_args(argv or ["--help"])
+    if not argv:  # no stage is a usage error: the help, on stderr, and exit 2
+        build_parser().print_help(sys.stderr)
+        return 2
+    if argv[0] not in COMMANDS:
+        build_parser().parse_args(argv)  # --help, --version, or argparse's error on an unknown stage
         return 2
     name = argv[0]
+    try:
+        return _run(name, argv[1:])
+    except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever the stage was
+        print(f"umtfss {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(name: str, argv: list[str]) -> int:
     target, help_text = COMMANDS[name]
     module_name, func_name = target.split(":")
     parser = argparse.ArgumentParser(prog=f"umtfss {name}", description=help_text)
     runner = getattr(importlib.import_module(module_name), func_name)(parser)
-    args = parser.parse_args(argv[1:])
+    args = parser.parse_args(argv)
     from umtfss.config import ConfigError
 
     try:

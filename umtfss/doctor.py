@@ -53,9 +53,25 @@ def report(path: str | Path = ".") -> list[tuple[str, str]]:
                         + ("yes: cpu_precision bfloat16 runs a ResNet-50 or ViT backbone about 3x faster (README, "
                            "CPU-only machines)" if native
                            else "no: keep cpu_precision float32 (bfloat16 would be emulated, slower)")))
-    usage = shutil.disk_usage(Path(path))
-    rows.append(("disk", f"{usage.free / 2**30:.1f} GiB free at {Path(path).resolve()}"))
+    rows.append(("disk", disk_row(path)))
     return rows
+
+
+def disk_row(path: str | Path) -> str:
+    """Free disk where results will go: a --path that does not exist yet is measured at its nearest existing
+    parent (the stages create it there), a file at its folder; the row says which, and never stops the report."""
+    path = Path(path).resolve()
+    where, why = path, ""
+    if path.is_file():
+        where, why = path.parent, f" (the folder of the file {path}; --path expects a folder)"
+    elif not path.exists():
+        where = next((parent for parent in path.parents if parent.is_dir()), Path(path.anchor))
+        why = f" (the nearest existing parent of {path}, which does not exist yet)"
+    try:
+        usage = shutil.disk_usage(where)
+    except OSError as err:
+        return f"not measured at {where}: {err.strerror or err}"
+    return f"{usage.free / 2**30:.1f} GiB free at {where}{why}"
 
 
 def cli(parser: argparse.ArgumentParser):

@@ -16,7 +16,7 @@ from tqdm import tqdm
 import umtfss
 from umtfss.devices import (channels_last_input, check_cpu_precision, forward_precision, inference_autocast,
                             lay_out_for_precision, resolve_device)
-from umtfss.io import atomic_path, read_rgb
+from umtfss.io import atomic_path, check_outputs_apart, read_rgb, resolve_table_paths
 from umtfss.stores import BackgroundWriter, create_embedding_store
 from umtfss.transforms import resize_pad, resize_pad_image, resized_extent, uint8_tensor
 
@@ -35,7 +35,7 @@ def load_image_table(images: str | Path | pd.DataFrame) -> pd.DataFrame:
         name = str(images)
         if not Path(images).is_file():
             raise FileNotFoundError(f"image table '{images}' does not exist (expected the prepare stage's images.parquet)")
-        images = pd.read_parquet(images)
+        images = resolve_table_paths(pd.read_parquet(images), images)
     missing = [c for c in REQUIRED_COLUMNS if c not in images.columns]
     if missing:
         raise ValueError(f"image table '{name}' lacks column(s) {', '.join(missing)}; expected {', '.join(REQUIRED_COLUMNS)}")
@@ -244,7 +244,7 @@ def embed_shard(images, shard: int, num_shards: int, out: str | Path, backbone, 
                         pin_memory=torch_device.type == "cuda")
     valid = np.zeros((len(ids), 2), np.int32)
     sizes = np.zeros((len(ids), 2), np.int32)
-    with atomic_path(out, sweep=True) as temp:
+    with atomic_path(out, sweep=True, folder=True, marker="zarr.json") as temp:
         group = create_embedding_store(temp, len(ids), (gh, gw), stored_dim, dtype, attrs)
         if projection is not None:
             group.create_array("projection", data=projection.numpy(), chunks=projection.shape)
@@ -300,6 +300,9 @@ def cli(parser):
         from umtfss.config import load
 
         cfg = load(args.config)["embedding"]
+        check_outputs_apart({"--out": args.out}, {"--images": [args.images]})
+        if args.workers is not None and args.workers < 0:
+            raise ValueError(f"--workers is {args.workers}, expected 0 (decode in this process) or more")
         from umtfss.backbones import build_backbone
 
         backbone = build_backbone(cfg["backbone"], checkpoint=cfg["checkpoint"], checkpoint_url=cfg["checkpoint_url"],

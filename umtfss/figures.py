@@ -9,24 +9,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from umtfss.io import atomic_path
+from umtfss.io import atomic_path, read_csv_table
 
 LOG_COLUMNS = ("step", "loss")  # what a train log.csv must hold for a curve (it also has epoch, lr_*, seconds)
 
 
 def read_training_log(path: str | Path) -> pd.DataFrame:
     """A train stage's log.csv (step, loss, ...), checked: the file exists, has the columns and one row or more."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"training log '{path}' does not exist (expected the log.csv beside a checkpoint.pt)")
-    try:
-        log = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise ValueError(f"training log '{path}' is not a CSV table: {err}") from None
-    missing = [c for c in LOG_COLUMNS if c not in log.columns]
-    if missing:
-        raise ValueError(f"training log '{path}' lacks column(s) {', '.join(missing)}; "
-                         f"expected {', '.join(LOG_COLUMNS)} (it has {', '.join(map(str, log.columns)) or 'none'})")
+    log = read_csv_table(path, "training log", LOG_COLUMNS, "the log.csv beside a checkpoint.pt")
     if log.empty:
         raise ValueError(f"training log '{path}' has no step (a header only)")
     return log

@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from umtfss.io import atomic_path, read_rgb
+from umtfss.io import atomic_path, read_rgb, resolve_table_paths
 from umtfss.pseudo_episodes import METADATA_KEY, resize_nearest, valid_extent
 
 BAR_WIDTH = 40
@@ -49,9 +49,10 @@ def _summarise_file(path: Path, suffix: str, n: int) -> str:
     if suffix in (".csv", ".tsv"):  # score tables, cluster_quality.csv, log.csv; Snakemake benchmark .tsv files
         table = pd.read_csv(path, sep="," if suffix == ".csv" else "\t")
         head = f"{path} ({suffix[1:].upper()}, {len(table)} rows, {_size(path.stat().st_size)})\n"
-        from umtfss.evaluation.tables import is_score_table, paper_table
+        from umtfss.evaluation.tables import check_score_rows, is_score_table, paper_table
 
         if is_score_table(table.columns):  # results/eval_<dataset>.csv: as papers print it
+            check_score_rows(table, path)
             return head + paper_table(table).to_string(index=False)
         return head + table.head(n).to_string()
     if suffix in CHECKPOINT_SUFFIXES:
@@ -100,9 +101,12 @@ def one_line(path: Path) -> str:
             node = zarr.open(str(path), mode="r")
             arrays = dict(node.arrays()) if isinstance(node, zarr.Group) else {"": node}
             shapes = ", ".join(f"{name or 'array'} {tuple(a.shape)} {a.dtype}" for name, a in arrays.items()
-                               if name in ("features", "labels", "refined", ""))
+                               if name in MAIN_ARRAYS)
             images = len(node.attrs.get("image_ids", [])) if "image_ids" in node.attrs else None
-            return "Zarr store: " + (shapes or f"{len(arrays)} arrays") + (f"; {images} images" if images is not None else "")
+            gaps = [f"'{name or 'array'}' {p} of {t} chunks present" for name, a in arrays.items()
+                    for p, t in [_chunk_counts(a)] if p < t and name in MAIN_ARRAYS]
+            return ("Zarr store: " + (shapes or f"{len(arrays)} arrays") + (f"; {images} images" if images is not None else "")
+                    + (f"; INCOMPLETE: {', '.join(gaps)}" if gaps else ""))
         if suffix == ".parquet":
             meta = pq.ParquetFile(path).metadata
             return f"parquet: {meta.num_rows} rows x {meta.num_columns} columns"
@@ -128,6 +132,9 @@ def one_line(path: Path) -> str:
         facts = [f"{key} {data[key]}" for key in ("method", "epoch", "step") if isinstance(data, dict) and key in data]
         return "checkpoint: " + (", ".join(facts) or "no method recorded")
     except Exception as err:  # a damaged file is listed with the reason, the others still shown
+        bad = _bad_metadata(path) if path.is_dir() else None
+        if bad is not None:
+            return f"unreadable ('{bad[0].relative_to(path)}' is not valid JSON: {bad[1]})"
         return f"unreadable ({type(err).__name__}: {err})"
 
 
@@ -191,14 +198,107 @@ def _norm_stats(rows: np.ndarray) -> str:
 # Zarr
 # --------------------------------------------------------------------------------------------
 
+ZARR_METADATA = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")  # v3 and v2 metadata files
+MAIN_ARRAYS = ("features", "labels", "refined", "")  # one chunk per image; "" is a store that is one array
+
+
+def _bad_metadata(store: Path) -> tuple[Path, str] | None:
+    """The first metadata file of a Zarr store that is not valid JSON, with the parser's reason (zarr's
+    own error does not name the file). Only node folders (those with a metadata file) are visited, so
+    the chunk files are not walked."""
+    files = [store / name for name in ZARR_METADATA if (store / name).is_file()]
+    for file in files:
+        try:
+            json.loads(file.read_bytes())
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            return file, str(err)
+    for child in sorted(p for p in store.iterdir() if p.is_dir()) if files else []:
+        found = _bad_metadata(child)
+        if found is not None:
+            return found
+    return None
+
+
+def _damaged_store(path: Path, err: Exception) -> Exception:
+    """A damaged metadata file named, when that is why zarr failed on `path`; else `err` itself.
+    (umtfss.stores.open_store would be the better place for this check: every stage opens stores there.)"""
+    bad = _bad_metadata(path) if path.is_dir() else None
+    if bad is None:
+        return err
+    return ValueError(f"'{bad[0]}' is not valid JSON ({bad[1]}): the Zarr metadata of store '{path}' is damaged; "
+                      "rerun the stage that wrote the store")
+
+
+def _chunk_counts(array) -> tuple[int, int]:
+    """(chunks present in the store, chunks of the array's grid): zarr reads a missing chunk as the fill
+    value without a word, so an interrupted copy looks like a whole store."""
+    return int(array.nchunks_initialized), int(array.nchunks)
+
+
+def _missing_images(array, limit: int = 5) -> list[int]:
+    """The first image indices (axis 0) whose chunk file is missing, for a local one-image-per-chunk array."""
+    from zarr.storage import LocalStore
+
+    if not isinstance(array.store, LocalStore) or array.chunks[0] != 1:
+        return []
+    folder = Path(array.store.root) / array.path
+    rest = (0,) * (array.ndim - 1)
+    missing = []
+    for index in range(array.shape[0]):
+        if not (folder / array.metadata.encode_chunk_key((index, *rest))).is_file():
+            missing.append(index)
+            if len(missing) == limit:
+                break
+    return missing
+
+
+def chunk_line(name: str, array) -> str | None:
+    """'chunks: N of M present' of a main array, with what the missing ones mean; other arrays only when
+    chunks are missing. The stages write every chunk of features, labels and refined themselves (one
+    file per image); zarr leaves out a chunk only when it equals the fill value (write_empty_chunks is
+    false by default), which an image's chunk never does (every image has a valid grid cell)."""
+    present, total = _chunk_counts(array)
+    if present == total and name not in MAIN_ARRAYS:
+        return None
+    line = f"    chunks: {present} of {total} present"
+    if present == total:
+        return line
+    missing = _missing_images(array)
+    where = (f" (image{'s' if total - present > 1 else ''} {', '.join(map(str, missing))}"
+             f"{', ...' if total - present > len(missing) else ''})" if missing else "")
+    if name == "features":
+        meaning = "they read as zeros (fill value 0), not as an error; embed writes every chunk: rerun embed"
+    elif name in ("labels", "refined"):
+        meaning = ("they read as -1 (all padding, no pseudo mask); assign writes every chunk (zarr would leave out "
+                   "only an all-padding one): rerun assign")
+    else:
+        meaning = (f"they read as the fill value {array.fill_value}; zarr leaves out only a chunk equal to the "
+                   "fill value, check that this is one")
+    return f"{line} -- WARNING: {total - present} missing{where}: the store is incomplete, {meaning}"
+
+
 def summarise_zarr(path: Path) -> str:
-    """Arrays (shape, dtype, chunks, codecs, bytes on disk), attributes, and a label store's cluster sizes."""
+    """Arrays (shape, dtype, chunks, codecs, bytes on disk, chunks present), attributes, and a label
+    store's cluster sizes."""
     import zarr
 
     try:
         node = zarr.open(str(path), mode="r")
     except Exception as err:  # zarr raises several types for unreadable folders
-        raise ValueError(f"'{path}' is not a readable Zarr store: {err}") from None
+        named = _damaged_store(path, err)
+        raise (named if named is not err else ValueError(f"'{path}' is not a readable Zarr store: {err}")) from None
+    try:
+        return _summarise_zarr(path, node)
+    except Exception as err:  # a member's metadata is read on first access
+        named = _damaged_store(path, err)
+        if named is err:
+            raise
+        raise named from None
+
+
+def _summarise_zarr(path: Path, node) -> str:
+    import zarr
+
     lines = [f"{path} (Zarr v{node.metadata.zarr_format} {'group' if isinstance(node, zarr.Group) else 'array'}, "
              f"{_size(_disk_size(path))} on disk)"]
     arrays = dict(node.arrays()) if isinstance(node, zarr.Group) else {"": node}
@@ -208,6 +308,9 @@ def summarise_zarr(path: Path) -> str:
         raw = int(np.prod(array.shape)) * array.dtype.itemsize
         lines.append(f"  array '{name}': shape {tuple(array.shape)}, dtype {array.dtype}, chunks {tuple(array.chunks)}, "
                      f"codecs {codecs}, {_size(stored)} on disk ({_size(raw)} raw)")
+        chunks = chunk_line(name, array)
+        if chunks:
+            lines.append(chunks)
     lines.append("  attributes:")
     lines += [f"    {key}: {_short(value)}" for key, value in dict(node.attrs).items()]
     if isinstance(node, zarr.Group) and "labels" in arrays:
@@ -348,7 +451,7 @@ def write_overlay(label_store: str | Path, images_table: str | Path, out: str | 
     from umtfss.io import read_label
     from umtfss.stores import LabelStore
 
-    store = LabelStore([label_store])
+    store = _open_reader(LabelStore, label_store)
     if len(store) == 0:
         raise ValueError(f"label store '{label_store}' holds no image (a shard of a folder with fewer images than "
                          "embedding.shards); inspect another shard")
@@ -400,18 +503,55 @@ class TileGrid:
         return out
 
 
+IMAGE_COLUMNS = ("image_id", "image_path")
+
+
+def check_images_table(images_table: str | Path, label_paths: bool = False) -> list[str]:
+    """The columns an overlay reads from the images table, after checking that the file is a parquet
+    table that has them (the prepare stage's images.parquet, not another table)."""
+    path = Path(images_table)
+    if path.is_dir():
+        raise ValueError(f"images table '{path}' (--images) is a folder, expected a parquet file "
+                         "(the prepare stage's images.parquet)")
+    if not path.is_file():
+        raise FileNotFoundError(f"images table '{path}' does not exist")
+    try:
+        present = pq.read_schema(path).names
+    except Exception as err:  # truncated or not parquet: pyarrow's error does not name the file
+        raise ValueError(f"images table '{path}' is not a readable parquet file: {err}") from None
+    missing = [c for c in IMAGE_COLUMNS if c not in present]
+    if missing:
+        raise ValueError(f"images table '{path}' lacks column(s) {missing}; expected {', '.join(IMAGE_COLUMNS)} "
+                         f"(the prepare stage's images.parquet; it has {', '.join(present) or 'none'})")
+    if label_paths and "label_path" not in present:
+        raise ValueError(f"images table '{path}' has no column label_path, needed for the ground truth "
+                         f"(it has {', '.join(present)})")
+    return list(IMAGE_COLUMNS) + (["label_path"] if label_paths else [])
+
+
+def _open_reader(reader, path: str | Path):
+    """A store reader of umtfss.stores on `path`, a damaged metadata file named when that is why it failed."""
+    try:
+        return reader([path])
+    except ValueError as err:
+        named = _damaged_store(Path(path), err)
+        if named is err:
+            raise
+        raise named from None
+
+
 def _images_of_store(store, images_table: str | Path, n: int, what: str, label_paths: bool = False
                      ) -> tuple[list[int], dict[str, str], dict[str, object]]:
     """The first n image indices of a store that the images table holds, the table's image paths and,
     with `label_paths`, its label paths (else an empty dict)."""
-    if not Path(images_table).is_file():
-        raise FileNotFoundError(f"images table '{images_table}' does not exist")
-    columns = ["image_id", "image_path"] + (["label_path"] if label_paths else [])
-    present = pq.read_schema(images_table).names
-    if label_paths and "label_path" not in present:
-        raise ValueError(f"images table '{images_table}' has no column label_path, needed for the ground truth "
-                         f"(it has {', '.join(present)})")
-    table = pd.read_parquet(images_table, columns=columns).drop_duplicates("image_id")
+    if n < 1:
+        raise ValueError(f"n is {n}; expected >= 1 image in the overlay")
+    columns = check_images_table(images_table, label_paths)
+    try:
+        table = pd.read_parquet(images_table, columns=columns).drop_duplicates("image_id")
+    except Exception as err:  # a damaged row group: pyarrow's error does not name the file
+        raise ValueError(f"images table '{images_table}' is not a readable parquet file: {err}") from None
+    table = resolve_table_paths(table, images_table)
     ids = table["image_id"].astype(str)
     paths = dict(zip(ids, table["image_path"].astype(str)))
     labels_of = dict(zip(ids, table["label_path"])) if label_paths else {}
@@ -453,7 +593,7 @@ def write_feature_overlay(embedding_store: str | Path, images_table: str | Path,
     principal components as colours (the look DINO papers give features): what the clustering will see."""
     from umtfss.stores import EmbeddingStore
 
-    store = EmbeddingStore([embedding_store])
+    store = _open_reader(EmbeddingStore, embedding_store)
     if len(store) == 0:
         raise ValueError(f"embedding store '{embedding_store}' holds no image; inspect another shard")
     shown, paths, _ = _images_of_store(store, images_table, n, f"'{embedding_store}'")
@@ -467,6 +607,29 @@ def write_feature_overlay(embedding_store: str | Path, images_table: str | Path,
         grid.paste(image, slot, 0)
         grid.paste(resize_nearest(colours, image.shape[:2]), slot, 1)
     return grid.save(out)
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse option combinations that would be ignored or fail only after the summary is printed."""
+    if args.n < 1:
+        raise ValueError(f"--n is {args.n}; expected >= 1 (images in the overlay / table rows shown)")
+    if not args.overlay:
+        if args.ground_truth:
+            raise ValueError("--ground-truth applies to the overlay; add --overlay OUT.png (and --images images.parquet)")
+        return
+    if not args.images:
+        raise ValueError("--overlay needs --images images.parquet to find the image files")
+    path = Path(args.path)
+    if not path.exists():
+        raise FileNotFoundError(f"'{path}' does not exist")
+    if not (path.is_dir() and _is_zarr(path)):
+        raise ValueError(f"--overlay draws a label or embedding store; '{path}' is not a Zarr store")
+    if _is_embedding_store(path) and args.ground_truth:
+        raise ValueError("--ground-truth applies to label stores; an embedding store's overlay shows "
+                         "each image beside its features' principal components")
+    if Path(args.overlay).is_dir():
+        raise ValueError(f"--overlay '{args.overlay}' is a folder, expected the path of a PNG file to write")
+    check_images_table(args.images, label_paths=args.ground_truth)
 
 
 def cli(parser: argparse.ArgumentParser):
@@ -485,14 +648,10 @@ def cli(parser: argparse.ArgumentParser):
             from umtfss.config import load
 
             load(args.config)
+        check_options(args)  # before the summary, which can be long
         print(summarise(args.path, n=args.n))
         if args.overlay:
-            if not args.images:
-                raise ValueError("--overlay needs --images images.parquet to find the image files")
             if _is_embedding_store(Path(args.path)):
-                if args.ground_truth:
-                    raise ValueError("--ground-truth applies to label stores; an embedding store's overlay shows "
-                                     "each image beside its features' principal components")
                 written = write_feature_overlay(args.path, args.images, args.overlay, n=args.n)
             else:
                 written = write_overlay(args.path, args.images, args.overlay, n=args.n, ground_truth=args.ground_truth)

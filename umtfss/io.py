@@ -253,6 +253,58 @@ def write_png(path: str | Path, array: np.ndarray, palette: Sequence | np.ndarra
 
 
 # --------------------------------------------------------------------------------------------
+# CSV tables
+# --------------------------------------------------------------------------------------------
+
+def read_csv_table(path: str | Path, what: str, columns: Sequence[str], expected: str):
+    """A CSV table the stages wrote, checked: a file (not a folder), readable as CSV, holding `columns`.
+    `what` names the table and `expected` says where it comes from, in the errors."""
+    import pandas as pd
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} '{path}' is a folder, expected a CSV file ({expected})")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} '{path}' does not exist (expected {expected})")
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} '{path}' is not a CSV file ({err}); expected {expected}") from None
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ValueError(f"{what} '{path}' lacks column(s) {', '.join(missing)}; expected {expected} "
+                         f"({', '.join(columns)}; it has {', '.join(map(str, table.columns)) or 'none'})")
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# paths in tables
+# --------------------------------------------------------------------------------------------
+
+TABLE_PATH_COLUMNS = ("image_path", "label_path")
+
+
+def resolve_table_paths(frame, table_file: str | Path):
+    """`frame` (an image table) with relative image_path / label_path usable from any folder.
+
+    The workflow writes them relative to the folder it ran in (the one holding results/), so a stage run
+    alone from elsewhere would not find them. When the first path is not found from here, the nearest
+    folder above `table_file` from which it is found becomes their base. Paths found from here, and
+    absolute ones, are left as they are (the workflow's own tables are unchanged)."""
+    columns = [c for c in TABLE_PATH_COLUMNS if c in frame.columns]
+    first = next((str(p) for c in columns for p in frame[c] if isinstance(p, str) and p), None)
+    if first is None or Path(first).is_absolute() or Path(first).exists():
+        return frame
+    base = next((folder for folder in Path(table_file).resolve().parents if (folder / first).exists()), None)
+    if base is None:
+        return frame  # missing from everywhere: the reader names the file
+    frame = frame.copy()
+    for column in columns:
+        frame[column] = frame[column].map(lambda p: str(base / p) if isinstance(p, str) and p and not Path(p).is_absolute() else p)
+    return frame
+
+
+# --------------------------------------------------------------------------------------------
 # atomic outputs
 # --------------------------------------------------------------------------------------------
 
@@ -317,16 +369,48 @@ def _replace(temp: Path, final: Path) -> None:
         os.replace(temp, final)  # atomic for files, also over an existing file
 
 
+class OutputInTheWay(ValueError):
+    """An output path names something that replacing it would destroy (a folder of files, an input)."""
+
+
+def _check_replaceable(final: Path, folder: bool, marker: str | None) -> None:
+    """Refuse, before any work, to replace what is not an earlier output of the same kind."""
+    if folder and final.exists() and not final.is_dir():
+        raise OutputInTheWay(f"output '{final}' is a file; expected a folder path (the file is left as it is)")
+    if not folder and final.is_dir():
+        raise OutputInTheWay(f"output '{final}' is a folder; expected the path of a file (the folder is left as it is)")
+    if folder and marker and final.is_dir() and not (final / marker).exists() and any(final.iterdir()):
+        raise OutputInTheWay(f"output '{final}' is a folder without '{marker}', so not an earlier output of this "
+                             "stage; writing would replace it, so it is left as it is: give another path")
+
+
+def check_outputs_apart(outputs: dict[str, str | Path], inputs: dict[str, str | Path | Sequence]) -> None:
+    """Refuse an output that is an input or another output: the rename would replace it (named by option)."""
+    seen: dict[Path, str] = {}
+    for option, given in inputs.items():
+        for path in ([given] if isinstance(given, (str, Path)) else given):
+            seen.setdefault(Path(path).resolve(), option)
+    for option, path in outputs.items():
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise OutputInTheWay(f"{option} '{path}' is also {seen[resolved]}; writing it would replace that: "
+                                 "give another path")
+        seen[resolved] = option
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path, sweep: bool = False) -> Iterator[Path]:
+def atomic_path(path: str | Path, sweep: bool = False, folder: bool = False, marker: str | None = None) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto `path` on success, delete it on error.
 
-    The caller creates the file or directory at the yielded path. A killed job thus never leaves a
-    half-written output under the final name. An existing file or directory at `path` is replaced.
+    The caller creates the file (or, with `folder`, the directory) at the yielded path. A killed job
+    thus never leaves a half-written output under the final name. An existing output of the same
+    kind at `path` is replaced; a folder where a file goes, a file where a folder goes, and a
+    non-empty folder without the file `marker` (e.g. 'zarr.json') are refused before any work.
     `sweep` first deletes the temporaries of `path` that killed processes left behind (a scan of the
     folder: meant for big outputs such as stores, not for one file among thousands).
     """
     final = Path(path)
+    _check_replaceable(final, folder, marker)
     final.parent.mkdir(parents=True, exist_ok=True)
     if sweep:
         remove_stale_temps(final.parent, stem=final.stem if final.suffix else final.name)

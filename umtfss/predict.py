@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +14,15 @@ from umtfss.episode import IGNORE, binary_mask
 from umtfss.evaluation.feature_cache import takes_features
 from umtfss.transforms import resize_pad, unpad_to, valid_pixels
 
+MIN_SIZE, MAX_SIZE = 32, 4096  # a test size beyond 4096 px asks for canvases no machine here holds
 
-def read_support_mask(path: str | Path, class_id: int | None = None) -> np.ndarray:
+
+def read_support_mask(path: str | Path, class_id: int | None = None,
+                      note: Callable[[str], None] | None = None) -> np.ndarray:
     """A support mask file as uint8 0/1/255 (see as_support_mask); RGB(A) masks are reduced by their
     brightest channel. With `class_id`, a class-index mask (a benchmark's or datasets.custom's) read as
-    that class against the rest."""
+    that class against the rest. Without it, `note` gets class_index_note's line for a single-channel
+    mask that looks like class indices (its classes are merged into one foreground)."""
     from umtfss.io import ImageReadError, read_label, read_rgb
 
     try:
@@ -27,7 +32,22 @@ def read_support_mask(path: str | Path, class_id: int | None = None) -> np.ndarr
             raise ValueError(f"support mask '{path}' is not a single-channel class-index PNG, which a support "
                              f"class ({class_id}) needs") from None
         values = read_rgb(path).max(axis=2)  # colour-coded masks: any lit channel is foreground
+    else:
+        if class_id is None and note is not None and (line := class_index_note(path, values)):
+            note(line)
     return as_support_mask(values, class_id)
+
+
+def class_index_note(path: str | Path, values: np.ndarray, shown: int = 12) -> str | None:
+    """A line for a mask with several values besides 0 and 255: likely class indices, which without a
+    support class all count as one foreground, silently. None for 0/255 and 0/1/255 masks."""
+    distinct = np.unique(values)
+    if np.count_nonzero((distinct > 0) & (distinct != IGNORE)) < 2:
+        return None
+    listed = ", ".join(str(int(v)) for v in distinct[:shown]) + (f", ... ({len(distinct)} values)"
+                                                                   if len(distinct) > shown else "")
+    return (f"support mask '{path}' holds the values {listed}: every nonzero value but 255 is read as one "
+            "foreground; if they are class indices, give the class with --support-class K")
 
 
 def as_support_mask(values: np.ndarray, class_id: int | None = None) -> np.ndarray:
@@ -69,15 +89,16 @@ def _check_file(path: Path, what: str) -> Path:
     return path
 
 
-def load_supports(pairs: list[tuple[str, str]], class_id: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+def load_supports(pairs: list[tuple[str, str]], class_id: int | None = None,
+                  note: Callable[[str], None] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(image, mask) per --support pair; each mask must have its image's size and some foreground
-    (pixels of `class_id` in class-index masks, when given)."""
+    (pixels of `class_id` in class-index masks, when given). `note` as for read_support_mask."""
     from umtfss.io import read_rgb
 
     supports = []
     for image_path, mask_path in pairs:
         image = read_rgb(_check_file(Path(image_path), "support image"))
-        mask = read_support_mask(_check_file(Path(mask_path), "support mask"), class_id)
+        mask = read_support_mask(_check_file(Path(mask_path), "support mask"), class_id, note)
         check_support(image, mask, f"'{image_path}'", f"'{mask_path}'", class_id)
         supports.append((image, mask))
     return supports
@@ -186,6 +207,10 @@ def query_plan(queries: list[Path], out: Path, overlay: Path | None) -> list[tup
 
     single = len(queries) == 1 and not queries[0].is_dir() and not out.is_dir()  # an existing folder takes the mask
     if single:
+        for option, path in (("--out", out), ("--overlay", overlay)):
+            if path is not None and path.suffix.lower() != ".png":
+                raise ValueError(f"{option} '{path}' does not end in .png, but predict writes a PNG there for the "
+                                 "one query; expected a file name ending in .png (or an existing folder)")
         return [(_check_file(queries[0], "query image"), out, overlay)]
     for option, path in (("--out", out), ("--overlay", overlay)):
         if path is not None and (path.is_file() or path.suffix.lower() in IMAGE_SUFFIXES):
@@ -204,6 +229,41 @@ def query_plan(queries: list[Path], out: Path, overlay: Path | None) -> list[tup
                                  "rename one or predict them separately")
             named[name] = path
     return [(path, out / name, overlay / name if overlay is not None else None) for name, path in named.items()]
+
+
+def check_outputs(plan: list[tuple[Path, Path, Path | None]], supports: list[tuple[str, str]], out: Path,
+                  overlay: Path | None, query_folders: list[Path] = (), support_option: str = "--support") -> None:
+    """Refuse, before any work, a plan that would write over what it reads: a mask or overlay file that is a
+    query image, a support image or mask, an --overlay that is --out, an --out or --overlay folder that is
+    a --query folder (its next run would read the masks as queries). Paths are compared resolved."""
+    inputs = {Path(query).resolve(): ("--query image", query) for query, _, _ in plan}
+    for image, mask in supports:
+        inputs.setdefault(Path(image).resolve(), (f"{support_option} image", image))
+        inputs.setdefault(Path(mask).resolve(), (f"{support_option} mask", mask))
+    folders = {Path(folder).resolve(): folder for folder in query_folders}
+    for option, path in (("--out", out), ("--overlay", overlay)):
+        if path is not None and path.resolve() in folders:
+            raise ValueError(f"{option} '{path}' is the --query folder '{folders[path.resolve()]}'; predict would "
+                             "write its masks among the query images: expected another folder")
+    if overlay is not None and overlay.resolve() == out.resolve():
+        raise ValueError(f"--overlay '{overlay}' is --out '{out}'; each overlay would replace its mask: "
+                         "expected another path")
+    masks = {}
+    for _, mask_file, overlay_file in plan:
+        for option, path in (("--out", mask_file), ("--overlay", overlay_file)):
+            if path is None:
+                continue
+            resolved, given = path.resolve(), out if option == "--out" else overlay
+            writes = "is" if path == given else f"would write '{path}' over"  # one query: the file itself
+            if resolved in inputs:
+                what, source = inputs[resolved]
+                raise ValueError(f"{option} '{given}' {writes} the {what} '{source}'; expected an output path "
+                                 "apart from the inputs")
+            if option == "--out":
+                masks[resolved] = path
+            elif resolved in masks:
+                raise ValueError(f"--overlay '{overlay}' {writes} the mask of --out '{out}'; each overlay would "
+                                 "replace a mask: expected another path")
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -246,6 +306,12 @@ def cli(parser: argparse.ArgumentParser):
     return run
 
 
+def check_size(size: int) -> None:
+    """The test size must give the model a few feature cells and still fit in memory."""
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise ValueError(f"--size is {size}, expected {MIN_SIZE} to {MAX_SIZE} (pixels of the longer side)")
+
+
 def run(args: argparse.Namespace) -> Path:
     import sys
 
@@ -258,6 +324,8 @@ def run(args: argparse.Namespace) -> Path:
     checkpoint = _check_file(args.checkpoint, "checkpoint")
     if args.batch < 1:
         raise ValueError(f"--batch is {args.batch}, expected at least 1")
+    if args.size is not None:
+        check_size(args.size)
     plan = query_plan(list(args.query), args.out, args.overlay)
     if (args.support is None) == (args.support_from is None):
         raise ValueError("give the supports with --support IMAGE MASK (repeatable) or draw them with --support-from "
@@ -269,13 +337,15 @@ def run(args: argparse.Namespace) -> Path:
             raise ValueError(f"--shots is {args.shots}, expected at least 1")
         args.support = draw_supports(args.support_from, args.support_class, args.shots, args.support_split, args.seed)
         print("umtfss predict: supports " + ", ".join(image for image, _ in args.support), file=sys.stderr)
-    supports = load_supports(args.support, args.support_class)
+    check_outputs(plan, args.support, args.out, args.overlay, [query for query in args.query if query.is_dir()],
+                  "--support" if args.support_from is None else "--support-from")
+    supports = load_supports(args.support, args.support_class,
+                             lambda line: print(f"umtfss predict: note: {line}", file=sys.stderr))
     size = args.size
     if size is None:
         size, source = test_size(load(checkpoint))
         print(f"umtfss predict: size {size} ({source} of the checkpoint; --size to change)", file=sys.stderr)
-    if size < 32:
-        raise ValueError(f"--size is {size}, expected at least 32")
+        check_size(size)
     device = resolve_device(args.device, "--device")
     model = lay_out_for_precision(load_model(checkpoint, device, args.backbone_checkpoint), device, args.cpu_precision, "predict")
     torch.manual_seed(0)  # a model that draws at inference (model.hash_draw per_call) predicts the same each run

@@ -73,7 +73,7 @@ import torch
 from tqdm import tqdm
 
 from umtfss.episode import Episode
-from umtfss.io import atomic_path, read_rgb
+from umtfss.io import atomic_path, read_rgb, resolve_table_paths
 from umtfss.stores import EmbeddingStore, LabelStore
 
 REGIONS_FILE = "regions.parquet"
@@ -575,7 +575,7 @@ def _image_paths(images_table) -> dict[str, str]:
     if isinstance(images_table, (str, Path)):
         if not Path(images_table).is_file():
             raise FileNotFoundError(f"images table '{images_table}' does not exist")
-        images_table = pd.read_parquet(images_table, columns=["image_id", "image_path"])
+        images_table = resolve_table_paths(pd.read_parquet(images_table, columns=["image_id", "image_path"]), images_table)
     missing = {"image_id", "image_path"} - set(images_table.columns)
     if missing:
         raise ValueError(f"images table lacks column(s) {sorted(missing)}; expected image_id, image_path")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import queue
@@ -135,8 +136,9 @@ def read_images(array, start: int, stop: int) -> np.ndarray:
 
     Blosc releases the GIL, so a pool of threads decodes several images at once (about 30 % faster
     than zarr's own read path on 2 cores, which also leaves more time to overlap compute). Arrays of
-    any other layout, and big-endian ones, are read through zarr. A missing chunk is the fill value,
-    as zarr reads it.
+    any other layout, and big-endian ones, are read through zarr. A missing chunk file is an error:
+    the stages write every image's chunk, so one is missing only if the store lost it (a partial copy,
+    a network disk), and zarr's fill value would pass for an image of zero features or cluster -1.
     """
     folder = _direct_chunk_path(array)
     endian = getattr(array.metadata.codecs[0], "endian", None) if folder is not None else None
@@ -152,8 +154,8 @@ def read_images(array, start: int, stop: int) -> np.ndarray:
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
-            out[row] = array.metadata.fill_value
-            return
+            raise ValueError(f"chunk file '{path}' (image {start + row} of the store) is missing; the store is "
+                             "incomplete: rerun the stage that wrote it") from None
         try:
             out[row] = np.frombuffer(codec.decode(raw), dtype=dtype).reshape(chunk_shape)
         except Exception as err:  # blosc's RuntimeError, or a wrong size
@@ -307,6 +309,12 @@ class _ShardedReader:
                 raise ValueError(f"{self.kind} store '{path}' lists {len(ids)} image_ids for {n} images")
             self.image_ids.extend(ids)
             self._offsets.append(self._offsets[-1] + n)
+        if len(set(self.image_ids)) != len(self.image_ids):
+            counts = collections.Counter(self.image_ids)
+            repeated = [image_id for image_id, count in counts.items() if count > 1]
+            raise ValueError(f"{self.kind} stores {', '.join(f'{p}' for p in self.paths[:3])}"
+                             f"{' ...' if len(self.paths) > 3 else ''} list {len(repeated)} image(s) more than once "
+                             f"(e.g. {repeated[:3]}); expected each image in exactly one shard, each shard given once")
 
     def __len__(self) -> int:
         return self._offsets[-1]
@@ -345,7 +353,7 @@ class EmbeddingStore(_ShardedReader):
     def features(self, index: int) -> np.ndarray:
         """[gh, gw, C] features of one image, in the stored dtype (padding cells included)."""
         shard, local = self.locate(index)
-        return np.asarray(self.groups[shard]["features"][local])
+        return read_images(self.groups[shard]["features"], local, local + 1)[0]
 
     def valid(self, index: int) -> tuple[int, int]:
         """(rows, cols) of the grid covered by the image."""
@@ -419,7 +427,7 @@ class LabelStore(_ShardedReader):
     def labels(self, index: int) -> np.ndarray:
         """int16 [gh, gw] cluster ids of one image, -1 on padding."""
         shard, local = self.locate(index)
-        return np.asarray(self.groups[shard]["labels"][local])
+        return read_images(self.groups[shard]["labels"], local, local + 1)[0]
 
     def refined(self, index: int) -> np.ndarray:
         """int16 [S, S] superpixel-refined cluster ids at the embed input size S, -1 on padding."""
@@ -427,11 +435,11 @@ class LabelStore(_ShardedReader):
             raise ValueError(f"label store(s) {', '.join(map(str, self.paths))} hold no refined labels "
                              "(written with clustering.refine: none)")
         shard, local = self.locate(index)
-        return np.asarray(self.groups[shard]["refined"][local])
+        return read_images(self.groups[shard]["refined"], local, local + 1)[0]
 
     def iter_batches(self, images_per_batch: int) -> Iterator[tuple[range, np.ndarray]]:
         """Yield (global index range, labels [b, gh, gw]); batches never span two shards."""
         for group, (start, stop) in zip(self.groups, self.shard_ranges()):
             for first in range(start, stop, images_per_batch):
                 last = min(first + images_per_batch, stop)
-                yield range(first, last), np.asarray(group["labels"][first - start:last - start])
+                yield range(first, last), read_images(group["labels"], first - start, last - start)

@@ -14,14 +14,16 @@ from umtfss.clustering.refine import (
     refine_labels, superpixel_majority,
 )
 from umtfss.devices import resolve_device
-from umtfss.io import atomic_path
+from umtfss.io import atomic_path, check_outputs_apart
 from umtfss.pseudo_episodes import bilinear_taps
 from umtfss.stores import EMBEDDING_ATTRS, BackgroundWriter, EmbeddingStore, array_sha256, create_label_store, prefetch
 
 
 def load_centroids(centroids: str | Path | np.ndarray) -> np.ndarray:
-    """float32 [N, C] centroids from an array or a .npy path, checked for shape."""
+    """float32 [N, C] centroids from an array or a .npy path, checked for shape and finite values."""
+    centroids_path = None
     if not isinstance(centroids, np.ndarray):
+        centroids_path = centroids
         path = Path(centroids)
         if not path.is_file():
             raise FileNotFoundError(f"centroids file '{path}' does not exist (expected the fit stage's centroids.npy)")
@@ -29,8 +31,11 @@ def load_centroids(centroids: str | Path | np.ndarray) -> np.ndarray:
             centroids = np.load(path, allow_pickle=False)
         except ValueError as err:
             raise ValueError(f"centroids file '{path}' is not a .npy array: {err}") from None
+    source = f"centroids file '{centroids_path}'" if centroids_path else "the centroids"
     if centroids.ndim != 2 or centroids.shape[0] < 1:
-        raise ValueError(f"centroids have shape {centroids.shape}, expected [clusters, channels]")
+        raise ValueError(f"{source} have shape {centroids.shape}, expected [clusters, channels]")
+    if not np.isfinite(centroids).all():
+        raise ValueError(f"{source} hold non-finite values (NaN or inf); expected the fit stage's centroids.npy")
     return np.ascontiguousarray(centroids, dtype=np.float32)
 
 
@@ -228,7 +233,7 @@ def assign_shard(embedding_shard_path: str | Path, centroids: str | Path | np.nd
     if refining:
         attrs.update(superpixel_scale=superpixel_scale, superpixel_sigma=superpixel_sigma,
                      superpixel_min_size=superpixel_min_size, refine_upsample=upsample)
-    with atomic_path(out, sweep=True) as temp:
+    with atomic_path(out, sweep=True, folder=True, marker="zarr.json") as temp:
         group = create_label_store(temp, len(store), store.grid, attrs, refined_size=image_size if refining else None)
         writer = BackgroundWriter(group["labels"])
         refined_writer = BackgroundWriter(group["refined"]) if refining else None
@@ -277,6 +282,10 @@ def cli(parser):
         from umtfss.config import load
 
         cfg = load(args.config)["clustering"]
+        if args.batch_images < 1:
+            raise ValueError(f"--batch-images is {args.batch_images}, expected 1 or more")
+        check_outputs_apart({"--out": args.out}, {"--embeddings": [args.embeddings], "--centroids": [args.centroids],
+                                                  "--images": [args.images] if args.images else []})
         assign_shard(args.embeddings, args.centroids, args.out, batch_images=args.batch_images,
                      device=cfg["device"], refine=cfg["refine"], images=args.images,
                      superpixel_scale=cfg["superpixel_scale"], superpixel_sigma=cfg["superpixel_sigma"],

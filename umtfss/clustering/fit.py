@@ -17,7 +17,7 @@ from umtfss.clustering.assign import normalise_rows
 from umtfss.clustering.minibatch import image_groups, running_means
 from umtfss.clustering.torch_kmeans import TorchKMeans
 from umtfss.devices import resolve_device
-from umtfss.io import atomic_path
+from umtfss.io import atomic_path, check_outputs_apart
 from umtfss.stores import EMBEDDING_ATTRS, READ_BATCH_IMAGES, EmbeddingStore, array_sha256, iter_selected
 
 
@@ -211,6 +211,8 @@ def cli(parser):
         from umtfss.config import load
 
         cfg = load(args.config)["clustering"]
+        check_outputs_apart({"--out-centroids": args.out_centroids, "--out-meta": args.out_meta},
+                            {"--embeddings": args.embeddings, "--config": [args.config]})
         centroids, meta = fit_centroids(EmbeddingStore(args.embeddings), cfg["clusters"], cfg["subset_pixels"],
                                         cfg["iterations"], cfg["redo"], cfg["seed"], cfg["device"], cfg["backend"],
                                         metric=cfg["metric"], fit_mode=cfg["fit_mode"],

@@ -32,7 +32,7 @@ from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
 from umtfss.episode import IGNORE
-from umtfss.io import atomic_path, read_label
+from umtfss.io import atomic_path, check_outputs_apart, read_label, resolve_table_paths
 from umtfss.pseudo_episodes import resize_nearest, valid_extent
 from umtfss.stores import LabelStore
 from umtfss.transforms import resized_extent
@@ -48,7 +48,7 @@ def label_paths_by_image(images_table: str | Path | pd.DataFrame) -> dict[str, s
         if not Path(images_table).is_file():
             raise FileNotFoundError(f"images table '{images_table}' does not exist")
         source = f"images table '{images_table}'"
-        images_table = pd.read_parquet(images_table)
+        images_table = resolve_table_paths(pd.read_parquet(images_table), images_table)
     missing = {"image_id", "label_path"} - set(images_table.columns)
     if missing:
         raise ValueError(f"{source} lacks column(s) {sorted(missing)}; expected image_id and label_path "
@@ -232,6 +232,8 @@ def cli(parser: argparse.ArgumentParser):
         from umtfss.config import load
 
         load(args.config)
+        check_outputs_apart({"--out": args.out}, {"--labels": args.labels, "--images": [args.images],
+                                                  "--classes": [args.classes] if args.classes else []})
         names = read_class_names(args.classes)
         resolution = resolve_resolution(LabelStore(args.labels), args.resolution)
         confusion, images = confusion_matrix(args.labels, args.images, resolution=resolution)

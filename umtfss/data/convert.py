@@ -181,7 +181,7 @@ def convert_sbd(voc_root: str | Path, sbd_root: str | Path, label_dir: str | Pat
 
     io.remove_stale_temps(label_dir.parent, stem=label_dir.name)
     from_voc = 0
-    with io.atomic_path(label_dir) as temp:
+    with io.atomic_path(label_dir, folder=True) as temp:
         temp.mkdir()
         for image_id in tqdm(ids, desc="convert-sbd", unit="mask", file=sys.stderr, disable=not progress):
             source = sources[image_id]

@@ -377,7 +377,7 @@ def generate_demo(root: str | Path, seed: int = 0, train_images: int = 300, val_
                          "replaces its output folder, so it refuses to touch it. To use the data there, set "
                          "'demo.enabled: false'; for the demo, point 'datasets.pascal.root' at a new folder")
     splits = (("train_aug", int(train_images)), ("val", int(val_images)))
-    with atomic_path(root) as temp:
+    with atomic_path(root, folder=True) as temp:
         images, labels, lists = temp / "JPEGImages", temp / "SegmentationClassAug", temp / "lists"
         for folder in (images, labels, lists):
             folder.mkdir(parents=True)

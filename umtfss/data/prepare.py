@@ -118,7 +118,9 @@ def build_tables(dataset: SegmentationDataset, min_class_pixels: int | None, wor
     """Scan every image (header) and label (pixel counts per class) of the data set."""
     tasks = _tasks(dataset)
     images, rows = [], []
-    for task, (height, width, counts) in zip(tasks, _scan_all(tasks, workers, progress, f"prepare {dataset.name}")):
+    # strict: zip then asks the scan for one more item after the last task, so its bar counts the last image
+    scans = _scan_all(tasks, workers, progress, f"prepare {dataset.name}")
+    for task, (height, width, counts) in zip(tasks, scans, strict=True):
         image_id, split, image_path, label_path = task[:4]
         unknown = [c for c in counts if c > dataset.num_classes] if dataset.class_names else []
         if unknown:
@@ -159,7 +161,7 @@ def read_tables(out_dir: str | Path) -> Tables:
         if not path.is_file():
             raise FileNotFoundError(f"table '{path}' does not exist; expected the prepare stage's output in '{out_dir}'")
         table = pq.read_table(path)
-        frames[name] = table.to_pandas()
+        frames[name] = io.resolve_table_paths(table.to_pandas(), path)
         meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
     return Tables(frames["images"], frames["classes"], frames["image_classes"], meta)
 
@@ -167,6 +169,9 @@ def read_tables(out_dir: str | Path) -> Tables:
 def prepare(dataset: SegmentationDataset, config: dict, out_dir: str | Path, workers: int = 1,
             progress: bool = True) -> Tables:
     """Scan the data set and write images / classes / image_classes parquet tables into out_dir."""
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():  # refused before the scan, not after it
+        raise ValueError(f"output '{out_dir}' (prepare --out) is a file, expected a folder for the tables "
+                         f"{', '.join(n + '.parquet' for n in TABLE_NAMES)}")
     section = config["datasets"].get(dataset.name) if dataset.class_names else None
     tables = build_tables(dataset, section["min_class_pixels"] if section else None, workers, progress)
     if section:

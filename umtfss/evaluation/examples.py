@@ -22,6 +22,7 @@ from umtfss.io import read_label, read_rgb
 from umtfss.transforms import unpad_to
 
 TRUTH, PREDICTION = (1.0, 0.9, 0.0), (1.0, 0.1, 0.1)  # yellow: the labelled mask (outlined); red: a method's
+DEFAULT_COUNT = 6
 
 
 def episode_iou(pred: np.ndarray, target: np.ndarray) -> float:
@@ -46,21 +47,26 @@ class Examples:
 
 
 def predict_examples(config: dict, dataset: str, tables_dir: str | Path, methods: dict[str, str | None],
-                     count: int = 6, fold: int | None = None, shot: int | None = None, seed: int | None = None,
-                     build: Callable[..., Predictor] = build_predictor) -> Examples:
+                     count: int | None = None, fold: int | None = None, shot: int | None = None,
+                     seed: int | None = None, build: Callable[..., Predictor] = build_predictor) -> Examples:
     """The first `count` episodes of the evaluation's table for (fold, shot, seed), by default the first of
     evaluation.folds / shots / seeds: the episodes `umtfss evaluate` scores first, and each method's masks
     (the same masks as evaluate's but for models that draw at inference, `model.hash_draw: per_call`,
-    whose draws follow the batching)."""
+    whose draws follow the batching). `count` is at most the table's episodes (refused above: the table
+    holds no more); by default DEFAULT_COUNT, or all of a shorter table."""
     eval_cfg = config["evaluation"]
     fold = eval_cfg["folds"][0] if fold is None else fold
     shot = eval_cfg["shots"][0] if shot is None else shot
     seed = eval_cfg["seeds"][0] if seed is None else seed
-    if count < 1:
-        raise ValueError(f"--count is {count}, expected at least 1 episode")
+    episodes_per_fold = config_module.test_episodes(config, dataset)
+    count = min(DEFAULT_COUNT, episodes_per_fold) if count is None else count
+    if not 1 <= count <= episodes_per_fold:
+        raise ValueError(f"--count is {count}, expected 1 to {episodes_per_fold} episodes: the figure draws the "
+                         f"first of the {episodes_per_fold} test episodes per fold that evaluate scores "
+                         "(evaluation.episodes)")
     tables = read_tables(tables_dir)
     episodes = sample_episodes(tables["image_classes"], tables.fold_classes(fold), shot,
-                               config_module.test_episodes(config, dataset), seed, SPLIT, eval_cfg["sampling"])
+                               episodes_per_fold, seed, SPLIT, eval_cfg["sampling"])
     episodes = episodes.head(count).reset_index(drop=True)
     batch = EpisodeBatches(episodes, _image_paths(tables["images"]), len(episodes), eval_cfg["test_size"],
                            "original", eval_cfg["geometry"])[0]
@@ -138,12 +144,16 @@ def cli(parser: argparse.ArgumentParser):
     parser.add_argument("--method", action="append", type=parse_method, required=True, metavar="NAME[=CHECKPOINT]",
                         help="method to draw (repeatable), as for umtfss evaluate ({fold} in a checkpoint path)")
     parser.add_argument("--out", required=True, help="the PNG to write (results/eval_<dataset>_examples.png)")
-    parser.add_argument("--count", type=int, default=6, help="episodes to draw (default 6)")
+    parser.add_argument("--count", type=int, help=f"episodes to draw (default {DEFAULT_COUNT}; at most "
+                                                 "evaluation.episodes, the episodes evaluate scores per fold)")
     parser.add_argument("--fold", type=int, help="fold (default: the first of evaluation.folds)")
     parser.add_argument("--shot", type=int, help="shots (default: the first of evaluation.shots)")
     parser.add_argument("--seed", type=int, help="evaluation seed (default: the first of evaluation.seeds)")
 
     def run(args: argparse.Namespace) -> None:
+        if Path(args.out).suffix.lower() != ".png":  # the figure is PNG data, whatever the name says
+            raise ValueError(f"--out '{args.out}' does not end in .png, but examples writes a PNG figure; "
+                             "expected a file name ending in .png")
         config = config_module.load(args.config)
         methods = methods_of(args.method)
         examples = predict_examples(config, args.dataset, args.tables, methods, args.count, args.fold, args.shot,

@@ -7,13 +7,42 @@ from pathlib import Path
 
 import pandas as pd
 
-from umtfss.io import atomic_path
+from umtfss.io import atomic_path, read_csv_table
 
 REQUIRED = ("method", "fold", "shot", "seed", "miou", "fbiou")
+NUMERIC = ("fold", "shot", "seed", "miou", "fbiou")
+EXPECTED = "results/eval_<dataset>.csv from the evaluate stage"
 
 
 def is_score_table(columns) -> bool:
     return set(REQUIRED) <= set(columns)
+
+
+def check_score_rows(scores: pd.DataFrame, source: str | Path) -> None:
+    """Refuse a row without one of the required fields, or with text where a number goes: a truncated
+    or hand-edited CSV would otherwise print a partial table (a 'nan' mean) with exit status 0."""
+    problems: dict[int, list[str]] = {}
+    for column in REQUIRED:
+        values = scores[column]
+        for row in values.index[values.isna()]:
+            problems.setdefault(row, []).append(f"no {column}")
+        if column in NUMERIC:
+            text = values.notna() & pd.to_numeric(values, errors="coerce").isna()
+            for row in values.index[text]:
+                problems.setdefault(row, []).append(f"{column} {values[row]!r} (not a number)")
+    if problems:
+        first = min(problems)
+        line = scores.index.get_loc(first) + 2  # line 1 is the header
+        raise ValueError(f"score table '{source}' line {line}: {', '.join(problems[first])}; expected every row to "
+                         f"hold {', '.join(REQUIRED)} ({len(problems)} of {len(scores)} rows do not: a truncated "
+                         f"or edited file? rerun the evaluate stage)")
+
+
+def read_score_table(path: str | Path) -> pd.DataFrame:
+    """The score CSV at `path`, checked: a CSV file with the required columns, each row complete."""
+    scores = read_csv_table(path, "score table", REQUIRED, EXPECTED)
+    check_score_rows(scores, path)
+    return scores
 
 
 def _mean_std(values: pd.Series) -> str:
@@ -61,14 +90,8 @@ def cli(parser: argparse.ArgumentParser):
     parser.add_argument("--out", type=Path, default=None, help="also write the table as Markdown to this file")
 
     def run(args: argparse.Namespace) -> None:
-        if not args.scores.is_file():
-            raise FileNotFoundError(f"score table '{args.scores}' does not exist")
-        try:
-            scores = pd.read_csv(args.scores)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-            raise ValueError(f"score table '{args.scores}' is not a CSV file ({err}); expected "
-                             "results/eval_<dataset>.csv from the evaluate stage") from None
-        seeds = scores["seed"].nunique() if "seed" in scores.columns else 0
+        scores = read_score_table(args.scores)
+        seeds = scores["seed"].nunique()
         text = (f"mIoU and FB-IoU (%) of {args.scores}; mean over {seeds} evaluation seed(s)"
                 + (", ± std over seeds" if seeds > 1 else "") + "\n\n" + markdown(paper_table(scores)))
         print(text, end="")

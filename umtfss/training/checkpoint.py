@@ -32,15 +32,34 @@ def test_size(payload: dict) -> tuple[int, str]:
     return int(config["training"]["crop_size"]), "training.crop_size"
 
 
+def _load_failure(err: Exception) -> str:
+    """torch's reason without its advice to retry with weights_only=False (that would run the file's code)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        reason = next((line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()), "")
+        if reason.startswith("Unsupported global"):
+            return (f"not a file of tensors and plain values ({reason.split(' was not', 1)[0]}); umtfss reads "
+                    "checkpoints with weights_only=True and never runs code from one")
+        return f"truncated, or not a torch file ({reason})"
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''} (truncated, or not a torch file)"
+
+
+def labelled_classes(payload: dict) -> list[str]:
+    """Names of the classes a checkpoint was trained on with labels (none for unsup, or one saved before this was recorded)."""
+    return list(payload.get("labelled_classes") or [])
+
+
 def load(path: str | Path, map_location="cpu") -> dict:
     """Read a checkpoint written by `save` (torch.load with weights_only=True: no code runs)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint '{path}' is a folder; expected a checkpoint file (checkpoint.pt)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated file, pickle with objects, not a torch file
-        raise ValueError(f"checkpoint '{path}' cannot be read: {err}") from None
+        raise ValueError(f"checkpoint '{path}' cannot be read: {_load_failure(err)}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"'{path}' is not a umtfss checkpoint (expected format '{FORMAT}')")
     return data

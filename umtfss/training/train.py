@@ -101,6 +101,14 @@ def build_optimizers(model, training_cfg: dict, schedule: Schedule) -> dict[str,
     return optimizers
 
 
+def _model_keys_that_differ(stored: dict, model_cfg: dict) -> list[str]:
+    """model keys whose value in an --init checkpoint's config differs from this config's."""
+    from umtfss.model.fss import MODEL_KEYS
+
+    return [f"model.{key}: {stored[key]!r} -> {model_cfg.get(key)!r}" for key in ("backbone", *MODEL_KEYS)
+            if key in stored and key in model_cfg and stored[key] != model_cfg[key]]
+
+
 def _amp_settings(device: torch.device, enabled: bool) -> tuple[bool, torch.dtype | None]:
     """(autocast on?, dtype): bf16 where the GPU has bf16 units (Ampere and later), else fp16 (with a GradScaler).
 
@@ -185,6 +193,7 @@ def train(
     progress: bool = True,
     inputs: str | None = None,
     config_sections: list[str] | None = None,
+    labelled_classes: list[str] | None = None,
 ) -> Path:
     """Train the FSS model on `source` into out_dir (last.pt each epoch, checkpoint.pt, log.csv).
 
@@ -193,6 +202,8 @@ def train(
     exactly as an uninterrupted run; a last.pt of anything else is stale (the workflow reruns a job
     after its config or inputs changed) and the run starts over, saying why on stderr.
     `config_sections`: the top-level keys the config was given with (recorded: predict's default size).
+    `labelled_classes`: names of the classes trained with labels (recorded: evaluate refuses a fold
+    whose test classes are among them).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -205,7 +216,15 @@ def train(
     model, backbone = ckpt.build_fss_model(config["model"])
     if init_checkpoint is not None:
         init = ckpt.load(init_checkpoint)
-        ckpt.load_trainable_state(model, backbone, init["model"], init_checkpoint)
+        try:
+            ckpt.load_trainable_state(model, backbone, init["model"], init_checkpoint)
+        except ValueError as err:
+            differ = _model_keys_that_differ(init.get("config", {}).get("model", {}), config["model"])
+            if not differ:
+                raise
+            raise ValueError(f"--init checkpoint '{init_checkpoint}' was trained with another model: {'; '.join(differ)} "
+                             "(checkpoint -> this config); fine-tune it with the model section it was trained "
+                             f"with. ({str(err)[:300]}...)") from None
     model.to(device)
 
     dataset = EpisodeDataset(source, tcfg["shots"], tcfg["crop_size"], Augmentation.from_config(tcfg),
@@ -268,6 +287,7 @@ def train(
             optimizers={k: o.state_dict() for k, o in optimizers.items()},
             schedulers={k: s.state_dict() for k, s in schedulers.items()},
             scaler=scaler.state_dict(), epoch=epoch + 1, step=step, rng=_rng_state(device), inputs=inputs,
+            labelled_classes=sorted(labelled_classes or []),
         )
     bar.close()
     if board is not None:
@@ -276,7 +296,7 @@ def train(
         log.write()
     final = ckpt.save(out_dir / "checkpoint.pt", config=config, method=method_name,
                       model=ckpt.trainable_state(model, backbone), epoch=schedule.epochs, step=step, inputs=inputs,
-                      config_sections=sorted(config_sections or []))  # which sections were given (test_size)
+                      config_sections=sorted(config_sections or []), labelled_classes=sorted(labelled_classes or []))  # which sections were given (test_size)
     return final
 
 
@@ -390,7 +410,21 @@ def run(args: argparse.Namespace) -> Path:
         raise FileNotFoundError(f"--init checkpoint '{args.init}' does not exist")
     return train(config, source, args.out_dir, init_checkpoint=args.init, finetune=bool(finetune),
                  method_name=method, progress=not args.quiet, inputs=_inputs_fingerprint(args),
-                 config_sections=sorted(read_raw(args.config)))
+                 config_sections=sorted(read_raw(args.config)), labelled_classes=_labelled_class_names(args, source))
+
+
+def _labelled_class_names(args, source) -> list[str]:
+    """The classes this run trains on with labels, and those its --init was trained on with labels."""
+    names = []
+    if hasattr(source, "base_classes"):  # a labelled source (sup, sup-P%, finetune-P%)
+        from umtfss.data.prepare import read_tables
+
+        classes = read_tables(args.tables).classes
+        by_id = dict(zip(classes["class_id"].astype(int), classes["name"].astype(str)))
+        names = [by_id.get(int(c), str(c)) for c in source.base_classes]
+    if args.init is not None:
+        names += ckpt.labelled_classes(ckpt.load(args.init))
+    return sorted(set(names))
 
 
 def _inputs_fingerprint(args) -> str:
