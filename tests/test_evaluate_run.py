@@ -416,7 +416,8 @@ def test_feature_cache_reuses_the_backbone_and_scores_the_same(tmp_path, monkeyp
     slots = 2 * 12 * (2 + 3)  # two methods; 12 episodes of 1 query + 1 support, 12 of 1 + 2
     assert off_images == slots
     assert on_images == 2 * 8  # each method: once per val image (each holds class 1 or 2, fold 0's)
-    assert "feature cache:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unsup, fold 0: feature cache:" in err and "prototype-threshold, fold 0: feature cache:" in err
 
 
 @pytest.mark.parametrize("resolution, geometry", [("original", "exact"), ("original", "reference"), ("resized", "exact")])

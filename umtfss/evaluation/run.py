@@ -179,12 +179,13 @@ def _with_feature_cache(predictor: Predictor, max_mb: float) -> Predictor:
     return predictor
 
 
-def _report_cache(predictors: dict) -> None:
-    """The feature cache's line in the log, once per predictor (what it saved, what it held)."""
-    for predictor in predictors.values():
+def _report_cache(predictors: dict, folds_of: dict) -> None:
+    """The feature cache's line in the log, once per predictor (its method and folds, what it saved and held)."""
+    for (method, path), predictor in predictors.items():
         cache = getattr(predictor, "cache", None)
         if cache is not None:
-            tqdm.write(cache.summary(), file=sys.stderr)
+            folds = ", ".join(map(str, folds_of.get((method, path), [])))
+            tqdm.write(f"{method}, fold {folds}: {cache.summary()}", file=sys.stderr)
 
 
 def _default_meta(config: dict, meta: dict) -> dict:
@@ -270,16 +271,19 @@ def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: d
     images = ImageCache(eval_cfg["image_cache_mb"]) if workers == 0 and eval_cfg["image_cache_mb"] > 0 else None
     progress = tqdm(total=len(methods) * len(plan) * n_episodes, desc="evaluate", unit="episode", file=sys.stderr)
     predictors: dict = {}  # the predictor in use: a checkpoint path with "{fold}" names one model per fold
+    folds_of: dict = {}  # the folds it served, for the log
     for fold in eval_cfg["folds"]:
         for method, checkpoint in methods.items():
             path = checkpoint.format(fold=fold) if checkpoint else checkpoint
             if (method, path) not in predictors:
-                _report_cache(predictors)
+                _report_cache(predictors, folds_of)
                 predictors.clear()
+                folds_of.clear()
                 predictors[method, path] = _with_feature_cache(
                     lay_out_predictor(build(method, config, path, device), device, cpu_precision),
                     eval_cfg["feature_cache_mb"])
             predictor = predictors[method, path]
+            folds_of.setdefault((method, path), []).append(fold)
             for shot in eval_cfg["shots"]:
                 for seed in eval_cfg["seeds"]:
                     progress.set_description(f"{method} fold {fold} {shot}-shot seed {seed}")
@@ -306,7 +310,7 @@ def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: d
                         class_rows.append({"method": method, "fold": fold, "shot": shot, "seed": seed,
                                            "class_id": class_id, "class_name": class_names.get(class_id, str(class_id)),
                                            "iou": round(100 * iou, 2), "episodes": acc.episodes[class_id]})
-    _report_cache(predictors)
+    _report_cache(predictors, folds_of)
     if images is not None:
         tqdm.write(images.summary(), file=sys.stderr)
     progress.close()
