@@ -76,3 +76,23 @@ def test_no_stage_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_an_error_starts_its_own_line_after_an_open_progress_bar(monkeypatch, capsys):
+    """A stage failing inside a tqdm loop: the bar is ended before the error, not redrawn after it."""
+    import sys
+
+    from tqdm import tqdm
+
+    from umtfss import cli
+
+    def failing(args):
+        bar = tqdm(total=10, desc="work", file=sys.stderr)
+        bar.update(3)
+        raise ValueError("boom")
+
+    monkeypatch.setattr("umtfss.doctor.cli", lambda parser: failing)
+    assert cli.main(["doctor"]) == 1
+    err = capsys.readouterr().err
+    assert "\numtfss doctor: error: boom" in err and err.rstrip().endswith("umtfss doctor: error: boom")
+    assert not list(getattr(tqdm, "_instances", ()))

@@ -52,8 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(name, argv[1:])
     except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever the stage was
+        _close_progress_bars()
         print(f"umtfss {name}: interrupted", file=sys.stderr)
         return 130
+
+
+def _close_progress_bars() -> None:
+    """End the bars a failing stage left open, so its error starts a line of its own and no bar is
+    redrawn after it."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _run(name: str, argv: list[str]) -> int:
@@ -67,6 +77,7 @@ def _run(name: str, argv: list[str]) -> int:
     try:
         runner(args)
     except (ConfigError, FileNotFoundError, ValueError) as err:
+        _close_progress_bars()
         print(f"umtfss {name}: error: {err}", file=sys.stderr)
         return 1
     return 0
