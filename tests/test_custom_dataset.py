@@ -166,6 +166,10 @@ def test_evaluate_and_train_sup_on_custom_tables(custom_root, tmp_path, capsys):
     config["evaluation"] = {**evaluation, "folds": [0, 3]}
     assert main([*args, "--config", json.dumps(config)]) == 1
     assert "'evaluation.folds' holds fold(s) [3], but data set 'custom' has folds [0, 1]" in capsys.readouterr().err
+    config["evaluation"] = evaluation
+    as_pascal = [a if a != "custom" else "pascal" for a in args]  # your tables scored as PASCAL: refused
+    assert main([*as_pascal, "--config", json.dumps(config)]) == 1
+    assert "were prepared from data set 'custom', but the data set to score is 'pascal'" in capsys.readouterr().err
 
     model = {"backbone": "demo-colortexture", "dim": 16, "heads": 2, "layers": 1, "prototypes_fg": 4, "prototypes_bg": 4}
     train = {"epochs": 1, "batch_size": 4, "crop_size": 48, "workers": 0, "device": "cpu"}

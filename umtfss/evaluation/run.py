@@ -237,6 +237,10 @@ def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: d
         raise ValueError("no method to evaluate; pass at least one --method")
     eval_cfg = config["evaluation"]
     tables = read_tables(tables_dir)
+    prepared_from = tables.meta.get("dataset")
+    if prepared_from and prepared_from != dataset_name:  # its episode count and class table would be another's
+        raise ValueError(f"tables '{tables_dir}' were prepared from data set '{prepared_from}', but the data set to "
+                         f"score is '{dataset_name}' (--dataset); expected that data set's prepare folder")
     paths = _image_paths(tables["images"])
     class_names = {int(c): str(n) for c, n in zip(tables["classes"]["class_id"], tables["classes"]["name"])}
     n_episodes = config_module.test_episodes(config, dataset_name)
