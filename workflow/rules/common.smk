@@ -16,6 +16,10 @@ from umtfss.data.custom import custom_folds as _custom_folds
 from umtfss.data.folder import folder_fingerprint as _folder_fingerprint, scan_image_folder as _scan_image_folder
 from umtfss.data.overlap import check_test_images_unseen as _check_test_images_unseen
 
+# the jobs' progress bars go to log files: a frame every 10 s rather than ten a second (tqdm reads
+# TQDM_* variables; TQDM_DISABLE=1 turns every bar off)
+os.environ.setdefault("TQDM_MININTERVAL", "10")
+
 try:  # --config clustering='{clusters: 30}' gives the string "30": read it as the schema's integer
     # (overwrite_config holds the --configfile values too; YAML typed those already, but for 1e-3)
     type_command_line_values(config, workflow.config_settings.overwrite_config or {})
