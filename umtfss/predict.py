@@ -122,21 +122,7 @@ def draw_supports(tables_dir: str | Path, class_id: int, shots: int, split: str 
         raise ValueError(f"class {class_id} ({names[class_id]}) is present in {len(images)} {split} image(s) of "
                          f"'{tables_dir}', fewer than the {shots} support(s) asked for")
     picked = np.sort(np.random.default_rng(seed).choice(len(images), shots, replace=False))
-    return [(table_path(images["image_path"].iloc[i], tables_dir), table_path(images["label_path"].iloc[i], tables_dir))
-            for i in picked]
-
-
-def table_path(path: str, tables_dir: str | Path) -> str:
-    """A file path of prepared tables, usable from any folder: the workflow writes them relative to the
-    folder it ran in, which is the one holding results/<dataset>/prepare; a path that is not found from
-    here is looked up there."""
-    path = Path(path)
-    if path.is_absolute() or path.exists():
-        return str(path)
-    parents = Path(tables_dir).resolve().parents
-    if len(parents) >= 3 and (parents[2] / path).exists():  # results/<dataset>/prepare -> the workflow's folder
-        return str(parents[2] / path)
-    return str(path)  # missing from either: load_supports names it
+    return [(str(images["image_path"].iloc[i]), str(images["label_path"].iloc[i])) for i in picked]  # usable from here
 
 
 def support_tensors(supports: list[tuple[np.ndarray, np.ndarray]], size: int) -> tuple[torch.Tensor, torch.Tensor]:
