@@ -296,3 +296,12 @@ def test_cli_refuses_an_output_that_is_an_input_or_a_folder_of_files(tmp_path, c
     (mine / "notes.txt").write_text("keep")
     assert cli.main(argv + ["--out", str(mine)]) == 1
     assert "without 'zarr.json'" in capsys.readouterr().err and (mine / "notes.txt").read_text() == "keep"
+
+
+def test_a_damaged_metadata_file_is_named_by_every_stage(tmp_path):
+    """zarr's JSON error does not say which file; the store readers (every stage) name it."""
+    store_path = write_store(tmp_path / "e.zarr")
+    metadata = store_path / "features" / "zarr.json"
+    metadata.write_text(metadata.read_text()[:40])
+    with pytest.raises(ValueError, match=r"features/zarr.json' is not valid JSON .* embedding store"):
+        EmbeddingStore(store_path)

@@ -132,7 +132,9 @@ def one_line(path: Path) -> str:
         facts = [f"{key} {data[key]}" for key in ("method", "epoch", "step") if isinstance(data, dict) and key in data]
         return "checkpoint: " + (", ".join(facts) or "no method recorded")
     except Exception as err:  # a damaged file is listed with the reason, the others still shown
-        bad = _bad_metadata(path) if path.is_dir() else None
+        from umtfss.stores import damaged_metadata
+
+        bad = damaged_metadata(path)
         if bad is not None:
             return f"unreadable ('{bad[0].relative_to(path)}' is not valid JSON: {bad[1]})"
         return f"unreadable ({type(err).__name__}: {err})"
@@ -198,31 +200,14 @@ def _norm_stats(rows: np.ndarray) -> str:
 # Zarr
 # --------------------------------------------------------------------------------------------
 
-ZARR_METADATA = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")  # v3 and v2 metadata files
 MAIN_ARRAYS = ("features", "labels", "refined", "")  # one chunk per image; "" is a store that is one array
 
 
-def _bad_metadata(store: Path) -> tuple[Path, str] | None:
-    """The first metadata file of a Zarr store that is not valid JSON, with the parser's reason (zarr's
-    own error does not name the file). Only node folders (those with a metadata file) are visited, so
-    the chunk files are not walked."""
-    files = [store / name for name in ZARR_METADATA if (store / name).is_file()]
-    for file in files:
-        try:
-            json.loads(file.read_bytes())
-        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-            return file, str(err)
-    for child in sorted(p for p in store.iterdir() if p.is_dir()) if files else []:
-        found = _bad_metadata(child)
-        if found is not None:
-            return found
-    return None
-
-
 def _damaged_store(path: Path, err: Exception) -> Exception:
-    """A damaged metadata file named, when that is why zarr failed on `path`; else `err` itself.
-    (umtfss.stores.open_store would be the better place for this check: every stage opens stores there.)"""
-    bad = _bad_metadata(path) if path.is_dir() else None
+    """A damaged metadata file named, when that is why zarr failed on `path`; else `err` itself."""
+    from umtfss.stores import damaged_metadata
+
+    bad = damaged_metadata(path)
     if bad is None:
         return err
     return ValueError(f"'{bad[0]}' is not valid JSON ({bad[1]}): the Zarr metadata of store '{path}' is damaged; "

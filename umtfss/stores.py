@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import os
 import queue
 import threading
@@ -70,6 +71,29 @@ def create_label_store(path: str | Path, n_images: int, grid: tuple[int, int], a
     return group
 
 
+ZARR_METADATA = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")  # v3 and v2 metadata files
+
+
+def damaged_metadata(store: str | Path) -> tuple[Path, str] | None:
+    """The first metadata file of a Zarr store that is not valid JSON, with the parser's reason (zarr's
+    own error does not name the file). Only node folders (those with a metadata file) are visited, so
+    the chunk files are not walked."""
+    store = Path(store)
+    if not store.is_dir():
+        return None
+    files = [store / name for name in ZARR_METADATA if (store / name).is_file()]
+    for file in files:
+        try:
+            json.loads(file.read_bytes())
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            return file, str(err)
+    for child in sorted(p for p in store.iterdir() if p.is_dir()) if files else []:
+        found = damaged_metadata(child)
+        if found is not None:
+            return found
+    return None
+
+
 def open_store(path: str | Path, arrays: Sequence[str], kind: str) -> zarr.Group:
     """Open a store read-only, with an error naming the path when it is missing or lacks an array."""
     path = Path(path)
@@ -77,9 +101,13 @@ def open_store(path: str | Path, arrays: Sequence[str], kind: str) -> zarr.Group
         raise FileNotFoundError(f"{kind} store '{path}' does not exist")
     try:
         group = zarr.open_group(str(path), mode="r")
+        missing = [name for name in arrays if name not in group]  # reads each array's metadata
     except Exception as err:  # zarr raises several types for a folder that is not a group
+        bad = damaged_metadata(path)
+        if bad is not None:
+            raise ValueError(f"'{bad[0]}' is not valid JSON ({bad[1]}): the Zarr metadata of {kind} store '{path}' "
+                             "is damaged; rerun the stage that wrote it") from None
         raise ValueError(f"'{path}' is not a Zarr group, expected a {kind} store: {err}") from None
-    missing = [name for name in arrays if name not in group]
     if missing:
         raise ValueError(f"{kind} store '{path}' lacks array(s) {', '.join(missing)}; expected {', '.join(arrays)}")
     return group
