@@ -202,19 +202,21 @@ def _default_meta(config: dict, meta: dict) -> dict:
 TRAINED_METHOD = re.compile(r"unsup|sup|(?:finetune|sup)-\d+%")  # the methods train.py knows by name
 
 
-def _check_held_out(method: str, path: str | None, fold: int, test_classes: list[str]) -> None:
-    """Refuse to score a checkpoint on a fold whose test classes it was trained on with labels (a model of
-    another fold, or of every class): its score would be inflated, and nothing else would say so."""
+def _check_held_out(method: str, path: str | None, test_classes: dict[int, list[str]]) -> None:
+    """Refuse to score a checkpoint on a fold (of `test_classes`: fold -> its test class names, the folds
+    the checkpoint serves) whose test classes it was trained on with labels (a model of another fold, or
+    of every class): its score would be inflated, and nothing else would say so."""
     if path is None or not Path(path).is_file():
         return  # a reference predictor, or a path that build() reports
     from umtfss.training import checkpoint as ckpt
 
     payload = ckpt.load(path)
-    seen = sorted(set(ckpt.labelled_classes(payload)) & set(test_classes))
-    if seen:
-        raise ValueError(f"checkpoint '{path}' of method '{method}' was trained with labels on {', '.join(seen)}, "
-                         f"test class(es) of fold {fold}: its score would not be few-shot. Give each fold its own "
-                         f"model (a '{{fold}}' in the --method path, e.g. {method}=.../fold{{fold}}/checkpoint.pt)")
+    for fold, names in test_classes.items():
+        seen = sorted(set(ckpt.labelled_classes(payload)) & set(names))
+        if seen:
+            raise ValueError(f"checkpoint '{path}' of method '{method}' was trained with labels on {', '.join(seen)}, "
+                             f"test class(es) of fold {fold}: its score would not be few-shot. Give each fold its own "
+                             f"model (a '{{fold}}' in the --method path, e.g. {method}=.../fold{{fold}}/checkpoint.pt)")
     stored = payload.get("method")
     if stored and stored != method and TRAINED_METHOD.fullmatch(method):  # a custom name may be anything
         tqdm.write(f"note: method '{method}' scores checkpoint '{path}', which was trained as '{stored}'", file=sys.stderr)
@@ -266,10 +268,13 @@ def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: d
                                             eval_cfg["sampling"])
         for fold, shot, seed in plan
     }
-    for fold in eval_cfg["folds"]:  # before any work: a model must not be scored on classes it trained on
+    served: dict = {}  # (method, checkpoint path) -> {fold: its test class names}, each checkpoint read once
+    for fold in eval_cfg["folds"]:
         for method, checkpoint in methods.items():
-            _check_held_out(method, checkpoint.format(fold=fold) if checkpoint else checkpoint, fold,
-                            [class_names.get(c, str(c)) for c in classes_of[fold]])
+            path = checkpoint.format(fold=fold) if checkpoint else checkpoint
+            served.setdefault((method, path), {})[fold] = [class_names.get(c, str(c)) for c in classes_of[fold]]
+    for (method, path), test_classes in served.items():  # before any work: no model scored on classes it trained on
+        _check_held_out(method, path, test_classes)
     score_rows, class_rows = [], []
     # fold by fold, every method on it: a fold's test images, decoded once, serve all methods and shots
     images = ImageCache(eval_cfg["image_cache_mb"]) if workers == 0 and eval_cfg["image_cache_mb"] > 0 else None
