@@ -579,6 +579,7 @@ def test_cli_sup_then_finetune_on_prepare_tables(toy_tables, tmp_path, capsys):
                  str(tmp_path / "sup" / "checkpoint.pt"), *other_common]) == 1
     dim = other["model"]["dim"]
     assert f"was trained with another model: model.dim: {dim // 2} -> {dim}" in capsys.readouterr().err
+    assert not (tmp_path / "ft2" / "train_subset.txt").exists()  # nothing of a run that failed
     # sup-50%: from scratch (no --init) on the very subset finetune-50% fine-tuned on, the sup schedule
     assert main(["train", "--method", "sup-50%", "--out-dir", str(tmp_path / "sup50"), *common]) == 0
     assert (tmp_path / "sup50" / "train_subset.txt").read_text().split() == subset

@@ -83,6 +83,7 @@ class LabelledEpisodes:
             raise ValueError(f"config key 'training.labelled_class_draw' is '{class_draw}', expected one of "
                              f"{', '.join(CLASS_DRAWS)}")
         self.fold = fold
+        self.image_ids = None if image_ids is None else list(image_ids)  # the subset asked for (train_subset.txt)
         self.base_classes, self.novel_classes = fold_base_classes(tables, dataset, fold)
         if not self.base_classes:
             raise ValueError(f"fold {fold} of data set '{getattr(dataset, 'name', dataset)}' has no base class (every "

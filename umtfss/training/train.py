@@ -408,9 +408,13 @@ def run(args: argparse.Namespace) -> Path:
         raise ValueError(f"--method is '{method}', expected unsup, sup, sup-P% or finetune-P% (e.g. finetune-20%)")
     if args.init is not None and not args.init.is_file():
         raise FileNotFoundError(f"--init checkpoint '{args.init}' does not exist")
-    return train(config, source, args.out_dir, init_checkpoint=args.init, finetune=bool(finetune),
-                 method_name=method, progress=not args.quiet, inputs=_inputs_fingerprint(args),
-                 config_sections=sorted(read_raw(args.config)), labelled_classes=_labelled_class_names(args, source))
+    final = train(config, source, args.out_dir, init_checkpoint=args.init, finetune=bool(finetune),
+                  method_name=method, progress=not args.quiet, inputs=_inputs_fingerprint(args),
+                  config_sections=sorted(read_raw(args.config)), labelled_classes=_labelled_class_names(args, source))
+    if fraction:  # which images the P % were, written once the model they trained exists
+        with atomic_path(args.out_dir / "train_subset.txt") as tmp:
+            tmp.write_text("".join(f"{i}\n" for i in source.image_ids))
+    return final
 
 
 def _labelled_class_names(args, source) -> list[str]:
@@ -491,9 +495,6 @@ def _labelled_source(args, config, fraction: float | None):
     image_ids = None
     if fraction is not None:
         image_ids = finetune_subset(tables, fraction, config["training"]["seed"])
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(args.out_dir / "train_subset.txt") as tmp:
-            tmp.write_text("".join(f"{i}\n" for i in image_ids))
     return LabelledEpisodes(tables, dataset, args.fold, image_ids=image_ids,
                             min_class_pixels=dataset_cfg["min_class_pixels"],
                             remove_novel_train=dataset_cfg["remove_novel_train"],
