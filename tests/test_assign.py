@@ -111,6 +111,27 @@ def test_errors_name_the_problem(tmp_path):
     assert not (tmp_path / "l.zarr").exists()
 
 
+def test_centroids_fit_on_other_embeddings_are_refused(tmp_path):
+    from umtfss.clustering.fit import fit_centroids, write_fit
+
+    fitted = write_store(tmp_path / "fitted.zarr")
+    centroids, meta = fit_centroids(EmbeddingStore([fitted]), 3, subset_pixels=100, iterations=3, seed=0,
+                                    device="cpu", progress=False)
+    write_fit(centroids, meta, tmp_path / "fit" / "centroids.npy", tmp_path / "fit" / "fit.json")
+    out = tmp_path / "l.zarr"
+    assign_shard(fitted, tmp_path / "fit" / "centroids.npy", out, device="cpu", progress=False)  # the same: fine
+    other = write_store(tmp_path / "other.zarr")
+    zarr.open_group(other, mode="r+").attrs.update(backbone="dino-vits16", stride=16)
+    with pytest.raises(ValueError, match=r"fit on other embeddings.*other.zarr.*fit.json.*backbone: 'synthetic' "
+                                         r"\(fit\) vs 'dino-vits16' \(store\); stride: 8 \(fit\) vs 16"):
+        assign_shard(other, tmp_path / "fit" / "centroids.npy", tmp_path / "l2.zarr", device="cpu", progress=False)
+    assert not (tmp_path / "l2.zarr").exists()
+    # a fit.json of other centroids says nothing about these: no check
+    np.save(tmp_path / "fit" / "centroids.npy", random_centroids(clusters=3))
+    assign_shard(other, tmp_path / "fit" / "centroids.npy", tmp_path / "l3.zarr", device="cpu", progress=False)
+    assert len(LabelStore(tmp_path / "l3.zarr")) == 7
+
+
 def test_interrupted_assign_leaves_no_store(tmp_path, monkeypatch):
     store_path = write_store(tmp_path / "e.zarr")
     real = assign.nearest_centroid

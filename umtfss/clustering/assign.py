@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -37,6 +38,30 @@ def load_centroids(centroids: str | Path | np.ndarray) -> np.ndarray:
     if not np.isfinite(centroids).all():
         raise ValueError(f"{source} hold non-finite values (NaN or inf); expected the fit stage's centroids.npy")
     return np.ascontiguousarray(centroids, dtype=np.float32)
+
+
+# what makes two stores' features comparable: fit.json's "embedding" against the store's attributes
+# (not dtype, forward_precision, shard or version: shards embedded on different machines still agree)
+SAME_EMBEDDING_KEYS = ("backbone", "layer", "stride", "image_size", "dim", "checkpoint_sha256", "preprocessing")
+
+
+def check_fit_matches(centroids_path: str | Path, matrix: np.ndarray, store: EmbeddingStore, store_path) -> None:
+    """Refuse a store whose embeddings are not the ones the centroids were fit on, as the fit.json
+    beside the centroids records them (when it describes these very centroids; no fit.json: no check)."""
+    meta_path = Path(centroids_path).with_name("fit.json")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(meta, dict) or meta.get("centroids_sha256") != array_sha256(matrix):
+        return  # not this fit's record
+    fitted = meta.get("embedding") or {}
+    differ = [f"{key}: {fitted[key]!r} (fit) vs {store.attrs.get(key)!r} (store)" for key in SAME_EMBEDDING_KEYS
+              if key in fitted and fitted[key] != store.attrs.get(key)]
+    if differ:
+        raise ValueError(f"centroids '{centroids_path}' were fit on other embeddings than embedding store "
+                         f"'{store_path}' holds, as '{meta_path}' records them: {'; '.join(differ)}; "
+                         "fit and assign must use the same embeddings")
 
 
 ROWS_PER_BLOCK = 2048  # pixels converted to float32 and multiplied at once on CPU: 2 MB at 256 channels
@@ -220,6 +245,8 @@ def assign_shard(embedding_shard_path: str | Path, centroids: str | Path | np.nd
     if matrix.shape[1] != store.dim:
         raise ValueError(f"centroids have {matrix.shape[1]} channels but embedding store '{embedding_shard_path}' "
                          f"has {store.dim}; fit and assign must use the same embeddings")
+    if not isinstance(centroids, np.ndarray):
+        check_fit_matches(centroids, matrix, store, embedding_shard_path)
     if matrix.shape[0] > np.iinfo(np.int16).max:
         raise ValueError(f"{matrix.shape[0]} clusters do not fit the int16 label store (max 32767)")
     torch_device = resolve_device(device, "clustering.device")
