@@ -122,10 +122,17 @@ def test_centroids_fit_on_other_embeddings_are_refused(tmp_path):
     assign_shard(fitted, tmp_path / "fit" / "centroids.npy", out, device="cpu", progress=False)  # the same: fine
     other = write_store(tmp_path / "other.zarr")
     zarr.open_group(other, mode="r+").attrs.update(backbone="dino-vits16", stride=16)
-    with pytest.raises(ValueError, match=r"fit on other embeddings.*other.zarr.*fit.json.*backbone: 'synthetic' "
+    with pytest.raises(ValueError, match=r"fit.json' records them\) were fit on other embeddings.*other.zarr.*backbone: 'synthetic' "
                                          r"\(fit\) vs 'dino-vits16' \(store\); stride: 8 \(fit\) vs 16"):
         assign_shard(other, tmp_path / "fit" / "centroids.npy", tmp_path / "l2.zarr", device="cpu", progress=False)
     assert not (tmp_path / "l2.zarr").exists()
+    # the same through the Python API, from its own fit and from a saved one
+    from umtfss import PixelClusters
+
+    for clusters in (PixelClusters(3, subset_pixels=100, iterations=3, device="cpu").train([fitted], progress=False),
+                     PixelClusters.load(tmp_path / "fit" / "centroids.npy", device="cpu")):
+        with pytest.raises(ValueError, match="backbone: 'synthetic' \\(fit\\) vs 'dino-vits16'"):
+            clusters.assign(other, tmp_path / "l2.zarr", progress=False)
     # a fit.json of other centroids says nothing about these: no check
     np.save(tmp_path / "fit" / "centroids.npy", random_centroids(clusters=3))
     assign_shard(other, tmp_path / "fit" / "centroids.npy", tmp_path / "l3.zarr", device="cpu", progress=False)

@@ -136,7 +136,7 @@ class PixelClusters:
         from umtfss.clustering.assign import assign_shard
 
         return assign_shard(embedding_shard, self._trained(), out, batch_images=batch_images, device=self.device,
-                            progress=progress)
+                            progress=progress, fit_meta=self.meta)  # refuses a shard of other embeddings
 
     def save(self, centroids_path: str | Path, meta_path: str | Path | None = None) -> None:
         """centroids.npy and its fit.json (default: beside it), each written atomically."""

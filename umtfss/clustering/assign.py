@@ -45,23 +45,26 @@ def load_centroids(centroids: str | Path | np.ndarray) -> np.ndarray:
 SAME_EMBEDDING_KEYS = ("backbone", "layer", "stride", "image_size", "dim", "checkpoint_sha256", "preprocessing")
 
 
-def check_fit_matches(centroids_path: str | Path, matrix: np.ndarray, store: EmbeddingStore, store_path) -> None:
-    """Refuse a store whose embeddings are not the ones the centroids were fit on, as the fit.json
-    beside the centroids records them (when it describes these very centroids; no fit.json: no check)."""
+def fit_record(centroids_path: str | Path, matrix: np.ndarray) -> tuple[dict, Path] | None:
+    """The fit.json beside a centroids file, when it describes these very centroids (else None)."""
     meta_path = Path(centroids_path).with_name("fit.json")
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
-        return
+        return None
     if not isinstance(meta, dict) or meta.get("centroids_sha256") != array_sha256(matrix):
-        return  # not this fit's record
-    fitted = meta.get("embedding") or {}
+        return None
+    return meta, meta_path
+
+
+def check_same_embedding(fit_meta: dict, store: EmbeddingStore, store_path, fitted_on: str) -> None:
+    """Refuse a store whose embeddings are not those the centroids were fit on (fit_meta['embedding'])."""
+    fitted = fit_meta.get("embedding") or {}
     differ = [f"{key}: {fitted[key]!r} (fit) vs {store.attrs.get(key)!r} (store)" for key in SAME_EMBEDDING_KEYS
               if key in fitted and fitted[key] != store.attrs.get(key)]
     if differ:
-        raise ValueError(f"centroids '{centroids_path}' were fit on other embeddings than embedding store "
-                         f"'{store_path}' holds, as '{meta_path}' records them: {'; '.join(differ)}; "
-                         "fit and assign must use the same embeddings")
+        raise ValueError(f"{fitted_on} were fit on other embeddings than embedding store '{store_path}' holds: "
+                         f"{'; '.join(differ)}; fit and assign must use the same embeddings")
 
 
 ROWS_PER_BLOCK = 2048  # pixels converted to float32 and multiplied at once on CPU: 2 MB at 256 channels
@@ -214,8 +217,11 @@ def assign_shard(embedding_shard_path: str | Path, centroids: str | Path | np.nd
                  batch_images: int = 32, device: str = "auto", refine: str = "none", *, images=None,
                  superpixel_scale: float = SUPERPIXEL_SCALE, superpixel_sigma: float = SUPERPIXEL_SIGMA,
                  superpixel_min_size: int = SUPERPIXEL_MIN_SIZE, upsample: str = "bilinear",
-                 progress: bool = True) -> Path:
+                 progress: bool = True, fit_meta: dict | None = None) -> Path:
     """Write the label store of one embedding shard: nearest centroid per grid cell, -1 on padding.
+
+    A shard embedded otherwise than the centroids were fit on (the fit.json beside a centroids path, or
+    `fit_meta` for an array) is refused.
 
     With refine='superpixel' (needs `images`, the image table) the labels are refined on each image as
     the embedder saw it (umtfss/clustering/refine.py): per-pixel labels from the centroid scores
@@ -245,8 +251,12 @@ def assign_shard(embedding_shard_path: str | Path, centroids: str | Path | np.nd
     if matrix.shape[1] != store.dim:
         raise ValueError(f"centroids have {matrix.shape[1]} channels but embedding store '{embedding_shard_path}' "
                          f"has {store.dim}; fit and assign must use the same embeddings")
-    if not isinstance(centroids, np.ndarray):
-        check_fit_matches(centroids, matrix, store, embedding_shard_path)
+    record = fit_record(centroids, matrix) if not isinstance(centroids, np.ndarray) else None
+    if record is not None:
+        check_same_embedding(record[0], store, embedding_shard_path,
+                             f"centroids '{centroids}' (as '{record[1]}' records them)")
+    elif fit_meta:
+        check_same_embedding(fit_meta, store, embedding_shard_path, "the centroids")
     if matrix.shape[0] > np.iinfo(np.int16).max:
         raise ValueError(f"{matrix.shape[0]} clusters do not fit the int16 label store (max 32767)")
     torch_device = resolve_device(device, "clustering.device")
