@@ -123,6 +123,18 @@ def test_convert_sbd_reports_missing_masks(voc_and_sbd, capsys):
     assert not (voc / "SegmentationClassAug").exists()
 
 
+def test_lists_with_a_byte_order_mark_and_one_file_for_both_lists(voc_and_sbd, tmp_path):
+    """A list saved by a Windows editor (BOM, CRLF) reads as any other; one path for both lists is refused
+    before anything is written (the train list would replace the val list)."""
+    voc, sbd = voc_and_sbd
+    (sbd / "train.txt").write_bytes(b"\xef\xbb\xbf" + "".join(f"{i}\r\n" for i in SBD_TRAIN).encode())
+    summary = convert_sbd(voc, sbd, tmp_path / "aug", tmp_path / "train.txt", tmp_path / "val.txt", progress=False)
+    assert summary["masks"] == len(_ids()) and (tmp_path / "aug" / "b.png").is_file()
+    with pytest.raises(ValueError, match=r"train list and val list are both '.*same\.txt'.*datasets\.pascal\.train_list"):
+        convert_sbd(voc, sbd, tmp_path / "aug2", tmp_path / "same.txt", tmp_path / "same.txt", progress=False)
+    assert not (tmp_path / "aug2").exists() and not (tmp_path / "same.txt").exists()
+
+
 def test_the_reference_list_without_train_noval_stops_before_writing(voc_and_sbd, capsys):
     """Without SBD's train_noval.txt the reference rule would give a larger list than the paper's: an error
     naming the file and both ways on; the trainaug rule does not need it."""
@@ -234,3 +246,24 @@ def test_convert_coco_cli_round_trip(tmp_path, capsys):
     assert dataset.read_label("COCO_train2014_000000000007", "train")[30, 38] == 2  # the flag wins
     assert main(["convert-coco", "--config", config, "--split", "val", "--no-progress"]) == 1
     assert "instances_val2014.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("images, message", [
+    ([{"id": 1, "file_name": "site1/a.jpg"}, {"id": 2, "file_name": "site2/a.jpg"}],
+     r"images 1 \('site1/a\.jpg'\) and 2 \('site2/a\.jpg'\) would both get the mask 'a\.png'"),
+    ([{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "a.png"}],
+     r"images 1 .* and 2 \('a\.png'\) would both get"),
+    ([{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}], r"image id 1 is in 'images' twice"),
+    ([{"id": 1, "file_name": "a.jpg", "height": 0}], r"image 1 has 'height' 0, expected a positive whole number"),
+    ([{"id": 1, "file_name": "a.jpg", "width": "ten"}], r"image 1 has 'width' 'ten', expected a positive whole number"),
+])
+def test_convert_coco_refuses_images_it_cannot_give_a_mask_of_their_own(tmp_path, images, message):
+    """Your own COCO export: two images of one file stem would write one mask (the second silently over the
+    first), a repeated image id would lose one, a bad size would fail mid-way; all stop before writing."""
+    images = [{"height": 10, "width": 10, **image} for image in images]
+    annotations = [{"id": n, "image_id": image["id"], "category_id": 1, "iscrowd": 0,
+                    "segmentation": _rect_polygon(1, 1, 5, 5)} for n, image in enumerate(images)]
+    source = write_instances_json(tmp_path / "instances.json", images, annotations, category_ids=[1])
+    with pytest.raises(ValueError, match=r"COCO annotation file '.*instances\.json': " + message):
+        convert_coco(source, tmp_path / "masks", progress=False)
+    assert not (tmp_path / "masks").exists()

@@ -79,6 +79,8 @@ def test_explicit_folds_and_a_class_of_no_fold(custom_root, tmp_path):
     ({"classes": []}, r"datasets\.custom\.classes' is empty"),
     ({"classes": ["cat", "cat", "dog", "car"]}, r"names \['cat'\] more than once"),
     ({"classes": ["cat", " ", "dog", "car"]}, r"datasets\.custom\.classes\[1\]' is blank"),
+    ({"classes": ["cat", "dog ", "dog", "car"]}, r"names \['dog'\] more than once"),  # up to spaces around
+    ({"classes": [f"c{i}" for i in range(255)], "folds": [[1]]}, r"names 255 classes; expected at most 254"),
     ({"classes": ["cat", "dog"]}, r"2 classes, too few to cut into 4 folds; set 'datasets\.custom\.folds'"),
     ({"folds": [[1, 5]]}, r"datasets\.custom\.folds\[0\]' holds class 5.*names 4 classes; expected class ids 1\.\.4"),
     ({"folds": [[1, 2], [2]]}, r"puts class 2 in folds 0 and 1"),
@@ -121,7 +123,9 @@ def test_bad_files_are_named_with_their_key(custom_root, tmp_path):
         tables()
     (custom_root / "val.txt").write_text("b/img09\n")
     shutil.copy(custom_root / "images" / "b" / "img09.png", custom_root / "images" / "b" / "img09.jpg")
-    with pytest.raises(ValueError, match=r"img09\.(jpg|png)' and '.*img09\.(jpg|png)' have the same name up to the suffix"):
+    with pytest.raises(ValueError, match=r"img09\.(jpg|png)' and '.*img09\.(jpg|png)' have the same name up to the "
+                                         r"suffix; rename one, ids must be unique "
+                                         r"\(config key datasets\.custom\.image_dir\)"):
         tables()
     (custom_root / "images" / "b" / "img09.jpg").unlink()
     (custom_root / "masks" / "b" / "img09.png").rename(tmp_path / "kept.png")
@@ -138,6 +142,27 @@ def test_bad_files_are_named_with_their_key(custom_root, tmp_path):
         tables(train_list=None)  # a binary 0/255 mask: all ignore
     shutil.copy(tmp_path / "kept.png", custom_root / "masks" / "b" / "img09.png")
     assert len(tables(train_list=None).images) == 1  # evaluation only: no train list
+
+
+def test_windows_lists_upper_case_masks_and_linked_folders_read_as_their_files(custom_root):
+    """A list saved with a byte-order mark, a mask named <id>.PNG, and a link to a subfolder whose name sorts
+    first: the ids stay the real folder's, so the lists find their images."""
+    crlf = (custom_root / "train.txt").read_text().replace("\n", "\r\n")
+    (custom_root / "train.txt").write_bytes(b"\xef\xbb\xbf" + crlf.encode())
+    (custom_root / "masks" / "a" / "img00.png").rename(custom_root / "masks" / "a" / "img00.PNG")
+    (custom_root / "images" / "0_all").symlink_to(custom_root / "images" / "b", target_is_directory=True)
+    dataset = open_dataset("custom", load({"datasets": {"custom": _custom(custom_root)}}))
+    assert dataset.image_ids("train")[:2] == ["a/img00", "b/img01"]
+    assert dataset.image_path("b/img01", "train") == custom_root / "images" / "b" / "img01.JPG"
+    assert dataset.label_path("a/img00", "train") == custom_root / "masks" / "a" / "img00.PNG"
+    tables = build_tables(dataset, 2048, progress=False)
+    assert len(tables.images) == 16 and int(tables.image_classes["present"].sum()) == 16
+    (custom_root / "images" / "0_all").unlink()
+    (custom_root / "photos.zip").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"image folder '.*photos\.zip' is not a folder \(config key "
+                                                r"datasets\.custom\.image_dir\)"):
+        open_dataset("custom", load({"datasets": {"custom": _custom(custom_root, image_dir="photos.zip")}})
+                     ).image_path("b/img09", "val")
 
 
 def test_evaluate_and_train_sup_on_custom_tables(custom_root, tmp_path, capsys):

@@ -109,6 +109,11 @@ def test_read_label_keeps_palette_indices(tmp_path):
     assert Image.open(tmp_path / "gray.png").mode == "L"
     assert np.array_equal(io.read_label(tmp_path / "gray.png"), indices)
 
+    binary = np.array([[0, 1, 1], [1, 0, 0]], dtype=bool)  # a 1-bit PNG: background and class 1
+    Image.fromarray(binary).convert("1").save(tmp_path / "bits.png")
+    assert Image.open(tmp_path / "bits.png").mode == "1"
+    assert io.read_label(tmp_path / "bits.png").tolist() == binary.astype(np.uint8).tolist()
+
     Image.new("RGB", (3, 3)).save(tmp_path / "colour.png")
     with pytest.raises(io.ImageReadError, match="colour.png"):
         io.read_label(tmp_path / "colour.png")

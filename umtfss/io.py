@@ -190,13 +190,16 @@ def read_label(path: str | Path) -> np.ndarray:
     """A class-index mask as uint8 HxW (0 background, 1..C classes, 255 ignore).
 
     Palette PNGs (VOC SegmentationClass) keep their indices, not their colours; 16-bit masks are
-    accepted when every value fits in 0..255. Colour-coded RGB masks are rejected: they need a
-    conversion to class indices first.
+    accepted when every value fits in 0..255; a 1-bit mask is 0 / 1 (background / class 1, not 0 / 255,
+    which would be all ignore). Colour-coded RGB masks are rejected: they need a conversion to class
+    indices first.
     """
     with _open_image(path) as image:
         mode = image.mode
-        if mode in ("P", "L", "1"):
-            values = np.asarray(image if mode != "1" else image.convert("L"))
+        if mode == "1":
+            values = np.asarray(image).astype(np.uint8)
+        elif mode in ("P", "L"):
+            values = np.asarray(image)
         elif mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
             values = np.asarray(image, dtype=np.int64)
             if values.size and (values.min() < 0 or values.max() > 255):

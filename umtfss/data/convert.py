@@ -31,10 +31,10 @@ def _unique(ids: Iterable[str]) -> list[str]:
 
 
 def _read_ids(path: Path, what: str) -> list[str]:
-    """One image id per line (blank lines ignored); `what` names the file's role in errors."""
+    """One image id per line (blank lines and a byte-order mark ignored); `what` names the file's role in errors."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} '{path}' does not exist")
-    return _unique(line.split()[0] for line in path.read_text().splitlines() if line.strip())
+    return _unique(line.split()[0] for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip())
 
 
 def _write_ids(path: Path, ids: Sequence[str]) -> None:
@@ -143,6 +143,10 @@ def convert_sbd(voc_root: str | Path, sbd_root: str | Path, label_dir: str | Pat
     if label_dir.resolve() == voc_masks.resolve():
         raise ValueError(f"output mask folder '{label_dir}' is VOC's own SegmentationClass folder, which it "
                          f"would replace; expected a separate folder such as SegmentationClassAug")
+    if train_list.resolve() == val_list.resolve():
+        raise ValueError(f"train list and val list are both '{train_list}' (config keys datasets.pascal.train_list "
+                         "and datasets.pascal.val_list); expected two files, or the train list would replace the "
+                         "val list")
 
     voc_sets = voc_root / "ImageSets" / "Segmentation"
     voc_train = _read_ids(voc_sets / "train.txt", "VOC2012 segmentation list")
@@ -228,6 +232,17 @@ def _field(record: dict, key: str, kind: str, path: Path):
         raise ValueError(f"COCO annotation file '{path}': {kind} {ident} has no '{key}'") from None
 
 
+def _image_side(image: dict, key: str, path: Path) -> int:
+    """image[key] (height or width) as a positive int, or an error naming the file, the image and the key."""
+    value = _field(image, key, "image", path)
+    whole = (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, float) and value.is_integer())
+    if not whole or value < 1:
+        raise ValueError(f"COCO annotation file '{path}': image {image.get('id')} has '{key}' {value!r}, expected a "
+                         "positive whole number of pixels")
+    return int(value)
+
+
 def _decode_segmentation(segmentation, height: int, width: int) -> np.ndarray | None:
     """A COCO segmentation (polygons, uncompressed or compressed RLE) as a bool HxW mask.
 
@@ -285,11 +300,20 @@ def convert_coco(instances_json: str | Path, label_dir: str | Path, crowd: str =
                          f"{IGNORE - 1} (class ids must fit below the ignore value {IGNORE})")
     class_of = {cat: index + 1 for index, cat in enumerate(category_ids)}
 
-    images = {}
+    images, by_stem = {}, {}
     for image in data["images"]:
         image_id = _field(image, "id", "image", path)
-        images[image_id] = (Path(str(_field(image, "file_name", "image", path))).stem,
-                            int(_field(image, "height", "image", path)), int(_field(image, "width", "image", path)))
+        if image_id in images:
+            raise ValueError(f"COCO annotation file '{path}': image id {image_id} is in 'images' twice; expected "
+                             "one record per image")
+        name = str(_field(image, "file_name", "image", path))
+        stem = Path(name).stem
+        if stem in by_stem:  # both would write <stem>.png, the second over the first
+            raise ValueError(f"COCO annotation file '{path}': images {by_stem[stem][0]} ('{by_stem[stem][1]}') and "
+                             f"{image_id} ('{name}') would both get the mask '{stem}.png'; expected file names "
+                             "unique up to their folder and suffix")
+        by_stem[stem] = (image_id, name)
+        images[image_id] = (stem, *(_image_side(image, side, path) for side in ("height", "width")))
     per_image: dict = {image_id: [] for image_id in images}
     annotated = set()
     crowds = 0

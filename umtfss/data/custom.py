@@ -11,6 +11,7 @@ from umtfss.data.folder import scan_image_folder
 from umtfss.io import IMAGE_SUFFIXES
 
 KEY = "datasets.custom"
+MAX_CLASSES = 254  # mask values 1..254: 0 is background, 255 ignore
 
 
 def custom_folds(cfg: dict) -> list[list[int]]:
@@ -25,10 +26,14 @@ def custom_folds(cfg: dict) -> list[list[int]]:
     blank = [i for i, name in enumerate(names) if not str(name).strip()]
     if blank:
         raise ValueError(f"config key '{KEY}.classes[{blank[0]}]' is blank; expected a class name")
-    repeated = sorted({str(n) for n in names if names.count(n) > 1})
+    stripped = [str(n).strip() for n in names]
+    repeated = sorted({n for n in stripped if stripped.count(n) > 1})
     if repeated:
         raise ValueError(f"config key '{KEY}.classes' names {repeated} more than once; expected one name per class")
     count = len(names)
+    if count > MAX_CLASSES:
+        raise ValueError(f"config key '{KEY}.classes' names {count} classes; expected at most {MAX_CLASSES}, the mask "
+                         f"values 1..{MAX_CLASSES} of an 8-bit PNG (0 is background, 255 ignore)")
     folds = cfg.get("folds")
     if folds is None:
         if count < FOLDS:
@@ -52,12 +57,13 @@ def read_custom_list(path: Path, key: str) -> list[str]:
     """Image ids from a list file: one per line, a path relative to image_dir with or without its suffix.
 
     The whole line is the id (file names hold spaces), less the spaces around it; blank lines and
-    lines starting with '#' are skipped; a repeated id keeps its first place.
+    lines starting with '#' are skipped; a repeated id keeps its first place. A byte-order mark (Windows
+    editors write one) is dropped.
     """
     if not path.is_file():
         raise FileNotFoundError(f"image list '{path}' does not exist (config key {key})")
     ids, seen = [], set()
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8-sig").splitlines():
         image_id = line.strip()
         if not image_id or image_id.startswith("#"):
             continue
@@ -127,5 +133,8 @@ class CustomDataset(SegmentationDataset):
         return paths[image_id]
 
     def label_path(self, image_id: str, split: str) -> Path:
+        """`<label_dir>/<id>.png`, or `<id>.PNG` where only that exists (as some Windows tools name them)."""
         self.check_split(split)
-        return self.label_dir / f"{image_id}.png"
+        path = self.label_dir / f"{image_id}.png"
+        upper = self.label_dir / f"{image_id}.PNG"
+        return upper if not path.is_file() and upper.is_file() else path

@@ -16,23 +16,27 @@ def scan_image_folder(folder: str | Path, key: str = "unlabeled.folder") -> dict
 
     Follows symbolic links to folders (each real folder once) and files; skips hidden files and
     folders (names starting with '.', e.g. macOS '._x.jpg', '.thumbnails/'). A link to an image found
-    elsewhere in the folder is used once (said on stderr). A dangling link, a name that is not valid
-    UTF-8 and two files with the same id are errors naming the files.
+    elsewhere in the folder is used once (said on stderr); linked folders are walked after the real
+    ones, so a folder's images keep its own path as id whatever the link is called. A dangling link,
+    a name that is not valid UTF-8 and two files with the same id are errors naming the files.
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder '{folder}' does not exist (config key {key})")
+        state = "is not a folder" if folder.exists() else "does not exist"
+        raise FileNotFoundError(f"image folder '{folder}' {state} (config key {key})")
     paths: dict[str, Path] = {}
     by_target: dict[str, Path] = {}
     duplicates: list[tuple[Path, Path]] = []
     seen_folders: set[str] = set()
-    for top, dirs, files in os.walk(folder, followlinks=True):
+    walks = [str(folder)]  # the folder, then each linked folder met on the way
+    for top, dirs, files in (entry for start in walks for entry in os.walk(start)):
         real = os.path.realpath(top)
         if real in seen_folders:  # a link loop, or a second link to the same folder
             dirs[:] = []
             continue
         seen_folders.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        walks.extend(os.path.join(top, d) for d in dirs if os.path.islink(os.path.join(top, d)))
         for name in sorted(files):
             path = Path(top) / name
             if name.startswith(".") or not is_image_path(path):
@@ -57,14 +61,15 @@ def scan_image_folder(folder: str | Path, key: str = "unlabeled.folder") -> dict
         image_id = path.relative_to(folder).with_suffix("").as_posix()
         if image_id in paths:
             raise ValueError(f"'{paths[image_id]}' and '{path}' have the same name up to the suffix; "
-                             "rename one, ids must be unique")
+                             f"rename one, ids must be unique (config key {key})")
         paths[image_id] = path
     if duplicates:
         path, first = duplicates[0]
         print(f"umtfss: image folder '{folder}': {len(duplicates)} file(s) are links to images already used, e.g. "
               f"'{path}' -> '{first}'; each image is used once", file=sys.stderr)
     if not paths:
-        raise ValueError(f"image folder '{folder}' holds no image ({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)})")
+        raise ValueError(f"image folder '{folder}' holds no image ({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)}) "
+                         f"(config key {key})")
     return dict(sorted(paths.items()))
 
 
