@@ -126,7 +126,14 @@ def test_label_size_mismatch_is_reported(tmp_path, voc_root):
     image_id = (root / "lists" / "val.txt").read_text().split()[0]
     Image.new("L", (10, 10)).save(root / "SegmentationClassAug" / f"{image_id}.png")
     config = load({"datasets": {"pascal": {"root": str(root)}}})
-    with pytest.raises(ValueError, match=f"{image_id}.png.*10x10.*64x64"):
+    with pytest.raises(ValueError, match=f"{image_id}.png.*10x10.*64x64.*looked up through datasets.pascal"):
+        prepare(open_dataset("pascal", config), config, tmp_path / "o", progress=False)
+    # a photo whose EXIF tag turns it, with a mask drawn on its stored pixels: the error says why
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    Image.new("RGB", (64, 48)).save(root / "JPEGImages" / f"{image_id}.jpg", exif=exif)
+    Image.new("L", (64, 48)).save(root / "SegmentationClassAug" / f"{image_id}.png")
+    with pytest.raises(ValueError, match=r"is 48x64 but image .* is 64x48 .*EXIF orientation tag turns it"):
         prepare(open_dataset("pascal", config), config, tmp_path / "o", progress=False)
 
 

@@ -85,8 +85,12 @@ def _scan_image(task: tuple) -> tuple[int, int, dict[int, int]]:
                                 f"(looked up through {label_key})")
     label = io.read_label(label_path)
     if label.shape != (height, width):
+        turned = io.label_size(image_path) == label.shape  # the stored pixels match; the EXIF tag turns them
+        why = (f"; the image's EXIF orientation tag turns it to {height}x{width} (umtfss reads images as viewers "
+               "show them): draw the mask on the turned image, or save the image without the tag") if turned else ""
         raise ValueError(f"label '{label_path}' is {label.shape[0]}x{label.shape[1]} but image '{image_path}' "
-                         f"is {height}x{width} (height x width); expected the same size")
+                         f"is {height}x{width} (height x width); expected the same size (looked up through "
+                         f"{label_key}){why}")
     counts = np.bincount(label.ravel(), minlength=256)
     return height, width, {int(c): int(counts[c]) for c in np.flatnonzero(counts[1:255]) + 1}
 
