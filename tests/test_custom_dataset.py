@@ -55,6 +55,23 @@ def test_ids_keep_subfolders_and_any_image_suffix(custom_root):
     assert spaced.image_path("a/my photo 1", "val").name == "my photo 1.png"
 
 
+@pytest.mark.parametrize("entry, hint", [
+    ("a\\img00", r"list ids separate folders with '/', not '\\'"),
+    ("a/photo.webp", r"if '\.webp' is its suffix: umtfss reads jpg, jpeg, png"),
+    ("a/cafe\u0301", r"the file '.*caf.*\.png' has this name in other Unicode code points"),  # macOS-style name
+])
+def test_a_list_id_without_a_file_says_why_when_the_id_shows_it(custom_root, entry, hint):
+    """Windows separators, an unread suffix, a file name in decomposed Unicode: the error says which."""
+    shutil.copy(custom_root / "images" / "a" / "img00.png", custom_root / "images" / "a" / "caf\u00e9.png")
+    typed = entry.replace("cafe\u0301", "caf\u00e9") if "\u0301" in entry else entry  # the list holds the composed form
+    if "\u0301" in entry:  # the file holds the decomposed one
+        (custom_root / "images" / "a" / "caf\u00e9.png").rename(custom_root / "images" / "a" / "cafe\u0301.png")
+    (custom_root / "val.txt").write_text(typed + "\n")
+    dataset = open_dataset("custom", load({"datasets": {"custom": _custom(custom_root, train_list=None)}}))
+    with pytest.raises(FileNotFoundError, match=r"has no file .*image_dir\); " + hint):
+        dataset.image_path(dataset.image_ids("val")[0], "val")
+
+
 def test_explicit_folds_and_a_class_of_no_fold(custom_root, tmp_path):
     """Two folds; 'tree' is in none: fold -1 in classes.parquet, a base class of both folds."""
     section = _custom(custom_root, folds=[[1, 3], [2]])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,23 @@ def read_custom_list(path: Path, key: str) -> list[str]:
     return ids
 
 
+def _why_missing(image_id: str, paths: dict[str, Path]) -> str:
+    """A hint for a list id no image file has, when the likely cause is visible in the id itself."""
+    if "\\" in image_id:
+        return "; list ids separate folders with '/', not '\\'"
+    suffix = Path(image_id).suffix.lower()
+    if suffix and 2 <= len(suffix) <= 5 and suffix[1:].isalpha():
+        candidate = Path(image_id).with_suffix("").as_posix()
+        if candidate not in paths:
+            return (f"; if '{suffix}' is its suffix: umtfss reads "
+                    f"{', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} images")
+    same = [key for key in paths if unicodedata.normalize("NFC", key) == unicodedata.normalize("NFC", image_id)]
+    if same:
+        return (f"; the file '{paths[same[0]]}' has this name in other Unicode code points (macOS writes accented "
+                "letters decomposed): rename the file or retype the list entry")
+    return ""
+
+
 class CustomDataset(SegmentationDataset):
     """Reads `root/<image_dir>/<id>.<jpg|png|...>` and `root/<label_dir>/<id>.png`; splits from the two lists."""
 
@@ -129,7 +147,8 @@ class CustomDataset(SegmentationDataset):
         paths = self._images()
         if image_id not in paths:
             raise FileNotFoundError(f"image '{image_id}' of {KEY}.{split}_list has no file "
-                                    f"'{self.image_dir / image_id}.jpg' (or .png, .tif, .bmp) (config key {KEY}.image_dir)")
+                                    f"'{self.image_dir / image_id}.jpg' (or .png, .tif, .bmp) (config key {KEY}.image_dir)"
+                                    f"{_why_missing(image_id, paths)}")
         return paths[image_id]
 
     def label_path(self, image_id: str, split: str) -> Path:
