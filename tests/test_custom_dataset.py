@@ -175,6 +175,10 @@ def test_windows_lists_upper_case_masks_and_linked_folders_read_as_their_files(c
     tables = build_tables(dataset, 2048, progress=False)
     assert len(tables.images) == 16 and int(tables.image_classes["present"].sum()) == 16
     (custom_root / "images" / "0_all").unlink()
+    with pytest.raises(FileNotFoundError, match=r"mask folder '.*labels' does not exist \(config key "
+                                                r"datasets\.custom\.label_dir\)"):
+        open_dataset("custom", load({"datasets": {"custom": _custom(custom_root, label_dir="labels")}})
+                     ).label_path("b/img09", "val")
     (custom_root / "photos.zip").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"image folder '.*photos\.zip' is not a folder \(config key "
                                                 r"datasets\.custom\.image_dir\)"):

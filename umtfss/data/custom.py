@@ -154,6 +154,10 @@ class CustomDataset(SegmentationDataset):
     def label_path(self, image_id: str, split: str) -> Path:
         """`<label_dir>/<id>.png`, or `<id>.PNG` where only that exists (as some Windows tools name them)."""
         self.check_split(split)
+        if not self.label_dir.is_dir():  # one error for the folder, not one per image
+            state = "is not a folder" if self.label_dir.exists() else "does not exist"
+            raise FileNotFoundError(f"mask folder '{self.label_dir}' {state} (config key {KEY}.label_dir); expected "
+                                    "<id>.png class-index masks of the listed images")
         path = self.label_dir / f"{image_id}.png"
         upper = self.label_dir / f"{image_id}.PNG"
         return upper if not path.is_file() and upper.is_file() else path
