@@ -249,6 +249,14 @@ def test_command_line_strings_get_the_schema_types():
     assert file_values == {"clustering": {"clusters": "30"}}
 
 
+@pytest.mark.parametrize("section, key", [("clustering", "clusters"), ("embedding", "shards")])
+def test_an_integer_key_refuses_a_whole_float(section, key):
+    """30.0 passes JSON Schema's integer; here it is refused before it reaches a path (clusters-30.0) or range()."""
+    with pytest.raises(cfg.ConfigError, match=rf"'{section}.{key}' has value 30.0, expected type integer"):
+        cfg.load({section: {key: 30.0}})
+    assert cfg.load({section: {key: 30}})[section][key] == 30
+
+
 def test_numbers_written_1e_3_are_numbers_in_every_file(tmp_path):
     """PyYAML reads 1e-3 (no dot) as text; a number key takes it as the number, a string key keeps it."""
     path = tmp_path / "c.yaml"

@@ -345,6 +345,35 @@ def test_workflow_passes_snakemake_lint():
     assert proc.returncode == 0 and "good condition" in out, out[-3000:]
 
 
+# the stages whose seconds and memory results/benchmarks/ keeps (README, "What runs, and what it writes")
+HEAVY_RULES = {"convert_sbd", "convert_coco", "prepare", "prepare_custom", "prepare_folder", "embed", "fit", "assign",
+               "episodes", "train_unsup", "train_unsup_fold", "train_sup", "train_sup_fraction", "finetune", "evaluate"}
+
+
+def test_every_rule_logs_its_stderr_and_heavy_ones_a_benchmark():
+    """Read from the rule files, so that rules behind an `if` (converters, custom, folder source) count too:
+    each has a log that receives the command's stdout and stderr, the heavy ones a benchmark, and every
+    report caption exists."""
+    rules, derived = {}, set()  # derived: `use rule ... with:`, which keeps its parent's command
+    for path in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+        text = path.read_text()
+        starts = list(re.finditer(r"^\s*(?:rule (\w+):|use rule \w+ as (\w+) with:)", text, re.M))
+        for start, end in zip(starts, starts[1:] + [None]):
+            rules[start.group(1) or start.group(2)] = text[start.start():end.start() if end else None]
+            derived |= {start.group(2)} - {None}
+        for caption in re.findall(r'caption="([^"]+)"', text):
+            assert (path.parent / caption).is_file(), f"{path.name}: caption {caption} does not exist"
+    assert HEAVY_RULES <= set(rules), sorted(HEAVY_RULES - set(rules))
+    for name, body in rules.items():
+        assert re.search(r"^\s+log:", body, re.M), f"rule {name} has no log"
+        if name in HEAVY_RULES:
+            assert re.search(r"^\s+benchmark:", body, re.M), f"rule {name} has no benchmark"
+        command = re.search(r"^\s+shell:\n((?:[ \t]+\".*\"\n?)+)", body, re.M)  # the lines of its string
+        if name not in derived or "shell:" in body:
+            assert command and command.group(1).rstrip().endswith('> {log} 2>&1"'), \
+                f"rule {name}: its command's stdout and stderr do not all go to its log"
+
+
 def test_workflow_passes_snakemake_lint_with_a_folder_source(tmp_path):
     """The folder source defines prepare_folder, datasets.custom prepare_custom: the linter passes with them too."""
     from PIL import Image

@@ -42,7 +42,16 @@ def _with_defaults(validator_class):
     return validators.extend(validator_class, {"properties": set_defaults})
 
 
-_DefaultFilling = _with_defaults(Draft202012Validator)
+def _strict_integer(checker, instance) -> bool:
+    """JSON Schema calls 30.0 an integer; a count or size of 30.0 would end up in paths (clusters-30.0)
+    and in range(), so an integer key takes only a whole number written without a point."""
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_DefaultFilling = validators.extend(
+    _with_defaults(Draft202012Validator),
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _strict_integer),
+)
 
 
 def _describe(error) -> str:

@@ -65,6 +65,8 @@ rule prepare:
         CONDA_ENV
     log:
         "logs/{dataset}/prepare.log",
+    benchmark:  # COCO's prepare reads every class mask
+        "results/benchmarks/{dataset}/prepare.tsv"
     shell:
         "umtfss prepare --config {params.cfg:q} --dataset {wildcards.dataset} --out {params.out} "
         "--workers {threads} > {log} 2>&1"
@@ -91,6 +93,8 @@ if config["datasets"]["custom"]["root"]:
             CONDA_ENV
         log:
             f"logs/{CUSTOM}/prepare.log",
+        benchmark:
+            f"results/benchmarks/{CUSTOM}/prepare.tsv"
         shell:
             "umtfss prepare --config {params.cfg:q} --dataset custom --out {params.out} "
             "--workers {threads} > {log} 2>&1"
@@ -112,5 +116,7 @@ if SOURCE == "folder":
             CONDA_ENV
         log:
             f"logs/{SRC}/prepare.log",
+        benchmark:
+            f"results/benchmarks/{SRC}/prepare.tsv"
         shell:
             "umtfss prepare --config {params.cfg:q} --dataset folder --out {params.out} > {log} 2>&1"
