@@ -249,6 +249,14 @@ def test_command_line_strings_get_the_schema_types():
     assert file_values == {"clustering": {"clusters": "30"}}
 
 
+def test_a_misspelled_key_gets_the_nearest_name():
+    with pytest.raises(cfg.ConfigError, match=r"'clusterz' was unexpected\) at 'clustering' \(did you mean "
+                                              r"'clusterz' -> 'clusters'\?\); allowed keys: .*clusters"):
+        cfg.load({"clustering": {"clusterz": 30}})
+    with pytest.raises(cfg.ConfigError, match=r"'trainnig' -> 'training'"):  # a section too
+        cfg.load({"trainnig": {"epochs": 1}})
+
+
 @pytest.mark.parametrize("section, key", [("clustering", "clusters"), ("embedding", "shards")])
 def test_an_integer_key_refuses_a_whole_float(section, key):
     """30.0 passes JSON Schema's integer; here it is refused before it reaches a path (clusters-30.0) or range()."""

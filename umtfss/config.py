@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import re
 from importlib import resources
@@ -62,7 +63,10 @@ def _describe(error) -> str:
     sch = error.schema if isinstance(error.schema, dict) else {}
     if error.validator == "additionalProperties":
         allowed = sorted(sch.get("properties", {}))
-        return f"{error.message} at '{key}'; allowed keys: {', '.join(allowed)}"
+        unknown = sorted(k for k in error.instance if k not in allowed) if isinstance(error.instance, dict) else []
+        near = [f"'{k}' -> '{m[0]}'" for k in unknown if (m := difflib.get_close_matches(str(k), allowed, n=1))]
+        hint = f" (did you mean {', '.join(near)}?)" if near else ""
+        return f"{error.message} at '{key}'{hint}; allowed keys: {', '.join(allowed)}"
     allowed = ""
     if "enum" in sch:
         allowed = "one of " + ", ".join(map(str, sch["enum"]))
