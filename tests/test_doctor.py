@@ -96,3 +96,20 @@ def test_an_error_starts_its_own_line_after_an_open_progress_bar(monkeypatch, ca
     err = capsys.readouterr().err
     assert "\numtfss doctor: error: boom" in err and err.rstrip().endswith("umtfss doctor: error: boom")
     assert not list(getattr(tqdm, "_instances", ()))
+
+
+def test_a_stage_runs_no_more_torch_threads_than_usable_cores(tmp_path, monkeypatch, capsys):
+    """Snakemake's OMP_NUM_THREADS = --cores (8 on a 2-core machine) would oversubscribe: every stage caps it."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    try:
+        torch.set_num_threads(3)
+        assert main(["doctor", "--path", str(tmp_path)]) == 0
+        assert torch.get_num_threads() == 1
+        assert "torch uses 1 threads" in capsys.readouterr().out  # what doctor reports is what stages run with
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+        torch.set_num_threads(2)
+        assert main(["doctor", "--path", str(tmp_path)]) == 0
+        assert torch.get_num_threads() == 2  # fewer threads than cores, as asked: left alone
+    finally:
+        torch.set_num_threads(before)

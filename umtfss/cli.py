@@ -72,6 +72,10 @@ def _run(name: str, argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"umtfss {name}", description=help_text)
     runner = getattr(importlib.import_module(module_name), func_name)(parser)
     args = parser.parse_args(argv)
+    if "torch" in sys.modules:  # a stage that computes: no more threads than cores (devices.cap_cpu_threads)
+        from umtfss.devices import cap_cpu_threads
+
+        cap_cpu_threads()
     from umtfss.config import ConfigError
 
     try:
