@@ -99,14 +99,24 @@ def test_an_error_starts_its_own_line_after_an_open_progress_bar(monkeypatch, ca
 
 
 def test_a_stage_runs_no_more_torch_threads_than_usable_cores(tmp_path, monkeypatch, capsys):
-    """Snakemake's OMP_NUM_THREADS = --cores (8 on a 2-core machine) would oversubscribe: every stage caps it."""
+    """Snakemake's OMP_NUM_THREADS can exceed the cores a job may use (a cluster cpuset): a stage run on one
+    core with OMP_NUM_THREADS=2 uses one thread, in a fresh process (torch imported after the cap) and in
+    this one (torch imported before it)."""
+    import subprocess
+    import sys
+
+    script = ("import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+              "from umtfss.cli import main; sys.exit(main(['doctor', '--path', sys.argv[1]]))")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"}, check=True).stdout
+    assert "torch uses 1 threads" in out, out
     before = torch.get_num_threads()
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
     try:
         torch.set_num_threads(3)
         assert main(["doctor", "--path", str(tmp_path)]) == 0
-        assert torch.get_num_threads() == 1
-        assert "torch uses 1 threads" in capsys.readouterr().out  # what doctor reports is what stages run with
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
         torch.set_num_threads(2)
         assert main(["doctor", "--path", str(tmp_path)]) == 0

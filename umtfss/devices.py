@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
@@ -22,27 +21,6 @@ def resolve_device(device: str, key: str = "device") -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{key} = '{device}', but torch sees no CUDA device (use 'auto' or 'cpu')")
     return resolved
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask: a cluster job's allocation, taskset)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def cap_cpu_threads() -> int:
-    """Limit torch's CPU threads to the usable cores; returns the count it runs with.
-
-    Snakemake exports OMP_NUM_THREADS = a job's threads, which is every core it was given: with
-    `--cores 8` on a 2-core machine torch would run 8 threads on 2 cores, and spinning threads that
-    wait for each other made the demo's training 1.3-1.7x slower (benchmarks/train_throughput.py
-    --threads 8 vs 2 on the project's 2-core machine)."""
-    cores = usable_cores()
-    if torch.get_num_threads() > cores:
-        torch.set_num_threads(cores)
-    return torch.get_num_threads()
 
 
 CPU_PRECISIONS = ("float32", "bfloat16")
