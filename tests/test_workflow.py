@@ -338,6 +338,35 @@ def test_repo_default_config_dry_run():
     assert {"demo", "prepare", "embed", "fit", "assign", "episodes", "train_unsup", "finetune", "evaluate"} <= jobs
 
 
+@pytest.mark.parametrize("software_env", ["cpu", "gpu"])
+def test_conda_environment_runs_the_checkouts_umtfss(tmp_path, software_env):
+    """`--software-deployment-method conda`: the environment gets umtfss from this checkout and runs a job.
+    conda-forge cannot be reached here, so tests/conda_standin.py stands in for conda; it resolves the
+    environment file's pip entries from the copy under .snakemake/conda/, as conda does."""
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        import conda_standin
+    finally:
+        sys.path.pop(0)
+    conda_bin = conda_standin.install(tmp_path / "conda")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    write_config(workdir, {**TINY, "software_env": software_env})
+    # no scripts of this interpreter's environment on PATH: `umtfss` must come from the conda environment
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.pathsep.join([str(conda_bin)] + [p for p in os.environ["PATH"].split(os.pathsep) if p != venv_bin])
+    env = {**os.environ, "PATH": path, "PIP_NO_BUILD_ISOLATION": "0"}  # "0": no isolated build, no download
+    proc = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), "--sdm", "conda", "--cores", "1",
+                           "data/demo/VOC2012/demo.json"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert (workdir / "data/demo/VOC2012/demo.json").is_file()
+    (prefix,) = [p for p in (workdir / ".snakemake" / "conda").iterdir() if p.is_dir()]
+    assert (prefix / "bin" / "umtfss").is_file()
+    where = subprocess.run([str(prefix / "bin" / "python"), "-c", "import umtfss; print(umtfss.__file__)"],
+                           capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    assert Path(where.strip()).resolve().is_relative_to(REPO)
+
+
 def test_workflow_passes_snakemake_lint():
     """`snakemake --lint` (the workflow catalog's check): logs, no hard-coded path prefixes, helpers in common.smk."""
     proc = snakemake(REPO, "--lint", check=False)

@@ -69,6 +69,10 @@ except Exception:  # no --cores: a dry run, --report, --dag
     _CORES = None
 TORCH_JOB_THREADS = _CORES if _CORES and _CORES <= 1024 else (os.cpu_count() or 1)
 CONDA_ENV = f"../../envs/{config['software_env']}.yaml"  # relative to the rule files
+# the checkout that envs/*.post-deploy.sh installs into a new conda environment (a relative path in the
+# environment file would resolve under .snakemake/conda/, where Snakemake copies it)
+if (Path(workflow.basedir).parent / "pyproject.toml").is_file():
+    os.environ.update(UMTFSS_SOURCE=str(Path(workflow.basedir).parent))  # set, not read: no envvars directive
 
 
 def gpus(section):
