@@ -123,3 +123,30 @@ def test_a_stage_runs_no_more_torch_threads_than_usable_cores(tmp_path, monkeypa
         assert torch.get_num_threads() == 2  # fewer threads than cores, as asked: left alone
     finally:
         torch.set_num_threads(before)
+
+
+def test_worker_pools_fit_the_cores_this_process_may_use(tmp_path, monkeypatch):
+    """On a cluster job's cpuset of a large node: image loaders, chunk readers and writers, and doctor's
+    count follow the affinity mask, not the node's core count."""
+    import zarr
+
+    import umtfss.stores as stores
+    from umtfss.doctor import report
+    from umtfss.embedding import _default_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(stores, "_READ_POOL", None)
+    assert _default_workers() == 1  # one loader process beside the main one
+    assert stores._read_pool()._max_workers == 2
+    store = stores.create_label_store(tmp_path / "labels.zarr", 2, (4, 4), attrs={})
+    writer = stores.BackgroundWriter(store["labels"])
+    try:
+        assert writer.pool._max_workers == 2
+    finally:
+        writer.close()
+    assert dict(report(tmp_path))["cpu"].startswith("2 cores (of the machine's 64)")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(stores, "_READ_POOL", None)
+    assert _default_workers() == 4 and stores._read_pool()._max_workers == 8
+    assert dict(report(tmp_path))["cpu"].startswith("64 cores, torch")

@@ -20,6 +20,14 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _cores() -> str:
+    """'N cores', and the machine's count beside it when this process may use fewer (a cpuset, taskset)."""
+    from umtfss.threads import usable_cores
+
+    usable, machine = usable_cores(), os.cpu_count() or 1
+    return f"{usable} cores" + (f" (of the machine's {machine})" if usable < machine else "")
+
+
 def report(path: str | Path = ".") -> list[tuple[str, str]]:
     """(topic, finding) rows: package versions, CUDA devices, faiss GPUs, the k-means backend and device
     that `clustering.backend: auto` picks, CPU bfloat16 units, free disk at `path`."""
@@ -49,7 +57,7 @@ def report(path: str | Path = ".") -> list[tuple[str, str]]:
     backend, device = choose_backend("auto", "auto")
     rows.append(("fit (backend auto)", f"{backend} k-means on {device}"))
     native = cpu_bfloat16_native()
-    rows.append(("cpu", f"{os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads; bfloat16 units "
+    rows.append(("cpu", f"{_cores()}, torch uses {torch.get_num_threads()} threads; bfloat16 units "
                         + ("yes: cpu_precision bfloat16 runs a ResNet-50 or ViT backbone about 3x faster (README, "
                            "CPU-only machines)" if native
                            else "no: keep cpu_precision float32 (bfloat16 would be emulated, slower)")))

@@ -187,9 +187,10 @@ def _to_host(features: torch.Tensor):
 
 
 def _default_workers() -> int:
-    import os
+    """Loader processes beside the main one: up to 4, within the cores this job may use."""
+    from umtfss.threads import usable_cores
 
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+    return max(0, min(4, usable_cores() - 1))
 
 
 def embed_shard(images, shard: int, num_shards: int, out: str | Path, backbone, layer: str | None = None,

@@ -16,6 +16,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
+from umtfss.threads import usable_cores
+
 # Snakemake marks directory outputs with a '.snakemake_timestamp' file, which zarr warns about on
 # every listing of the group; it is expected in every store the workflow writes.
 warnings.filterwarnings("ignore", message=r"Object at \.snakemake_timestamp is not recognized")
@@ -154,7 +156,7 @@ def _read_pool():
     if _READ_POOL is None or _READ_POOL_PID != os.getpid():
         from concurrent.futures import ThreadPoolExecutor
 
-        _READ_POOL = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="umtfss-read")
+        _READ_POOL = ThreadPoolExecutor(min(8, usable_cores()), thread_name_prefix="umtfss-read")
         _READ_POOL_PID = os.getpid()
     return _READ_POOL
 
@@ -211,7 +213,7 @@ class BackgroundWriter:
 
         self.array = array
         self.folder = _direct_chunk_path(array)
-        self.pool = ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) if self.folder is not None else None
+        self.pool = ThreadPoolExecutor(threads or min(8, usable_cores())) if self.folder is not None else None
         self.jobs: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._work, daemon=True)

@@ -15,6 +15,7 @@ from umtfss.config import (REFERENCE_PREDICTOR_KEYS, ConfigError, benchmark_kind
 from umtfss.data.custom import custom_folds as _custom_folds
 from umtfss.data.folder import folder_fingerprint as _folder_fingerprint, scan_image_folder as _scan_image_folder
 from umtfss.data.overlap import check_test_images_unseen as _check_test_images_unseen
+from umtfss.threads import usable_cores as _usable_cores
 
 # the jobs' progress bars go to log files: a frame every 10 s rather than ten a second (tqdm reads
 # TQDM_* variables; TQDM_DISABLE=1 turns every bar off)
@@ -61,13 +62,13 @@ CLUSTERS = config["clustering"]["clusters"]
 NSHARDS = config["embedding"]["shards"]
 # A torch job (train, finetune, evaluate) claims every core Snakemake was given: such jobs then run
 # one at a time, which is fastest on a CPU (torch already uses all cores; two jobs thrash) and keeps
-# jobs from sharing one GPU. Executors without --cores (clusters) get this machine's count; set
-# per-rule threads there with --set-threads.
+# jobs from sharing one GPU. Executors without --cores (clusters) get the cores Snakemake itself may
+# use (its affinity mask); set per-rule threads there with --set-threads.
 try:
     _CORES = workflow.cores
 except Exception:  # no --cores: a dry run, --report, --dag
     _CORES = None
-TORCH_JOB_THREADS = _CORES if _CORES and _CORES <= 1024 else (os.cpu_count() or 1)
+TORCH_JOB_THREADS = _CORES if _CORES and _CORES <= 1024 else _usable_cores()
 CONDA_ENV = f"../../envs/{config['software_env']}.yaml"  # relative to the rule files
 # the checkout that envs/*.post-deploy.sh installs into a new conda environment (a relative path in the
 # environment file would resolve under .snakemake/conda/, where Snakemake copies it)
