@@ -49,7 +49,9 @@ rule training_curves:
     output:
         report("results/training_{dataset}.png", caption="../report/training.rst", category="Training"),
     params:
-        # log.csv is written beside each checkpoint.pt, in the same job
+        # log.csv is written beside each checkpoint.pt, in the same job; not an output of the train rules:
+        # Snakemake deletes a job's outputs before it runs and after it fails, and a resumed training keeps
+        # the rows of the epochs it resumes from (like last.pt, it is the run's own state)
         logs=lambda w: " ".join(f"--log '{m}={os.path.dirname(p)}/log.csv'" for m, p in trained_checkpoints(w)),
     conda:
         CONDA_ENV
