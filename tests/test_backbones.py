@@ -299,7 +299,8 @@ def test_url_is_downloaded_once_into_the_cache(tmp_path):
     assert resolve_checkpoint(None, source.as_uri(), None, cache) == cached
     with pytest.raises(ValueError, match="could not download.*checkpoint path"):
         resolve_checkpoint(None, (tmp_path / "missing.pth").as_uri(), None, cache)
-    assert sorted(p.name for p in cache.iterdir()) == ["model.pth"]  # no partial file left behind
+    # no partial file left behind; the hidden record names the URL the cached file came from
+    assert sorted(p.name for p in cache.iterdir()) == [".model.pth.url", "model.pth"]
     with pytest.raises(ValueError, match="no checkpoint"):
         resolve_checkpoint(None, None, None, cache)
 
@@ -405,7 +406,7 @@ def test_the_published_digest_applies_when_a_config_names_the_published_url(monk
 
     seen = []
 
-    def stop(checkpoint, url, sha256, cache_dir):
+    def stop(checkpoint, url, sha256, cache_dir, section=None):
         seen.append((url, sha256))
         raise RuntimeError("no download in a test")
 
@@ -433,3 +434,197 @@ def test_dino_position_embedding_is_interpolated_as_dino_does():
     by_size = F.interpolate(grid, size=(59, 44), mode="bicubic")
     assert not torch.allclose(dino, by_size)
     assert torch.equal(got[:, :1], vit.pos_embed[:, :1])
+
+
+# --- checkpoints as a user with their own weights and URLs gives them -------------------------------
+
+
+class _Served:
+    """A local HTTP server for download tests: path -> (bytes sent, Content-Length announced)."""
+
+    def __init__(self, files):
+        import http.server
+        import threading
+
+        files = dict(files)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path not in files:
+                    self.send_error(404)
+                    return
+                body, announced = files[self.path]
+                self.send_response(200)
+                if announced is None:  # chunked, and the connection drops inside the first chunk
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    self.wfile.write(b"%x\r\n" % (2 * len(body)) + body)
+                else:
+                    self.send_header("Content-Length", str(announced))
+                    self.end_headers()
+                    self.wfile.write(body)
+                self.close_connection = True  # a transfer cut short: fewer bytes than announced
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.rglob("*")) if folder.exists() else []
+
+
+def test_checksum_mismatch_on_download_keeps_nothing_in_the_cache(tmp_path):
+    """A pinned digest is checked before the download enters the cache, so a rerun downloads again."""
+    source = tmp_path / "served" / "moco_v2_800ep_pretrain.pth.tar"
+    source.parent.mkdir()
+    torch.save({"w": torch.arange(4.0)}, source)
+    cache, wrong = tmp_path / "cache", "ab" * 32
+    with pytest.raises(ValueError) as caught:
+        resolve_checkpoint(None, source.as_uri(), wrong, cache, section="embedding")
+    message = str(caught.value)
+    assert source.as_uri() in message and wrong in message and sha256_file(source) in message
+    assert "'embedding.checkpoint_sha256'" in message and "nothing was kept" in message
+    assert _files(cache) == []
+    # the right pin then downloads; a later wrong pin names the cached file and how to fetch it again
+    cached = resolve_checkpoint(None, source.as_uri(), sha256_file(source), cache, section="embedding")
+    with pytest.raises(ValueError, match=rf"delete '{cached}' to download .* or correct 'embedding.checkpoint_sha256'"):
+        resolve_checkpoint(None, source.as_uri(), wrong, cache, section="embedding")
+
+
+def test_http_download_verified_and_a_cut_transfer_refused(tmp_path):
+    torch.save({"w": torch.randn(64)}, tmp_path / "w.pth")
+    body = (tmp_path / "w.pth").read_bytes()
+    server = _Served({"/ok/w.pth": (body, len(body)), "/cut/w.pth": (body[:100], len(body)),
+                      "/chunked/w.pth": (body[:100], None)})
+    try:
+        cache = tmp_path / "cache"
+        cached = resolve_checkpoint(None, f"{server.url}/ok/w.pth", sha256_file(tmp_path / "w.pth"), cache)
+        assert cached.read_bytes() == body
+        other = tmp_path / "other"
+        with pytest.raises(ValueError, match=rf"stopped after 100 of {len(body)} bytes"):
+            resolve_checkpoint(None, f"{server.url}/cut/w.pth", None, other)  # unpinned: the length still counts
+        assert _files(other) == []
+        with pytest.raises(ValueError, match=r"could not download.*IncompleteRead"):
+            resolve_checkpoint(None, f"{server.url}/chunked/w.pth", None, other)
+        assert _files(other) == []
+        with pytest.raises(ValueError, match=r"could not download.*HTTPError.*404"):
+            resolve_checkpoint(None, f"{server.url}/absent/w.pth", None, other)
+        assert _files(other) == []
+    finally:
+        server.close()
+
+
+def test_an_interrupted_download_leaves_nothing(tmp_path, monkeypatch):
+    import umtfss.backbones.checkpoints as checkpoints
+
+    class Broken:
+        headers = {"Content-Length": "10"}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self, size):
+            raise KeyboardInterrupt  # Ctrl-C during the transfer
+
+    monkeypatch.setattr(checkpoints, "urlopen", lambda *args, **kwargs: Broken())
+    with pytest.raises(KeyboardInterrupt):
+        resolve_checkpoint(None, "https://example.org/model.pth", None, tmp_path / "cache")
+    assert _files(tmp_path / "cache") == []
+
+
+def test_two_urls_with_one_file_name_do_not_share_a_cached_file(tmp_path):
+    """Two training runs each publish `checkpoint.pth`: the second URL must not get the first's weights."""
+    first, second = tmp_path / "run1" / "checkpoint.pth", tmp_path / "run2" / "checkpoint.pth"
+    for index, path in enumerate((first, second)):
+        path.parent.mkdir()
+        torch.save({"w": torch.full((2,), float(index))}, path)
+    cache = tmp_path / "cache"
+    got_first = resolve_checkpoint(None, first.as_uri(), None, cache)
+    got_second = resolve_checkpoint(None, second.as_uri(), None, cache)
+    assert got_first.read_bytes() == first.read_bytes() and got_second.read_bytes() == second.read_bytes()
+    assert resolve_checkpoint(None, first.as_uri(), None, cache) == got_first  # each still cached once
+    assert resolve_checkpoint(None, second.as_uri(), None, cache) == got_second
+
+
+def test_folders_paths_given_as_urls_and_empty_files_fail_with_a_message(tmp_path, monkeypatch):
+    folder = tmp_path / "dino"
+    folder.mkdir()
+    torch.save({"w": torch.zeros(1)}, folder / "checkpoint.pth")
+    with pytest.raises(IsADirectoryError, match=r"'model.checkpoint' is '.*dino', a folder \(it holds checkpoint.pth"):
+        build_backbone("dino-vits16", checkpoint=folder, config_section="model")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(IsADirectoryError, match="a folder"):
+        build_backbone("dino-vits16", checkpoint="~/dino")  # ~ is the user's home
+    for url in (str(folder / "checkpoint.pth"), "~/dino/checkpoint.pth"):
+        with pytest.raises(ValueError, match=r"'embedding.checkpoint_url' is .* not a URL.*set 'embedding.checkpoint'"):
+            build_backbone("dino-vits16", checkpoint_url=url, config_section="embedding", cache_dir=tmp_path / "c")
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")  # a download that never started
+    with pytest.raises(ValueError, match=r"'embedding.checkpoint'.*empty.pth' could not be read \(EOFError"):
+        build_backbone("resnet50-imagenet", checkpoint=empty, config_section="embedding")
+
+
+def test_dino_checkpoint_trained_at_another_image_size_loads(tmp_path):
+    """A ViT-S/16 fine-tuned at 448 px has a 28x28 position grid; the forward interpolates any grid."""
+    torch.manual_seed(5)
+    published = build_dino_vit("dino-vits16").state_dict()
+    published["pos_embed"] = torch.randn(1, 1 + 28 * 28, 384)
+    path = tmp_path / "dino_vits16_448.pth"
+    torch.save(published, path)
+    backbone = build_backbone("dino-vits16", checkpoint=path)
+    _assert_weights_equal(backbone, published)
+    assert torch.equal(backbone.grid_pos_embed(28, 28), published["pos_embed"])
+    with torch.no_grad():
+        assert backbone(torch.rand(1, 3, 64, 48))["last"].shape == (1, 384, 4, 3)
+    # a patch-8 ViT-S at 224 has the same 28x28 grid: its patch embedding still gives it away
+    small8 = build_dino_vit("dino-vits8").state_dict()
+    torch.save(small8, path)
+    with pytest.raises(ValueError, match=r"patch 8.*\(backbone 'dino-vits8'\).*patch_embed.proj.weight \(384, 3, 8, 8"):
+        build_backbone("dino-vits16", checkpoint=path)
+
+
+def _stand_in(shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Tensors of the given shapes that share one element: a ViT-B state dict in a few kilobytes."""
+    return {k: torch.zeros(()).expand(shape) for k, shape in shapes.items()}
+
+
+def test_wrong_architecture_is_named_with_the_backbone_that_fits(tmp_path):
+    with torch.device("meta"):
+        vitb16 = {k: v.shape for k, v in build_dino_vit("dino-vitb16").state_dict().items()}
+    path = tmp_path / "dino_vitbase16_pretrain.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in _stand_in(vitb16).items()}}, path)
+    with pytest.raises(ValueError) as caught:
+        build_backbone("dino-vits16", checkpoint=path, config_section="embedding")
+    message = str(caught.value)
+    assert message.startswith("backbone 'dino-vits16' ('embedding.checkpoint'): the checkpoint holds a ViT of "
+                              "width 768, patch 16, 12 blocks (backbone 'dino-vitb16')")
+    assert str(path) in message and "cls_token (1, 1, 768) vs (1, 1, 384)" in message
+
+    with torch.device("meta"):
+        resnet101 = {k: v.shape for k, v in torchvision.models.resnet101().state_dict().items()}
+    path = tmp_path / "resnet101.pth"
+    torch.save(_stand_in(resnet101), path)
+    with pytest.raises(ValueError, match=r"'model.checkpoint'.*\[3, 4, 23, 3\] blocks per layer \(ResNet-101\).*"
+                                         r"unexpected keys: layer3.6"):
+        build_backbone("resnet50-imagenet", checkpoint=path, config_section="model")
+
+
+def test_a_moco_checkpoint_given_to_the_imagenet_backbone_names_the_right_one(tmp_path, resnet50_weights):
+    state = {f"module.encoder_q.{k}": v for k, v in resnet50_weights.items()}
+    path = tmp_path / "moco_v2_800ep_pretrain.pth.tar"
+    torch.save({"state_dict": state, "epoch": 800}, path)
+    with pytest.raises(ValueError, match=r"MoCo checkpoint, for backbone 'resnet50-mocov2'"):
+        build_backbone("resnet50-imagenet", checkpoint=path)
+    backbone = build_backbone("resnet50-mocov2", checkpoint=path)  # a v1 head (fc.weight) is dropped too
+    _assert_weights_equal(backbone.net, _body(resnet50_weights))

@@ -276,3 +276,19 @@ def test_more_shards_than_images_gives_empty_but_valid_stores(table, tmp_path):
                 progress=False)
     store = EmbeddingStore(out)
     assert len(store) == 0 and store.grid == (8, 8) and list(store.iter_batches(4)) == []
+
+
+def test_a_bad_checkpoint_names_the_embedding_key(table, tmp_path, capsys):
+    """A folder given as embedding.checkpoint: the stage's one error line names the config key."""
+    import json
+
+    from umtfss.cli import main
+
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "resnet50.pth").write_bytes(b"")
+    config = json.dumps({"embedding": {"backbone": "resnet50-imagenet", "checkpoint": str(tmp_path / "weights")}})
+    assert main(["embed", "--config", config, "--images", str(table), "--shard", "0", "--num-shards", "1",
+                 "--out", str(tmp_path / "out.zarr")]) != 0
+    err = capsys.readouterr().err
+    assert "'embedding.checkpoint' is" in err and "a folder (it holds resnet50.pth)" in err, err
+    assert not (tmp_path / "out.zarr").exists()

@@ -307,7 +307,8 @@ def cli(parser):
         from umtfss.backbones import build_backbone
 
         backbone = build_backbone(cfg["backbone"], checkpoint=cfg["checkpoint"], checkpoint_url=cfg["checkpoint_url"],
-                                  checkpoint_sha256=cfg["checkpoint_sha256"], output_stride=cfg["output_stride"])
+                                  checkpoint_sha256=cfg["checkpoint_sha256"], output_stride=cfg["output_stride"],
+                                  config_section="embedding")
         embed_shard(args.images, args.shard, args.num_shards, args.out, backbone, layer=cfg["layer"],
                     image_size=cfg["image_size"], dtype=cfg["dtype"], dim=cfg["dim"], batch_size=cfg["batch_size"],
                     device=cfg["device"], amp=cfg["amp"], cpu_precision=cfg["cpu_precision"], split=args.split,

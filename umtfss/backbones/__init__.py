@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from umtfss.backbones.checkpoints import load_into, load_state_dict, resolve_checkpoint, sha256_file
+from umtfss.backbones.checkpoints import config_key, load_into, load_state_dict, resolve_checkpoint, sha256_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -64,6 +64,14 @@ class FeatureBackbone(nn.Module):
     def weights_module(self) -> nn.Module:
         """The sub-module whose state dict a checkpoint fills (its keys are the checkpoint's)."""
         return self
+
+    def fit_checkpoint(self, state: dict[str, torch.Tensor]) -> None:
+        """Resize what may legitimately differ between checkpoints of this architecture (ViT's
+        position embedding grid) before `state` is loaded; the default changes nothing."""
+
+    def describe_checkpoint(self, state: dict[str, torch.Tensor]) -> str | None:
+        """A hint of what `state` looks like when it does not fit (another width, depth or patch)."""
+        return None
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -160,13 +168,16 @@ def build_backbone(
     *,
     random_init: bool = False,
     cache_dir: str | Path | None = None,
+    config_section: str | None = None,
 ) -> nn.Module:
     """Build a frozen, eval-mode backbone with its weights loaded.
 
     Weights come from `checkpoint` (a local file) if given, else from `checkpoint_url`, else from
     the name's published URL (downloaded once into `cache_dir`, default ~/.cache/umtfss). The
     published digest is checked whenever the file comes from the published URL (named or not), unless
-    `checkpoint_sha256` is given; `checkpoint_sha256` is checked for any file. `random_init=True` loads nothing (tests, benchmarks, ablations): the weights are random.
+    `checkpoint_sha256` is given; `checkpoint_sha256` is checked for any file.
+    `random_init=True` loads nothing (tests, benchmarks, ablations): the weights are random.
+    `config_section` ('embedding' or 'model') lets messages name the config key to fix.
     """
     if output_stride not in (8, 16, 32):
         raise ValueError(f"output_stride {output_stride} for backbone '{name}' is not allowed; expected 8, 16 or 32")
@@ -183,10 +194,26 @@ def build_backbone(
             sha256 = spec.sha256  # the configs name the published URL: its digest still applies
         if checkpoint is None and checkpoint_url is None and spec.url is None:
             raise ValueError(f"backbone '{name}' has no download URL and no checkpoint was given: {spec.hint}")
-        path = resolve_checkpoint(checkpoint, checkpoint_url or spec.url, sha256, cache_dir)
-        state = spec.convert(load_state_dict(path), path)
+        path = resolve_checkpoint(checkpoint, checkpoint_url or spec.url, sha256, cache_dir, section=config_section)
         target = module.weights_module() if isinstance(module, FeatureBackbone) else module
-        load_into(target, state, path)
+        state = None
+        try:
+            state = spec.convert(load_state_dict(path), path)
+            if isinstance(module, FeatureBackbone):
+                module.fit_checkpoint(state)
+            load_into(target, state, path)
+        except ValueError as err:
+            # name the backbone and the config key: a config has two backbone sections (model, embedding)
+            if checkpoint is not None:
+                source = config_key(config_section, "checkpoint")
+            elif checkpoint_url is not None:
+                source = config_key(config_section, "checkpoint_url")
+            else:
+                source = f"its published checkpoint; {config_key(config_section, 'checkpoint')} is null"
+            hint = None
+            if state is not None and isinstance(module, FeatureBackbone):
+                hint = module.describe_checkpoint(state)
+            raise ValueError(f"backbone '{name}' ({source}): " + (f"{hint}; " if hint else "") + str(err)) from None
         module.checkpoint_sha256 = sha256_file(path)
     return freeze(module)
 

@@ -6,13 +6,17 @@ import argparse
 import hashlib
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Mapping
+from http.client import HTTPException
 from pathlib import Path
 from urllib.parse import urlparse
+from urllib.request import Request, urlopen
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 # Where downloaded checkpoints are kept; UMTFSS_CACHE overrides it.
 DEFAULT_CACHE_DIR = Path(os.environ.get("UMTFSS_CACHE", Path.home() / ".cache" / "umtfss"))
@@ -41,45 +45,132 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     return _DIGESTS[key]
 
 
-def verify_sha256(path: str | Path, expected: str | None) -> str:
-    """Return the file's SHA-256; raise ValueError when it does not start with `expected`.
+def config_key(section: str | None, key: str) -> str:
+    """How a message names a config key: 'embedding.checkpoint' when the section is known."""
+    return f"'{section}.{key}'" if section else f"'{key}'"
 
-    `expected` may be a full digest or a prefix of at least 8 hex digits (torchvision publishes
-    the first 8 in its file names).
-    """
-    actual = sha256_file(path)
+
+def _expected_digest(expected: str | None, path: str | Path, section: str | None = None) -> str | None:
     if expected is None:
-        return actual
+        return None
     expected = expected.strip().lower()
     if not _HEX.match(expected):
         raise ValueError(
-            f"checkpoint_sha256 '{expected}' for '{path}' is not a SHA-256 digest; "
+            f"{config_key(section, 'checkpoint_sha256')} '{expected}' for '{path}' is not a SHA-256 digest; "
             "expected 8 to 64 hexadecimal digits"
         )
-    if not actual.startswith(expected):
+    return expected
+
+
+def verify_sha256(path: str | Path, expected: str | None, section: str | None = None, *,
+                  source: str | None = None) -> str:
+    """Return the file's SHA-256; raise ValueError when it does not start with `expected`.
+
+    `expected` may be a full digest or a prefix of at least 8 hex digits (torchvision publishes
+    the first 8 in its file names). `source` is the URL a cached file was downloaded from.
+    """
+    expected = _expected_digest(expected, path, section)
+    actual = sha256_file(path)
+    if expected is None or actual.startswith(expected):
+        return actual
+    sha_key = config_key(section, "checkpoint_sha256")
+    if source is not None:
+        # a cached download: it was verified (or unpinned) when downloaded, so the pin or the file changed
+        remedy = f"delete '{path}' to download {source} again, or correct {sha_key}"
+        what = f"the cached download of {source}"
+    else:
+        remedy = f"replace the file or correct {sha_key}"
+        what = f"{config_key(section, 'checkpoint')}"
+    raise ValueError(
+        f"checkpoint '{path}' ({what}) has SHA-256 {actual}, expected {expected} ({sha_key}): the file is "
+        f"not the pinned checkpoint (a different release, a partial download, or a wrong path); {remedy}"
+    )
+
+
+_URL_SCHEMES = ("http", "https", "ftp", "file")
+
+
+def _source_record(cached: Path) -> Path:
+    """The hidden file beside a download naming the URL it came from."""
+    return cached.with_name(f".{cached.name}.url")
+
+
+def cache_path(url: str, cache_dir: str | Path | None = None, section: str | None = None) -> Path:
+    """Where `url` is (or will be) cached: `<cache>/<file name>`, unless that file came from another URL.
+
+    Two URLs ending in the same name (two runs' `checkpoint.pth`) must not share one cached file: the
+    second goes to `<cache>/by-url/<hash of the URL>/<name>`. A file with no record (put there by hand,
+    or by an older umtfss) is taken as the URL's.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme.lower() not in _URL_SCHEMES:
         raise ValueError(
-            f"checkpoint '{path}' has SHA-256 {actual}, expected {expected}: the file is not the "
-            "published checkpoint (a different release, a partial download, or a wrong path); "
-            "replace the file or correct checkpoint_sha256"
+            f"{config_key(section, 'checkpoint_url')} is '{url}', which is not a URL (expected http://, "
+            f"https:// or file://); for a file on this machine set {config_key(section, 'checkpoint')} to its path"
         )
-    return actual
+    name = Path(parsed.path).name
+    if not name:
+        raise ValueError(f"{config_key(section, 'checkpoint_url')} '{url}' does not end in a file name")
+    root = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
+    cached = root / name
+    record = _source_record(cached)
+    if cached.exists() and record.is_file() and record.read_text().strip() != url:
+        cached = root / "by-url" / hashlib.sha256(url.encode()).hexdigest()[:16] / name
+    return cached
 
 
-def _download(url: str, target: Path) -> None:
-    """Download `url` into `target` through a temporary sibling, so a broken transfer leaves nothing."""
+def _download(url: str, target: Path, expected: str | None, section: str | None = None) -> None:
+    """Download `url` into `target` through a temporary sibling that is checked before it is renamed.
+
+    A transfer that stops early (fewer bytes than announced) or a digest other than `expected`
+    leaves nothing in the cache, even when interrupted (Ctrl-C), so a rerun downloads again.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    os.close(handle)
+    tmp = Path(tmp_name)
+    advice = ("on a machine without internet, download it elsewhere and set the checkpoint path in the "
+              f"config ({config_key(section, 'checkpoint')})")
     try:
-        torch.hub.download_url_to_file(url, tmp_name, progress=True)
-        os.replace(tmp_name, target)
-    except Exception as err:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise ValueError(
-            f"could not download checkpoint {url} into '{target}' ({type(err).__name__}: {err}); "
-            "on a machine without internet, download it elsewhere and set the checkpoint path "
-            "in the config"
-        ) from None
+        digest, size = hashlib.sha256(), 0
+        try:
+            with os.fdopen(handle, "wb") as out, urlopen(Request(url, headers={"User-Agent": "umtfss"}),
+                                                         timeout=60) as response:
+                announced = response.headers.get("Content-Length")
+                print(f"downloading {url} to '{target}'", file=sys.stderr)
+                total = int(announced) if announced is not None and announced.isdigit() else None
+                with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                          desc=f"download {target.name}") as bar:
+                    while block := response.read(1 << 20):
+                        out.write(block)
+                        digest.update(block)
+                        size += len(block)
+                        bar.update(len(block))
+        except (OSError, ValueError, HTTPException) as err:  # URLError, HTTPError, timeouts are OSErrors
+            raise ValueError(
+                f"could not download checkpoint {url} into '{target}' ({type(err).__name__}: {err}); {advice}"
+            ) from None
+        if announced is not None and announced.isdigit() and size != int(announced):
+            raise ValueError(
+                f"the download of checkpoint {url} stopped after {size} of {announced} bytes; nothing was "
+                f"kept in '{target.parent}': run again, or {advice}"
+            )
+        actual = digest.hexdigest()
+        if expected is not None and not actual.startswith(expected):
+            raise ValueError(
+                f"checkpoint {url} downloaded with SHA-256 {actual}, expected {expected} "
+                f"({config_key(section, 'checkpoint_sha256')}): the URL serves another file (a new release, "
+                f"or an error page); nothing was kept in '{target.parent}'; correct "
+                f"{config_key(section, 'checkpoint_url')} or {config_key(section, 'checkpoint_sha256')}"
+            )
+        os.replace(tmp, target)
+        try:
+            _source_record(target).write_text(url + "\n")
+        except OSError:
+            pass  # the file is verified and in place; without the record it is taken as this URL's
+        stat = target.stat()
+        _DIGESTS[(str(target.resolve()), stat.st_size, stat.st_mtime_ns)] = actual
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def resolve_checkpoint(
@@ -87,26 +178,34 @@ def resolve_checkpoint(
     url: str | None,
     sha256: str | None,
     cache_dir: str | Path | None = None,
+    section: str | None = None,
 ) -> Path:
     """The local checkpoint file to load: `path` if given, else `url` downloaded once into the cache.
 
-    The SHA-256 (full or prefix) is verified in both cases when given.
+    The SHA-256 (full or prefix) is verified in both cases when given; a download is verified
+    before it enters the cache. `section` ('embedding', 'model') names the config keys in messages.
     """
     if path is not None:
         local = Path(path).expanduser()
+        key = config_key(section, "checkpoint")
+        if local.is_dir():
+            inside = sorted(p.name for p in local.iterdir() if p.name.endswith((".pth", ".pt", ".tar", ".bin")))
+            found = f" (it holds {', '.join(inside[:5])})" if inside else ""
+            raise IsADirectoryError(f"{key} is '{local}', a folder{found}; expected the checkpoint file itself")
         if not local.is_file():
-            raise FileNotFoundError(f"checkpoint file '{local}' does not exist")
-        verify_sha256(local, sha256)
+            raise FileNotFoundError(f"checkpoint file '{local}' ({key}) does not exist")
+        verify_sha256(local, sha256, section)
         return local
     if not url:
-        raise ValueError("no checkpoint: give a local checkpoint path or a checkpoint_url")
-    name = Path(urlparse(url).path).name
-    if not name:
-        raise ValueError(f"checkpoint_url '{url}' does not end in a file name")
-    cached = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / name
+        raise ValueError(
+            f"no checkpoint: give a local checkpoint path ({config_key(section, 'checkpoint')}) or a "
+            f"{config_key(section, 'checkpoint_url')}"
+        )
+    cached = cache_path(url, cache_dir, section)
+    expected = _expected_digest(sha256, url, section)
     if not cached.is_file():
-        _download(url, cached)
-    verify_sha256(cached, sha256)
+        _download(url, cached, expected, section)
+    verify_sha256(cached, expected, section, source=url)
     return cached
 
 
@@ -121,7 +220,7 @@ def load_state_dict(path: str | Path) -> dict:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated, garbage or unsafe files
         raise ValueError(
-            f"checkpoint '{path}' could not be read ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            f"checkpoint '{path}' could not be read ({type(err).__name__}: {_first_line(err)}); "
             "expected a file written by torch.save holding tensors (it may be truncated or not a "
             "PyTorch checkpoint)"
         ) from None
@@ -130,6 +229,12 @@ def load_state_dict(path: str | Path) -> dict:
             f"checkpoint '{path}' holds a {type(loaded).__name__}, expected a dict of tensors (a state dict)"
         )
     return dict(loaded)
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an error's text; some (an empty file's) have none."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else "no message"
 
 
 def unwrap_state_dict(checkpoint: Mapping, path: str | Path, prefixes=("module.", "backbone.")) -> dict:

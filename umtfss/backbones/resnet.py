@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -68,6 +69,10 @@ class ResNet50Backbone(FeatureBackbone):
 
     def weights_module(self) -> nn.Module:
         return self.net
+
+    def describe_checkpoint(self, state: dict[str, torch.Tensor]) -> str | None:
+        """What network a checkpoint that does not fit holds: another depth, stem or format."""
+        return describe_resnet(state, self)
 
     def stem(self, normalised: torch.Tensor) -> torch.Tensor:
         """The layers before layer1: 7x7 conv (stride 2), BatchNorm, ReLU, 3x3 max-pool (stride 2)."""
@@ -142,6 +147,36 @@ def convert_mocov2(checkpoint: Mapping, path: str | Path) -> dict[str, torch.Ten
             "'resnet50-imagenet' for a plain torchvision state dict"
         )
     return _without_classifier(query)
+
+
+# blocks per layer -> the torchvision name, to say what a checkpoint that does not fit is
+_DEPTHS = {(2, 2, 2, 2): "ResNet-18", (3, 4, 6, 3): "ResNet-34/50", (3, 4, 23, 3): "ResNet-101",
+           (3, 8, 36, 3): "ResNet-152"}
+
+
+def describe_resnet(state: Mapping[str, torch.Tensor], model: ResNet50Backbone) -> str | None:
+    """A hint naming what a ResNet checkpoint that does not fit holds, and the backbone that takes it."""
+    if any(k.startswith(("encoder_q.", "encoder_k.")) for k in state):
+        return "its keys start with 'encoder_q.': a MoCo checkpoint, for backbone 'resnet50-mocov2'"
+    if "patch_embed.proj.weight" in state:
+        return "the checkpoint holds a Vision Transformer: use a dino-vit* backbone"
+    blocks = {layer: set() for layer in LAYERS}
+    for key in state:
+        if (m := re.match(r"(layer[1-4])\.(\d+)\.", key)):
+            blocks[m.group(1)].add(int(m.group(2)))
+    depths = tuple(len(blocks[layer]) for layer in LAYERS)
+    hints = []
+    if depths != (3, 4, 6, 3) and any(depths):
+        hints.append(f"the checkpoint's ResNet has {list(depths)} blocks per layer "
+                     f"({_DEPTHS.get(depths, 'not ResNet-50')}); ResNet-50 has [3, 4, 6, 3]")
+    conv1 = state.get("conv1.weight")
+    deep = isinstance(model, DeepStemResNet50Backbone)
+    if isinstance(conv1, torch.Tensor) and conv1.ndim == 4:
+        if conv1.shape[-1] == 7 and deep:
+            hints.append("its 7x7 stem conv is torchvision's: use backbone 'resnet50-imagenet'")
+        elif conv1.shape[-1] == 3 and not deep and "conv3.weight" in state:
+            hints.append("its three 3x3 stem convs are the deep stem: use backbone 'resnet50-deepstem'")
+    return "; ".join(hints) or None
 
 
 CONVERTERS = {"resnet50-imagenet": convert_torchvision, "resnet50-mocov2": convert_mocov2,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -120,6 +122,26 @@ class DinoViTBackbone(FeatureBackbone):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
 
+    def fit_checkpoint(self, state: dict[str, torch.Tensor]) -> None:
+        """Take the position-embedding grid of a checkpoint trained at another image size (e.g. 448).
+
+        Any square grid of this width is valid ViT weights: the forward pass interpolates it to each
+        input's grid anyway, so only its shape has to follow the checkpoint's.
+        """
+        pos = state.get("pos_embed")
+        ours = self.pos_embed
+        if not isinstance(pos, torch.Tensor) or pos.ndim != 3 or pos.shape == ours.shape:
+            return
+        grid = math.isqrt(max(pos.shape[1] - 1, 0))
+        if pos.shape[0] == 1 and pos.shape[2] == ours.shape[2] and grid > 0 and grid * grid == pos.shape[1] - 1:
+            self.pos_embed = nn.Parameter(torch.zeros(pos.shape, dtype=ours.dtype, device=ours.device),
+                                          requires_grad=ours.requires_grad)
+            self.pretrain_grid = grid
+
+    def describe_checkpoint(self, state: dict[str, torch.Tensor]) -> str | None:
+        """What ViT (or other network) a checkpoint that does not fit holds, next to this one."""
+        return describe_vit(state, self)
+
     def grid_pos_embed(self, rows: int, cols: int) -> torch.Tensor:
         """Position embeddings [1, 1 + rows*cols, D] for a rows x cols patch grid.
 
@@ -155,6 +177,32 @@ class DinoViTBackbone(FeatureBackbone):
             tokens = block(tokens)
         tokens = self.norm(tokens)
         return {"last": tokens[:, 1:].transpose(1, 2).reshape(batch, dim, rows, cols)}
+
+
+def _vit_shape(state: Mapping[str, torch.Tensor]) -> tuple[int, int, int] | None:
+    """(width, patch size, blocks) of a ViT state dict, or None if it holds no patch embedding."""
+    proj = state.get("patch_embed.proj.weight")
+    if not isinstance(proj, torch.Tensor) or proj.ndim != 4:
+        return None
+    blocks = {int(m.group(1)) for key in state if (m := re.match(r"blocks\.(\d+)\.", key))}
+    return int(proj.shape[0]), int(proj.shape[-1]), len(blocks)
+
+
+def describe_vit(state: Mapping[str, torch.Tensor], model: DinoViTBackbone) -> str | None:
+    """A hint naming the checkpoint's ViT size (and the registry name that fits it)."""
+    found = _vit_shape(state)
+    if found is None:
+        if "layer1.0.conv1.weight" in state:
+            return "the checkpoint holds a ResNet: use a resnet50-* backbone"
+        return None
+    width, patch, depth = found
+    fits = [name for name, (w, d, _, p) in DINO_ARCHS.items() if (w, d, p) == (width, depth, patch)]
+    ours = (model.channels["last"], model.patch_size, len(model.blocks))
+    if found == ours:
+        return None
+    return (f"the checkpoint holds a ViT of width {width}, patch {patch}, {depth} blocks"
+            f"{f' (backbone {fits[0]!r})' if fits else ''}; '{model.name}' is width {ours[0]}, "
+            f"patch {ours[1]}, {ours[2]} blocks")
 
 
 def build_dino_vit(name: str, depth: int | None = None) -> DinoViTBackbone:

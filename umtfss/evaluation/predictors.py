@@ -195,7 +195,7 @@ def build_predictor(method: str, config: dict, checkpoint: str | Path | None = N
         name, *checkpoint_keys = REFERENCE_PREDICTOR_KEYS
         model_cfg = config["model"]
         backbone = build_backbone(model_cfg[name], **{k: model_cfg.get(k) for k in checkpoint_keys},
-                                  output_stride=8).to(device)
+                                  output_stride=8, config_section="model").to(device)
         return PrototypeThreshold(backbone, backbone.high_layer, config["evaluation"]["threshold"])
     if checkpoint is None:
         raise ValueError(

@@ -75,6 +75,7 @@ def build_backbone_from_config(model_cfg: dict):
         checkpoint_url=model_cfg.get("checkpoint_url"),
         checkpoint_sha256=model_cfg.get("checkpoint_sha256"),
         output_stride=8,
+        config_section="model",
     )
 
 
