@@ -305,6 +305,14 @@ def test_url_is_downloaded_once_into_the_cache(tmp_path):
         resolve_checkpoint(None, None, None, cache)
 
 
+def test_the_cache_folder_follows_umtfss_cache_set_after_import(tmp_path, monkeypatch):
+    source = tmp_path / "served" / "model.pth"
+    source.parent.mkdir()
+    torch.save({"w": torch.arange(3.0)}, source)
+    monkeypatch.setenv("UMTFSS_CACHE", str(tmp_path / "late"))  # umtfss is imported already
+    assert resolve_checkpoint(None, source.as_uri(), None) == tmp_path / "late" / "model.pth"
+
+
 @pytest.mark.parametrize("stride", [8, 16])
 def test_resnet_output_shapes_and_strides(stride):
     backbone = build_backbone("resnet50-imagenet", output_stride=stride, random_init=True)

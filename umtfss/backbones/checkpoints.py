@@ -19,7 +19,9 @@ from torch import nn
 from tqdm import tqdm
 
 # Where downloaded checkpoints are kept; UMTFSS_CACHE overrides it.
-DEFAULT_CACHE_DIR = Path(os.environ.get("UMTFSS_CACHE", Path.home() / ".cache" / "umtfss"))
+def default_cache_dir() -> Path:
+    """Where downloads go: $UMTFSS_CACHE, read at each download (a notebook may set it late), else ~/.cache/umtfss."""
+    return Path(os.environ.get("UMTFSS_CACHE") or Path.home() / ".cache" / "umtfss")
 
 # Keys that wrap the weights in the checkpoint formats we read, in the order they are preferred
 # (DINO keeps both networks; its teacher is the one evaluated in the paper).
@@ -111,7 +113,7 @@ def cache_path(url: str, cache_dir: str | Path | None = None, section: str | Non
     name = Path(parsed.path).name
     if not name:
         raise ValueError(f"{config_key(section, 'checkpoint_url')} '{url}' does not end in a file name")
-    root = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
+    root = Path(cache_dir or default_cache_dir()).expanduser()
     cached = root / name
     record = _source_record(cached)
     if cached.exists() and record.is_file() and record.read_text().strip() != url:
