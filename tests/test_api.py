@@ -1,6 +1,7 @@
 """The Python API (umtfss.PixelEmbedder, PixelClusters, FewShotSegmenter) gives what the stages give."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -50,6 +51,7 @@ def test_embedder_gives_the_stores_cells_of_each_image(embedded):
         rows, cols = store.valid(index)
         features = embedder.embed(root / f"img{index}.png")
         assert features.shape == (rows, cols, store.dim) and features.dtype == np.float32
+        assert features.flags.c_contiguous  # a cut of the padded grid, copied: ready for faiss or a reshape view
         np.testing.assert_allclose(features, store.features(index)[:rows, :cols], atol=1e-5)
     image = np.asarray(Image.open(root / "img0.png").convert("RGB"))
     np.testing.assert_array_equal(embedder.embed(image), embedder.embed(root / "img0.png"))
@@ -100,7 +102,7 @@ def test_clusters_errors_name_the_problem(tmp_path):
     clusters = PixelClusters(2, device="cpu", backend="torch").train(np.eye(4, dtype=np.float32))
     with pytest.raises(ValueError, match="features have 5 channels, the centroids 4"):
         clusters.search(np.zeros((3, 5), np.float32))
-    with pytest.raises(ValueError, match="only 4 pixels to fit 9 clusters"):
+    with pytest.raises(ValueError, match=r"points have 4 rows, fewer than clusters \(9\)"):
         PixelClusters(9, device="cpu", backend="torch").train(np.eye(4, dtype=np.float32))
     with pytest.raises(FileNotFoundError, match="centroids file .*nope.npy"):
         PixelClusters.load(tmp_path / "nope.npy")
@@ -152,3 +154,179 @@ def test_segmenter_predicts_what_umtfss_predict_writes(checkpoint, tmp_path):
         FewShotSegmenter.load(checkpoint, size=100000, device="cpu")
     classes = np.where(mask > 0, 3, 1).astype(np.uint8)  # a class-index mask: class 3 where the 0/255 mask is lit
     np.testing.assert_array_equal(segmenter.segment(query, [(support, classes)], support_class=3), written)
+
+
+def test_embedder_refuses_bad_arguments_by_name():
+    with pytest.raises(ValueError, match="image_size is 0, expected at least 32"):
+        PixelEmbedder("demo-colortexture", image_size=0, device="cpu")
+    with pytest.raises(ValueError, match="image_size is 64.5, expected an integer"):
+        PixelEmbedder("demo-colortexture", image_size=64.5, device="cpu")
+    with pytest.raises(ValueError, match=r"dim is 0, expected 1 to 16 \(layer 'features' has 16 channels\)"):
+        PixelEmbedder("demo-colortexture", image_size=64, dim=0, device="cpu")
+    with pytest.raises(ValueError, match="dtype is 'float64', expected float16 or float32"):
+        PixelEmbedder("demo-colortexture", image_size=64, dtype="float64", device="cpu")
+    with pytest.raises(ValueError, match="already built"):  # weights that would be silently ignored
+        PixelEmbedder(build_backbone("demo-colortexture"), checkpoint="weights.pt", device="cpu")
+    embedder = PixelEmbedder("demo-colortexture", image_size=64, device="cpu")
+    with pytest.raises(ValueError, match=r"shape \(0, 5, 3\), expected at least one pixel"):
+        embedder.embed(np.zeros((0, 5, 3), np.uint8))
+
+
+def test_embedder_float16_gives_a_float16_stores_cells_exactly(embedded, tmp_path):
+    root, _ = embedded
+    store_path = tmp_path / "half.zarr"
+    embed_shard(root / "images.parquet", 0, 1, store_path, build_backbone("demo-colortexture"), image_size=64,
+                dtype="float16", batch_size=2, device="cpu", workers=0, progress=False)
+    store = EmbeddingStore(store_path)
+    embedder = PixelEmbedder("demo-colortexture", image_size=64, device="cpu", dtype="float16")
+    for index in range(len(SIZES)):
+        rows, cols = store.valid(index)
+        features = embedder.embed(root / f"img{index}.png")
+        assert features.dtype == np.float16
+        np.testing.assert_array_equal(features, store.features(index)[:rows, :cols])
+
+
+def test_clusters_on_all_of_a_stores_cells_fit_what_the_stage_fits(embedded, tmp_path):
+    root, _ = embedded
+    store_path = tmp_path / "half.zarr"  # float16: its rounding is what the fit stage normalises away
+    embed_shard(root / "images.parquet", 0, 1, store_path, build_backbone("demo-colortexture"), image_size=64,
+                dtype="float16", batch_size=2, device="cpu", workers=0, progress=False)
+    store = EmbeddingStore(store_path)
+    cells = np.concatenate([store.features(i)[:store.valid(i)[0], :store.valid(i)[1]].reshape(-1, store.dim)
+                            for i in range(len(store))])
+    given = cells.copy()
+    for backend in ("faiss", "torch"):
+        expected, _ = fit_centroids([store_path], 5, 10**6, 5, seed=3, device="cpu", backend=backend, progress=False)
+        clusters = PixelClusters(5, iterations=5, seed=3, device="cpu", backend=backend).train(cells)
+        np.testing.assert_array_equal(clusters.centroids, expected)
+    np.testing.assert_array_equal(cells, given)  # the caller's points are not normalised in place
+    points = np.eye(4, dtype=np.float32) * 3
+    in_place = points.copy()
+    PixelClusters(2, device="cpu", backend="torch").train(in_place)
+    np.testing.assert_array_equal(in_place, points)
+
+
+def test_clusters_refuse_bad_knobs_and_values_by_name():
+    for knobs, message in [({"clusters": 0}, "clusters is 0, expected 1 to 32767"),
+                           ({"clusters": 2.5}, "clusters is 2.5, expected an integer"),
+                           ({"clusters": 40000}, "clusters is 40000, expected 1 to 32767"),  # int16 labels
+                           ({"clusters": 3, "iterations": 0}, "iterations is 0, expected at least 1"),
+                           ({"clusters": 3, "redo": 0}, "redo is 0, expected at least 1"),
+                           ({"clusters": 3, "subset_pixels": 0}, "subset_pixels is 0, expected at least 1"),
+                           ({"clusters": 3, "backend": "sklearn"}, "backend is 'sklearn', expected auto, faiss"),
+                           ({"clusters": 3, "metric": "cosine"}, "metric is 'cosine', expected one of spherical")]:
+        with pytest.raises(ValueError, match=message):
+            PixelClusters(**knobs)
+    points = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    for backend in ("faiss", "torch"):  # faiss stops deep in C++, torch gives NaN centroids
+        with pytest.raises(ValueError, match=r"points hold non-finite values \(NaN or inf\)"):
+            PixelClusters(3, device="cpu", backend=backend).train(np.where(points > 1, np.nan, points))
+    with pytest.raises(ValueError, match=r"points have shape \(50, 0\), expected \[n, channels\]"):
+        PixelClusters(3, device="cpu", backend="torch").train(points[:, :0])
+    clusters = PixelClusters(3, device="cpu", backend="torch").train(points)
+    with pytest.raises(ValueError, match=r"features hold non-finite values"):
+        clusters.search(np.full((2, 4), np.nan, np.float32))  # else label 0, silently
+    with pytest.raises(ValueError, match=r"features have shape \(\), expected \[\.\.\., channels\]"):
+        clusters.search(np.float32(1))
+    with pytest.raises(ValueError, match="features have dtype object, expected a float array"):
+        clusters.search(points.astype(object))
+
+
+def test_clusters_take_points_as_a_tensor_or_nested_lists():
+    points = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
+    expected = PixelClusters(2, device="cpu", backend="torch").train(points).centroids
+    for given in (torch.from_numpy(points), points.tolist()):
+        np.testing.assert_array_equal(PixelClusters(2, device="cpu", backend="torch").train(given).centroids, expected)
+
+
+def test_clusters_load_reads_only_a_fit_json_of_these_centroids(tmp_path):
+    points = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
+    fitted = PixelClusters(3, iterations=7, redo=2, seed=5, device="cpu", backend="torch").train(points)
+    fitted.save(tmp_path / "centroids.npy")
+    again = PixelClusters.load(tmp_path / "centroids.npy", device="cpu")
+    assert again.meta == json.loads((tmp_path / "fit.json").read_text())
+    assert (again.iterations, again.redo, again.seed) == (7, 2, 5)  # the fit's knobs, for train() again
+    np.save(tmp_path / "centroids.npy", fitted.centroids[::-1].copy())  # replaced: fit.json now describes others
+    assert PixelClusters.load(tmp_path / "centroids.npy", device="cpu").meta == {}
+    (tmp_path / "fit.json").write_text("{not json")
+    assert PixelClusters.load(tmp_path / "centroids.npy", device="cpu").meta == {}
+    np.save(tmp_path / "many.npy", np.eye(32768, 2, dtype=np.float32))
+    with pytest.raises(ValueError, match="32768 centroids, more than the 32767 int16 labels hold"):
+        PixelClusters.load(tmp_path / "many.npy", device="cpu")
+
+
+def _pair(rng):
+    support = rng.integers(0, 256, (30, 44, 3), dtype=np.uint8)
+    mask = np.zeros((30, 44), np.uint8)
+    mask[5:20, 10:30] = 1
+    return rng.integers(0, 256, (37, 53, 3), dtype=np.uint8), support, mask
+
+
+def test_segmenter_refuses_bad_supports_queries_and_sizes_by_name(checkpoint, tmp_path):
+    query, support, mask = _pair(np.random.default_rng(2))
+    segmenter = FewShotSegmenter.load(checkpoint, device="cpu")
+    with pytest.raises(ValueError, match=r"support #0 is a ndarray, expected an \(image, mask\) pair"):
+        segmenter.segment(query, (support, mask))  # one pair, not a list of pairs
+    with pytest.raises(ValueError, match=r"support mask #0 has shape \(30, 44, 3\), expected an HxW array"):
+        segmenter.segment(query, [(support, np.dstack([mask] * 3))])
+    with pytest.raises(ValueError, match="support mask #0 holds fractional values"):
+        segmenter.segment(query, [(support, mask * 0.5)])  # a soft mask: > 0 would make it all foreground
+    for value, message in [("3", "support_class is '3', expected an integer"),
+                           (3.0, "support_class is 3.0, expected an integer"),
+                           (True, "support_class is True, expected an integer")]:
+        with pytest.raises(ValueError, match=message):
+            segmenter.segment(query, [(support, mask * 3)], support_class=value)
+    with pytest.raises(ValueError, match="queries is one image"):
+        segmenter.segment_many(tmp_path / "query.png", [(support, mask)])  # not its characters one by one
+    with pytest.raises(ValueError, match="no query"):
+        segmenter.segment_many([], [(support, mask)])
+    with pytest.raises(ValueError, match=r"size is 0, expected 32 to 4096 \(pixels of the longer side\)"):
+        FewShotSegmenter.load(checkpoint, size=0, device="cpu")  # not the checkpoint's size
+    with pytest.raises(ValueError, match="size is 64.5, expected an integer"):
+        FewShotSegmenter.load(checkpoint, size=64.5, device="cpu")
+
+
+def test_segmenter_notes_class_indices_merged_as_predict_does(checkpoint):
+    query, support, mask = _pair(np.random.default_rng(3))
+    classes = mask.copy()
+    classes[25:, :] = 7  # two classes besides the background
+    segmenter = FewShotSegmenter.load(checkpoint, device="cpu")
+    with pytest.warns(UserWarning, match=r"holds the values 0, 1, 7.*support_class=K"):
+        segmenter.segment(query, [(support, classes)])
+
+
+def test_segmenter_leaves_the_global_torch_rng_alone(checkpoint):
+    query, support, mask = _pair(np.random.default_rng(4))
+    segmenter = FewShotSegmenter.load(checkpoint, device="cpu")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = segmenter.segment(query, [(support, mask)])
+    np.testing.assert_array_equal(torch.rand(3), expected)
+    np.testing.assert_array_equal(segmenter.segment(query, [(support, mask)]), first)  # still seeded per call
+
+
+def test_segmenter_gives_the_backbone_its_bfloat16_layout_as_predict_does(checkpoint):
+    query, support, mask = _pair(np.random.default_rng(5))
+    segmenter = FewShotSegmenter.load(checkpoint, device="cpu", cpu_precision="bfloat16")
+    layouts = []
+    backbone = segmenter.model.backbone
+    forward = backbone.forward
+    backbone.forward = lambda images: layouts.append(images.is_contiguous(memory_format=torch.channels_last)) \
+        or forward(images)
+    segmenter.segment(query, [(support, mask)])
+    assert layouts and all(layouts)  # supports too: predict lays them out channels-last before their forward
+
+
+def test_clusters_refuse_to_write_over_their_inputs(embedded, tmp_path):
+    _, store_path = embedded
+    copy = tmp_path / "shard.zarr"
+    shutil.copytree(store_path, copy)
+    clusters = PixelClusters(3, subset_pixels=100, iterations=2, device="cpu", backend="torch").train(copy,
+                                                                                                     progress=False)
+    with pytest.raises(ValueError, match="out '.*shard.zarr' is also embedding_shard"):
+        clusters.assign(copy, copy, progress=False)  # the rename would replace the embeddings by the labels
+    assert len(EmbeddingStore(copy)) == len(SIZES)
+    with pytest.raises(ValueError, match="meta_path '.*c.npy' is also centroids_path"):
+        clusters.save(tmp_path / "c.npy", tmp_path / "c.npy")  # fit.json would land on the centroids
+    assert not (tmp_path / "c.npy").exists()
