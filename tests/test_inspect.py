@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -321,3 +322,144 @@ def test_missing_chunks_are_counted_and_flagged(tmp_path, capsys):
     assert cli.main(["inspect", str(tmp_path)]) == 0
     listed = capsys.readouterr().out
     assert "INCOMPLETE: 'features' 2 of 3 chunks present" in listed and "'labels' 2 of 3 chunks present" in listed
+
+
+def test_empty_or_truncated_files_of_every_kind_give_one_line(tmp_path, capsys):
+    """An empty .npy (numpy's EOFError) and an empty or truncated checkpoint: one error line naming the file
+    and saying it ends early, not a traceback or an empty reason."""
+    torch.save({"model": torch.nn.Linear(3, 2).state_dict()}, tmp_path / "whole.pt")
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:200])
+    for name, said in (("empty.npy", "ends early"), ("empty.pt", "EOFError"), ("truncated.pt", "truncated")):
+        if not (tmp_path / name).exists():
+            (tmp_path / name).write_bytes(b"")
+        assert cli.main(["inspect", str(tmp_path / name)]) == 1
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and str(tmp_path / name) in err and said in err, err
+
+
+def test_a_png_is_summarised_with_its_values(tmp_path, capsys):
+    """A folder's listing shows PNGs and sends to `umtfss inspect` on one of them: a mask's values are listed
+    (they tell 0/255 from class indices); a truncated PNG is one error line."""
+    from umtfss.io import write_png
+
+    mask = np.zeros((4, 5), np.uint8)
+    mask[:2] = 255
+    mask[3, 0] = 7
+    write_png(tmp_path / "mask.png", mask)
+    assert cli.main(["inspect", str(tmp_path / "mask.png")]) == 0
+    out = capsys.readouterr().out
+    assert "(PNG, 5x4 L" in out and "pixel values (share of pixels): 0 (45.0%), 7 (5.0%), 255 (50.0%)" in out
+    write_png(tmp_path / "photo.png", (np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8))
+    (tmp_path / "cut.png").write_bytes((tmp_path / "photo.png").read_bytes()[:300])
+    assert cli.main(["inspect", str(tmp_path / "photo.png")]) == 0
+    assert "(PNG, 40x40 RGB" in capsys.readouterr().out
+    assert cli.main(["inspect", str(tmp_path / "cut.png")]) == 1
+    err = capsys.readouterr().err
+    assert "'" + str(tmp_path / "cut.png") + "' is not a readable png file" in err and len(err.strip().splitlines()) == 1
+
+
+def _corrupt(array, index: int) -> None:
+    chunk = Path(array.store.root) / array.path / array.metadata.encode_chunk_key((index, *(0,) * (array.ndim - 1)))
+    chunk.write_bytes(b"not a blosc chunk at all")
+
+
+def test_a_corrupt_chunk_is_named_in_the_summary(tmp_path, capsys):
+    """A chunk file that does not decode (a disk error, a partial copy): the summary is still printed, with
+    a WARNING naming the image and the chunk file, not blosc's traceback."""
+    from umtfss.stores import create_embedding_store, create_label_store
+
+    attrs = {"image_ids": ["x", "y", "z"], "stride": 8, "image_size": 48}
+    group = create_embedding_store(tmp_path / "emb.zarr", 3, (2, 2), 4, "float32", attrs)
+    group["features"][:] = np.ones((3, 2, 2, 4), np.float32)
+    group["valid"][:] = 2
+    group["sizes"][:] = 16
+    _corrupt(group["features"], 0)
+    assert cli.main(["inspect", str(tmp_path / "emb.zarr")]) == 0
+    out = capsys.readouterr().out
+    assert "feature norms of image 0: not read, chunk file" in out and "is corrupt" in out
+    labels = create_label_store(tmp_path / "lab.zarr", 3, (2, 2), {"image_ids": ["x", "y", "z"], "clusters": 2})
+    labels["labels"][:] = np.ones((3, 2, 2), np.int16)
+    _corrupt(labels["labels"], 1)
+    assert cli.main(["inspect", str(tmp_path / "lab.zarr")]) == 0
+    out = capsys.readouterr().out
+    assert "cluster 1          8" in out and "WARNING: 1 image(s) of 'labels' cannot be read" in out
+    assert "image 1: '" + str(tmp_path / "lab.zarr" / "labels" / "c" / "1" / "0" / "0") + "'" in out
+
+
+def test_a_store_a_killed_job_left_is_summarised_and_flagged(tmp_path, capsys):
+    """embed writes into `<name>.tmp-<pid>-<hex>.zarr` and renames at the end; a killed job leaves that with
+    some feature chunks and no `valid` yet. inspect says so instead of failing on the empty first image,
+    and its feature overlay is refused in one line."""
+    from umtfss.stores import create_embedding_store
+
+    attrs = {"image_ids": ["x", "y", "z"], "stride": 8, "image_size": 48}
+    temp = tmp_path / "shard-0-of-1.tmp-999999-0123abcd.zarr"
+    group = create_embedding_store(temp, 3, (2, 2), 4, "float32", attrs)
+    group["features"][:1] = np.ones((1, 2, 2, 4), np.float32)
+    assert cli.main(["inspect", str(temp)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("WARNING: 'shard-0-of-1.tmp-999999-0123abcd.zarr' is the temporary of a job writing "
+                          "'shard-0-of-1.zarr', process 999999 no longer running")
+    assert "feature norms of image 0: none" in out and "chunks: 1 of 3 present -- WARNING" in out
+    assert cli.main(["inspect", str(tmp_path)]) == 0
+    assert "HALF-WRITTEN (temporary of a job) Zarr store" in capsys.readouterr().out
+    table = write_images_table(tmp_path, "xyz")
+    assert cli.main(["inspect", str(temp), "--images", str(table), "--overlay", str(tmp_path / "f.png"), "--n", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "no valid cell" in err and "rerun embed" in err and "Traceback" not in err
+    assert not (tmp_path / "f.png").exists()
+
+
+def test_a_store_without_metadata_is_named(tmp_path, capsys):
+    """A .zarr folder without zarr.json (an interrupted copy) is refused naming what is missing; an array
+    folder of a group without its zarr.json is flagged, where zarr would leave it out silently."""
+    (tmp_path / "empty.zarr").mkdir()
+    assert cli.main(["inspect", str(tmp_path / "empty.zarr")]) == 1
+    assert "has no Zarr metadata file (zarr.json" in capsys.readouterr().err
+    path = write_label_store(tmp_path)
+    (path / "labels" / "zarr.json").unlink()
+    assert cli.main(["inspect", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "folder 'labels': WARNING: no Zarr metadata file" in captured.out and "ZarrUserWarning" not in captured.err
+    assert cli.main(["inspect", str(tmp_path)]) == 0
+    listed = capsys.readouterr().out
+    assert "INCOMPLETE: folder 'labels' has no metadata" in listed and "empty.zarr/" in listed
+    assert "unreadable (no Zarr metadata file" in listed
+
+
+def test_arrays_are_listed_in_name_order(tmp_path):
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    for name in ("valid", "zeta", "sizes", "alpha"):
+        group.create_array(name, data=np.zeros((2, 2), np.int32))
+    text = summarise(tmp_path / "s.zarr")
+    assert re.findall(r"array '(\w+)'", text) == ["alpha", "sizes", "valid", "zeta"]
+
+
+def test_the_overlay_is_written_only_to_a_png_name(tmp_path, capsys):
+    """--overlay centroids.npy would replace that artifact with PNG bytes, o.jpg would be PNG data under a
+    JPEG name; an overlay under a file cannot be written: all refused before the summary."""
+    path = write_label_store(tmp_path)
+    table = write_images_table(tmp_path)
+    np.save(tmp_path / "centroids.npy", np.ones((2, 3), np.float32))
+    before = (tmp_path / "centroids.npy").read_bytes()
+    for target, message in ((tmp_path / "centroids.npy", "does not end in .png"), (tmp_path / "o.jpg", "does not end in .png"),
+                            (tmp_path / "centroids.npy" / "o.png", "is a file, not a folder")):
+        assert cli.main(["inspect", str(path), "--images", str(table), "--overlay", str(target)]) == 1
+        captured = capsys.readouterr()
+        assert message in captured.err and str(target) in captured.err and captured.out == ""
+    assert (tmp_path / "centroids.npy").read_bytes() == before and not (tmp_path / "o.jpg").exists()
+    assert cli.main(["inspect", str(path), "--images", str(table), "--overlay", str(tmp_path / "new" / "o.png")]) == 0
+
+
+def test_a_large_feature_overlay_shows_a_progress_bar(tmp_path, capsys):
+    from umtfss.stores import create_embedding_store
+
+    ids = [f"i{k:02d}" for k in range(32)]
+    group = create_embedding_store(tmp_path / "emb.zarr", 32, (2, 2), 4, "float32", {"image_ids": ids, "stride": 8})
+    group["features"][:] = np.random.default_rng(0).normal(size=(32, 2, 2, 4)).astype(np.float32)
+    group["valid"][:] = 2
+    group["sizes"][:] = 16
+    write_images_table(tmp_path, ids)
+    assert cli.main(["inspect", str(tmp_path / "emb.zarr"), "--images", str(tmp_path / "images.parquet"),
+                     "--overlay", str(tmp_path / "f.png"), "--n", "32"]) == 0
+    assert "overlay: 100%" in capsys.readouterr().err

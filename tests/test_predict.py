@@ -457,3 +457,99 @@ def test_a_class_index_mask_without_support_class_is_noted(files, tmp_path, caps
     assert "--support-class" not in capsys.readouterr().err
     np.testing.assert_array_equal(read_support_mask(tmp_path / "classes.png"),
                                   read_support_mask(tmp_path / "binary.png"))
+
+
+def test_a_folder_given_for_a_file_is_named_as_a_folder(files, tmp_path, capsys):
+    base = ["predict", "--query", str(files / "query.jpg"), "--out", str(tmp_path / "m.png"), "--device", "cpu"]
+    support = ["--support", str(files / "support.png"), str(files / "mask.png")]
+    for arguments, named in ((["--checkpoint", str(files)] + support, f"checkpoint '{files}' is a folder"),
+                             (["--checkpoint", str(files / "model.pt"), "--support", str(files), str(files / "mask.png")],
+                              f"support image '{files}' is a folder")):
+        assert main(base + arguments) == 1
+        assert named in capsys.readouterr().err
+
+
+def test_an_empty_query_folder_or_checkpoint_file_says_so(files, tmp_path, capsys):
+    (tmp_path / "queries").mkdir()
+    (tmp_path / "empty.pt").write_bytes(b"")
+    support = ["--support", str(files / "support.png"), str(files / "mask.png"), "--device", "cpu"]
+    cases = ((["--checkpoint", str(files / "model.pt"), "--query", str(tmp_path / "queries"), "--out", str(tmp_path / "o")],
+              "holds no image", "(argument --query)"),
+             (["--checkpoint", str(tmp_path / "empty.pt"), "--query", str(files / "query.jpg"),
+               "--out", str(tmp_path / "o.png")], "empty.pt", "empty"))
+    for arguments, *named in cases:
+        assert main(["predict", *arguments, *support]) == 1
+        err = capsys.readouterr().err
+        assert all(part in err for part in named), err
+
+
+def test_outputs_under_a_file_or_inside_a_query_folder_are_refused(files, tmp_path, capsys):
+    """--out a/x.png where a is a file would fail in mkdir after the model ran; --out (or --overlay) inside a
+    --query folder would be read back as queries by the next run on it. Both refused before any work."""
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    write_png(queries / "a.png", np.full((21, 34, 3), 90, np.uint8))
+    (tmp_path / "afile").write_text("x")
+    base = ["predict", "--checkpoint", str(files / "model.pt"), "--support", str(files / "support.png"),
+            str(files / "mask.png"), "--device", "cpu"]
+    cases = ((["--query", str(files / "query.jpg"), "--out", str(tmp_path / "afile" / "m.png")], "afile' is a file, not a folder"),
+             (["--query", str(queries), "--out", str(tmp_path / "afile" / "sub")], "is a file, not a folder"),
+             (["--query", str(queries), "--out", str(tmp_path / "m"), "--overlay", str(tmp_path / "afile" / "o")],
+              "--overlay"),
+             (["--query", str(queries), "--out", str(queries / "masks")], "is inside the --query folder"),
+             (["--query", str(queries), "--out", str(tmp_path / "m"), "--overlay", str(queries / "sub" / "o")],
+              "--overlay '" + str(queries / "sub" / "o") + "' is inside the --query folder"))
+    for arguments, named in cases:
+        assert main(base + arguments) == 1, arguments
+        err = capsys.readouterr().err
+        assert named in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert sorted(p.name for p in queries.iterdir()) == ["a.png"] and not (tmp_path / "m").exists()
+
+
+def test_an_unreadable_query_in_a_folder_is_skipped_and_reported(files, tmp_path, capsys):
+    """One damaged file in a folder of queries: the others get their masks, each skipped file is named on
+    stderr and the run ends with one error line (exit 1) counting them; a single unreadable query names
+    --query."""
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    for name in ("a", "c", "d"):
+        write_png(queries / f"{name}.png", np.full((21, 34, 3), 90, np.uint8))
+    (queries / "b.png").write_bytes((queries / "a.png").read_bytes()[:60])  # truncated
+    base = ["predict", "--checkpoint", str(files / "model.pt"), "--support", str(files / "support.png"),
+            str(files / "mask.png"), "--device", "cpu", "--batch", "2"]
+    capsys.readouterr()
+    assert main(base + ["--query", str(queries), "--out", str(tmp_path / "masks")]) == 1
+    err = capsys.readouterr().err
+    assert f"skipped --query image '{queries / 'b.png'}'" in err
+    assert err.strip().splitlines()[-1].startswith("umtfss predict: error: 1 of 4 --query images cannot be read")
+    assert "the other 3 masks are written" in err
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["a.png", "c.png", "d.png"]
+    assert main(base + ["--query", str(queries / "b.png"), "--out", str(tmp_path / "b.png")]) == 1
+    assert f"--query image '{queries / 'b.png'}' cannot be read" in capsys.readouterr().err
+    assert not (tmp_path / "b.png").exists()
+    assert main(base[:4] + [str(queries / "b.png"), str(files / "mask.png"), "--device", "cpu",
+                            "--query", str(files / "query.jpg"), "--out", str(tmp_path / "s.png")]) == 1
+    assert f"support image '{queries / 'b.png'}' cannot be read" in capsys.readouterr().err
+
+
+def test_a_photo_jpeg_or_colour_image_given_as_a_mask_is_noted(files, tmp_path, capsys):
+    """Every nonzero pixel is foreground and 255 ignore: a JPEG-saved mask (shades near the edges, 250-255
+    inside) or a photo silently gives a wrong support; an RGB mask of several colours merges them. Each is
+    noted on stderr, naming the file; a 0/255 PNG stays quiet."""
+    mask = np.asarray(Image.open(files / "mask.png"))
+    Image.fromarray(mask).save(tmp_path / "mask.jpg", quality=75)
+    photo = np.asarray(Image.open(files / "support.png")).copy()
+    photo += (np.random.default_rng(0).random(photo.shape) * 50).astype(np.uint8)
+    write_png(tmp_path / "photo.png", photo)
+    colours = np.zeros((*mask.shape, 3), np.uint8)
+    colours[5:20, 10:20], colours[5:20, 20:30] = (128, 0, 0), (0, 64, 0)
+    write_png(tmp_path / "colours.png", colours)
+    base = ["predict", "--checkpoint", str(files / "model.pt"), "--query", str(files / "query.jpg"), "--device", "cpu"]
+    for name, said in (("mask.jpg", "JPEG-compressed"), ("photo.png", "distinct values"), ("colours.png", "colour image")):
+        capsys.readouterr()
+        assert main(base + ["--support", str(files / "support.png"), str(tmp_path / name),
+                            "--out", str(tmp_path / f"{name}.png")]) == 0
+        notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+        assert len(notes) == 1 and name in notes[0] and said in notes[0], notes
+    assert main(base + ["--support", str(files / "support.png"), str(files / "mask.png"), "--out", str(tmp_path / "q.png")]) == 0
+    assert "note:" not in capsys.readouterr().err

@@ -33,10 +33,20 @@ def summarise(path: str | Path, n: int = 16) -> str:
     suffix = path.suffix.lower()
     try:
         return _summarise_file(path, suffix, n)
-    except ValueError as err:  # parquet, numpy, JSON and CSV readers do not say which file they read
-        if str(path) in str(err):
+    except FileNotFoundError:
+        raise
+    except (ValueError, EOFError, OSError, RuntimeError, KeyError) as err:  # readers do not say which file they read
+        if isinstance(err, ValueError) and str(path) in str(err):
             raise
-        raise ValueError(f"'{path}' is not a readable {suffix[1:]} file: {err}") from None
+        raise ValueError(f"'{path}' is not a readable {suffix[1:]} file: {_reason(err)}") from None
+
+
+def _reason(err: BaseException) -> str:
+    """A reader's error in one line; an empty message (numpy's and torch's EOFError) says truncated."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, EOFError):
+        return f"it ends early, truncated or empty ({text or 'EOFError'})"
+    return text if isinstance(err, ValueError) else f"{type(err).__name__}: {text}"
 
 
 def _summarise_file(path: Path, suffix: str, n: int) -> str:
@@ -57,8 +67,28 @@ def _summarise_file(path: Path, suffix: str, n: int) -> str:
         return head + table.head(n).to_string()
     if suffix in CHECKPOINT_SUFFIXES:
         return summarise_checkpoint(path)
-    raise ValueError(f"'{path}' has suffix '{suffix}'; expected a .zarr store, .parquet, .npy, .json, .csv, .tsv or a "
-                     f"checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
+    if suffix == ".png":
+        return summarise_png(path)
+    raise ValueError(f"'{path}' has suffix '{suffix}'; expected a .zarr store, .parquet, .npy, .json, .csv, .tsv, .png or "
+                     f"a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
+
+
+def summarise_png(path: Path, shown: int = 12) -> str:
+    """Size and mode of a PNG (a figure, an overlay, a predicted or class-index mask) and, for one channel,
+    its pixel values: what a mask means depends on them (0/255, 0/1/255, class indices)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()  # a truncated file fails here (OSError), named by summarise
+        lines = [f"{path} (PNG, {image.width}x{image.height} {image.mode}, {_size(path.stat().st_size)})"]
+        if image.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
+            return "\n".join(lines)
+        values = np.asarray(image)
+    distinct, counts = np.unique(values, return_counts=True)
+    listed = ", ".join(f"{int(v)} ({c / values.size:.1%})" for v, c in zip(distinct[:shown], counts[:shown]))
+    more = f", ... ({len(distinct)} values)" if len(distinct) > shown else ""
+    lines.append(f"  pixel values (share of pixels): {listed}{more}")
+    return "\n".join(lines)
 
 
 ARTIFACT_SUFFIXES = (".parquet", ".npy", ".json", ".csv", ".tsv", ".png", *CHECKPOINT_SUFFIXES)
@@ -98,14 +128,22 @@ def one_line(path: Path) -> str:
         if path.is_dir():
             import zarr
 
+            from umtfss.stores import ZARR_METADATA
+
+            if not any((path / name).is_file() for name in ZARR_METADATA):
+                return "unreadable (no Zarr metadata file: not a store, or one whose writing stopped early)"
             node = zarr.open(str(path), mode="r")
-            arrays = dict(node.arrays()) if isinstance(node, zarr.Group) else {"": node}
+            arrays = _arrays(node)
             shapes = ", ".join(f"{name or 'array'} {tuple(a.shape)} {a.dtype}" for name, a in arrays.items()
                                if name in MAIN_ARRAYS)
             images = len(node.attrs.get("image_ids", [])) if "image_ids" in node.attrs else None
             gaps = [f"'{name or 'array'}' {p} of {t} chunks present" for name, a in arrays.items()
                     for p, t in [_chunk_counts(a)] if p < t and name in MAIN_ARRAYS]
-            return ("Zarr store: " + (shapes or f"{len(arrays)} arrays") + (f"; {images} images" if images is not None else "")
+            if isinstance(node, zarr.Group):
+                gaps += [f"folder '{f.name}' has no metadata" for f in _folders_without_metadata(path, arrays)]
+            temp = _temp_note(path)
+            return (("HALF-WRITTEN (temporary of a job) " if temp else "") + "Zarr store: "
+                    + (shapes or f"{len(arrays)} arrays") + (f"; {images} images" if images is not None else "")
                     + (f"; INCOMPLETE: {', '.join(gaps)}" if gaps else ""))
         if suffix == ".parquet":
             meta = pq.ParquetFile(path).metadata
@@ -267,13 +305,18 @@ def summarise_zarr(path: Path) -> str:
     store's cluster sizes."""
     import zarr
 
+    from umtfss.stores import ZARR_METADATA
+
+    if not any((path / name).is_file() for name in ZARR_METADATA):
+        raise ValueError(f"'{path}' has no Zarr metadata file ({', '.join(ZARR_METADATA)}): it is not a Zarr store, or "
+                         "a copy or job that stopped before writing it; rerun the stage that writes the store")
     try:
         node = zarr.open(str(path), mode="r")
     except Exception as err:  # zarr raises several types for unreadable folders
         named = _damaged_store(path, err)
         raise (named if named is not err else ValueError(f"'{path}' is not a readable Zarr store: {err}")) from None
     try:
-        return _summarise_zarr(path, node)
+        return _temp_note(path) + _summarise_zarr(path, node)
     except Exception as err:  # a member's metadata is read on first access
         named = _damaged_store(path, err)
         if named is err:
@@ -281,12 +324,59 @@ def summarise_zarr(path: Path) -> str:
         raise named from None
 
 
+def _temp_note(path: Path) -> str:
+    """A first line for a store under atomic_path's temporary name: the output of a job still running or
+    killed, never a finished one."""
+    from umtfss.io import _TEMP_NAME, _process_alive
+
+    match = _TEMP_NAME.match(path.name)
+    if match is None:
+        return ""
+    final = path.with_name(match["stem"] + (match["suffix"] or ""))
+    state = "still running" if _process_alive(int(match["pid"])) else "no longer running (killed?)"
+    return (f"WARNING: '{path.name}' is the temporary of a job writing '{final.name}', process {match['pid']} {state}: "
+            "a half-written store; the next run of that stage removes it\n")
+
+
+def _arrays(node) -> dict:
+    """The arrays of a group in name order (zarr lists them in no fixed order), zarr's warning about a
+    member folder without metadata silenced: _folders_without_metadata names those."""
+    import warnings
+
+    import zarr
+
+    if not isinstance(node, zarr.Group):
+        return {"": node}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dict(sorted(node.arrays()))
+
+
+def _folders_without_metadata(path: Path, arrays: dict) -> list[Path]:
+    """Folders of a group that are no array and hold no metadata file: an array whose zarr.json was lost
+    (or not yet written), which zarr leaves out without a word."""
+    from umtfss.stores import ZARR_METADATA
+
+    return [folder for folder in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if folder.name not in arrays and not any((folder / name).is_file() for name in ZARR_METADATA)]
+
+
+def _chunk_file(array, index: int) -> str:
+    """The chunk file of image `index` (axis 0) of a local array, for error lines."""
+    from zarr.storage import LocalStore
+
+    key = array.metadata.encode_chunk_key((index, *(0,) * (array.ndim - 1)))
+    if isinstance(array.store, LocalStore):
+        return str(Path(array.store.root) / array.path / key)
+    return key
+
+
 def _summarise_zarr(path: Path, node) -> str:
     import zarr
 
     lines = [f"{path} (Zarr v{node.metadata.zarr_format} {'group' if isinstance(node, zarr.Group) else 'array'}, "
              f"{_size(_disk_size(path))} on disk)"]
-    arrays = dict(node.arrays()) if isinstance(node, zarr.Group) else {"": node}
+    arrays = _arrays(node)
     for name, array in arrays.items():
         codecs = [type(c).__name__ + _codec_detail(c) for c in getattr(array.metadata, "codecs", [])]
         stored = _disk_size(path / name) if name else _disk_size(path)
@@ -296,17 +386,44 @@ def _summarise_zarr(path: Path, node) -> str:
         chunks = chunk_line(name, array)
         if chunks:
             lines.append(chunks)
+    if isinstance(node, zarr.Group):
+        lines += [f"  folder '{folder.name}': WARNING: no Zarr metadata file ({_size(_disk_size(folder))} of data): an "
+                  "array whose zarr.json is lost, which zarr does not see: rerun the stage that wrote the store"
+                  for folder in _folders_without_metadata(path, arrays)]
     lines.append("  attributes:")
     lines += [f"    {key}: {_short(value)}" for key, value in dict(node.attrs).items()]
     if isinstance(node, zarr.Group) and "labels" in arrays:
-        lines.append("  cluster sizes (grid cells over all images):")
-        lines += bars(cluster_sizes(arrays["labels"]))
+        sizes, unreadable = cluster_sizes(arrays["labels"])
+        lines.append("  cluster sizes (grid cells over all images" + (", the unreadable ones left out):" if unreadable else "):"))
+        lines += bars(sizes)
+        lines += _unreadable_lines(arrays["labels"], unreadable, "assign")
     if isinstance(node, zarr.Group) and "features" in arrays and arrays["features"].shape[0]:
-        first = np.asarray(arrays["features"][0])
-        rows = np.asarray(node["valid"][0]) if "valid" in arrays else first.shape[:2]
-        cells = first[: int(rows[0]), : int(rows[1])].reshape(-1, first.shape[-1])
-        lines.append(f"  feature norms of image 0 (valid cells): {_norm_stats(cells)}")
+        lines.append(_first_norms(node, arrays))
     return "\n".join(lines)
+
+
+def _unreadable_lines(array, unreadable: list[tuple[int, Exception]], stage: str, shown: int = 3) -> list[str]:
+    """WARNING lines naming the first chunk files that could not be decoded, and how many there are."""
+    if not unreadable:
+        return []
+    lines = [f"  WARNING: {len(unreadable)} image(s) of '{array.path}' cannot be read (corrupt chunk files): rerun {stage}"]
+    lines += [f"    image {index}: '{_chunk_file(array, index)}': {type(err).__name__}: {err}"
+              for index, err in unreadable[:shown]]
+    return lines + ([f"    ... and {len(unreadable) - shown} more"] if len(unreadable) > shown else [])
+
+
+def _first_norms(node, arrays: dict) -> str:
+    """The feature norms line of image 0 over its valid cells, or why there is none."""
+    features = arrays["features"]
+    try:
+        first = np.asarray(features[0])
+    except Exception as err:  # a corrupt chunk: blosc's RuntimeError and others
+        return f"  feature norms of image 0: not read, chunk file '{_chunk_file(features, 0)}' is corrupt ({type(err).__name__}: {err})"
+    rows = np.asarray(node["valid"][0]) if "valid" in arrays else first.shape[:2]
+    cells = first[: int(rows[0]), : int(rows[1])].reshape(-1, first.shape[-1])
+    if not len(cells):  # `valid` is written last: a store that a killed embed job left has none yet
+        return f"  feature norms of image 0: none, 'valid' gives it {int(rows[0])}x{int(rows[1])} cells"
+    return f"  feature norms of image 0 (valid cells): {_norm_stats(cells)}"
 
 
 def _codec_detail(codec) -> str:
@@ -314,16 +431,22 @@ def _codec_detail(codec) -> str:
     return f"({', '.join(str(d).replace('BloscCname.', '') for d in detail)})" if detail else ""
 
 
-def cluster_sizes(labels) -> dict[int, int]:
-    """Grid cells per cluster id (padding -1 excluded), streamed image by image."""
+def cluster_sizes(labels) -> tuple[dict[int, int], list[tuple[int, Exception]]]:
+    """Grid cells per cluster id (padding -1 excluded), streamed image by image, without the images whose
+    chunk cannot be decoded; and those, as (index, error), for the summary to name."""
     total = np.zeros(0, np.int64)
+    unreadable = []
     for index in tqdm(range(labels.shape[0]), desc="cluster sizes", unit="img", disable=labels.shape[0] < 200):
-        cells = np.asarray(labels[index]).ravel()
+        try:
+            cells = np.asarray(labels[index]).ravel()
+        except Exception as err:  # a corrupt chunk file: blosc's RuntimeError and others
+            unreadable.append((index, err))
+            continue
         counts = np.bincount(cells[cells >= 0].astype(np.int64))
         if counts.size > total.size:
             total = np.pad(total, (0, counts.size - total.size))
         total[: counts.size] += counts
-    return {int(k): int(v) for k, v in enumerate(total)}
+    return {int(k): int(v) for k, v in enumerate(total)}, unreadable
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,10 +491,12 @@ def summarise_checkpoint(path: Path) -> str:
     """Keys (tensor shapes, state-dict sizes), step / epoch and the recorded config of a torch checkpoint."""
     import torch
 
+    from umtfss.training.checkpoint import _load_failure
+
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors have many types
-        raise ValueError(f"'{path}' is not a checkpoint loadable with weights_only=True: {err}") from None
+    except Exception as err:  # unpickling errors have many types, some with no message
+        raise ValueError(f"'{path}' is not a checkpoint loadable with weights_only=True: {_load_failure(err)}") from None
     lines = [f"{path} (torch checkpoint, {_size(path.stat().st_size)})"]
     if not isinstance(data, dict):
         return "\n".join(lines + [f"  {_describe_value(data)}"])
@@ -444,7 +569,7 @@ def write_overlay(label_store: str | Path, images_table: str | Path, out: str | 
     colours = cluster_colours(max(store.clusters, 1))
     truth_colours = ground_truth_colours()
     grid = TileGrid(len(shown), 2 if ground_truth else 1, tile)  # tiles per image: pseudo masks (+ truth)
-    for slot, index in enumerate(tqdm(shown, desc="overlay", unit="img", disable=len(shown) < 32)):
+    for slot, index in enumerate(tqdm(shown, desc="overlay", unit="img", file=sys.stderr, disable=len(shown) < 32)):
         image_id = store.image_ids[index]
         image = read_rgb(paths[image_id])
         labels = store.refined(index) if store.has_refined else store.labels(index)  # refined: image resolution
@@ -583,11 +708,17 @@ def write_feature_overlay(embedding_store: str | Path, images_table: str | Path,
         raise ValueError(f"embedding store '{embedding_store}' holds no image; inspect another shard")
     shown, paths, _ = _images_of_store(store, images_table, n, f"'{embedding_store}'")
     grids = []
-    for index in shown:
+    for index in tqdm(shown, desc="overlay features", unit="img", file=sys.stderr, disable=len(shown) < 32):
         rows, cols = store.valid(index)
         grids.append(np.asarray(store.features(index))[:rows, :cols])
+    empty = [store.image_ids[index] for index, cells in zip(shown, grids) if cells.size == 0]
+    if empty:  # embed writes `valid` last: a store whose job stopped gives every image 0x0 cells
+        raise ValueError(f"embedding store '{embedding_store}' gives image(s) {', '.join(empty[:5])} no valid cell "
+                         "(array 'valid' is 0x0 there): the store is incomplete; rerun embed")
     grid = TileGrid(len(shown), 2, tile)
-    for slot, (index, colours) in enumerate(zip(shown, feature_colours(grids))):
+    pairs = zip(shown, feature_colours(grids))
+    for slot, (index, colours) in enumerate(tqdm(pairs, desc="overlay", unit="img", file=sys.stderr,
+                                                 total=len(shown), disable=len(shown) < 32)):
         image = read_rgb(paths[store.image_ids[index]])
         grid.paste(image, slot, 0)
         grid.paste(resize_nearest(colours, image.shape[:2]), slot, 1)
@@ -612,8 +743,15 @@ def check_options(args: argparse.Namespace) -> None:
     if _is_embedding_store(path) and args.ground_truth:
         raise ValueError("--ground-truth applies to label stores; an embedding store's overlay shows "
                          "each image beside its features' principal components")
-    if Path(args.overlay).is_dir():
+    out = Path(args.overlay)
+    if out.is_dir():
         raise ValueError(f"--overlay '{args.overlay}' is a folder, expected the path of a PNG file to write")
+    if out.suffix.lower() != ".png":  # PNG bytes under another name, or over another artifact (centroids.npy)
+        raise ValueError(f"--overlay '{args.overlay}' does not end in .png, but inspect writes a PNG there; "
+                         "expected a file name ending in .png")
+    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--overlay '{args.overlay}': '{blocking}' is a file, not a folder to write the PNG into")
     check_images_table(args.images, label_paths=args.ground_truth)
 
 

@@ -15,6 +15,7 @@ from umtfss.evaluation.feature_cache import takes_features
 from umtfss.transforms import resize_pad, unpad_to, valid_pixels
 
 MIN_SIZE, MAX_SIZE = 32, 4096  # a test size beyond 4096 px asks for canvases no machine here holds
+MANY_VALUES = 64  # distinct values in a support mask beyond which it is no class map but shades (photo, JPEG)
 
 
 def read_support_mask(path: str | Path, class_id: int | None = None,
@@ -31,21 +32,33 @@ def read_support_mask(path: str | Path, class_id: int | None = None,
         if class_id is not None:
             raise ValueError(f"support mask '{path}' is not a single-channel class-index PNG, which a support "
                              f"class ({class_id}) needs") from None
-        values = read_rgb(path).max(axis=2)  # colour-coded masks: any lit channel is foreground
+        values, colour = read_rgb(path).max(axis=2), True  # colour-coded masks: any lit channel is foreground
     else:
-        if class_id is None and note is not None and (line := class_index_note(path, values)):
-            note(line)
+        colour = False
+    if class_id is None and note is not None and (line := class_index_note(path, values, colour=colour)):
+        note(line)
     return as_support_mask(values, class_id)
 
 
-def class_index_note(path: str | Path, values: np.ndarray, shown: int = 12) -> str | None:
-    """A line for a mask with several values besides 0 and 255: likely class indices, which without a
-    support class all count as one foreground, silently. None for 0/255 and 0/1/255 masks."""
+def class_index_note(path: str | Path, values: np.ndarray, shown: int = 12, colour: bool = False) -> str | None:
+    """A line for a mask with several values besides 0 and 255: likely class indices (or, `colour`, an RGB
+    mask's brightest channel), which without a support class all count as one foreground, silently; or, with
+    very many values, a photo or lossy JPEG given as a mask. None for 0/255 and 0/1/255 masks."""
     distinct = np.unique(values)
     if np.count_nonzero((distinct > 0) & (distinct != IGNORE)) < 2:
         return None
+    if len(distinct) > MANY_VALUES or Path(path).suffix.lower() in (".jpg", ".jpeg"):  # shades, not classes
+        share = np.count_nonzero((values > 0) & (values != IGNORE)) / values.size
+        ignored = np.count_nonzero(values == IGNORE) / values.size
+        return (f"support mask '{path}' holds {len(distinct)} distinct values, like a photo or a JPEG-compressed mask, "
+                f"not a mask: every nonzero value but 255 is read as foreground ({share:.0%} of its pixels) and 255 as "
+                f"ignore ({ignored:.0%}); expected a lossless 0/255 (or 0/1/255) PNG mask")
     listed = ", ".join(str(int(v)) for v in distinct[:shown]) + (f", ... ({len(distinct)} values)"
                                                                    if len(distinct) > shown else "")
+    if colour:
+        return (f"support mask '{path}' is a colour image whose brightest channel holds the values {listed}: every "
+                "lit pixel is read as one foreground; to pick one class, convert it to a class-index PNG and give "
+                "--support-class K")
     return (f"support mask '{path}' holds the values {listed}: every nonzero value but 255 is read as one "
             "foreground; if they are class indices, give the class with --support-class K")
 
@@ -84,6 +97,8 @@ def check_support(image: np.ndarray, mask: np.ndarray, image_name: str, mask_nam
 
 
 def _check_file(path: Path, what: str) -> Path:
+    if path.is_dir():
+        raise ValueError(f"{what} '{path}' is a folder, expected a file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} '{path}' does not exist")
     return path
@@ -93,12 +108,18 @@ def load_supports(pairs: list[tuple[str, str]], class_id: int | None = None,
                   note: Callable[[str], None] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(image, mask) per --support pair; each mask must have its image's size and some foreground
     (pixels of `class_id` in class-index masks, when given). `note` as for read_support_mask."""
-    from umtfss.io import read_rgb
+    from umtfss.io import ImageReadError, read_rgb
 
     supports = []
     for image_path, mask_path in pairs:
-        image = read_rgb(_check_file(Path(image_path), "support image"))
-        mask = read_support_mask(_check_file(Path(mask_path), "support mask"), class_id, note)
+        try:
+            image = read_rgb(_check_file(Path(image_path), "support image"))
+        except ImageReadError as err:  # its own message does not say which argument the file is
+            raise ValueError(f"support image '{image_path}' cannot be read: {err.reason}") from None
+        try:
+            mask = read_support_mask(_check_file(Path(mask_path), "support mask"), class_id, note)
+        except ImageReadError as err:
+            raise ValueError(f"support mask '{mask_path}' cannot be read: {err.reason}") from None
         check_support(image, mask, f"'{image_path}'", f"'{mask_path}'", class_id)
         supports.append((image, mask))
     return supports
@@ -228,9 +249,21 @@ def check_outputs(plan: list[tuple[Path, Path, Path | None]], supports: list[tup
         inputs.setdefault(Path(mask).resolve(), (f"{support_option} mask", mask))
     folders = {Path(folder).resolve(): folder for folder in query_folders}
     for option, path in (("--out", out), ("--overlay", overlay)):
-        if path is not None and path.resolve() in folders:
+        if path is None:
+            continue
+        if path.resolve() in folders:
             raise ValueError(f"{option} '{path}' is the --query folder '{folders[path.resolve()]}'; predict would "
                              "write its masks among the query images: expected another folder")
+        inside = next((folders[parent] for parent in path.resolve().parents if parent in folders), None)
+        if inside is not None:
+            raise ValueError(f"{option} '{path}' is inside the --query folder '{inside}'; the next run on that folder "
+                             "would segment the PNGs written there as query images: expected a folder outside it")
+    parents = {(option, path.parent) for _, *files in plan for option, path in zip(("--out", "--overlay"), files) if path}
+    for option, parent in sorted(parents):  # an output under a file: its mkdir would fail after the work is done
+        blocking = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise ValueError(f"{option} '{out if option == '--out' else overlay}': '{blocking}' is a file, not a "
+                             "folder to write the PNGs into")
     if overlay is not None and overlay.resolve() == out.resolve():
         raise ValueError(f"--overlay '{overlay}' is --out '{out}'; each overlay would replace its mask: "
                          "expected another path")
@@ -303,7 +336,7 @@ def run(args: argparse.Namespace) -> Path:
 
     from tqdm import tqdm
 
-    from umtfss.io import read_rgb, write_png
+    from umtfss.io import ImageReadError, read_rgb, write_png
     from umtfss.training.checkpoint import load, load_model, test_size
     from umtfss.devices import resolve_device
 
@@ -341,14 +374,30 @@ def run(args: argparse.Namespace) -> Path:
         with inference_autocast(device, False, args.cpu_precision):
             shared = backbone_features(model, channels_last_input(support_images.to(device), args.cpu_precision))
     bar = tqdm(total=len(plan), desc="predict", unit="img", file=sys.stderr, disable=len(plan) == 1)
+    unreadable = []  # (path, reason): one damaged file of a large folder does not stop the others
     for start in range(0, len(plan), args.batch):
-        chunk = plan[start:start + args.batch]
-        queries = [read_rgb(query) for query, _, _ in chunk]  # an unreadable image stops here, named
-        masks = predict_masks(model, queries, support_images, support_masks, size, device, args.cpu_precision, shared)
+        chunk, queries = [], []
+        for entry in plan[start:start + args.batch]:
+            try:
+                queries.append(read_rgb(entry[0]))
+            except ImageReadError as err:
+                if len(plan) == 1:
+                    raise ValueError(f"--query image '{entry[0]}' cannot be read: {err.reason}") from None
+                unreadable.append((entry[0], err.reason))
+                bar.write(f"umtfss predict: skipped --query image '{entry[0]}': {err.reason}", file=sys.stderr)
+                continue
+            chunk.append(entry)
+        masks = predict_masks(model, queries, support_images, support_masks, size, device, args.cpu_precision,
+                              shared) if queries else []
         for (_, out, overlay_path), query, mask in zip(chunk, queries, masks):
             write_png(out, (mask * 255).astype(np.uint8))
             if overlay_path is not None:
                 write_png(overlay_path, overlay(query, mask))
-        bar.update(len(chunk))
+        bar.update(len(plan[start:start + args.batch]))
     bar.close()
+    if unreadable:
+        path, reason = unreadable[0]
+        raise ValueError(f"{len(unreadable)} of {len(plan)} --query images cannot be read and have no mask, the first "
+                         f"'{path}' ({reason}); the other {len(plan) - len(unreadable)} masks are written under "
+                         f"'{args.out}'")
     return args.out

@@ -21,9 +21,10 @@ def scan_image_folder(folder: str | Path, key: str = "unlabeled.folder") -> dict
     a name that is not valid UTF-8 and two files with the same id are errors naming the files.
     """
     folder = Path(folder).expanduser()
+    named = f"argument {key}" if key.startswith("-") else f"config key {key}"  # predict's --query, or a config key
     if not folder.is_dir():
         state = "is not a folder" if folder.exists() else "does not exist"
-        raise FileNotFoundError(f"image folder '{folder}' {state} (config key {key})")
+        raise FileNotFoundError(f"image folder '{folder}' {state} ({named})")
     paths: dict[str, Path] = {}
     by_target: dict[str, Path] = {}
     duplicates: list[tuple[Path, Path]] = []
@@ -61,7 +62,7 @@ def scan_image_folder(folder: str | Path, key: str = "unlabeled.folder") -> dict
         image_id = path.relative_to(folder).with_suffix("").as_posix()
         if image_id in paths:
             raise ValueError(f"'{paths[image_id]}' and '{path}' have the same name up to the suffix; "
-                             f"rename one, ids must be unique (config key {key})")
+                             f"rename one, ids must be unique ({named})")
         paths[image_id] = path
     if duplicates:
         path, first = duplicates[0]
@@ -69,7 +70,7 @@ def scan_image_folder(folder: str | Path, key: str = "unlabeled.folder") -> dict
               f"'{path}' -> '{first}'; each image is used once", file=sys.stderr)
     if not paths:
         raise ValueError(f"image folder '{folder}' holds no image ({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)}) "
-                         f"(config key {key})")
+                         f"({named})")
     return dict(sorted(paths.items()))
 
 

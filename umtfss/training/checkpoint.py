@@ -41,7 +41,8 @@ def _load_failure(err: Exception) -> str:
             return (f"not a file of tensors and plain values ({reason.split(' was not', 1)[0]}); umtfss reads "
                     "checkpoints with weights_only=True and never runs code from one")
         return f"truncated, or not a torch file ({reason})"
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''} (truncated, or not a torch file)"
+    first = text.strip().splitlines()[0] if text.strip() else "the file ends at once: empty"
+    return f"{type(err).__name__}: {first} (truncated, or not a torch file)"
 
 
 def labelled_classes(payload: dict) -> list[str]:
