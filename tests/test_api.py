@@ -165,6 +165,8 @@ def test_embedder_refuses_bad_arguments_by_name():
         PixelEmbedder("demo-colortexture", image_size=64, dim=0, device="cpu")
     with pytest.raises(ValueError, match="dtype is 'float64', expected float16 or float32"):
         PixelEmbedder("demo-colortexture", image_size=64, dtype="float64", device="cpu")
+    with pytest.raises(ValueError, match="^'cpu_precision' is 'fp8', expected one of float32, bfloat16"):
+        PixelEmbedder("demo-colortexture", image_size=64, cpu_precision="fp8", device="cpu")
     with pytest.raises(ValueError, match="already built"):  # weights that would be silently ignored
         PixelEmbedder(build_backbone("demo-colortexture"), checkpoint="weights.pt", device="cpu")
     embedder = PixelEmbedder("demo-colortexture", image_size=64, device="cpu")
@@ -214,7 +216,8 @@ def test_clusters_refuse_bad_knobs_and_values_by_name():
                            ({"clusters": 3, "redo": 0}, "redo is 0, expected at least 1"),
                            ({"clusters": 3, "subset_pixels": 0}, "subset_pixels is 0, expected at least 1"),
                            ({"clusters": 3, "backend": "sklearn"}, "backend is 'sklearn', expected auto, faiss"),
-                           ({"clusters": 3, "metric": "cosine"}, "metric is 'cosine', expected one of spherical")]:
+                           ({"clusters": 3, "metric": "cosine"}, "metric is 'cosine', expected one of spherical"),
+                           ({"clusters": 3, "device": "gpu0"}, "^device = 'gpu0' is not a valid device")]:
         with pytest.raises(ValueError, match=message):
             PixelClusters(**knobs)
     points = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
@@ -330,3 +333,24 @@ def test_clusters_refuse_to_write_over_their_inputs(embedded, tmp_path):
     with pytest.raises(ValueError, match="meta_path '.*c.npy' is also centroids_path"):
         clusters.save(tmp_path / "c.npy", tmp_path / "c.npy")  # fit.json would land on the centroids
     assert not (tmp_path / "c.npy").exists()
+
+
+def test_segment_many_runs_the_queries_in_batches_as_predict_does(checkpoint, monkeypatch):
+    """Memory is bounded by `batch` queries, not by how many are given; the masks do not depend on it."""
+    import umtfss.predict
+
+    rng = np.random.default_rng(4)
+    queries = [rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8) for i in range(5)]
+    support = rng.integers(0, 256, (30, 44, 3), dtype=np.uint8)
+    mask = np.zeros((30, 44), np.uint8)
+    mask[5:20, 10:30] = 1
+    segmenter = FewShotSegmenter.load(checkpoint, device="cpu")
+    sizes = []
+    real = umtfss.predict.predict_masks
+    monkeypatch.setattr(umtfss.predict, "predict_masks", lambda m, q, *a: sizes.append(len(q)) or real(m, q, *a))
+    in_twos = segmenter.segment_many(queries, [(support, mask)], batch=2)
+    assert sizes == [2, 2, 1]
+    at_once = segmenter.segment_many(queries, [(support, mask)], batch=8)
+    assert sizes[3:] == [5] and all(np.array_equal(a, b) for a, b in zip(in_twos, at_once))
+    with pytest.raises(ValueError, match="batch is 0, expected at least 1"):
+        segmenter.segment_many(queries, [(support, mask)], batch=0)

@@ -122,6 +122,9 @@ class PixelClusters:
         self.seed = _integer(seed, "seed", 0)
         if backend not in ("auto", "faiss", "torch"):
             raise ValueError(f"backend is {backend!r}, expected auto, faiss or torch")
+        from umtfss.devices import resolve_device
+
+        resolve_device(device, "device")  # a bad name fails here, not as a clustering.device at train()
         self.metric, self.device, self.backend = metric, device, backend
         self.centroids: np.ndarray | None = None
         self.meta: dict = {}
@@ -294,16 +297,18 @@ class FewShotSegmenter:
         return as_support_mask(values, support_class)
 
     def segment_many(self, queries: Sequence, supports: Sequence[tuple],
-                     support_class: int | None = None) -> list[np.ndarray]:
-        """One mask per query, the supports shared, in one forward pass. `support_class`: the masks hold
-        class indices and this class is the foreground (as `umtfss predict --support-class`). The global
-        torch RNG is left as it was (the model is seeded for each call, as predict seeds each run)."""
+                     support_class: int | None = None, *, batch: int = 8) -> list[np.ndarray]:
+        """One mask per query, the supports shared, `batch` queries per forward pass (memory grows with it;
+        `umtfss predict --batch`, same default). `support_class`: the masks hold class indices and this class
+        is the foreground (as `umtfss predict --support-class`). The global torch RNG is left as it was (the
+        model is seeded for each call, as predict seeds each run)."""
         from umtfss.devices import channels_last_input, inference_autocast
         from umtfss.evaluation.feature_cache import takes_features
         from umtfss.predict import backbone_features, check_support, predict_masks, support_tensors
 
         if isinstance(queries, (str, os.PathLike)) or (isinstance(queries, np.ndarray) and queries.ndim == 3):
             raise ValueError("queries is one image; give a list of images (or call segment())")
+        batch = _integer(batch, "batch", 1, unit="queries per forward pass")
         queries = [_image(q) for q in queries]
         if not queries:
             raise ValueError("no query: give at least one image")
@@ -332,8 +337,9 @@ class FewShotSegmenter:
                 with inference_autocast(self.device, False, self.cpu_precision):
                     shared = backbone_features(self.model, channels_last_input(images.to(self.device),
                                                                                self.cpu_precision))
-            return predict_masks(self.model, queries, images, masks, self.size, self.device, self.cpu_precision,
-                                 shared)
+            return [mask for start in range(0, len(queries), batch)
+                    for mask in predict_masks(self.model, queries[start:start + batch], images, masks, self.size,
+                                              self.device, self.cpu_precision, shared)]
 
 
 def _is_pair(support) -> bool:

@@ -35,7 +35,8 @@ def cpu_bfloat16_native() -> bool:
 def check_cpu_precision(value: str, key: str) -> str:
     """`value` if it is a CPU_PRECISIONS entry, else a ValueError naming `key`."""
     if value not in CPU_PRECISIONS:
-        raise ValueError(f"config key '{key}' is '{value}', expected one of {', '.join(CPU_PRECISIONS)}")
+        named = f"config key '{key}'" if "." in key else f"'{key}'"  # an API argument has no section
+        raise ValueError(f"{named} is '{value}', expected one of {', '.join(CPU_PRECISIONS)}")
     return value
 
 
