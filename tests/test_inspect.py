@@ -463,3 +463,19 @@ def test_a_large_feature_overlay_shows_a_progress_bar(tmp_path, capsys):
     assert cli.main(["inspect", str(tmp_path / "emb.zarr"), "--images", str(tmp_path / "images.parquet"),
                      "--overlay", str(tmp_path / "f.png"), "--n", "32"]) == 0
     assert "overlay: 100%" in capsys.readouterr().err
+
+
+def test_a_json_record_shows_long_lists_shortened_to_n(tmp_path):
+    """fit.json's objective per iteration (or a list of ids) is cut to --n items with a count, not one line each."""
+    import json
+
+    from umtfss.inspect import summarise
+
+    record = {"clusters": 50, "objective": [float(1000 - i) for i in range(40)], "backend": "faiss",
+              "runs": [{"seed": s} for s in range(7)]}
+    (tmp_path / "fit.json").write_text(json.dumps(record))
+    text = summarise(tmp_path / "fit.json", n=4)
+    assert '"objective": [1000.0, 999.0, 998.0, 997.0, ... 36 more; 40 items, last 961.0]' in text
+    assert '"clusters": 50' in text and '"backend": "faiss"' in text
+    assert text.count('"seed"') == 4 and "... 3 more" in text
+    assert len(text.splitlines()) < 25

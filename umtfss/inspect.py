@@ -41,6 +41,22 @@ def summarise(path: str | Path, n: int = 16) -> str:
         raise ValueError(f"'{path}' is not a readable {suffix[1:]} file: {_reason(err)}") from None
 
 
+def json_lines(value, n: int, key: str = "", depth: int = 0) -> list[str]:
+    """A JSON value as indented lines; a list of plain values on one line, its first `n` items and a count
+    (fit.json's objective per iteration, a list of image ids), so that a long record stays readable."""
+    pad, label = "  " * depth, f"{json.dumps(key)}: " if key else ""
+    if isinstance(value, dict) and value:
+        return ([f"{pad}{label}{{"] + [line for k, v in value.items() for line in json_lines(v, n, str(k), depth + 1)]
+                + [f"{pad}}}"])
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        return [f"{pad}{label}["] + [line for v in value[:n] for line in json_lines(v, n, "", depth + 1)] + (
+            [f"{pad}  ... {len(value) - n} more"] if len(value) > n else []) + [f"{pad}]"]
+    if isinstance(value, list) and len(value) > n:
+        shown = ", ".join(json.dumps(v) for v in value[:n])
+        return [f"{pad}{label}[{shown}, ... {len(value) - n} more; {len(value)} items, last {json.dumps(value[-1])}]"]
+    return [f"{pad}{label}{json.dumps(value)}"]
+
+
 def _reason(err: BaseException) -> str:
     """A reader's error in one line; an empty message (numpy's and torch's EOFError) says truncated."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -55,7 +71,7 @@ def _summarise_file(path: Path, suffix: str, n: int) -> str:
     if suffix == ".npy":
         return summarise_npy(path)
     if suffix == ".json":
-        return f"{path} (JSON, {_size(path.stat().st_size)})\n" + json.dumps(json.loads(path.read_text()), indent=2)
+        return f"{path} (JSON, {_size(path.stat().st_size)})\n" + "\n".join(json_lines(json.loads(path.read_text()), n))
     if suffix in (".csv", ".tsv"):  # score tables, cluster_quality.csv, log.csv; Snakemake benchmark .tsv files
         table = pd.read_csv(path, sep="," if suffix == ".csv" else "\t")
         head = f"{path} ({suffix[1:].upper()}, {len(table)} rows, {_size(path.stat().st_size)})\n"
