@@ -780,7 +780,7 @@ def cli(parser: argparse.ArgumentParser):
     parser.add_argument("--images", default=None, help="images.parquet, needed by --overlay")
     parser.add_argument("--ground-truth", action="store_true",
                         help="--overlay: each image's labelled classes beside its pseudo masks (label_path of --images)")
-    parser.add_argument("--n", type=int, default=16, help="images in the overlay / table rows shown (default 16)")
+    parser.add_argument("--n", type=int, default=16, help="images in the overlay, table rows and JSON list items shown (default 16)")
 
     def run(args: argparse.Namespace) -> None:
         if args.config is not None:
