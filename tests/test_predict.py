@@ -553,3 +553,17 @@ def test_a_photo_jpeg_or_colour_image_given_as_a_mask_is_noted(files, tmp_path, 
         assert len(notes) == 1 and name in notes[0] and said in notes[0], notes
     assert main(base + ["--support", str(files / "support.png"), str(files / "mask.png"), "--out", str(tmp_path / "q.png")]) == 0
     assert "note:" not in capsys.readouterr().err
+
+
+def test_a_mask_drawn_only_in_the_alpha_channel_is_named(files, tmp_path, capsys):
+    """An RGBA mask, black where opaque, with its shape as transparency: read on black it has no foreground,
+    and the error says where the shape is instead of only 'no foreground'."""
+    mask = np.asarray(Image.open(files / "mask.png"))
+    rgba = np.zeros((*mask.shape, 4), np.uint8)
+    rgba[..., 3] = np.where(mask > 0, 255, 0)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    assert main(["predict", "--checkpoint", str(files / "model.pt"), "--query", str(files / "query.jpg"),
+                 "--support", str(files / "support.png"), str(tmp_path / "alpha.png"), "--out", str(tmp_path / "o.png"),
+                 "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "alpha.png' is black where it is opaque" in err and "getchannel('A')" in err, err

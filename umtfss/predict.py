@@ -33,11 +33,26 @@ def read_support_mask(path: str | Path, class_id: int | None = None,
             raise ValueError(f"support mask '{path}' is not a single-channel class-index PNG, which a support "
                              f"class ({class_id}) needs") from None
         values, colour = read_rgb(path).max(axis=2), True  # colour-coded masks: any lit channel is foreground
+        if not values.any() and _drawn_in_alpha(path):
+            raise ValueError(f"support mask '{path}' is black where it is opaque and holds its shape only in the "
+                             "alpha channel (transparency), which is not read as the mask; expected a 0/255 PNG: "
+                             "save its alpha channel as one (PIL: Image.open(f).getchannel('A').save('mask.png'))")
     else:
         colour = False
     if class_id is None and note is not None and (line := class_index_note(path, values, colour=colour)):
         note(line)
     return as_support_mask(values, class_id)
+
+
+def _drawn_in_alpha(path: str | Path) -> bool:
+    """Whether the image's alpha channel varies (some pixels opaque, some not): a mask drawn as transparency."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        if "A" not in image.getbands():
+            return False
+        low, high = image.getchannel("A").getextrema()
+    return low != high
 
 
 def class_index_note(path: str | Path, values: np.ndarray, shown: int = 12, colour: bool = False) -> str | None:
