@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -225,7 +226,19 @@ def _size(n_bytes: float) -> str:
 def _disk_size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return sum(_disk_sizes(path).values())
+
+
+def _disk_sizes(path: Path) -> dict[str, int]:
+    """Bytes under each top-level entry of a folder ('' for its own files), in one walk: a COCO store
+    holds a file per image and array, and a network disk makes every stat count."""
+    sizes: dict[str, int] = {}
+    for root, _, files in os.walk(path):
+        top = Path(root).relative_to(path).parts[:1]
+        key = top[0] if top else ""
+        sizes[key] = sizes.get(key, 0) + sum(os.stat(os.path.join(root, f)).st_size for f in files
+                                             if os.path.isfile(os.path.join(root, f)))
+    return sizes
 
 
 def bars(counts: dict, label: str = "cluster") -> list[str]:
@@ -390,12 +403,13 @@ def _chunk_file(array, index: int) -> str:
 def _summarise_zarr(path: Path, node) -> str:
     import zarr
 
+    sizes = _disk_sizes(path)
     lines = [f"{path} (Zarr v{node.metadata.zarr_format} {'group' if isinstance(node, zarr.Group) else 'array'}, "
-             f"{_size(_disk_size(path))} on disk)"]
+             f"{_size(sum(sizes.values()))} on disk)"]
     arrays = _arrays(node)
     for name, array in arrays.items():
         codecs = [type(c).__name__ + _codec_detail(c) for c in getattr(array.metadata, "codecs", [])]
-        stored = _disk_size(path / name) if name else _disk_size(path)
+        stored = sizes.get(name, 0) if name else sum(sizes.values())
         raw = int(np.prod(array.shape)) * array.dtype.itemsize
         lines.append(f"  array '{name}': shape {tuple(array.shape)}, dtype {array.dtype}, chunks {tuple(array.chunks)}, "
                      f"codecs {codecs}, {_size(stored)} on disk ({_size(raw)} raw)")
@@ -447,21 +461,37 @@ def _codec_detail(codec) -> str:
     return f"({', '.join(str(d).replace('BloscCname.', '') for d in detail)})" if detail else ""
 
 
+CLUSTER_SIZE_BATCH = 256  # label images read at once (a few MB at most)
+
+
 def cluster_sizes(labels) -> tuple[dict[int, int], list[tuple[int, Exception]]]:
     """Grid cells per cluster id (padding -1 excluded), streamed image by image, without the images whose
     chunk cannot be decoded; and those, as (index, error), for the summary to name."""
+    from umtfss.stores import read_images
+
     total = np.zeros(0, np.int64)
     unreadable = []
-    for index in tqdm(range(labels.shape[0]), desc="cluster sizes", unit="img", disable=labels.shape[0] < 200):
-        try:
-            cells = np.asarray(labels[index]).ravel()
-        except Exception as err:  # a corrupt chunk file: blosc's RuntimeError and others
-            unreadable.append((index, err))
-            continue
+
+    def add(cells: np.ndarray) -> None:
+        nonlocal total
         counts = np.bincount(cells[cells >= 0].astype(np.int64))
         if counts.size > total.size:
             total = np.pad(total, (0, counts.size - total.size))
         total[: counts.size] += counts
+
+    images = labels.shape[0]
+    with tqdm(total=images, desc="cluster sizes", unit="img", disable=images < 200) as bar:
+        for start in range(0, images, CLUSTER_SIZE_BATCH):
+            stop = min(start + CLUSTER_SIZE_BATCH, images)
+            try:  # the stores' parallel chunk reader: about 4x zarr's image by image on a 10,000-image store
+                add(read_images(labels, start, stop).ravel())
+            except Exception:  # a missing or corrupt chunk in this batch: image by image, to name it
+                for index in range(start, stop):
+                    try:
+                        add(np.asarray(labels[index]).ravel())  # a missing chunk reads as padding (-1)
+                    except Exception as err:  # a corrupt chunk file: blosc's RuntimeError and others
+                        unreadable.append((index, err))
+            bar.update(stop - start)
     return {int(k): int(v) for k, v in enumerate(total)}, unreadable
 
 
