@@ -218,3 +218,14 @@ def test_regenerates_a_demo_whose_demo_json_snakemake_removed(tmp_path):
     (root / "lists" / "train_aug.txt").write_text("2007_000032\n")
     with pytest.raises(ValueError, match="is not a demo data set"):
         generate_demo(root, train_images=20, val_images=20, progress=False)
+
+
+def test_tqdm_disable_turns_off_the_bars_a_stage_asks_for(tmp_path, monkeypatch, capsys):
+    """The README's TQDM_DISABLE=1: tqdm reads it only for bars given no `disable`, and stages pass one."""
+    from umtfss.data.demo import generate_demo
+
+    generate_demo(tmp_path / "on", train_images=20, val_images=20, image_size=64, progress=True)
+    assert "demo images" in capsys.readouterr().err
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    generate_demo(tmp_path / "off", train_images=20, val_images=20, image_size=64, progress=True)
+    assert "demo images" not in capsys.readouterr().err

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 import umtfss
 from umtfss.devices import (channels_last_input, check_cpu_precision, forward_precision, inference_autocast,
@@ -19,6 +18,7 @@ from umtfss.devices import (channels_last_input, check_cpu_precision, forward_pr
 from umtfss.io import atomic_path, check_outputs_apart, read_rgb, resolve_table_paths
 from umtfss.stores import BackgroundWriter, create_embedding_store
 from umtfss.transforms import resize_pad, resize_pad_image, resized_extent, uint8_tensor
+from umtfss.progress import tqdm
 
 PROJECTION_SEED = 0  # the random orthogonal projection is fixed so that every shard uses the same one
 REQUIRED_COLUMNS = ("image_id", "split", "image_path")

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from umtfss.io import atomic_path, read_rgb, resolve_table_paths
 from umtfss.pseudo_episodes import METADATA_KEY, resize_nearest, valid_extent
+from umtfss.progress import tqdm
 
 BAR_WIDTH = 40
 NORM_SAMPLE_ROWS = 10000

@@ -349,7 +349,7 @@ def check_size(size: int) -> None:
 def run(args: argparse.Namespace) -> Path:
     import sys
 
-    from tqdm import tqdm
+    from umtfss.progress import tqdm
 
     from umtfss.io import ImageReadError, read_rgb, write_png
     from umtfss.training.checkpoint import load, load_model, test_size

@@ -16,7 +16,8 @@ from urllib.request import Request, urlopen
 
 import torch
 from torch import nn
-from tqdm import tqdm
+
+from umtfss.progress import tqdm
 
 # Where downloaded checkpoints are kept; UMTFSS_CACHE overrides it.
 def default_cache_dir() -> Path:

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from umtfss import io
+from umtfss.progress import tqdm
 
 PASCAL_CLASSES = 20
 IGNORE = 255

@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from umtfss import io
 from umtfss.data.base import SegmentationDataset, open_dataset
+from umtfss.progress import tqdm
 
 TABLE_NAMES = ("images", "classes", "image_classes")
 META_KEY = b"umtfss"
