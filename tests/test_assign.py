@@ -333,3 +333,49 @@ def test_a_damaged_metadata_file_is_named_by_every_stage(tmp_path):
     metadata.write_text(metadata.read_text()[:40])
     with pytest.raises(ValueError, match=r"features/zarr.json' is not valid JSON .* embedding store"):
         EmbeddingStore(store_path)
+
+
+def test_an_embedding_store_is_never_replaced_by_labels(tmp_path, capsys):
+    """atomic_path replaces any folder with a zarr.json: an embedding store given as --out by mistake
+    (another shard than --embeddings) must be refused, not overwritten with labels."""
+    store_path = write_store(tmp_path / "shard-0.zarr")
+    other = write_store(tmp_path / "shard-1.zarr", seed=3)
+    before = sorted(p.relative_to(other) for p in other.rglob("*"))
+    np.save(tmp_path / "c.npy", random_centroids())
+    argv = ["assign", "--config", json.dumps({"clustering": {"device": "cpu"}}), "--embeddings", str(store_path),
+            "--centroids", str(tmp_path / "c.npy"), "--out", str(other)]
+    assert cli.main(argv) == 1
+    assert f"output '{other}' is an embedding store, not a label store" in capsys.readouterr().err
+    assert sorted(p.relative_to(other) for p in other.rglob("*")) == before
+    assert EmbeddingStore(other).dim == 8
+    # an earlier label store at the path is replaced, as before
+    labels = tmp_path / "labels.zarr"
+    assert cli.main(argv[:-1] + [str(labels)]) == 0 and cli.main(argv[:-1] + [str(labels)]) == 0
+
+
+def test_outputs_under_a_file_and_centroids_that_are_a_folder_are_one_line(tmp_path, capsys):
+    store_path = write_store(tmp_path / "e.zarr")
+    np.save(tmp_path / "c.npy", random_centroids())
+    (tmp_path / "a-file").write_text("keep")
+    argv = ["assign", "--config", json.dumps({"clustering": {"device": "cpu"}}), "--embeddings", str(store_path)]
+    assert cli.main(argv + ["--centroids", str(tmp_path / "c.npy"), "--out", str(tmp_path / "a-file" / "l.zarr")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("umtfss assign: error: --out ") and f"'{tmp_path / 'a-file'}' is a file" in err
+    assert "Traceback" not in err and (tmp_path / "a-file").read_text() == "keep"
+    assert cli.main(argv + ["--centroids", str(tmp_path), "--out", str(tmp_path / "l.zarr")]) == 1
+    assert f"centroids file '{tmp_path}' is a folder" in capsys.readouterr().err
+
+
+def test_a_fit_json_of_other_centroids_is_said(tmp_path, capsys):
+    """With a stale fit.json beside the centroids (a fit killed between its outputs) the embedding check
+    cannot run: assign says so instead of passing silently."""
+    from umtfss.clustering.fit import fit_centroids, write_fit
+
+    fitted = write_store(tmp_path / "fitted.zarr")
+    centroids, meta = fit_centroids([fitted], 3, subset_pixels=100, iterations=3, device="cpu", progress=False)
+    write_fit(centroids, meta, tmp_path / "fit" / "centroids.npy", tmp_path / "fit" / "fit.json")
+    assign_shard(fitted, tmp_path / "fit" / "centroids.npy", tmp_path / "l.zarr", device="cpu", progress=False)
+    assert "warning" not in capsys.readouterr().err
+    np.save(tmp_path / "fit" / "centroids.npy", random_centroids(clusters=3))
+    assign_shard(fitted, tmp_path / "fit" / "centroids.npy", tmp_path / "l.zarr", device="cpu", progress=False)
+    assert "fit.json' records other centroids than" in capsys.readouterr().err

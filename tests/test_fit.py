@@ -7,10 +7,11 @@ import json
 import faiss
 import numpy as np
 import pytest
+import zarr
 
 from umtfss import cli
 from umtfss.clustering import fit
-from umtfss.clustering.fit import fit_centroids, sample_pixels, train_kmeans
+from umtfss.clustering.fit import fit_centroids, sample_pixels, train_kmeans, write_fit
 from umtfss.stores import EmbeddingStore, array_sha256, create_embedding_store
 
 
@@ -176,3 +177,74 @@ def test_cli_refuses_one_path_for_both_outputs(tmp_path, capsys):
     argv = ["fit", "--config", config, "--embeddings", str(path), "--out-centroids", str(same), "--out-meta", str(same)]
     assert cli.main(argv) == 1
     assert "--out-meta" in capsys.readouterr().err and not same.exists()
+
+
+def test_cli_refuses_outputs_in_the_way_before_fitting(tmp_path, monkeypatch, capsys):
+    """An output under a file, or a file output that is a folder, is one error line naming the option,
+    before the k-means runs (not FileExistsError's traceback, not after minutes of work)."""
+    path, _, _ = clustered_store(tmp_path / "e.zarr")
+    config = json.dumps({"clustering": {"clusters": 3, "subset_pixels": 200, "iterations": 4}})
+    (tmp_path / "a-file").write_text("keep")
+    (tmp_path / "a-folder").mkdir()
+    monkeypatch.setattr(fit, "fit_centroids", lambda *a, **k: pytest.fail("fit ran before the outputs were checked"))
+    for centroids, meta, option, said in [
+        (tmp_path / "a-file" / "centroids.npy", tmp_path / "k" / "fit.json", "--out-centroids", "is a file"),
+        (tmp_path / "k" / "centroids.npy", tmp_path / "a-file" / "fit.json", "--out-meta", "is a file"),
+        (tmp_path / "k" / "centroids.npy", tmp_path / "a-folder", "--out-meta", "is a folder"),
+    ]:
+        argv = ["fit", "--config", config, "--embeddings", str(path), "--out-centroids", str(centroids),
+                "--out-meta", str(meta)]
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"umtfss fit: error: {option} ") and said in err and "Traceback" not in err
+    assert (tmp_path / "a-file").read_text() == "keep" and not (tmp_path / "k").exists()
+
+
+def test_too_few_pixels_names_the_limit_that_binds(tmp_path):
+    path, _, valid = clustered_store(tmp_path / "e.zarr", n_images=2, grid=(4, 4))
+    total = int((valid[:, 0] * valid[:, 1]).sum())
+    with pytest.raises(ValueError, match=f"stores hold only {total} valid pixels to fit 40 clusters; lower 'clustering.clusters'"):
+        fit_centroids([path], clusters=40, subset_pixels=1000, device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"'clustering.subset_pixels' is 10, fewer than 'clustering.clusters' \(12\)"):
+        fit_centroids([path], clusters=12, subset_pixels=10, device="cpu", progress=False)
+
+
+def test_a_failed_write_leaves_the_earlier_pair_whole(tmp_path):
+    """centroids.npy and fit.json are renamed only when both are written: no new centroids beside an
+    older fit.json (which would silently turn off assign's embedding check)."""
+    path, _, _ = clustered_store(tmp_path / "e.zarr")
+    centroids, meta = fit_centroids([path], clusters=3, subset_pixels=200, iterations=3, device="cpu", progress=False)
+    out_c, out_m = tmp_path / "k" / "centroids.npy", tmp_path / "k" / "fit.json"
+    write_fit(centroids, meta, out_c, out_m)
+    with pytest.raises(TypeError):  # fit.json cannot be written: not JSON
+        write_fit(centroids[::-1] * 0.5, {**meta, "bad": object()}, out_c, out_m)
+    np.testing.assert_array_equal(np.load(out_c), centroids)
+    assert json.loads(out_m.read_text())["centroids_sha256"] == array_sha256(centroids)
+    assert sorted(p.name for p in out_c.parent.iterdir()) == ["centroids.npy", "fit.json"]
+
+
+def test_shards_embedded_otherwise_are_not_fit_together(tmp_path):
+    """Shards of another preprocessing must not be clustered together (the store reader refuses them)."""
+    first, _, _ = clustered_store(tmp_path / "a.zarr")
+    second, _, _ = clustered_store(tmp_path / "b.zarr", seed=1)
+    zarr.open_group(second, mode="r+").attrs.update(image_ids=[f"b{i}" for i in range(12)], preprocessing="other")
+    with pytest.raises(ValueError, match=r"b\.zarr' has preprocessing='other' but '.*a\.zarr' has 'test'; shards must come from one run"):
+        fit_centroids([first, second], clusters=3, subset_pixels=200, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_kmeans_says_what_it_trains_and_torch_shows_its_iterations(tmp_path, capsys, backend):
+    path, _, _ = clustered_store(tmp_path / "e.zarr")
+    fit_centroids([path], clusters=3, subset_pixels=200, iterations=4, device="cpu", backend=backend, progress=True)
+    err = capsys.readouterr().err
+    assert f"k-means: 200 points x 8 channels into 3 clusters, up to 4 iteration(s) ({backend} on cpu)" in err
+    assert ("k-means iterations" in err) == (backend == "torch")
+    fit_centroids([path], clusters=3, subset_pixels=200, iterations=4, device="cpu", backend=backend, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_more_clusters_than_a_label_store_holds_are_refused_before_the_fit(tmp_path, monkeypatch):
+    path, _, _ = clustered_store(tmp_path / "e.zarr")
+    monkeypatch.setattr(fit, "sample_pixels", lambda *a, **k: pytest.fail("pixels sampled"))
+    with pytest.raises(ValueError, match="'clustering.clusters' is 40000, expected at most 32767"):
+        fit_centroids([path], clusters=40000, subset_pixels=100, device="cpu", progress=False)

@@ -182,7 +182,9 @@ def test_minibatch_errors_and_cli(tmp_path):
     path, _, _ = clustered_store(tmp_path / "e.zarr", n_images=12)
     with pytest.raises(ValueError, match="clustering.fit_mode"):
         fit_centroids([path], clusters=2, subset_pixels=100, device="cpu", fit_mode="online", progress=False)
-    with pytest.raises(ValueError, match="only 9 pixels to fit 20 clusters"):  # the first group is too small
+    # the first group is too small: the message names the key that helps (not subset_pixels)
+    with pytest.raises(ValueError, match=r"group \(1 image\(s\)\) has only 9 valid pixels to fit 20 clusters; "
+                                         r"raise 'clustering.minibatch_images'"):
         fit_centroids([write_store(tmp_path / "small.zarr", np.ones((3, 3, 3, 8), np.float32), [[3, 3]] * 3)],
                       clusters=20, subset_pixels=100, device="cpu", fit_mode="minibatch", minibatch_images=1,
                       progress=False)

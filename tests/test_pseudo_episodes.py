@@ -1,6 +1,7 @@
 """Pseudo episodes: region filters, the top-fraction candidate rule, and the sampler's masks and supports."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -375,3 +376,103 @@ def test_bad_inputs_name_the_problem(tmp_path):
         build_regions(labels, embeddings[:1], 3)
     with pytest.raises(FileNotFoundError, match="umtfss episodes"):
         PseudoEpisodes(tmp_path / "missing", labels, images)
+
+
+def episodes_cli(labels, embeddings, out, config='{"episodes": {"min_region_pixels": 2, "area_unit": "grid"}}'):
+    return cli.main(["episodes", "--config", config, "--labels", *map(str, labels),
+                     "--embeddings", *map(str, embeddings), "--out-dir", str(out)])
+
+
+def test_labels_of_other_embeddings_are_refused(tmp_path):
+    """Label stores record their embedding store's attributes; regions averaged from other features
+    (same grid and image ids) would be silently wrong."""
+    labels, embeddings, _ = write_dataset(tmp_path)
+    for path in labels:
+        zarr.open_group(str(path), mode="r+").attrs.update(dim=DIM, backbone="a")
+    for path in embeddings:
+        zarr.open_group(str(path), mode="r+").attrs.update(backbone="a")
+    build_regions(labels, embeddings, 3, progress=False)  # the same: fine
+    zarr.open_group(str(labels[1]), mode="r+").attrs.update(dim=DIM * 2)
+    with pytest.raises(ValueError, match=r"label store '.*lab-shard-1-of-2.zarr' was assigned on other embeddings .* "
+                                         rf"dim: {DIM * 2} \(labels\) vs {DIM} \(embeddings\)"):
+        build_regions(labels, embeddings, 3, progress=False)
+
+
+def test_outputs_in_the_way_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import umtfss.pseudo_episodes as episodes_module
+
+    labels, embeddings, _ = write_dataset(tmp_path)
+    monkeypatch.setattr(episodes_module, "build_regions", lambda *a, **k: pytest.fail("regions built"))
+    (tmp_path / "a-file").write_text("keep")
+    (tmp_path / "odd" / REGIONS_FILE).mkdir(parents=True)
+    for out, said in [(tmp_path / "a-file", f"'{tmp_path / 'a-file'}' is a file"),
+                      (tmp_path / "a-file" / "sub", f"'{tmp_path / 'a-file'}' is a file"),
+                      (tmp_path / "odd", f"'{tmp_path / 'odd' / REGIONS_FILE}' is a folder"),
+                      (labels[0], "is also a label store (--labels)")]:
+        assert episodes_cli(labels, embeddings, out) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("umtfss episodes: error: ") and said in err and "Traceback" not in err
+    assert sorted(p.name for p in labels[0].iterdir()) == ["labels", "zarr.json"]
+
+
+def test_nothing_usable_is_an_error_that_says_why(tmp_path, capsys):
+    labels, embeddings, _ = write_dataset(tmp_path)
+    out = tmp_path / "ep"
+    assert episodes_cli(labels, embeddings, out, '{"episodes": {"min_region_pixels": 1000, "area_unit": "grid"}}') == 1
+    err = capsys.readouterr().err
+    assert "no region survived the filters" in err and "in 8 images" in err and "have fewer than min_region_pixels=1000 grid cells" in err
+    # regions all of one image: no query has a candidate from another image; nothing is written
+    assert episodes_cli(labels[:1], embeddings, out, '{"episodes": {"min_region_pixels": 1, "rank_among": "all_regions", '
+                                                     '"top_fraction": 0.01, "drop_background_like": false}}') == 1
+    assert "has a support candidate" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+    # a label store of no image
+    empty = zarr.open_group(str(tmp_path / "empty.zarr"), mode="w")
+    empty.create_array("labels", shape=(0, GRID, GRID), dtype="int16", chunks=(1, GRID, GRID))
+    empty.attrs.update({"image_ids": [], "clusters": 3, "image_size": 64})
+    assert episodes_cli([tmp_path / "empty.zarr"], embeddings, out) == 1
+    assert "hold no image" in capsys.readouterr().err
+
+
+def test_a_run_killed_while_writing_leaves_the_earlier_set_whole(tmp_path, monkeypatch):
+    """The three files are renamed together at the end: a run that dies writing the last one leaves the
+    earlier run's set, not new regions beside old candidates; its temporaries go at the next run."""
+    import subprocess
+    import sys
+
+    import umtfss.pseudo_episodes as episodes_module
+
+    labels, embeddings, images = write_dataset(tmp_path)
+    out = tmp_path / "ep"
+    assert episodes_cli(labels, embeddings, out) == 0
+    before = {name: (out / name).read_bytes() for name in (REGIONS_FILE, CANDIDATES_FILE, FEATURES_FILE)}
+    real = episodes_module.pq.write_table
+
+    def dies_on_candidates(table, path, **kwargs):
+        if Path(path).name.startswith("candidates"):
+            raise KeyboardInterrupt("simulated kill")
+        real(table, path, **kwargs)
+
+    monkeypatch.setattr(episodes_module.pq, "write_table", dies_on_candidates)
+    assert episodes_cli(labels, embeddings, out, '{"episodes": {"min_region_pixels": 2, "area_unit": "grid", '
+                                                 '"top_fraction": 0.2}}') == 130  # the CLI's "interrupted"
+    assert {name: (out / name).read_bytes() for name in before} == before
+    monkeypatch.undo()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a SIGKILLed run's temporary: its process is gone
+    (out / f"regions.tmp-{dead.pid}-0123abcd.parquet").write_bytes(b"half")
+    assert episodes_cli(labels, embeddings, out) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+    PseudoEpisodes(out, labels, images)
+
+
+def test_the_sampler_refuses_files_of_two_runs(tmp_path):
+    labels, embeddings, images = write_dataset(tmp_path)
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert episodes_cli(labels, embeddings, first) == 0
+    assert episodes_cli(labels, embeddings, second, '{"episodes": {"min_region_pixels": 2, "area_unit": "grid", '
+                                                    '"top_fraction": 0.2}}') == 0
+    (first / CANDIDATES_FILE).write_bytes((second / CANDIDATES_FILE).read_bytes())  # equal row counts
+    with pytest.raises(ValueError, match=r"were written by different runs of `umtfss episodes` \(they record different parameters\)"):
+        PseudoEpisodes(first, labels, images)
+    PseudoEpisodes(second, labels, images)

@@ -80,7 +80,8 @@ def _run(name: str, argv: list[str]) -> int:
     try:
         runner(args)
     # a user's input (a path, a key, a value), named in one line; anything else is a bug: its traceback
-    except (ConfigError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError) as err:
+    except (ConfigError, FileExistsError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+            ValueError) as err:
         _close_progress_bars()
         print(f"umtfss {name}: error: {err}", file=sys.stderr)
         return 1

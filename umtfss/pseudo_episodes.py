@@ -58,6 +58,7 @@ selection (numpy partition), never an n_c x n_c matrix: sum_c n_c * pool_c * 2d 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -72,8 +73,9 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from umtfss.clustering import check_output_folders
 from umtfss.episode import Episode
-from umtfss.io import atomic_path, read_rgb, resolve_table_paths
+from umtfss.io import atomic_path, check_outputs_apart, read_rgb, resolve_table_paths
 from umtfss.stores import EmbeddingStore, LabelStore
 
 REGIONS_FILE = "regions.parquet"
@@ -230,7 +232,7 @@ def region_filter(regions: _ImageRegions, valid: tuple[int, int], min_region_pix
 def build_regions(label_paths: Sequence[str | Path], embedding_paths: Sequence[str | Path],
                   clusters: int | None = None, min_region_pixels: int = 2048, drop_background_like: bool = True,
                   background_span: float = 0.99, progress: bool = True, background_rule: str = "occupancy",
-                  area_unit: str = "image") -> tuple[pd.DataFrame, np.ndarray]:
+                  area_unit: str = "image", stats: dict | None = None) -> tuple[pd.DataFrame, np.ndarray]:
     """Regions of every image of the label stores, streamed shard by shard, image by image.
 
     Returns (table, features): the table has one row per kept region, sorted by cluster, with
@@ -239,6 +241,8 @@ def build_regions(label_paths: Sequence[str | Path], embedding_paths: Sequence[s
     Geometry is in grid cells, or, when the label stores hold superpixel-refined labels, in refined
     pixels (the embed input resolution): regions are then the refined labels' (the masks that
     training sees), filtered on them, with features averaged as refined_image_regions does.
+    `stats`, when given, is filled with the counts an empty result is explained by: images, regions
+    found, and of those the ones under min_region_pixels.
     """
     if area_unit not in AREA_UNITS:
         raise ValueError(f"config key 'episodes.area_unit' is '{area_unit}', expected image or grid")
@@ -252,12 +256,14 @@ def build_regions(label_paths: Sequence[str | Path], embedding_paths: Sequence[s
     if tuple(labels.grid) != tuple(embeddings.grid):
         raise ValueError(f"label stores have grid {tuple(labels.grid)} but embedding stores have "
                          f"{tuple(embeddings.grid)}; expected the labels of these embeddings")
+    _check_labels_of_embeddings(labels, embeddings)
     embedding_row = _unique_index(embeddings.image_ids, "embedding stores", embedding_paths)
     _unique_index(labels.image_ids, "label stores", label_paths)
     refined = labels.has_refined
 
     columns: dict[str, list] = {k: [] for k in ("image_id", "cluster", "area", "area_pixels", "bbox", "valid")}
     feature_blocks: list[np.ndarray] = []
+    counts = {"images": len(labels), "found": 0, "too_small": 0}
     bar = tqdm(total=len(labels), desc="regions", unit="img", disable=not progress)
     for index_range, block in labels.iter_batches(16):
         for offset, index in enumerate(index_range):
@@ -286,8 +292,11 @@ def build_regions(label_paths: Sequence[str | Path], embedding_paths: Sequence[s
             else:
                 found = image_regions(cells, features)
                 per_unit, grid_units = per_cell, 1.0
+            unit = per_unit if area_unit == "image" else grid_units
             keep = region_filter(found, (vh, vw), min_region_pixels, drop_background_like, background_span,
-                                 background_rule, per_unit if area_unit == "image" else grid_units)
+                                 background_rule, unit)
+            counts["found"] += int(found.area.size)
+            counts["too_small"] += int((found.area * unit < min_region_pixels).sum())
             n = int(keep.sum())
             columns["image_id"].extend([image_id] * n)
             columns["cluster"].append(found.clusters[keep])
@@ -298,7 +307,23 @@ def build_regions(label_paths: Sequence[str | Path], embedding_paths: Sequence[s
             feature_blocks.append(found.features[keep].astype(np.float16))
             bar.update(1)
     bar.close()
+    if stats is not None:
+        stats.update(counts)
     return _region_table(columns, feature_blocks, embeddings.dim)
+
+
+def _check_labels_of_embeddings(labels: LabelStore, embeddings: EmbeddingStore) -> None:
+    """Refuse label stores assigned on other embeddings than these (a label store copies its embedding
+    store's attributes): the regions' masked-average features would silently mix two feature spaces."""
+    from umtfss.clustering.assign import SAME_EMBEDDING_KEYS  # assign imports this module
+
+    for path, group in zip(labels.paths, labels.groups):
+        differ = [f"{key}: {group.attrs[key]!r} (labels) vs {embeddings.attrs.get(key)!r} (embeddings)"
+                  for key in SAME_EMBEDDING_KEYS if key in group.attrs and group.attrs[key] != embeddings.attrs.get(key)]
+        if differ:
+            raise ValueError(f"label store '{path}' was assigned on other embeddings than embedding store(s) "
+                             f"{_names(embeddings.paths)} hold: {'; '.join(differ)}; expected the embeddings "
+                             "the labels were assigned on")
 
 
 def _region_table(columns: dict, feature_blocks: list[np.ndarray], dim: int) -> tuple[pd.DataFrame, np.ndarray]:
@@ -490,23 +515,58 @@ def build_episodes(label_paths: Sequence[str | Path], embedding_paths: Sequence[
                    progress: bool = True) -> dict[str, Path]:
     """Write regions.parquet, region_features.npy and candidates.parquet into out_dir (each atomically).
 
+    The three are written to temporaries and renamed together at the end, after every check, so a
+    killed run leaves neither a mix of two runs' files nor a half-written one under the final names
+    (the sampler also refuses regions and candidates of two runs). Outputs in the way are refused
+    before any work; temporaries of killed runs are deleted.
     `episodes_config` is the config's episodes section; a key it lacks that came later takes its
     schema default (all_candidates_below 0, rank_among other_images), so callers of the library keep working.
     """
     cfg = {"all_candidates_below": 0, "rank_among": "other_images", **episodes_config}
+    out_dir = Path(out_dir)
+    paths = {"features": out_dir / FEATURES_FILE, "regions": out_dir / REGIONS_FILE,
+             "candidates": out_dir / CANDIDATES_FILE}
+    check_output_folders({"output folder (--out-dir)": paths["regions"]})
+    check_outputs_apart({"output folder (--out-dir)": out_dir},
+                        {"a label store (--labels)": label_paths, "an embedding store (--embeddings)": embedding_paths})
+    with contextlib.ExitStack() as stack:
+        temps = {name: stack.enter_context(atomic_path(path, sweep=True)) for name, path in paths.items()}
+        table, features, metadata, candidates = _episode_tables(label_paths, embedding_paths, cfg, clusters, progress)
+        with open(temps["features"], "wb") as handle:
+            np.save(handle, features)
+        _write_parquet_file(table, temps["regions"], metadata)
+        _write_parquet_file(candidates, temps["candidates"], metadata)
+    return paths
+
+
+def _episode_tables(label_paths, embedding_paths, cfg: dict, clusters: int | None, progress: bool):
+    """(regions table, features, metadata, candidates table) of build_episodes, or a ValueError saying
+    why nothing would be usable."""
+    stats: dict = {}
     table, features = build_regions(label_paths, embedding_paths, clusters, cfg["min_region_pixels"],
                                     cfg["drop_background_like"], cfg["background_span"], progress,
-                                    cfg["background_rule"], cfg["area_unit"])
+                                    cfg["background_rule"], cfg["area_unit"], stats=stats)
+    if stats["images"] == 0:
+        raise ValueError(f"label store(s) {_names(label_paths)} hold no image; expected the labels of embedded images")
     if table.empty:
-        raise ValueError(f"no region survived the filters (min_region_pixels={cfg['min_region_pixels']} "
-                         f"{cfg['area_unit']} {'pixels' if cfg['area_unit'] == 'image' else 'cells'}, "
-                         f"drop_background_like={cfg['drop_background_like']}, background_rule={cfg['background_rule']}, "
-                         f"background_span={cfg['background_span']}) "
-                         f"in label store(s) {_names(label_paths)}")
+        unit = "image pixels" if cfg["area_unit"] == "image" else "grid cells"
+        raise ValueError(f"no region survived the filters in label store(s) {_names(label_paths)}: of "
+                         f"{stats['found']} regions in {stats['images']} images, {stats['too_small']} have fewer than "
+                         f"min_region_pixels={cfg['min_region_pixels']} {unit} (area_unit {cfg['area_unit']}) and "
+                         f"{stats['found'] - stats['too_small']} are background-like (drop_background_like={cfg['drop_background_like']}, "
+                         f"background_rule={cfg['background_rule']}, background_span={cfg['background_span']}); "
+                         "lower config key 'episodes.min_region_pixels' or adjust the background keys")
     image_codes, _ = pd.factorize(table["image_id"])
     candidates = compute_candidates(features, table["cluster"].to_numpy(), image_codes, cfg["top_fraction"],
                                     cfg["max_candidates"], cfg["max_pool"], cfg["seed"], progress,
                                     cfg["all_candidates_below"], cfg["rank_among"])
+    if not (candidates["num_candidates"] > 0).any():
+        raise ValueError(f"none of the {len(table)} regions ({table['image_id'].nunique()} images, "
+                         f"{table['cluster'].nunique()} clusters) has a support candidate: a query needs a region of "
+                         "its cluster in another image"
+                         + (f" among the top episodes.top_fraction={cfg['top_fraction']} of its cluster "
+                            "(rank_among all_regions rounds down)" if cfg["rank_among"] == "all_regions" else "")
+                         + "; use more images or lower config key 'episodes.min_region_pixels'")
     labels = LabelStore(label_paths)
     metadata = {
         "parameters": {k: cfg[k] for k in ("min_region_pixels", "area_unit", "drop_background_like", "background_rule",
@@ -522,23 +582,19 @@ def build_episodes(label_paths: Sequence[str | Path], embedding_paths: Sequence[
         "region_labels": "refined" if labels.has_refined else "grid",  # the unit of area, y0..x1, valid_h/w
         "similarity_tolerance": SIMILARITY_TOLERANCE,
     }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"features": out_dir / FEATURES_FILE, "regions": out_dir / REGIONS_FILE,
-             "candidates": out_dir / CANDIDATES_FILE}
-    with atomic_path(paths["features"]) as temp, open(temp, "wb") as handle:
-        np.save(handle, features)
-    write_parquet(table, paths["regions"], metadata)
-    write_parquet(candidates, paths["candidates"], metadata)
-    return paths
+    return table, features, metadata, candidates
 
 
 def write_parquet(frame: pd.DataFrame, path: Path, metadata: dict) -> None:
     """Write a table atomically (zstd) with `metadata` as JSON under the schema key b"umtfss"."""
+    with atomic_path(path) as temp:
+        _write_parquet_file(frame, temp, metadata)
+
+
+def _write_parquet_file(frame: pd.DataFrame, path: Path, metadata: dict) -> None:
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), METADATA_KEY: json.dumps(metadata).encode()})
-    with atomic_path(path) as temp:
-        pq.write_table(table, temp, compression="zstd")
+    pq.write_table(table, path, compression="zstd")
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -570,6 +626,21 @@ def cli(parser: argparse.ArgumentParser):
 # --------------------------------------------------------------------------------------------
 # the sampler
 # --------------------------------------------------------------------------------------------
+
+def _check_one_run(directory: Path, features_shape: tuple) -> None:
+    """Refuse regions and candidates written by two runs of the episodes stage (their metadata differ, e.g.
+    files copied from two folders, or left by a run killed between renames), or features of another shape
+    than they record: equal row counts alone would let such a mix pass."""
+    regions_meta, candidates_meta = (read_metadata(directory / name) for name in (REGIONS_FILE, CANDIDATES_FILE))
+    if regions_meta and candidates_meta and regions_meta != candidates_meta:
+        differ = sorted(k for k in set(regions_meta) | set(candidates_meta) if regions_meta.get(k) != candidates_meta.get(k))
+        raise ValueError(f"'{directory / REGIONS_FILE}' and '{directory / CANDIDATES_FILE}' were written by different "
+                         f"runs of `umtfss episodes` (they record different {', '.join(differ)}); rerun it")
+    recorded = (regions_meta.get("regions"), regions_meta.get("feature_dim"))
+    if None not in recorded and tuple(recorded) != tuple(features_shape):
+        raise ValueError(f"'{directory / FEATURES_FILE}' holds {features_shape[0]} x {features_shape[1]} features but "
+                         f"'{directory / REGIONS_FILE}' records {recorded[0]} x {recorded[1]}; rerun `umtfss episodes`")
+
 
 def _image_paths(images_table) -> dict[str, str]:
     if isinstance(images_table, (str, Path)):
@@ -609,6 +680,7 @@ class PseudoEpisodes:
         if not (len(self.regions) == len(candidates) == self.features.shape[0]):
             raise ValueError(f"'{directory}' holds {len(self.regions)} regions, {len(candidates)} candidate rows and "
                              f"{self.features.shape[0]} features; expected equal counts (rerun `umtfss episodes`)")
+        _check_one_run(directory, self.features.shape)
         self.labels = LabelStore(label_paths)
         self._label_index = {image_id: i for i, image_id in enumerate(self.labels.image_ids)}
         self._image_path = _image_paths(images_table)

@@ -366,7 +366,7 @@ class EmbeddingStore(_ShardedReader):
 
     kind = "embedding"
     arrays = ("features", "valid", "sizes")
-    consistent_attrs = ("backbone", "layer", "stride", "image_size", "dim", "dtype", "checkpoint_sha256")
+    consistent_attrs = ("backbone", "layer", "stride", "image_size", "dim", "dtype", "checkpoint_sha256", "preprocessing")
 
     def __init__(self, paths):
         super().__init__(paths)

@@ -14,8 +14,9 @@ from umtfss.clustering.refine import (
     SUPERPIXEL_MIN_SIZE, SUPERPIXEL_SCALE, SUPERPIXEL_SIGMA, UPSAMPLINGS, embedded_view, grid_majority,
     refine_labels, superpixel_majority,
 )
+from umtfss.clustering import check_output_folders
 from umtfss.devices import resolve_device
-from umtfss.io import atomic_path, check_outputs_apart
+from umtfss.io import OutputInTheWay, atomic_path, check_outputs_apart
 from umtfss.pseudo_episodes import bilinear_taps
 from umtfss.stores import EMBEDDING_ATTRS, BackgroundWriter, EmbeddingStore, array_sha256, create_label_store, prefetch
 
@@ -26,6 +27,8 @@ def load_centroids(centroids: str | Path | np.ndarray) -> np.ndarray:
     if not isinstance(centroids, np.ndarray):
         centroids_path = centroids
         path = Path(centroids)
+        if path.is_dir():
+            raise IsADirectoryError(f"centroids file '{path}' is a folder; expected the fit stage's centroids.npy")
         if not path.is_file():
             raise FileNotFoundError(f"centroids file '{path}' does not exist (expected the fit stage's centroids.npy)")
         try:
@@ -45,14 +48,22 @@ def load_centroids(centroids: str | Path | np.ndarray) -> np.ndarray:
 SAME_EMBEDDING_KEYS = ("backbone", "layer", "stride", "image_size", "dim", "checkpoint_sha256", "preprocessing")
 
 
-def fit_record(centroids_path: str | Path, matrix: np.ndarray) -> tuple[dict, Path] | None:
-    """The fit.json beside a centroids file, when it describes these very centroids (else None)."""
+def fit_record(centroids_path: str | Path, matrix: np.ndarray, warn: str | None = None) -> tuple[dict, Path] | None:
+    """The fit.json beside a centroids file, when it describes these very centroids (else None).
+
+    With `warn` (the stage's name), a fit.json there that records other centroids is said on stderr:
+    the embedding check it would give is then skipped, which should not pass unnoticed.
+    """
     meta_path = Path(centroids_path).with_name("fit.json")
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(meta, dict) or meta.get("centroids_sha256") != array_sha256(matrix):
+        if warn and isinstance(meta, dict) and "centroids_sha256" in meta:
+            print(f"umtfss {warn}: warning: '{meta_path}' records other centroids than '{centroids_path}' holds "
+                  "(a fit killed between its two outputs, or centroids written otherwise); what they were fit on "
+                  "cannot be checked against the embedding store: rerun fit to be sure", file=sys.stderr)
         return None
     return meta, meta_path
 
@@ -213,6 +224,16 @@ def _with_views(batches, store: EmbeddingStore, paths: dict[str, str], image_siz
         yield indices, block, valid, views
 
 
+def check_label_output(out: str | Path) -> None:
+    """Refuse an output that is a Zarr store of another kind (an embedding store): atomic_path replaces any
+    folder holding a zarr.json, and it would delete that store's features."""
+    out = Path(out)
+    if (out / "zarr.json").is_file() and ((out / "features").exists() or not (out / "labels").is_dir()):
+        kind = "an embedding store" if (out / "features").exists() else "a Zarr store without array 'labels'"
+        raise OutputInTheWay(f"output '{out}' is {kind}, not a label store of an earlier assign; writing would "
+                             "replace it, so it is left as it is: give another path")
+
+
 def assign_shard(embedding_shard_path: str | Path, centroids: str | Path | np.ndarray, out: str | Path,
                  batch_images: int = 32, device: str = "auto", refine: str = "none", *, images=None,
                  superpixel_scale: float = SUPERPIXEL_SCALE, superpixel_sigma: float = SUPERPIXEL_SIGMA,
@@ -239,6 +260,8 @@ def assign_shard(embedding_shard_path: str | Path, centroids: str | Path | np.nd
                          f"{' or '.join(UPSAMPLINGS)}")
     if batch_images < 1:
         raise ValueError(f"batch_images must be >= 1, got {batch_images}")
+    check_output_folders({"output": out})
+    check_label_output(out)
     store = EmbeddingStore([embedding_shard_path])
     refining = refine == "superpixel"
     if refining:
@@ -251,7 +274,7 @@ def assign_shard(embedding_shard_path: str | Path, centroids: str | Path | np.nd
     if matrix.shape[1] != store.dim:
         raise ValueError(f"centroids have {matrix.shape[1]} channels but embedding store '{embedding_shard_path}' "
                          f"has {store.dim}; fit and assign must use the same embeddings")
-    record = fit_record(centroids, matrix) if not isinstance(centroids, np.ndarray) else None
+    record = fit_record(centroids, matrix, warn="assign") if not isinstance(centroids, np.ndarray) else None
     if record is not None:
         check_same_embedding(record[0], store, embedding_shard_path,
                              f"centroids '{centroids}' (as '{record[1]}' records them)")
@@ -323,6 +346,7 @@ def cli(parser):
             raise ValueError(f"--batch-images is {args.batch_images}, expected 1 or more")
         check_outputs_apart({"--out": args.out}, {"--embeddings": [args.embeddings], "--centroids": [args.centroids],
                                                   "--images": [args.images] if args.images else []})
+        check_output_folders({"--out": args.out})
         assign_shard(args.embeddings, args.centroids, args.out, batch_images=args.batch_images,
                      device=cfg["device"], refine=cfg["refine"], images=args.images,
                      superpixel_scale=cfg["superpixel_scale"], superpixel_sigma=cfg["superpixel_sigma"],

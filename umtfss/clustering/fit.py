@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from umtfss.clustering import check_output_folders
 from umtfss.clustering.assign import normalise_rows
 from umtfss.clustering.minibatch import image_groups, running_means
 from umtfss.clustering.torch_kmeans import TorchKMeans
@@ -96,16 +98,24 @@ def sample_pixels(store: EmbeddingStore, subset_pixels: int, seed: int, progress
 
 def train_kmeans(points: np.ndarray, clusters: int, iterations: int, redo: int, seed: int,
                  backend: str = "faiss", device: str = "cpu", spherical: bool = True,
-                 init_centroids: np.ndarray | None = None) -> faiss.Kmeans | TorchKMeans:
+                 init_centroids: np.ndarray | None = None, progress: bool = False) -> faiss.Kmeans | TorchKMeans:
     """k-means on ALL of `points`: faiss (max_points_per_centroid raised so it does not subsample) or torch,
-    on `device` as choose_backend gives it ('cpu', or a GPU: faiss's own or torch's)."""
+    on `device` as choose_backend gives it ('cpu', or a GPU: faiss's own or torch's).
+
+    `progress`: a line on stderr before the training (fit's longest step: 6-13 s for 10^6 x 256 points
+    on 2 cores, more with more clusters or restarts), and for torch a bar over its iterations; faiss's
+    loop offers no hook short of its own printing to stdout.
+    """
     n, d = points.shape
     if n < clusters:
         raise ValueError(f"only {n} pixels to fit {clusters} clusters; lower 'clustering.clusters' "
                          "or raise 'clustering.subset_pixels' / embed more images")
+    if progress:
+        print(f"k-means: {n:,} points x {d} channels into {clusters} clusters, up to {iterations} iteration(s)"
+              f"{f' x {redo} restarts' if redo > 1 else ''} ({backend} on {device})", file=sys.stderr, flush=True)
     if backend == "torch":
         return TorchKMeans(d, clusters, niter=iterations, nredo=redo, spherical=spherical, seed=seed,
-                           device=device).train(points, init_centroids=init_centroids)
+                           device=device, progress=progress).train(points, init_centroids=init_centroids)
     kmeans = faiss.Kmeans(d, clusters, niter=iterations, nredo=redo, spherical=spherical, seed=seed,
                           max_points_per_centroid=math.ceil(n / clusters) + 1, min_points_per_centroid=1,
                           gpu=device != "cpu", verbose=False)
@@ -113,7 +123,20 @@ def train_kmeans(points: np.ndarray, clusters: int, iterations: int, redo: int, 
     return kmeans
 
 
+def too_few_pixels(pixels: int, clusters: int, subset_pixels: int, groups) -> str:
+    """Why the subset is smaller than the cluster count, naming the key that would help."""
+    if groups is not None:
+        return (f"the first mini-batch group ({len(groups.first)} image(s)) has only {pixels} valid pixels to fit "
+                f"{clusters} clusters; raise 'clustering.minibatch_images' or lower 'clustering.clusters'")
+    if pixels < subset_pixels:
+        return (f"the embedding stores hold only {pixels} valid pixels to fit {clusters} clusters; "
+                "lower 'clustering.clusters' or embed more images")
+    return (f"'clustering.subset_pixels' is {subset_pixels}, fewer than 'clustering.clusters' ({clusters}); "
+            "raise it or lower the cluster count")
+
+
 METRICS = ("spherical", "euclidean")
+LABEL_MAX = int(np.iinfo(np.int16).max)
 FIT_MODES = ("subset", "minibatch")
 
 
@@ -135,6 +158,9 @@ def fit_centroids(store: EmbeddingStore | list, clusters: int, subset_pixels: in
         raise ValueError(f"config key 'clustering.metric' is '{metric}', expected one of {', '.join(METRICS)}")
     if fit_mode not in FIT_MODES:
         raise ValueError(f"config key 'clustering.fit_mode' is '{fit_mode}', expected one of {', '.join(FIT_MODES)}")
+    if clusters > LABEL_MAX:  # assign's int16 label store would refuse them, after the whole fit
+        raise ValueError(f"config key 'clustering.clusters' is {clusters}, expected at most {LABEL_MAX} "
+                         "(the label stores hold int16 cluster ids)")
     if not isinstance(store, EmbeddingStore):
         store = EmbeddingStore(store)
     backend, train_device = choose_backend(backend, device)
@@ -143,10 +169,12 @@ def fit_centroids(store: EmbeddingStore | list, clusters: int, subset_pixels: in
     first_images = groups.first if minibatch else None
     started = time.perf_counter()
     points = sample_pixels(store, subset_pixels, seed, progress=progress, images=first_images)
+    if len(points) < clusters:
+        raise ValueError(too_few_pixels(len(points), clusters, subset_pixels, groups))
     sampled = time.perf_counter()
     spherical = metric == "spherical"
     kmeans = train_kmeans(points, clusters, iterations, redo, seed, backend=backend, device=train_device,
-                          spherical=spherical)
+                          spherical=spherical, progress=progress)
     subset_size, dim = points.shape
     del points
     centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
@@ -192,12 +220,15 @@ def fit_centroids(store: EmbeddingStore | list, clusters: int, subset_pixels: in
 
 
 def write_fit(centroids: np.ndarray, meta: dict, out_centroids: str | Path, out_meta: str | Path) -> None:
-    """centroids.npy and fit.json, each written atomically."""
-    with atomic_path(out_centroids) as temp:
-        with open(temp, "wb") as handle:
+    """centroids.npy and fit.json, each written atomically; both are renamed only once both are written,
+    so a killed fit does not leave new centroids beside an older fit.json (or the reverse)."""
+    check_output_folders({"centroids": out_centroids, "fit metadata": out_meta})
+    with contextlib.ExitStack() as stack:
+        temp_centroids = stack.enter_context(atomic_path(out_centroids, sweep=True))
+        temp_meta = stack.enter_context(atomic_path(out_meta, sweep=True))
+        with open(temp_centroids, "wb") as handle:
             np.save(handle, centroids.astype(np.float32))
-    with atomic_path(out_meta) as temp:
-        Path(temp).write_text(json.dumps(meta, indent=2) + "\n")
+        Path(temp_meta).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def cli(parser):
@@ -213,6 +244,7 @@ def cli(parser):
         cfg = load(args.config)["clustering"]
         check_outputs_apart({"--out-centroids": args.out_centroids, "--out-meta": args.out_meta},
                             {"--embeddings": args.embeddings, "--config": [args.config]})
+        check_output_folders({"--out-centroids": args.out_centroids, "--out-meta": args.out_meta}, files=True)
         centroids, meta = fit_centroids(EmbeddingStore(args.embeddings), cfg["clusters"], cfg["subset_pixels"],
                                         cfg["iterations"], cfg["redo"], cfg["seed"], cfg["device"], cfg["backend"],
                                         metric=cfg["metric"], fit_mode=cfg["fit_mode"],

@@ -9,8 +9,11 @@ the transient memory is block_rows x k, and stay on the device for all iteration
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
+from tqdm import tqdm
 
 SPLIT_EPS = 1.0 / 1024.0  # relative perturbation that separates a split cluster from its parent
 
@@ -24,12 +27,13 @@ class TorchKMeans:
     """
 
     def __init__(self, d: int, k: int, niter: int = 20, nredo: int = 1, spherical: bool = False, seed: int = 0,
-                 device: str | torch.device = "cpu", block_rows: int = 65536):
+                 device: str | torch.device = "cpu", block_rows: int = 65536, progress: bool = False):
         if k < 1 or niter < 1 or nredo < 1 or block_rows < 1:
             raise ValueError(f"k, niter, nredo and block_rows must be >= 1, got {k}, {niter}, {nredo}, {block_rows}")
         self.d, self.k, self.niter, self.nredo = d, k, niter, nredo
         self.spherical, self.seed, self.block_rows = spherical, seed, block_rows
         self.device = torch.device(device)
+        self.progress = progress  # a bar over the iterations of all restarts, on stderr
         self.centroids: np.ndarray | None = None
         self.obj: list[float] = []
 
@@ -41,6 +45,8 @@ class TorchKMeans:
             raise ValueError(f"{n} points cannot make {self.k} clusters")
         x = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)).to(self.device)
         best_objective, self.obj = None, []
+        self._bar = tqdm(total=self.niter * self.nredo, desc="k-means iterations", unit="it", file=sys.stderr,
+                         disable=not self.progress)
         for restart in range(self.nredo):
             rng = np.random.default_rng(self.seed + restart)
             if init_centroids is not None and restart == 0:
@@ -52,6 +58,8 @@ class TorchKMeans:
             final = history[-1] if self.spherical else -history[-1]  # larger is better
             if best_objective is None or final > best_objective:
                 best_objective, self.centroids = final, centroids.cpu().numpy()
+            self._bar.update(self.niter * (restart + 1) - self._bar.n)  # a converged restart skips the rest
+        self._bar.close()
         return self
 
     def _lloyd(self, x: torch.Tensor, centroids: torch.Tensor, rng: np.random.Generator):
@@ -80,6 +88,7 @@ class TorchKMeans:
                 sums.index_add_(0, nearest, block)
                 counts += torch.bincount(nearest, minlength=self.k)
             history.append(float(objective))
+            self._bar.update(1)
             centroids = self._update(sums, counts, rng)
             if torch.equal(labels, previous):
                 break
