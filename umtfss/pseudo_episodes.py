@@ -71,12 +71,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from umtfss.clustering import check_output_folders
 from umtfss.episode import Episode
 from umtfss.io import atomic_path, check_outputs_apart, read_rgb, resolve_table_paths
 from umtfss.stores import EmbeddingStore, LabelStore
+from umtfss.progress import tqdm
 
 REGIONS_FILE = "regions.parquet"
 FEATURES_FILE = "region_features.npy"

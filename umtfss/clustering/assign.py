@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from umtfss.clustering.refine import (
     SUPERPIXEL_MIN_SIZE, SUPERPIXEL_SCALE, SUPERPIXEL_SIGMA, UPSAMPLINGS, embedded_view, grid_majority,
@@ -19,6 +18,7 @@ from umtfss.devices import resolve_device
 from umtfss.io import OutputInTheWay, atomic_path, check_outputs_apart
 from umtfss.pseudo_episodes import bilinear_taps
 from umtfss.stores import EMBEDDING_ATTRS, BackgroundWriter, EmbeddingStore, array_sha256, create_label_store, prefetch
+from umtfss.progress import tqdm
 
 
 def load_centroids(centroids: str | Path | np.ndarray) -> np.ndarray:

@@ -12,7 +12,6 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from umtfss.clustering import check_output_folders
 from umtfss.clustering.assign import normalise_rows
@@ -21,6 +20,7 @@ from umtfss.clustering.torch_kmeans import TorchKMeans
 from umtfss.devices import resolve_device
 from umtfss.io import atomic_path, check_outputs_apart
 from umtfss.stores import EMBEDDING_ATTRS, READ_BATCH_IMAGES, EmbeddingStore, array_sha256, iter_selected
+from umtfss.progress import tqdm
 
 
 def faiss_gpu(device: str) -> bool:

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from umtfss.clustering.assign import gather_valid_cells, nearest_centroid, normalise_rows
 from umtfss.stores import READ_BATCH_IMAGES, EmbeddingStore, iter_selected
+from umtfss.progress import tqdm
 
 
 @dataclass

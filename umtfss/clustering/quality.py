@@ -29,13 +29,13 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
-from tqdm import tqdm
 
 from umtfss.episode import IGNORE
 from umtfss.io import atomic_path, check_outputs_apart, read_label, resolve_table_paths
 from umtfss.pseudo_episodes import resize_nearest, valid_extent
 from umtfss.stores import LabelStore
 from umtfss.transforms import resized_extent
+from umtfss.progress import tqdm
 
 LABEL_VALUES = 256  # uint8 ground truth: class ids 0..254, 255 ignored
 RESOLUTIONS = ("auto", "grid", "input")

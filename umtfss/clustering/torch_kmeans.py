@@ -13,7 +13,8 @@ import sys
 
 import numpy as np
 import torch
-from tqdm import tqdm
+
+from umtfss.progress import tqdm
 
 SPLIT_EPS = 1.0 / 1024.0  # relative perturbation that separates a split cluster from its parent
 
