@@ -150,3 +150,16 @@ def test_worker_pools_fit_the_cores_this_process_may_use(tmp_path, monkeypatch):
     monkeypatch.setattr(stores, "_READ_POOL", None)
     assert _default_workers() == 4 and stores._read_pool()._max_workers == 8
     assert dict(report(tmp_path))["cpu"].startswith("64 cores, torch")
+
+
+def test_every_progress_bar_goes_through_umtfss_progress():
+    """TQDM_DISABLE=1 reaches a bar only through umtfss.progress (tqdm reads it only for bars given no
+    `disable`, and stages pass one): no module builds tqdm's own bars."""
+    from pathlib import Path
+
+    import umtfss
+
+    package = Path(umtfss.__file__).parent
+    direct = [str(path.relative_to(package)) for path in package.rglob("*.py")
+              if path.name != "progress.py" and "from tqdm import tqdm" in path.read_text()]
+    assert direct == [], f"import tqdm from umtfss.progress in {direct}"

@@ -489,3 +489,96 @@ def test_a_class_without_episode_counts_as_zero_as_in_the_reference_codes(tmp_pa
     assert skip[0] > 0 and zero[0] == pytest.approx(round(skip[0] / 2, 2), abs=0.01)
     assert zero[1].loc[zero[1]["episodes"] == 0, "iou"].item() == 0.0
     assert "received no episode; counted as IoU 0 in the mIoU (evaluation.unseen_classes)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ outputs and checkpoints checked first (audit)
+
+
+def _never_build(method, config, checkpoint, device):
+    raise AssertionError("a predictor was built: the check came after work had started")
+
+
+def _two_fold_val_set(tmp_path):
+    """The val set with class 1 as fold 0 and class 2 as fold 1."""
+    tables = _make_val_set(tmp_path)
+    classes = pd.read_parquet(tables / "classes.parquet")
+    classes = classes[classes.class_id != 3].copy()
+    classes.loc[classes.class_id == 2, "fold"] = 1
+    classes.to_parquet(tables / "classes.parquet")
+    return tables
+
+
+def test_outputs_that_would_replace_an_input_or_fail_at_the_end_are_refused_before_any_work(tmp_path, capsys):
+    from umtfss.training import checkpoint as ckpt
+
+    tables = _make_val_set(tmp_path)
+    model = tmp_path / "model.pt"
+    ckpt.save(model, config=load({}), method="unsup", model={})
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    inputs = {tables / "images.parquet": "a file of --tables", model: "a --method checkpoint",
+              tmp_path / "img0_label.png": "a test image or label"}
+    cases = [*((path, tmp_path / "c.csv", what) for path, what in inputs.items()),
+             (tmp_path / "same.csv", tmp_path / "same.csv", "--classes-out '.*same.csv' is also --out"),
+             (tmp_path, tmp_path / "c.csv", "is a folder"),
+             (afile / "eval.csv", tmp_path / "c.csv", "lies under '.*afile', which is a file")]
+    for out, classes_out, expected in cases:
+        before = {p: p.read_bytes() for p in inputs}
+        with pytest.raises(ValueError, match=expected):
+            evaluate(_config("original"), "pascal", tables, {"unsup": str(model)}, out, classes_out, build=_never_build)
+        assert before == {p: p.read_bytes() for p in inputs}
+    # the command line also keeps the --config file
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("evaluation: {folds: [0], shots: [1], episodes: 2, test_size: 80, device: cpu}\n")
+    assert main(["evaluate", "--config", str(config_file), "--dataset", "pascal", "--tables", str(tables),
+                 "--method", "all-background", "--out", str(config_file), "--classes-out", str(tmp_path / "c.csv")]) == 1
+    assert "is also --config" in capsys.readouterr().err and config_file.read_text().startswith("evaluation:")
+
+
+def test_a_later_folds_missing_checkpoint_is_reported_before_the_first_fold_is_scored(tmp_path, monkeypatch):
+    from umtfss.evaluation import run
+    from umtfss.training import checkpoint as ckpt
+
+    monkeypatch.setattr(run, "build_predictor", _never_build)  # evaluate's own builder: checkpoints are files
+
+    tables = _two_fold_val_set(tmp_path)
+    ckpt.save(tmp_path / "fold0" / "checkpoint.pt", config=load({}), method="sup", model={})
+    config = _config("original", folds=[0, 1], shots=[1], seeds=[1], episodes=2)
+    for given, expected in ((tmp_path / "fold{fold}" / "checkpoint.pt", r"\(fold 1\) does not exist"),
+                            (tmp_path / "fold{fold}", r"\(fold 0\) is a folder; expected a checkpoint file")):
+        with pytest.raises((FileNotFoundError, ValueError), match=expected):
+            evaluate(config, "pascal", tables, {"sup": str(given)}, tmp_path / "s.csv", tmp_path / "c.csv")
+    with pytest.raises(ValueError, match="reference predictor and takes no checkpoint"):
+        evaluate(config, "pascal", tables, {"all-background": None, "prototype-threshold": str(tmp_path / "fold0")},
+                 tmp_path / "s.csv", tmp_path / "c.csv")
+
+
+def test_a_trained_methods_rows_name_the_backbone_of_its_checkpoint(tmp_path):
+    """A config without a model section (schema default resnet50-imagenet) must not label a demo model's scores."""
+    from umtfss.training import checkpoint as ckpt
+
+    tables = _make_val_set(tmp_path)
+    model = tmp_path / "model.pt"
+    ckpt.save(model, config=load({"model": {"backbone": "demo-colortexture"}}), method="unsup", model={})
+
+    def build(method, config, checkpoint, device):
+        return QuadrantColourOracle() if checkpoint else build_predictor(method, config, checkpoint, device)
+
+    config = _config("original", shots=[1], seeds=[1], episodes=2)
+    assert config["model"]["backbone"] == "resnet50-imagenet"
+    scores, _ = evaluate(config, "pascal", tables, {"all-background": None, "unsup": str(model)},
+                         tmp_path / "s.csv", tmp_path / "c.csv", build=build)
+    assert dict(zip(scores["method"], scores["backbone"])) == {"all-background": "resnet50-imagenet",
+                                                               "unsup": "demo-colortexture"}
+    scores, _ = evaluate(config, "pascal", tables, {"unsup": str(model)}, tmp_path / "s.csv", tmp_path / "c.csv",
+                         meta={"backbone": "mine"}, build=build)
+    assert list(scores["backbone"]) == ["mine"]
+
+
+def test_too_few_images_for_the_shots_names_the_config_key_fold_and_classes(tmp_path):
+    """Classes 1 and 2 are in 6 val images each: 6 shots need a query and 6 distinct supports. The error
+    names the config key, the fold and its classes, not only the sampler's counts."""
+    tables = _make_val_set(tmp_path)
+    with pytest.raises(ValueError, match=r"config key 'evaluation.shots' holds 6, fold 0 \(classes 1 red, 2 green\)"):
+        evaluate(_config("original", shots=[1, 6]), "pascal", tables, {"oracle": None}, tmp_path / "s.csv",
+                 tmp_path / "c.csv", build=_never_build)

@@ -94,3 +94,27 @@ def test_counts_beyond_the_evaluations_episodes_and_non_png_names_are_refused(ta
     assert not list(tmp_path.glob("x.png")) and not list(tmp_path.glob("b.jpg"))
     assert main(base + ["--out", str(tmp_path / "all.png")]) == 0  # the default 6, of a 4-episode table: 4
     assert Image.open(tmp_path / "all.png").size == (3 * 220, 4 * 220)
+
+
+def test_a_figure_that_would_replace_an_input_or_a_model_of_the_folds_classes_is_refused(tables, tmp_path, capsys):
+    """As evaluate: --out must not be a test label (PNG too) or the --config file, and another fold's
+    sup model would draw inflated IoUs; both refused before any model runs."""
+    from umtfss.training import checkpoint as ckpt
+
+    images = read_tables(tables).images
+    label = images.loc[images["split"] == "val", "label_path"].iloc[0]
+    label = label if label.startswith("/") else str(tables.parent / label)
+    before = open(label, "rb").read()
+    config_file = tmp_path / "config.png"
+    config_file.write_text(json.dumps({"evaluation": {"folds": [1], "shots": [1], "episodes": 4, "test_size": 64,
+                                                      "device": "cpu"}}))
+    common = ["examples", "--dataset", "custom", "--tables", str(tables), "--method", "all-background"]
+    assert main([*common, "--config", str(config_file), "--out", label]) == 1
+    assert "is also a test image or label of --tables" in capsys.readouterr().err
+    assert open(label, "rb").read() == before
+    assert main([*common, "--config", str(config_file), "--out", str(config_file)]) == 1
+    assert "is also --config" in capsys.readouterr().err and config_file.read_text().startswith("{")
+    sup = tmp_path / "sup.pt"  # trained with labels on dog and car: fold 1 tests car
+    ckpt.save(sup, config=load({}), method="sup", model={}, labelled_classes=["car", "dog"])
+    with pytest.raises(ValueError, match="trained with labels on car, test class"):
+        predict_examples(_config(), "custom", tables, {"sup": str(sup)}, count=2)

@@ -721,3 +721,107 @@ def argparse_namespace():
     import argparse
 
     return argparse.Namespace(a=1)
+
+
+# ------------------------------------------------------------------ out-dir, stale outputs, --init (audit)
+
+
+def test_out_dir_that_is_a_file_or_holds_another_methods_model_is_refused(tmp_path):
+    """Before any work: a file (or a path under one) is no folder, and a folder with another method's
+    model would have that model replaced (a workflow rerun always finds its own method there)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, expected in ((afile, "'.*afile' is a file"), (afile / "a" / "b", "lies under '.*afile', which is a file")):
+        with pytest.raises(ValueError, match=expected):
+            train(tiny_config(epochs=1), SquareEpisodes(2), out, progress=False)
+    sup = tmp_path / "sup"
+    ckpt.save(sup / "checkpoint.pt", config=tiny_config(), method="sup", model={})
+    before = (sup / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match="holds checkpoint.pt of method 'sup', not 'unsup'"):
+        train(tiny_config(epochs=1), SquareEpisodes(2), sup, progress=False)
+    assert (sup / "checkpoint.pt").read_bytes() == before and sorted(p.name for p in sup.iterdir()) == ["checkpoint.pt"]
+
+
+def test_a_run_that_starts_over_does_not_leave_the_earlier_runs_checkpoint(tmp_path, capsys):
+    """A run started over (another config) and killed after its first epoch must not leave the old
+    checkpoint.pt beside its own last.pt and log.csv, where it would pass for this run's model."""
+    out = tmp_path / "run"
+    train(tiny_config(epochs=2, lr_sgd=0.5), SquareEpisodes(4), out, progress=False)
+    capsys.readouterr()
+    _run_first_epoch_then_kill(out)  # asserts that checkpoint.pt is gone
+    assert "removed" in capsys.readouterr().err
+    assert ckpt.load(out / "last.pt")["config"]["training"]["lr_sgd"] == 0.01
+
+
+def test_tqdm_disable_turns_the_training_bar_off(tmp_path):
+    """README: TQDM_DISABLE=1 turns every bar off; an explicit disable=False would override it.
+    tqdm reads TQDM_* at import, hence the subprocess."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from test_training import SquareEpisodes, tiny_config\n"
+            "from umtfss.training.train import train\n"
+            f"train(tiny_config(epochs=1, batch_size=4), SquareEpisodes(2), {str(tmp_path / 'out')!r}, progress=True)\n")
+    env = {**os.environ, "TQDM_DISABLE": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "train unsup" not in done.stderr
+    assert (tmp_path / "out" / "checkpoint.pt").is_file()
+
+
+FAST_LABELLED = {"model": TINY_MODEL, "datasets": {"pascal": {"min_class_pixels": 100}},
+                 "training": {"epochs": 1, "finetune_epochs": 1, "batch_size": 4, "finetune_batch_size": 4,
+                              "crop_size": 48, "workers": 0, "device": "cpu"}}
+
+
+def _prepare_dir(toy_tables, tmp_path):
+    tables_dir = tmp_path / "prepare"
+    tables_dir.mkdir(exist_ok=True)
+    for name in ("images", "classes", "image_classes"):
+        getattr(toy_tables, name).to_parquet(tables_dir / f"{name}.parquet")
+    return tables_dir
+
+
+def test_finetuning_a_fold_from_a_model_that_saw_its_test_classes_is_refused(toy_tables, tmp_path, capsys):
+    """--init of another fold's sup model (trained with labels on this fold's novel classes): evaluate
+    would refuse the result, so train refuses before the fine-tuning, naming the classes."""
+    import json
+
+    from umtfss.cli import main
+
+    tables_dir = _prepare_dir(toy_tables, tmp_path)
+    config = tiny_config(epochs=1)
+    init = tmp_path / "sup-fold1.pt"  # fold 1's base classes are fold 0's novel ones, w and x
+    model, backbone = ckpt.build_fss_model(config["model"])
+    ckpt.save(init, config=config, method="sup", model=ckpt.trainable_state(model, backbone), labelled_classes=["w", "x"])
+    args = ["train", "--method", "finetune-50%", "--config", json.dumps(FAST_LABELLED), "--tables",
+            str(tables_dir), "--dataset", "pascal", "--fold", "0", "--init", str(init), "--quiet"]
+    assert main([*args, "--out-dir", str(tmp_path / "ft")]) == 1
+    err = capsys.readouterr().err
+    assert "was trained with labels on w, x, test class(es) of fold 0" in err
+    assert not (tmp_path / "ft").exists()
+
+
+def test_a_stale_train_subset_is_removed_before_training(toy_tables, tmp_path, monkeypatch):
+    """sup-P% writes train_subset.txt once its model exists; another run's list must not sit beside this run's log."""
+    import json
+
+    from umtfss.cli import main
+    from umtfss.training import train as train_module
+
+    tables_dir = _prepare_dir(toy_tables, tmp_path)
+    out = tmp_path / "sup50"
+    out.mkdir()
+    (out / "train_subset.txt").write_text("z1\nz2\n")
+
+    def interrupted(*args, **kwargs):
+        raise ValueError("stopped before the end")
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    assert main(["train", "--method", "sup-50%", "--config", json.dumps(FAST_LABELLED), "--tables",
+                 str(tables_dir), "--dataset", "pascal", "--fold", "0", "--out-dir", str(out), "--quiet"]) == 1
+    assert not (out / "train_subset.txt").exists()

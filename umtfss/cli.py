@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 def _close_progress_bars() -> None:
     """End the bars a failing stage left open, so its error starts a line of its own and no bar is
     redrawn after it."""
-    from tqdm import tqdm
+    from umtfss.progress import tqdm
 
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()

@@ -16,7 +16,8 @@ from umtfss.data.prepare import read_tables
 from umtfss.devices import channels_last_input, check_cpu_precision, inference_autocast, resolve_device
 from umtfss.episode import binary_mask
 from umtfss.evaluation.predictors import Predictor, build_predictor
-from umtfss.evaluation.run import SPLIT, EpisodeBatches, _image_paths, lay_out_predictor, methods_of, parse_method
+from umtfss.evaluation.run import (SPLIT, EpisodeBatches, _check_held_out, _image_paths, check_outputs,
+                                   config_file_input, lay_out_predictor, methods_of, parse_method, protected_inputs)
 from umtfss.evaluation.sampler import sample_episodes
 from umtfss.io import read_label, read_rgb
 from umtfss.transforms import unpad_to
@@ -48,12 +49,15 @@ class Examples:
 
 def predict_examples(config: dict, dataset: str, tables_dir: str | Path, methods: dict[str, str | None],
                      count: int | None = None, fold: int | None = None, shot: int | None = None,
-                     seed: int | None = None, build: Callable[..., Predictor] = build_predictor) -> Examples:
+                     seed: int | None = None, build: Callable[..., Predictor] = build_predictor,
+                     out: str | Path | None = None, inputs: dict | None = None) -> Examples:
     """The first `count` episodes of the evaluation's table for (fold, shot, seed), by default the first of
     evaluation.folds / shots / seeds: the episodes `umtfss evaluate` scores first, and each method's masks
     (the same masks as evaluate's but for models that draw at inference, `model.hash_draw: per_call`,
     whose draws follow the batching). `count` is at most the table's episodes (refused above: the table
-    holds no more); by default DEFAULT_COUNT, or all of a shorter table."""
+    holds no more); by default DEFAULT_COUNT, or all of a shorter table. `out` (the figure to write) is
+    refused before any work if it would replace an input (`inputs` adds some, e.g. the --config file); a
+    checkpoint trained with labels on the fold's test classes is refused, as evaluate refuses it."""
     eval_cfg = config["evaluation"]
     fold = eval_cfg["folds"][0] if fold is None else fold
     shot = eval_cfg["shots"][0] if shot is None else shot
@@ -68,14 +72,21 @@ def predict_examples(config: dict, dataset: str, tables_dir: str | Path, methods
     episodes = sample_episodes(tables["image_classes"], tables.fold_classes(fold), shot,
                                episodes_per_fold, seed, SPLIT, eval_cfg["sampling"])
     episodes = episodes.head(count).reset_index(drop=True)
-    batch = EpisodeBatches(episodes, _image_paths(tables["images"]), len(episodes), eval_cfg["test_size"],
+    paths = _image_paths(tables["images"])
+    checkpoints = {method: checkpoint.format(fold=fold) if checkpoint else None for method, checkpoint in methods.items()}
+    if out is not None:
+        check_outputs({"--out": out}, {**(inputs or {}), **protected_inputs(tables_dir, paths, checkpoints.values())})
+    names = dict(zip(tables.classes["class_id"].astype(int), tables.classes["name"].astype(str)))
+    for method, path in checkpoints.items():
+        _check_held_out(method, path, {fold: [names.get(c, str(c)) for c in tables.fold_classes(fold)]},
+                        build is build_predictor)
+    batch = EpisodeBatches(episodes, paths, len(episodes), eval_cfg["test_size"],
                            "original", eval_cfg["geometry"])[0]
     device = resolve_device(eval_cfg["device"], "evaluation.device")
     cpu_precision = check_cpu_precision(eval_cfg["cpu_precision"], "evaluation.cpu_precision")
     masks: dict[str, list[np.ndarray]] = {}
-    for method, checkpoint in methods.items():
-        predictor = lay_out_predictor(build(method, config, checkpoint.format(fold=fold) if checkpoint else None,
-                                            device), device, cpu_precision)
+    for method, checkpoint in checkpoints.items():
+        predictor = lay_out_predictor(build(method, config, checkpoint, device), device, cpu_precision)
         torch.manual_seed(seed)  # as evaluate: a model that draws at inference repeats per seed
         with torch.no_grad(), inference_autocast(device, False, cpu_precision):
             logits = predictor.predict(channels_last_input(batch["query"].to(device), cpu_precision),
@@ -157,7 +168,7 @@ def cli(parser: argparse.ArgumentParser):
         config = config_module.load(args.config)
         methods = methods_of(args.method)
         examples = predict_examples(config, args.dataset, args.tables, methods, args.count, args.fold, args.shot,
-                                    args.seed)
+                                    args.seed, out=args.out, inputs=config_file_input(args.config))
         draw_examples(examples, args.tables, args.out)
         episodes = examples.episodes
         shown = episodes[["query_id", "class_id"] + [c for c in episodes.columns if c.startswith("iou_")]]

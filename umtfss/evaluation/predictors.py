@@ -203,6 +203,9 @@ def build_predictor(method: str, config: dict, checkpoint: str | Path | None = N
             f"reference predictors without one: {', '.join(REFERENCE_METHODS)}"
         )
     path = Path(checkpoint)
+    if path.is_dir():
+        raise ValueError(f"checkpoint '{path}' of method '{method}' is a folder; expected a checkpoint file "
+                         f"(e.g. {path / 'checkpoint.pt'})")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' of method '{method}' does not exist")
     from umtfss.training.checkpoint import load_model

@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from umtfss import config as config_module
 from umtfss.episode import binary_mask
@@ -24,8 +23,9 @@ from umtfss.data.prepare import read_tables
 from umtfss.devices import (channels_last_input, check_cpu_precision, inference_autocast, lay_out_for_precision,
                             resolve_device)
 from umtfss.evaluation.predictors import Predictor, build_predictor
-from umtfss.evaluation.sampler import sample_episodes
+from umtfss.evaluation.sampler import TooFewImagesError, sample_episodes
 from umtfss.transforms import unpad_to, valid_pixels
+from umtfss.progress import tqdm
 
 SPLIT = "val"
 SCORE_COLUMNS = ["method", "backbone", "embedder", "clusters", "fold", "shot", "seed", "miou", "fbiou", "episodes",
@@ -202,14 +202,28 @@ def _default_meta(config: dict, meta: dict) -> dict:
 TRAINED_METHOD = re.compile(r"unsup|sup|(?:finetune|sup)-\d+%")  # the methods train.py knows by name
 
 
-def _check_held_out(method: str, path: str | None, test_classes: dict[int, list[str]]) -> None:
+def _check_held_out(method: str, path: str | None, test_classes: dict[int, list[str]],
+                    require_file: bool = True) -> str | None:
     """Refuse to score a checkpoint on a fold (of `test_classes`: fold -> its test class names, the folds
     the checkpoint serves) whose test classes it was trained on with labels (a model of another fold, or
-    of every class): its score would be inflated, and nothing else would say so."""
-    if path is None or not Path(path).is_file():
-        return  # a reference predictor, or a path that build() reports
+    of every class): its score would be inflated, and nothing else would say so. Returns the checkpoint's
+    backbone (None without a checkpoint), for the score table's backbone column."""
+    from umtfss.evaluation.predictors import REFERENCE_METHODS
+
+    if method in REFERENCE_METHODS and path is not None:
+        raise ValueError(f"method '{method}' is a reference predictor and takes no checkpoint, got '{path}'")
+    if path is None:
+        return None  # a reference predictor, or a trained method without one (build() names it)
     from umtfss.training import checkpoint as ckpt
 
+    folds = ", ".join(map(str, test_classes))
+    if not require_file and not Path(path).is_file():
+        return None  # a custom builder's model name
+    if Path(path).is_dir():  # before any fold is scored: a later fold's missing model would waste the earlier ones
+        raise ValueError(f"checkpoint '{path}' of method '{method}' (fold {folds}) is a folder; expected a "
+                         f"checkpoint file (e.g. {Path(path) / 'checkpoint.pt'})")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' of method '{method}' (fold {folds}) does not exist")
     payload = ckpt.load(path)
     for fold, names in test_classes.items():
         seen = sorted(set(ckpt.labelled_classes(payload)) & set(names))
@@ -220,18 +234,55 @@ def _check_held_out(method: str, path: str | None, test_classes: dict[int, list[
     stored = payload.get("method")
     if stored and stored != method and TRAINED_METHOD.fullmatch(method):  # a custom name may be anything
         tqdm.write(f"note: method '{method}' scores checkpoint '{path}', which was trained as '{stored}'", file=sys.stderr)
+    model_cfg = payload.get("config", {}).get("model", {}) if isinstance(payload.get("config"), dict) else {}
+    return model_cfg.get("backbone")
+
+
+def config_file_input(text: str) -> dict[str, list[Path]]:
+    """{'--config': [file]} when --config names a file (not inline JSON), for the outputs to keep apart."""
+    given = Path(text)
+    return {"--config": [given]} if not text.lstrip().startswith("{") and given.is_file() else {}
+
+
+def protected_inputs(tables_dir, paths: dict[str, tuple[str, str]], checkpoints) -> dict[str, list]:
+    """The files a meta-test reads, by what they are: its outputs must not replace any of them."""
+    return {"a file of --tables": sorted(p for p in Path(tables_dir).iterdir() if p.is_file()),
+            "a --method checkpoint": sorted({str(c) for c in checkpoints if c}),
+            "a test image or label of --tables": [p for pair in paths.values() for p in pair]}
+
+
+def check_outputs(outputs: dict[str, str | Path], inputs: dict[str, list]) -> None:
+    """Refuse, before any work, an output that is a folder, lies under a file, or is an input or the
+    other output: written at the end, it would fail after the whole meta-test or replace that file."""
+    from umtfss.io import check_outputs_apart
+
+    for option, given in outputs.items():
+        path = Path(given)
+        if path.is_dir():
+            raise ValueError(f"{option} '{given}' is a folder; expected the path of a CSV file")
+        for folder in path.parents:
+            if folder.exists():
+                if not folder.is_dir():
+                    raise ValueError(f"{option} '{given}' lies under '{folder}', which is a file; expected a path in a folder")
+                break
+    check_outputs_apart(outputs, inputs)
 
 
 def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: dict[str, str | None],
              out_csv: str | Path, classes_csv: str | Path, meta: dict | None = None, workers: int | str = 0,
-             build: Callable[..., Predictor] = build_predictor) -> tuple[pd.DataFrame, pd.DataFrame]:
+             build: Callable[..., Predictor] | None = None,
+             inputs: dict[str, list] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Meta-test each method over evaluation.folds x shots x seeds; write the score and per-class tables.
 
     Every method sees the same episodes for a given fold, shot and seed (paired comparison). `build`
-    makes a predictor from (method, config, checkpoint, device); tests swap it for their own.
+    makes a predictor from (method, config, checkpoint, device), build_predictor when None, whose checkpoints
+    must then be files (checked before any fold is scored); tests swap it for their own. `inputs`
+    (option -> paths, e.g. the --config file) adds files that the outputs must not replace.
     `workers` 'auto': no decoding worker on a CPU (they only take cores from the forward: the demo's
     evaluation ran about 10 % slower with 1 or 2 workers on 2 cores), torch's thread count on a GPU.
     """
+    checkpoint_files = build is None  # a builder of one's own may name its models otherwise
+    build = build or build_predictor
     if dataset_name not in config_module.DEFAULT_TEST_EPISODES:
         raise ValueError(f"dataset '{dataset_name}' is not a benchmark; expected one of "
                          f"{', '.join(config_module.DEFAULT_TEST_EPISODES)}")
@@ -250,6 +301,7 @@ def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: d
     cpu_precision = check_cpu_precision(eval_cfg["cpu_precision"], "evaluation.cpu_precision")
     if workers == "auto":
         workers = 0 if device.type == "cpu" else torch.get_num_threads()
+    backbone_given = "backbone" in (meta or {})
     meta = _default_meta(config, dict(meta or {}))
     reserved = sorted(set(meta) & (set(SCORE_COLUMNS) - {"backbone", "embedder", "clusters"}))
     if reserved:
@@ -263,18 +315,25 @@ def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: d
         raise ValueError(f"config key 'evaluation.folds' holds fold(s) {absent}, but data set '{dataset_name}' has folds "
                          f"{folds_present}; expected a subset of them")
     classes_of = {fold: tables.fold_classes(fold) for fold in eval_cfg["folds"]}
-    episode_tables = {
-        (fold, shot, seed): sample_episodes(tables["image_classes"], classes_of[fold], shot, n_episodes, seed, SPLIT,
-                                            eval_cfg["sampling"])
-        for fold, shot, seed in plan
-    }
+    episode_tables = {}
+    for fold, shot, seed in plan:
+        try:
+            episode_tables[fold, shot, seed] = sample_episodes(tables["image_classes"], classes_of[fold], shot,
+                                                               n_episodes, seed, SPLIT, eval_cfg["sampling"])
+        except TooFewImagesError as err:  # name the config key and the fold's classes, not only the sampler's numbers
+            named = ", ".join(f"{c} {class_names.get(c, '?')}" for c in classes_of[fold])
+            raise ValueError(f"config key 'evaluation.shots' holds {shot}, fold {fold} (classes {named}) of "
+                             f"'{tables_dir}': {err}") from None
     served: dict = {}  # (method, checkpoint path) -> {fold: its test class names}, each checkpoint read once
     for fold in eval_cfg["folds"]:
         for method, checkpoint in methods.items():
             path = checkpoint.format(fold=fold) if checkpoint else checkpoint
             served.setdefault((method, path), {})[fold] = [class_names.get(c, str(c)) for c in classes_of[fold]]
-    for (method, path), test_classes in served.items():  # before any work: no model scored on classes it trained on
-        _check_held_out(method, path, test_classes)
+    check_outputs({"--out": out_csv, "--classes-out": classes_csv},
+                   {**(inputs or {}), **protected_inputs(tables_dir, paths, [path for _, path in served])})
+    # before any work: no model scored on classes it trained on; a trained model's row names the backbone it
+    # runs (its checkpoint's), not the config's, unless --meta backbone= says otherwise
+    backbone_of = {key: _check_held_out(*key, test_classes, checkpoint_files) for key, test_classes in served.items()}
     score_rows, class_rows = [], []
     # fold by fold, every method on it: a fold's test images, decoded once, serve all methods and shots
     images = ImageCache(eval_cfg["image_cache_mb"]) if workers == 0 and eval_cfg["image_cache_mb"] > 0 else None
@@ -307,6 +366,8 @@ def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: d
                                    + " (evaluation.unseen_classes)", file=sys.stderr)
                     score_rows.append({
                         **{k: meta[k] for k in ("backbone", "embedder", "clusters")},
+                        **({} if backbone_given or not backbone_of.get((method, path))
+                           else {"backbone": backbone_of[method, path]}),
                         "method": method, "fold": fold, "shot": shot, "seed": seed,
                         "miou": round(100 * acc.miou(unseen), 2), "fbiou": round(100 * acc.fbiou(), 2),
                         "episodes": acc.total_episodes,
@@ -426,6 +487,6 @@ def cli(parser: argparse.ArgumentParser):
         config = config_module.load(args.config)
         methods = methods_of(args.method)
         evaluate(config, args.dataset, args.tables, methods, args.out, args.classes_out, dict(args.meta),
-                 workers=args.workers)
+                 workers=args.workers, inputs=config_file_input(args.config))
 
     return run

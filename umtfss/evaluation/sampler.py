@@ -24,11 +24,15 @@ def class_image_lists(image_classes: pd.DataFrame, classes: Iterable[int], split
     return {int(c): list(by_class.get(int(c), [])) for c in classes}
 
 
+class TooFewImagesError(ValueError):
+    """A class of the fold has fewer images than a query and its distinct supports need."""
+
+
 def _check_enough_images(lists: dict[int, list[str]], shots: int, split: str) -> None:
     short = {c: len(ids) for c, ids in lists.items() if len(ids) < shots + 1}
     if short:
         detail = ", ".join(f"class {c}: {n}" for c, n in sorted(short.items()))
-        raise ValueError(
+        raise TooFewImagesError(
             f"{shots}-shot episodes need at least {shots + 1} '{split}' images per class with the class present "
             f"(query + {shots} distinct supports); too few in {detail}"
         )

@@ -16,7 +16,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from umtfss.devices import resolve_device
 from umtfss.io import atomic_path
@@ -24,6 +23,7 @@ from umtfss.training import checkpoint as ckpt
 from umtfss.training.augment import Augmentation
 from umtfss.training.losses import build_loss
 from umtfss.training.sources import ALL_CLASSES, EpisodeDataset, EpisodeSource
+from umtfss.progress import tqdm
 
 # training keys that do not change the result: a resume may differ in them
 RESUME_FREE_KEYS = {"workers", "device"}
@@ -199,13 +199,15 @@ def train(
 
     If out_dir/last.pt holds a run of the same method, result-changing config and `inputs` (a
     fingerprint of the training data, umtfss.io.fingerprint) the run continues from it and ends
-    exactly as an uninterrupted run; a last.pt of anything else is stale (the workflow reruns a job
-    after its config or inputs changed) and the run starts over, saying why on stderr.
+    exactly as an uninterrupted run; a last.pt of another config or data is stale (the workflow reruns a
+    job after its config or inputs changed) and the run starts over, saying why on stderr, without the
+    earlier run's checkpoint.pt. An out_dir holding a model of another method is refused.
     `config_sections`: the top-level keys the config was given with (recorded: predict's default size).
     `labelled_classes`: names of the classes trained with labels (recorded: evaluate refuses a fold
     whose test classes are among them).
     """
     out_dir = Path(out_dir)
+    check_out_dir(out_dir, method_name)
     out_dir.mkdir(parents=True, exist_ok=True)
     tcfg = config["training"]
     schedule = Schedule.from_config(tcfg, finetune)
@@ -247,6 +249,12 @@ def train(
     elif last_path.is_file():
         start_epoch, step = _resume(last_path, model, backbone, optimizers, schedulers, scaler, device)
         log.resume(step)
+    final_path = out_dir / "checkpoint.pt"
+    if start_epoch < schedule.epochs and final_path.is_file():
+        # the model of an earlier run: beside this run's last.pt and log.csv it would pass for this run's
+        final_path.unlink()
+        print(f"umtfss train: removed '{final_path}' of an earlier run; this run writes its own when it ends",
+              file=sys.stderr)
 
     board = _tensorboard(out_dir)
     bar = tqdm(total=total_steps, initial=step, desc=f"train {method_name}", unit="step", disable=not progress)
@@ -294,7 +302,7 @@ def train(
         board.close()
     if not (out_dir / "log.csv").exists():
         log.write()
-    final = ckpt.save(out_dir / "checkpoint.pt", config=config, method=method_name,
+    final = ckpt.save(final_path, config=config, method=method_name,
                       model=ckpt.trainable_state(model, backbone), epoch=schedule.epochs, step=step, inputs=inputs,
                       config_sections=sorted(config_sections or []), labelled_classes=sorted(labelled_classes or []))  # which sections were given (test_size)
     return final
@@ -338,6 +346,28 @@ def _stale_reason(path: Path, config: dict, method_name: str, inputs: str | None
     if state.get("inputs") != inputs:
         return "it was trained on other input data (episodes, labels, tables or init checkpoint changed)"
     return None
+
+
+def check_out_dir(out_dir: Path, method_name: str) -> None:
+    """Refuse, before any work, an --out-dir that is a file or lies under one, or that holds a model of
+    another method: a run there would replace it (a workflow rerun always finds its own method)."""
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                where = "is a file" if folder == out_dir else f"lies under '{folder}', which is a file"
+                raise ValueError(f"--out-dir '{out_dir}' {where}; expected a folder for checkpoint.pt, last.pt and log.csv")
+            break
+    for name in ("checkpoint.pt", "last.pt"):
+        path = out_dir / name
+        if not path.is_file():
+            continue
+        try:
+            stored = ckpt.load(path).get("method")
+        except ValueError:
+            continue  # unreadable: no model to keep (a last.pt of a killed save is started over)
+        if stored and stored != method_name:
+            raise ValueError(f"--out-dir '{out_dir}' holds {name} of method '{stored}', not '{method_name}'; "
+                             "training here would replace that model: give this method its own --out-dir")
 
 
 def _restore_scaler(scaler: torch.amp.GradScaler, stored: dict) -> None:
@@ -396,6 +426,7 @@ def run(args: argparse.Namespace) -> Path:
 
     config = load(args.config)
     method = args.method
+    check_out_dir(args.out_dir, method)  # before the sources are read (a COCO index takes a while)
     finetune = FINETUNE_METHOD.match(method)
     fraction = finetune or SUP_FRACTION_METHOD.match(method)  # the labelled subset: P % of the train images
     if method == "unsup":
@@ -408,6 +439,11 @@ def run(args: argparse.Namespace) -> Path:
         raise ValueError(f"--method is '{method}', expected unsup, sup, sup-P% or finetune-P% (e.g. finetune-20%)")
     if args.init is not None and not args.init.is_file():
         raise FileNotFoundError(f"--init checkpoint '{args.init}' does not exist")
+    if args.init is not None:
+        _check_init_held_out(args, source)
+    subset_file = args.out_dir / "train_subset.txt"
+    if fraction and subset_file.is_file() and subset_file.read_text().split() != list(source.image_ids):
+        subset_file.unlink()  # another run's subset: beside this run's log it would pass for this one's
     final = train(config, source, args.out_dir, init_checkpoint=args.init, finetune=bool(finetune),
                   method_name=method, progress=not args.quiet, inputs=_inputs_fingerprint(args),
                   config_sections=sorted(read_raw(args.config)), labelled_classes=_labelled_class_names(args, source))
@@ -415,6 +451,23 @@ def run(args: argparse.Namespace) -> Path:
         with atomic_path(args.out_dir / "train_subset.txt") as tmp:
             tmp.write_text("".join(f"{i}\n" for i in source.image_ids))
     return final
+
+
+def _check_init_held_out(args, source) -> None:
+    """Refuse to fine-tune for a fold from an --init trained with labels on that fold's test classes
+    (another fold's sup model): evaluate would refuse the result, after the whole fine-tuning."""
+    novel = getattr(source, "novel_classes", None)
+    if not novel:
+        return
+    from umtfss.data.prepare import read_tables
+
+    classes = read_tables(args.tables).classes
+    by_id = dict(zip(classes["class_id"].astype(int), classes["name"].astype(str)))
+    seen = sorted(set(ckpt.labelled_classes(ckpt.load(args.init))) & {by_id.get(int(c), str(c)) for c in novel})
+    if seen:
+        raise ValueError(f"--init checkpoint '{args.init}' was trained with labels on {', '.join(seen)}, test "
+                         f"class(es) of fold {args.fold}: a model fine-tuned from it would not be few-shot on that "
+                         "fold; start from the unsup model or from this fold's own sup model")
 
 
 def _labelled_class_names(args, source) -> list[str]:
