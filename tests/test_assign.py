@@ -323,7 +323,7 @@ def test_cli_refuses_an_output_that_is_an_input_or_a_folder_of_files(tmp_path, c
     (mine / "notes.txt").parent.mkdir()
     (mine / "notes.txt").write_text("keep")
     assert cli.main(argv + ["--out", str(mine)]) == 1
-    assert "without 'zarr.json'" in capsys.readouterr().err and (mine / "notes.txt").read_text() == "keep"
+    assert "without 'labels/zarr.json'" in capsys.readouterr().err and (mine / "notes.txt").read_text() == "keep"
 
 
 def test_a_damaged_metadata_file_is_named_by_every_stage(tmp_path):

@@ -292,3 +292,14 @@ def test_a_bad_checkpoint_names_the_embedding_key(table, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'embedding.checkpoint' is" in err and "a folder (it holds resnet50.pth)" in err, err
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_embed_never_replaces_another_kind_of_store(table, tmp_path):
+    """--out given a label store (a Zarr store, but not embeddings): refused before any work, left whole."""
+    from umtfss.stores import create_label_store
+
+    labels = tmp_path / "labels.zarr"
+    create_label_store(labels, 2, (3, 3), attrs={"clusters": 4})
+    with pytest.raises(ValueError, match="without 'features/zarr.json'"):
+        embed_shard(table, 0, 1, labels, StandInBackbone(), image_size=64, device="cpu", progress=False)
+    assert (labels / "labels" / "zarr.json").is_file()

@@ -245,7 +245,7 @@ def embed_shard(images, shard: int, num_shards: int, out: str | Path, backbone, 
                         pin_memory=torch_device.type == "cuda")
     valid = np.zeros((len(ids), 2), np.int32)
     sizes = np.zeros((len(ids), 2), np.int32)
-    with atomic_path(out, sweep=True, folder=True, marker="zarr.json") as temp:
+    with atomic_path(out, sweep=True, folder=True, marker="features/zarr.json") as temp:
         group = create_embedding_store(temp, len(ids), (gh, gw), stored_dim, dtype, attrs)
         if projection is not None:
             group.create_array("projection", data=projection.numpy(), chunks=projection.shape)

@@ -408,7 +408,7 @@ def atomic_path(path: str | Path, sweep: bool = False, folder: bool = False, mar
     The caller creates the file (or, with `folder`, the directory) at the yielded path. A killed job
     thus never leaves a half-written output under the final name. An existing output of the same
     kind at `path` is replaced; a folder where a file goes, a file where a folder goes, and a
-    non-empty folder without the file `marker` (e.g. 'zarr.json') are refused before any work.
+    non-empty folder without the file `marker` (e.g. 'features/zarr.json': a store of that kind) are refused before any work.
     `sweep` first deletes the temporaries of `path` that killed processes left behind (a scan of the
     folder: meant for big outputs such as stores, not for one file among thousands).
     """

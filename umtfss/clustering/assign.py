@@ -293,7 +293,7 @@ def assign_shard(embedding_shard_path: str | Path, centroids: str | Path | np.nd
     if refining:
         attrs.update(superpixel_scale=superpixel_scale, superpixel_sigma=superpixel_sigma,
                      superpixel_min_size=superpixel_min_size, refine_upsample=upsample)
-    with atomic_path(out, sweep=True, folder=True, marker="zarr.json") as temp:
+    with atomic_path(out, sweep=True, folder=True, marker="labels/zarr.json") as temp:
         group = create_label_store(temp, len(store), store.grid, attrs, refined_size=image_size if refining else None)
         writer = BackgroundWriter(group["labels"])
         refined_writer = BackgroundWriter(group["refined"]) if refining else None
