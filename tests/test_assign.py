@@ -379,3 +379,17 @@ def test_a_fit_json_of_other_centroids_is_said(tmp_path, capsys):
     np.save(tmp_path / "fit" / "centroids.npy", random_centroids(clusters=3))
     assign_shard(fitted, tmp_path / "fit" / "centroids.npy", tmp_path / "l.zarr", device="cpu", progress=False)
     assert "fit.json' records other centroids than" in capsys.readouterr().err
+
+
+def test_a_centroids_file_that_is_no_npy_is_named(tmp_path):
+    """A text, empty or truncated file given as centroids: one ValueError naming it, not numpy's pickle or EOF error."""
+    from umtfss.clustering.assign import load_centroids
+
+    (tmp_path / "text.npy").write_text("0.1 0.2\n0.3 0.4\n")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    np.save(tmp_path / "whole.npy", np.eye(3, dtype=np.float32))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "whole.npy").read_bytes()[:140])
+    for name, said in (("text.npy", "no NumPy header"), ("empty.npy", "empty"), ("cut.npy", "truncated")):
+        with pytest.raises(ValueError, match=f"centroids file '.*{name}' is .*{said}"):
+            load_centroids(tmp_path / name)
+    assert load_centroids(tmp_path / "whole.npy").shape == (3, 3)

@@ -31,10 +31,16 @@ def load_centroids(centroids: str | Path | np.ndarray) -> np.ndarray:
             raise IsADirectoryError(f"centroids file '{path}' is a folder; expected the fit stage's centroids.npy")
         if not path.is_file():
             raise FileNotFoundError(f"centroids file '{path}' does not exist (expected the fit stage's centroids.npy)")
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+        if magic != b"\x93NUMPY":  # a text file, an empty one, a .npz: numpy's own errors are pickle or EOF ones
+            raise ValueError(f"centroids file '{path}' is not a .npy file ({'empty' if not magic else 'no NumPy header'}); "
+                             "expected the fit stage's centroids.npy")
         try:
             centroids = np.load(path, allow_pickle=False)
-        except ValueError as err:
-            raise ValueError(f"centroids file '{path}' is not a .npy array: {err}") from None
+        except (ValueError, EOFError, OSError) as err:
+            raise ValueError(f"centroids file '{path}' is not a readable .npy array ({type(err).__name__}: {err}); "
+                             "it may be truncated: rerun fit") from None
     source = f"centroids file '{centroids_path}'" if centroids_path else "the centroids"
     if centroids.ndim != 2 or centroids.shape[0] < 1:
         raise ValueError(f"{source} have shape {centroids.shape}, expected [clusters, channels]")
