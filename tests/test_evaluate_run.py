@@ -521,7 +521,7 @@ def test_outputs_that_would_replace_an_input_or_fail_at_the_end_are_refused_befo
     cases = [*((path, tmp_path / "c.csv", what) for path, what in inputs.items()),
              (tmp_path / "same.csv", tmp_path / "same.csv", "--classes-out '.*same.csv' is also --out"),
              (tmp_path, tmp_path / "c.csv", "is a folder"),
-             (afile / "eval.csv", tmp_path / "c.csv", "lies under '.*afile', which is a file")]
+             (afile / "eval.csv", tmp_path / "c.csv", "'.*afile' is a file, not a folder")]
     for out, classes_out, expected in cases:
         before = {p: p.read_bytes() for p in inputs}
         with pytest.raises(ValueError, match=expected):

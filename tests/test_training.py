@@ -731,7 +731,7 @@ def test_out_dir_that_is_a_file_or_holds_another_methods_model_is_refused(tmp_pa
     model would have that model replaced (a workflow rerun always finds its own method there)."""
     afile = tmp_path / "afile"
     afile.write_text("x")
-    for out, expected in ((afile, "'.*afile' is a file"), (afile / "a" / "b", "lies under '.*afile', which is a file")):
+    for out, expected in ((afile, "'.*afile' is a file"), (afile / "a" / "b", "'.*afile' is a file, not a folder")):
         with pytest.raises(ValueError, match=expected):
             train(tiny_config(epochs=1), SquareEpisodes(2), out, progress=False)
     sup = tmp_path / "sup"

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from umtfss.io import atomic_path, read_rgb, resolve_table_paths
+from umtfss.io import atomic_path, check_output_paths, read_rgb, resolve_table_paths
 from umtfss.pseudo_episodes import METADATA_KEY, resize_nearest, valid_extent
 from umtfss.progress import tqdm
 
@@ -795,9 +795,7 @@ def check_options(args: argparse.Namespace) -> None:
     if out.suffix.lower() != ".png":  # PNG bytes under another name, or over another artifact (centroids.npy)
         raise ValueError(f"--overlay '{args.overlay}' does not end in .png, but inspect writes a PNG there; "
                          "expected a file name ending in .png")
-    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
-    if blocking is not None:
-        raise ValueError(f"--overlay '{args.overlay}': '{blocking}' is a file, not a folder to write the PNG into")
+    check_output_paths({"--overlay": args.overlay})
     check_images_table(args.images, label_paths=args.ground_truth)
 
 

@@ -387,6 +387,23 @@ def _check_replaceable(final: Path, folder: bool, marker: str | None) -> None:
                              "stage; writing would replace it, so it is left as it is: give another path")
 
 
+def check_output_paths(outputs: dict[str, str | Path | None], kind: str | None = None) -> None:
+    """Refuse, before any work, an output (option -> path) whose folder path runs through a file: its mkdir
+    would fail only after the work. `kind` 'file' also refuses an existing folder at the path, 'folder'
+    an existing file (each left as it is)."""
+    for option, given in outputs.items():
+        if given is None:
+            continue
+        path = Path(given).expanduser()
+        if kind == "file" and path.is_dir():
+            raise OutputInTheWay(f"{option} '{given}' is a folder; expected the path of a file (the folder is left as it is)")
+        if kind == "folder" and (path.exists() or path.is_symlink()) and not path.is_dir():
+            raise OutputInTheWay(f"{option} '{given}' is a file; expected a folder (the file is left as it is)")
+        blocking = next((parent for parent in path.parents if parent.exists() or parent.is_symlink()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise OutputInTheWay(f"{option} '{given}': '{blocking}' is a file, not a folder to write into")
+
+
 def check_outputs_apart(outputs: dict[str, str | Path], inputs: dict[str, str | Path | Sequence]) -> None:
     """Refuse an output that is an input or another output: the rename would replace it (named by option)."""
     seen: dict[Path, str] = {}

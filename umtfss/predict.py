@@ -258,6 +258,8 @@ def check_outputs(plan: list[tuple[Path, Path, Path | None]], supports: list[tup
     """Refuse, before any work, a plan that would write over what it reads: a mask or overlay file that is a
     query image, a support image or mask, an --overlay that is --out, an --out or --overlay folder that is
     a --query folder (its next run would read the masks as queries). Paths are compared resolved."""
+    from umtfss.io import check_output_paths
+
     inputs = {Path(query).resolve(): ("--query image", query) for query, _, _ in plan}
     for image, mask in supports:
         inputs.setdefault(Path(image).resolve(), (f"{support_option} image", image))
@@ -273,12 +275,8 @@ def check_outputs(plan: list[tuple[Path, Path, Path | None]], supports: list[tup
         if inside is not None:
             raise ValueError(f"{option} '{path}' is inside the --query folder '{inside}'; the next run on that folder "
                              "would segment the PNGs written there as query images: expected a folder outside it")
-    parents = {(option, path.parent) for _, *files in plan for option, path in zip(("--out", "--overlay"), files) if path}
-    for option, parent in sorted(parents):  # an output under a file: its mkdir would fail after the work is done
-        blocking = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
-        if blocking is not None:
-            raise ValueError(f"{option} '{out if option == '--out' else overlay}': '{blocking}' is a file, not a "
-                             "folder to write the PNGs into")
+    for _, mask, overlay_file in plan:  # under a file (also a subfolder of --out): mkdir would fail after the work
+        check_output_paths({"--out": mask, "--overlay": overlay_file})
     if overlay is not None and overlay.resolve() == out.resolve():
         raise ValueError(f"--overlay '{overlay}' is --out '{out}'; each overlay would replace its mask: "
                          "expected another path")

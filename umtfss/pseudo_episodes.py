@@ -72,9 +72,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from umtfss.clustering import check_output_folders
 from umtfss.episode import Episode
-from umtfss.io import atomic_path, check_outputs_apart, read_rgb, resolve_table_paths
+from umtfss.io import atomic_path, check_output_paths, check_outputs_apart, read_rgb, resolve_table_paths
 from umtfss.stores import EmbeddingStore, LabelStore
 from umtfss.progress import tqdm
 
@@ -526,7 +525,7 @@ def build_episodes(label_paths: Sequence[str | Path], embedding_paths: Sequence[
     out_dir = Path(out_dir)
     paths = {"features": out_dir / FEATURES_FILE, "regions": out_dir / REGIONS_FILE,
              "candidates": out_dir / CANDIDATES_FILE}
-    check_output_folders({"output folder (--out-dir)": paths["regions"]})
+    check_output_paths({"output folder (--out-dir)": paths["regions"]})
     check_outputs_apart({"output folder (--out-dir)": out_dir},
                         {"a label store (--labels)": label_paths, "an embedding store (--embeddings)": embedding_paths})
     with contextlib.ExitStack() as stack:

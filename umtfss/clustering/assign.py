@@ -13,9 +13,8 @@ from umtfss.clustering.refine import (
     SUPERPIXEL_MIN_SIZE, SUPERPIXEL_SCALE, SUPERPIXEL_SIGMA, UPSAMPLINGS, embedded_view, grid_majority,
     refine_labels, superpixel_majority,
 )
-from umtfss.clustering import check_output_folders
 from umtfss.devices import resolve_device
-from umtfss.io import OutputInTheWay, atomic_path, check_outputs_apart
+from umtfss.io import OutputInTheWay, atomic_path, check_output_paths, check_outputs_apart
 from umtfss.pseudo_episodes import bilinear_taps
 from umtfss.stores import EMBEDDING_ATTRS, BackgroundWriter, EmbeddingStore, array_sha256, create_label_store, prefetch
 from umtfss.progress import tqdm
@@ -266,7 +265,7 @@ def assign_shard(embedding_shard_path: str | Path, centroids: str | Path | np.nd
                          f"{' or '.join(UPSAMPLINGS)}")
     if batch_images < 1:
         raise ValueError(f"batch_images must be >= 1, got {batch_images}")
-    check_output_folders({"output": out})
+    check_output_paths({"output": out})
     check_label_output(out)
     store = EmbeddingStore([embedding_shard_path])
     refining = refine == "superpixel"
@@ -352,7 +351,7 @@ def cli(parser):
             raise ValueError(f"--batch-images is {args.batch_images}, expected 1 or more")
         check_outputs_apart({"--out": args.out}, {"--embeddings": [args.embeddings], "--centroids": [args.centroids],
                                                   "--images": [args.images] if args.images else []})
-        check_output_folders({"--out": args.out})
+        check_output_paths({"--out": args.out})
         assign_shard(args.embeddings, args.centroids, args.out, batch_images=args.batch_images,
                      device=cfg["device"], refine=cfg["refine"], images=args.images,
                      superpixel_scale=cfg["superpixel_scale"], superpixel_sigma=cfg["superpixel_sigma"],

@@ -13,12 +13,11 @@ import faiss
 import numpy as np
 import torch
 
-from umtfss.clustering import check_output_folders
 from umtfss.clustering.assign import normalise_rows
 from umtfss.clustering.minibatch import image_groups, running_means
 from umtfss.clustering.torch_kmeans import TorchKMeans
 from umtfss.devices import resolve_device
-from umtfss.io import atomic_path, check_outputs_apart
+from umtfss.io import atomic_path, check_output_paths, check_outputs_apart
 from umtfss.stores import EMBEDDING_ATTRS, READ_BATCH_IMAGES, EmbeddingStore, array_sha256, iter_selected
 from umtfss.progress import tqdm
 
@@ -222,7 +221,7 @@ def fit_centroids(store: EmbeddingStore | list, clusters: int, subset_pixels: in
 def write_fit(centroids: np.ndarray, meta: dict, out_centroids: str | Path, out_meta: str | Path) -> None:
     """centroids.npy and fit.json, each written atomically; both are renamed only once both are written,
     so a killed fit does not leave new centroids beside an older fit.json (or the reverse)."""
-    check_output_folders({"centroids": out_centroids, "fit metadata": out_meta})
+    check_output_paths({"centroids": out_centroids, "fit metadata": out_meta})
     with contextlib.ExitStack() as stack:
         temp_centroids = stack.enter_context(atomic_path(out_centroids, sweep=True))
         temp_meta = stack.enter_context(atomic_path(out_meta, sweep=True))
@@ -244,7 +243,7 @@ def cli(parser):
         cfg = load(args.config)["clustering"]
         check_outputs_apart({"--out-centroids": args.out_centroids, "--out-meta": args.out_meta},
                             {"--embeddings": args.embeddings, "--config": [args.config]})
-        check_output_folders({"--out-centroids": args.out_centroids, "--out-meta": args.out_meta}, files=True)
+        check_output_paths({"--out-centroids": args.out_centroids, "--out-meta": args.out_meta}, kind="file")
         centroids, meta = fit_centroids(EmbeddingStore(args.embeddings), cfg["clusters"], cfg["subset_pixels"],
                                         cfg["iterations"], cfg["redo"], cfg["seed"], cfg["device"], cfg["backend"],
                                         metric=cfg["metric"], fit_mode=cfg["fit_mode"],

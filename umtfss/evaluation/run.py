@@ -254,17 +254,13 @@ def protected_inputs(tables_dir, paths: dict[str, tuple[str, str]], checkpoints)
 def check_outputs(outputs: dict[str, str | Path], inputs: dict[str, list]) -> None:
     """Refuse, before any work, an output that is a folder, lies under a file, or is an input or the
     other output: written at the end, it would fail after the whole meta-test or replace that file."""
-    from umtfss.io import check_outputs_apart
+    from umtfss.io import check_output_paths, check_outputs_apart
 
     for option, given in outputs.items():
         path = Path(given)
         if path.is_dir():
             raise ValueError(f"{option} '{given}' is a folder; expected the path of a CSV file")
-        for folder in path.parents:
-            if folder.exists():
-                if not folder.is_dir():
-                    raise ValueError(f"{option} '{given}' lies under '{folder}', which is a file; expected a path in a folder")
-                break
+    check_output_paths(outputs)
     check_outputs_apart(outputs, inputs)
 
 

@@ -351,12 +351,9 @@ def _stale_reason(path: Path, config: dict, method_name: str, inputs: str | None
 def check_out_dir(out_dir: Path, method_name: str) -> None:
     """Refuse, before any work, an --out-dir that is a file or lies under one, or that holds a model of
     another method: a run there would replace it (a workflow rerun always finds its own method)."""
-    for folder in (out_dir, *out_dir.parents):
-        if folder.exists() or folder.is_symlink():
-            if not folder.is_dir():
-                where = "is a file" if folder == out_dir else f"lies under '{folder}', which is a file"
-                raise ValueError(f"--out-dir '{out_dir}' {where}; expected a folder for checkpoint.pt, last.pt and log.csv")
-            break
+    from umtfss.io import check_output_paths
+
+    check_output_paths({"--out-dir": out_dir}, kind="folder")
     for name in ("checkpoint.pt", "last.pt"):
         path = out_dir / name
         if not path.is_file():
