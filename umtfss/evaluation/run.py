@@ -256,11 +256,7 @@ def check_outputs(outputs: dict[str, str | Path], inputs: dict[str, list]) -> No
     other output: written at the end, it would fail after the whole meta-test or replace that file."""
     from umtfss.io import check_output_paths, check_outputs_apart
 
-    for option, given in outputs.items():
-        path = Path(given)
-        if path.is_dir():
-            raise ValueError(f"{option} '{given}' is a folder; expected the path of a CSV file")
-    check_output_paths(outputs)
+    check_output_paths(outputs, kind="file")
     check_outputs_apart(outputs, inputs)
 
 
