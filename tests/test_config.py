@@ -277,3 +277,22 @@ def test_numbers_written_1e_3_are_numbers_in_every_file(tmp_path):
     loaded = cfg.load(path)
     assert (loaded["training"]["lr_adamw"], loaded["training"]["finetune_lr_adamw"]) == (1e-3, 2e-4)
     assert loaded["unlabeled"]["name"] == "1e3"
+
+
+def test_runtime_settings_merge_only_keys_that_change_speed():
+    """--runtime (UMTFSS_RUNTIME in the workflow) is untracked, so it must refuse any key that could change a result."""
+    from umtfss.config import RUNTIME_KEYS, read_raw, runtime_settings, with_runtime
+
+    raw = read_raw({"training": {"workers": 4, "lr_sgd": 0.5}})
+    merged = with_runtime(raw, '{"training": {"workers": 0}, "evaluation": {"image_cache_mb": 1}}', ("training",))
+    assert merged == {"training": {"workers": 0, "lr_sgd": 0.5}} and raw["training"]["workers"] == 4
+    assert with_runtime(raw, None, ("training",)) is raw
+    with pytest.raises(cfg.ConfigError, match=r"--runtime sets training\.lr_sgd, which can change a result"):
+        with_runtime(raw, '{"training": {"lr_sgd": 1.0}}', ("training",))
+    with pytest.raises(cfg.ConfigError, match="--runtime .* is not JSON"):
+        with_runtime(raw, "{training: 1", ("training",))
+    with pytest.raises(cfg.ConfigError, match="must map sections to keys"):
+        with_runtime(raw, '{"training": 3}', ("training",))
+    settings = json.loads(runtime_settings(cfg.load({}), tuple(RUNTIME_KEYS)))
+    assert settings["training"] == {"workers": 2, "checkpoint_minutes": 10}
+    assert cfg.load(with_runtime({}, json.dumps(settings), tuple(RUNTIME_KEYS)))["training"]["checkpoint_minutes"] == 10

@@ -372,6 +372,46 @@ def _run_first_epoch_then_kill(out_dir):
     assert (out_dir / "last.pt").exists() and not (out_dir / "checkpoint.pt").exists()
 
 
+def test_a_kill_within_an_epoch_resumes_from_the_step_it_saved(tmp_path):
+    """training.checkpoint_minutes: last.pt also within an epoch (0: after every step), and a resume from
+    such a save ends exactly as an uninterrupted run, its log without the killed steps' rows."""
+    straight = train(tiny_config(epochs=2), SquareEpisodes(), tmp_path / "straight", progress=False)
+    original, saves = ckpt.save, []
+
+    def save_then_die(path, **payload):
+        result = original(path, **payload)
+        if path.name == "last.pt":
+            saves.append((payload["epoch"], payload["epoch_step"], payload["step"]))
+            if payload["step"] == 5:  # two steps into the second epoch (3 steps each)
+                raise _Killed()
+        return result
+
+    killed = tmp_path / "killed"
+    ckpt.save = save_then_die
+    try:
+        with pytest.raises(_Killed):
+            train(tiny_config(epochs=2, checkpoint_minutes=0), SquareEpisodes(), killed, progress=False)
+    finally:
+        ckpt.save = original
+    assert saves == [(0, 1, 1), (0, 2, 2), (1, 0, 3), (1, 1, 4), (1, 2, 5)]
+    # the rows of a killed step after the save are dropped on resume, not kept twice
+    with open(killed / "log.csv", "a") as handle:
+        handle.write("6,2,0.5,0.01,0.0001,0.1\n")
+    resumed = train(tiny_config(epochs=2, checkpoint_minutes=None), SquareEpisodes(), killed, progress=False)
+    a, b = final_weights(straight), final_weights(resumed)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    log = list(csv.DictReader(open(killed / "log.csv")))
+    straight_log = list(csv.DictReader(open(tmp_path / "straight" / "log.csv")))
+    assert [(r["step"], r["loss"]) for r in log] == [(r["step"], r["loss"]) for r in straight_log]
+    saves.clear()
+    ckpt.save = save_then_die
+    try:  # null: after each epoch only
+        train(tiny_config(epochs=2, checkpoint_minutes=None), SquareEpisodes(), tmp_path / "epochs", progress=False)
+    finally:
+        ckpt.save = original
+    assert saves == [(1, 0, 3), (2, 0, 6)]
+
+
 def test_stale_state_of_another_config_or_data_is_not_resumed(tmp_path, capsys):
     """The workflow reruns train after a config or input change: last.pt of the old run must not be resumed."""
     changed = tiny_config(epochs=2, lr_sgd=0.5)

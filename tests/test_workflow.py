@@ -205,6 +205,28 @@ def test_fine_tuning_keys_do_not_retrain_the_unsupervised_model(pipeline):
     assert "train_unsup" in planned_jobs(plan) and "embed" not in planned_jobs(plan)
 
 
+def test_keys_that_change_only_speed_rerun_nothing_and_reach_the_jobs(pipeline, tmp_path):
+    """umtfss.config.RUNTIME_KEYS (training.workers, checkpoint_minutes, the evaluation caches) go to the
+    jobs apart from their tracked config: editing them leaves a finished run done, yet a job that runs gets them."""
+    import shutil
+
+    with edited_config(pipeline) as config:
+        config["training"].update(workers=0, checkpoint_minutes=2.5)
+        config["evaluation"].update(image_cache_mb=16, feature_cache_mb=8)
+        write_config(pipeline, config)
+        assert "Nothing to be done" in snakemake(pipeline, "-n", "--cores", "2", "results/eval_pascal.csv").stdout
+        jobs = _job_configs(snakemake(pipeline, "-n", "-p", "--cores", "2", "results/eval_pascal.csv",
+                                      "--forcerun", "train_unsup", "evaluate"))
+        copy = tmp_path / "run"  # a job run here would make the module's run out of date
+        shutil.copytree(pipeline, copy, symlinks=True)
+    assert not {"workers", "checkpoint_minutes"} & set(jobs["train_unsup"][0]["training"])
+    assert not {"image_cache_mb", "feature_cache_mb"} & set(jobs["evaluate"][0]["evaluation"])
+    (target,) = copy.glob("results/pascal/*/clusters-12/models/*/unsup/checkpoint.pt")
+    snakemake(copy, "--cores", "2", "--forcerun", "train_unsup", str(target.relative_to(copy)))
+    (log,) = copy.glob("logs/pascal/*/clusters-12/*/train-unsup.log")
+    assert "settings that change only speed (--runtime): workers 0, checkpoint_minutes 2.5" in log.read_text()
+
+
 def test_another_data_sets_keys_rerun_nothing_of_a_pascal_run(pipeline):
     """Each job reads its own data set's keys: COCO's (converter keys or not) leave the PASCAL run done,
     and so do the keys that no job of it reads (fold_images in the 'all' setting, the reference

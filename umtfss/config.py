@@ -20,6 +20,11 @@ DEFAULT_TEST_EPISODES = {"pascal": 1000, "coco": 5000, "custom": 1000}
 REFERENCE_PREDICTOR_KEYS = ("backbone", "checkpoint", "checkpoint_url", "checkpoint_sha256")
 
 
+# keys that change how fast a stage runs, never what it writes (tests hold each stage to that): the
+# workflow gives them to the jobs apart from the config it tracks (--runtime), so changing one reruns nothing
+RUNTIME_KEYS = {"training": ("workers", "checkpoint_minutes"), "evaluation": ("feature_cache_mb", "image_cache_mb")}
+
+
 class ConfigError(ValueError):
     """A configuration value is not allowed; the message names the key, the value and what is allowed."""
 
@@ -282,6 +287,37 @@ def read_raw(source: str | Path | dict | None = None) -> dict:
         raise ConfigError(f"configuration must be a mapping of sections (embedding:, clustering:, ...), got a "
                           f"{type(data).__name__}" + (f" in {where}" if source is not None and not isinstance(source, dict) else ""))
     return data
+
+
+def with_runtime(raw: dict, runtime: str | None, sections: tuple[str, ...]) -> dict:
+    """`raw` (read_raw's) with the --runtime settings of `sections` (those the stage reads) merged in: a
+    JSON mapping of RUNTIME_KEYS only, so that nothing the workflow does not track can change a result."""
+    if not runtime:
+        return raw
+    try:
+        given = json.loads(runtime)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--runtime '{runtime[:80]}' is not JSON: {err}") from None
+    allowed = ", ".join(f"{section}.{key}" for section, keys in RUNTIME_KEYS.items() for key in keys)
+    if not isinstance(given, dict) or not all(isinstance(v, dict) for v in given.values()):
+        raise ConfigError(f"--runtime '{runtime[:80]}' must map sections to keys, e.g. "
+                          '\'{"training": {"workers": 8}}\'' + f"; it takes {allowed}")
+    other = [f"{section}.{key}" for section, keys in given.items() for key in keys
+             if key not in RUNTIME_KEYS.get(section, ())]
+    if other:
+        raise ConfigError(f"--runtime sets {', '.join(other)}, which can change a result: give it in --config. "
+                          f"--runtime takes only keys that change nothing but speed: {allowed}")
+    merged = copy.deepcopy(raw)
+    for section, keys in given.items():
+        if section in sections:
+            merged[section] = {**(merged.get(section) or {}), **keys}
+    return merged
+
+
+def runtime_settings(config: dict, sections: tuple[str, ...]) -> str:
+    """The --runtime JSON of `sections` (their RUNTIME_KEYS in a loaded config), as the workflow passes it
+    (in UMTFSS_RUNTIME, --runtime's default)."""
+    return json.dumps({s: {k: config[s][k] for k in RUNTIME_KEYS[s]} for s in sections}, sort_keys=True)
 
 
 def benchmark_kind(config: dict, name: str) -> str:

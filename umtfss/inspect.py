@@ -184,7 +184,7 @@ def one_line(path: Path) -> str:
         import torch
 
         data = torch.load(path, map_location="cpu", weights_only=True)
-        facts = [f"{key} {data[key]}" for key in ("method", "epoch", "step") if isinstance(data, dict) and key in data]
+        facts = [f"{key} {data[key]}" for key in ("method", "epoch", "epoch_step", "step") if isinstance(data, dict) and key in data]
         return "checkpoint: " + (", ".join(facts) or "no method recorded")
     except Exception as err:  # a damaged file is listed with the reason, the others still shown
         from umtfss.stores import damaged_metadata

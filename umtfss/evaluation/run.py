@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -474,9 +475,17 @@ def cli(parser: argparse.ArgumentParser):
     parser.add_argument("--workers", type=parse_workers, default="auto",
                         help="image-decoding worker processes (0 = in process; auto, the default: 0 on a CPU, "
                              "torch's thread count on a GPU)")
+    parser.add_argument("--runtime", metavar="JSON", default=os.environ.get("UMTFSS_RUNTIME"),
+                        help="settings that change only speed, over --config's: evaluation.feature_cache_mb and "
+                             "image_cache_mb (default: $UMTFSS_RUNTIME, where the workflow puts them, untracked, "
+                             "so that changing one reruns no job)")
 
     def run(args: argparse.Namespace) -> None:
-        config = config_module.load(args.config)
+        raw = config_module.with_runtime(config_module.read_raw(args.config), args.runtime, ("evaluation",))
+        config = config_module.load(raw)
+        if args.runtime:
+            settings = ", ".join(f"{k} {config['evaluation'][k]}" for k in config_module.RUNTIME_KEYS["evaluation"])
+            print(f"umtfss evaluate: settings that change only speed (--runtime): {settings}", file=sys.stderr)
         methods = methods_of(args.method)
         evaluate(config, args.dataset, args.tables, methods, args.out, args.classes_out, dict(args.meta),
                  workers=args.workers, inputs=config_file_input(args.config))

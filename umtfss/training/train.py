@@ -6,6 +6,7 @@ import argparse
 import csv
 import io
 import math
+import os
 import re
 import sys
 import time
@@ -15,7 +16,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from umtfss.devices import resolve_device
 from umtfss.io import atomic_path
@@ -26,7 +27,7 @@ from umtfss.training.sources import ALL_CLASSES, EpisodeDataset, EpisodeSource
 from umtfss.progress import tqdm
 
 # training keys that do not change the result: a resume may differ in them
-RESUME_FREE_KEYS = {"workers", "device"}
+RESUME_FREE_KEYS = {"workers", "device", "checkpoint_minutes"}
 FINETUNE_METHOD = re.compile(r"^finetune-(\d+)%$")
 SUP_FRACTION_METHOD = re.compile(r"^sup-(\d+)%$")  # supervised from scratch on P % (paper Table 2, "w/o" rows)
 
@@ -195,7 +196,8 @@ def train(
     config_sections: list[str] | None = None,
     labelled_classes: list[str] | None = None,
 ) -> Path:
-    """Train the FSS model on `source` into out_dir (last.pt each epoch, checkpoint.pt, log.csv).
+    """Train the FSS model on `source` into out_dir (last.pt each epoch and every
+    training.checkpoint_minutes within one, checkpoint.pt, log.csv).
 
     If out_dir/last.pt holds a run of the same method, result-changing config and `inputs` (a
     fingerprint of the training data, umtfss.io.fingerprint) the run continues from it and ends
@@ -241,13 +243,13 @@ def train(
     loss_fn = build_loss(tcfg["loss"], tcfg["dice_ignore"])
     log = StepLog(out_dir / "log.csv", list(optimizers))
 
-    start_epoch, step = 0, 0
+    start_epoch, step, resumed_steps = 0, 0, 0  # resumed_steps: of epoch start_epoch, done before a kill
     last_path = out_dir / "last.pt"
     stale = _stale_reason(last_path, config, method_name, inputs) if last_path.is_file() else None
     if stale:
         print(f"umtfss train: not resuming from '{last_path}': {stale}; starting over", file=sys.stderr)
     elif last_path.is_file():
-        start_epoch, step = _resume(last_path, model, backbone, optimizers, schedulers, scaler, device)
+        start_epoch, step, resumed_steps = _resume(last_path, model, backbone, optimizers, schedulers, scaler, device)
         log.resume(step)
     final_path = out_dir / "checkpoint.pt"
     if start_epoch < schedule.epochs and final_path.is_file():
@@ -256,13 +258,29 @@ def train(
         print(f"umtfss train: removed '{final_path}' of an earlier run; this run writes its own when it ends",
               file=sys.stderr)
 
+    def save_last(epochs_done: int, epoch_steps: int) -> None:
+        """last.pt: everything a resume needs, after `epoch_steps` steps of epoch `epochs_done` (0: at its start)."""
+        log.write()
+        ckpt.save(
+            last_path, config=config, method=method_name, model=ckpt.trainable_state(model, backbone),
+            optimizers={k: o.state_dict() for k, o in optimizers.items()},
+            schedulers={k: s.state_dict() for k, s in schedulers.items()},
+            scaler=scaler.state_dict(), epoch=epochs_done, epoch_step=epoch_steps, step=step,
+            rng=_rng_state(device), inputs=inputs, labelled_classes=sorted(labelled_classes or []),
+        )
+
+    minutes = tcfg["checkpoint_minutes"]
+    last_saved = time.monotonic()
     board = _tensorboard(out_dir)
     bar = tqdm(total=total_steps, initial=step, desc=f"train {method_name}", unit="step", disable=not progress)
     for epoch in range(start_epoch, schedule.epochs):
         model.train()
         dataset.set_epoch(epoch)
+        epoch_steps = resumed_steps if epoch == start_epoch else 0
+        # item i is a function of (seed, epoch, i): the batches left after a mid-epoch kill are the same ones
+        items = Subset(dataset, range(epoch_steps * schedule.batch_size, len(dataset))) if epoch_steps else dataset
         loader = DataLoader(
-            dataset, batch_size=schedule.batch_size, shuffle=False, num_workers=tcfg["workers"],
+            items, batch_size=schedule.batch_size, shuffle=False, num_workers=tcfg["workers"],
             pin_memory=device.type == "cuda", drop_last=False,
             generator=torch.Generator().manual_seed(tcfg["seed"] * 100_003 + epoch),
         )
@@ -289,14 +307,13 @@ def train(
                     board.add_scalar(f"lr/{name}", value, step)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}")
-        log.write()
-        ckpt.save(
-            last_path, config=config, method=method_name, model=ckpt.trainable_state(model, backbone),
-            optimizers={k: o.state_dict() for k, o in optimizers.items()},
-            schedulers={k: s.state_dict() for k, s in schedulers.items()},
-            scaler=scaler.state_dict(), epoch=epoch + 1, step=step, rng=_rng_state(device), inputs=inputs,
-            labelled_classes=sorted(labelled_classes or []),
-        )
+            epoch_steps += 1
+            if (minutes is not None and epoch_steps < steps_per_epoch
+                    and time.monotonic() - last_saved >= 60 * minutes):
+                save_last(epoch, epoch_steps)
+                last_saved = time.monotonic()
+        save_last(epoch + 1, 0)
+        last_saved = time.monotonic()
     bar.close()
     if board is not None:
         board.close()
@@ -373,8 +390,9 @@ def _restore_scaler(scaler: torch.amp.GradScaler, stored: dict) -> None:
         scaler.load_state_dict(stored)
 
 
-def _resume(path, model, backbone, optimizers, schedulers, scaler, device) -> tuple[int, int]:
-    """Restore everything from last.pt (checked by _stale_reason first)."""
+def _resume(path, model, backbone, optimizers, schedulers, scaler, device) -> tuple[int, int, int]:
+    """Restore everything from last.pt (checked by _stale_reason first): (epochs done, steps done, steps
+    done of the next epoch; 0 for a last.pt written at an epoch's end or before mid-epoch saves existed)."""
     state = ckpt.load(path)
     ckpt.load_trainable_state(model, backbone, state["model"], path)
     if set(state["optimizers"]) != set(optimizers):
@@ -384,7 +402,7 @@ def _resume(path, model, backbone, optimizers, schedulers, scaler, device) -> tu
         schedulers[name].load_state_dict(state["schedulers"][name])
     _restore_scaler(scaler, state["scaler"])
     _set_rng_state(state["rng"], device)
-    return int(state["epoch"]), int(state["step"])
+    return int(state["epoch"]), int(state["step"]), int(state.get("epoch_step", 0))
 
 
 # ---------------------------------------------------------------- command line
@@ -407,6 +425,10 @@ def cli(parser: argparse.ArgumentParser):
                              "test classes it has seen)")
     parser.add_argument("--init", type=Path, help="finetune: checkpoint to start from (the unsup model)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--runtime", metavar="JSON", default=os.environ.get("UMTFSS_RUNTIME"),
+                        help="settings that change only speed, over --config's: training.workers and "
+                             "training.checkpoint_minutes, e.g. '{\"training\": {\"workers\": 8}}' (default: "
+                             "$UMTFSS_RUNTIME, where the workflow puts them, untracked, so that changing one reruns no job)")
     return run
 
 
@@ -419,9 +441,12 @@ def _fold_argument(text: str) -> int | str:
 
 
 def run(args: argparse.Namespace) -> Path:
-    from umtfss.config import load, read_raw
+    from umtfss.config import RUNTIME_KEYS, load, read_raw, with_runtime
 
-    config = load(args.config)
+    config = load(with_runtime(read_raw(args.config), args.runtime, ("training",)))
+    if args.runtime:
+        settings = ", ".join(f"{k} {config['training'][k]}" for k in RUNTIME_KEYS["training"])
+        print(f"umtfss train: settings that change only speed (--runtime): {settings}", file=sys.stderr)
     method = args.method
     check_out_dir(args.out_dir, method)  # before the sources are read (a COCO index takes a while)
     finetune = FINETUNE_METHOD.match(method)

@@ -10,8 +10,9 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
-from umtfss.config import (REFERENCE_PREDICTOR_KEYS, ConfigError, benchmark_kind as _benchmark_kind,
-                           type_command_line_values, validate as _validate_config)
+from umtfss.config import (REFERENCE_PREDICTOR_KEYS, RUNTIME_KEYS, ConfigError, benchmark_kind as _benchmark_kind,
+                           runtime_settings as _runtime_settings, type_command_line_values,
+                           validate as _validate_config)
 from umtfss.data.custom import custom_folds as _custom_folds
 from umtfss.data.folder import folder_fingerprint as _folder_fingerprint, scan_image_folder as _scan_image_folder
 from umtfss.data.overlap import check_test_images_unseen as _check_test_images_unseen
@@ -70,6 +71,9 @@ except Exception:  # no --cores: a dry run, --report, --dag
     _CORES = None
 TORCH_JOB_THREADS = _CORES if _CORES and _CORES <= 1024 else _usable_cores()
 CONDA_ENV = f"../../envs/{config['software_env']}.yaml"  # relative to the rule files
+# the keys that change only speed (umtfss.config.RUNTIME_KEYS) reach the jobs in the environment, not in
+# params: Snakemake reruns a job whose params changed (train and evaluate read UMTFSS_RUNTIME)
+os.environ.update(UMTFSS_RUNTIME=_runtime_settings(config, tuple(RUNTIME_KEYS)))
 # the checkout that envs/*.post-deploy.sh installs into a new conda environment (a relative path in the
 # environment file would resolve under .snakemake/conda/, where Snakemake copies it)
 if (Path(workflow.basedir).parent / "pyproject.toml").is_file():
@@ -138,8 +142,8 @@ CONVERT_ONLY_KEYS = {"coco": ("crowd", "keep_unannotated", "overlap")}
 def _section(name, converter=False, dataset=None):
     """A config section; `datasets` cut to the one data set a job reads (its name in paths or its kind; but
     for a converter, without the converter-only keys), so that editing another data set's keys reruns nothing here."""
-    if name != "datasets":
-        return config[name]
+    if name != "datasets":  # less the keys that change only speed: they go to the job untracked (RUNTIME)
+        return {k: v for k, v in config[name].items() if k not in RUNTIME_KEYS.get(name, ())}
     if dataset is None:
         raise ValueError("a stage reading the datasets section must name its data set")
     dataset = kind(dataset)
@@ -172,7 +176,7 @@ def meta_training_config(*sections, labelled=False, finetune=False, dataset=None
     those does not retrain the model."""
     other_kind = UNLABELLED_ONLY_KEYS if labelled or finetune else LABELLED_ONLY_KEYS
     training = {k: v for k, v in config["training"].items()
-                if (finetune or not k.startswith("finetune_")) and k not in other_kind}
+                if (finetune or not k.startswith("finetune_")) and k not in other_kind + RUNTIME_KEYS["training"]}
     return json.dumps({"training": training, **_slices(sections, dataset=dataset, only=only)}, sort_keys=True)
 
 
