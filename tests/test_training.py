@@ -412,6 +412,22 @@ def test_a_kill_within_an_epoch_resumes_from_the_step_it_saved(tmp_path):
     assert saves == [(1, 0, 3), (2, 0, 6)]
 
 
+def test_drop_last_leaves_out_the_short_batch_as_the_reference_code(tmp_path):
+    """training.drop_last (PFENet / CyCTR / UMTFSS: drop_last=True): 7 episodes in batches of 2 are 3 steps
+    an epoch, and the schedule counts those; false trains the short batch too; an epoch shorter than a
+    batch is refused by key rather than trained for zero steps."""
+    steps = {}
+    for drop in (True, False):
+        out = tmp_path / str(drop)
+        train(tiny_config(epochs=2, drop_last=drop, warmup_steps=0), SquareEpisodes(count=7), out, progress=False)
+        rows = list(csv.DictReader(open(out / "log.csv")))
+        steps[drop] = [int(r["epoch"]) for r in rows]
+        assert float(rows[-1]["lr_sgd"]) == pytest.approx(0.01 * (1 / len(rows)) ** 0.9)  # poly over these steps
+    assert steps == {True: [1, 1, 1, 2, 2, 2], False: [1, 1, 1, 1, 2, 2, 2, 2]}
+    with pytest.raises(ValueError, match=r"an epoch has 1 episode\(s\), fewer than training.batch_size 2.*drop_last"):
+        train(tiny_config(drop_last=True), SquareEpisodes(count=1), tmp_path / "one", progress=False)
+
+
 def test_stale_state_of_another_config_or_data_is_not_resumed(tmp_path, capsys):
     """The workflow reruns train after a config or input change: last.pt of the old run must not be resumed."""
     changed = tiny_config(epochs=2, lr_sgd=0.5)
@@ -605,7 +621,7 @@ def test_cli_sup_then_finetune_on_prepare_tables(toy_tables, tmp_path, capsys):
     common = ["--config", config, "--tables", str(tables_dir), "--dataset", "pascal", "--fold", "0", "--quiet"]
     assert main(["train", "--method", "sup", "--out-dir", str(tmp_path / "sup"), *common]) == 0
     rows = list(csv.DictReader(open(tmp_path / "sup" / "log.csv")))
-    assert len(rows) == 2  # 5 eligible query images, batch 4
+    assert len(rows) == 1  # 5 eligible query images, batch 4, the short batch left out (training.drop_last)
     assert main(["train", "--method", "finetune-50%", "--out-dir", str(tmp_path / "ft"), "--init",
                  str(tmp_path / "sup" / "checkpoint.pt"), *common]) == 0
     subset = (tmp_path / "ft" / "train_subset.txt").read_text().split()
@@ -621,17 +637,21 @@ def test_cli_sup_then_finetune_on_prepare_tables(toy_tables, tmp_path, capsys):
     assert f"was trained with another model: model.dim: {dim // 2} -> {dim}" in capsys.readouterr().err
     assert not (tmp_path / "ft2" / "train_subset.txt").exists()  # nothing of a run that failed
     # sup-50%: from scratch (no --init) on the very subset finetune-50% fine-tuned on, the sup schedule
-    assert main(["train", "--method", "sup-50%", "--out-dir", str(tmp_path / "sup50"), *common]) == 0
+    sup50 = json.loads(config)
+    sup50["training"].update(batch_size=2, finetune_batch_size=1)
+    assert main(["train", "--method", "sup-50%", "--out-dir", str(tmp_path / "sup50"), "--config", json.dumps(sup50),
+                 *common[2:]]) == 0
     assert (tmp_path / "sup50" / "train_subset.txt").read_text().split() == subset
     state = ckpt.load(tmp_path / "sup50" / "checkpoint.pt")
     assert state["method"] == "sup-50%"
-    # 3 of the 5 images in batches of 4 (sup's batch_size): one step; the fine-tuning batch of 2 would take 2
+    # 2 episodes of the 3 images (one has no second image of its class) in batches of 2 (sup's batch_size): one
+    # step; the fine-tuning batch of 1 would take 2
     assert len(list(csv.DictReader(open(tmp_path / "sup50" / "log.csv")))) == 1
     # the sections the config gave are recorded: a workflow job gets no evaluation section, so predict's
     # default size is the crop the model was trained at, not evaluation.test_size's schema default (473)
     assert state["config_sections"] == ["datasets", "model", "training"]
     assert ckpt.test_size(state) == (48, "training.crop_size")
-    with_evaluation = json.dumps({**json.loads(config), "evaluation": {"test_size": 40}})
+    with_evaluation = json.dumps({**sup50, "evaluation": {"test_size": 40}})
     assert main(["train", "--method", "sup-50%", "--out-dir", str(tmp_path / "sup50e"), "--config", with_evaluation,
                  *common[2:]]) == 0
     assert ckpt.test_size(ckpt.load(tmp_path / "sup50e" / "checkpoint.pt")) == (40, "evaluation.test_size")
@@ -675,7 +695,7 @@ def test_cli_unsup_trains_on_real_pseudo_episodes(tmp_path):
     out = tmp_path / "unsup"
     assert main(["train", "--config", config, "--method", "unsup", "--out-dir", str(out), "--episodes", str(episodes),
                  "--labels", *map(str, labels), "--images", str(images), "--quiet"]) == 0
-    assert len(list(csv.DictReader(open(out / "log.csv")))) == 2  # 6 episodes, batch 4
+    assert len(list(csv.DictReader(open(out / "log.csv")))) == 1  # 6 episodes, batch 4, the short batch left out
     assert not ckpt.load_model(out / "checkpoint.pt").training
 
 
@@ -804,7 +824,7 @@ def test_tqdm_disable_turns_the_training_bar_off(tmp_path):
     code = ("import torch; torch.set_num_threads(1)\n"
             "from test_training import SquareEpisodes, tiny_config\n"
             "from umtfss.training.train import train\n"
-            f"train(tiny_config(epochs=1, batch_size=4), SquareEpisodes(2), {str(tmp_path / 'out')!r}, progress=True)\n")
+            f"train(tiny_config(epochs=1, batch_size=2), SquareEpisodes(2), {str(tmp_path / 'out')!r}, progress=True)\n")
     env = {**os.environ, "TQDM_DISABLE": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

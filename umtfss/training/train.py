@@ -55,6 +55,19 @@ class Schedule:
                    float(training_cfg["lr_sgd"]), float(training_cfg["lr_adamw"]), training_cfg["episodes_per_epoch"])
 
 
+def steps_in_epoch(episodes: int, batch_size: int, drop_last: bool, finetune: bool) -> int:
+    """Optimisation steps per epoch; with drop_last (reference code) a short last batch is no step, and
+    an epoch of fewer episodes than a batch is refused rather than trained for zero steps."""
+    if not drop_last:
+        return math.ceil(episodes / batch_size)
+    if episodes < batch_size:
+        key = "finetune_batch_size" if finetune else "batch_size"
+        raise ValueError(f"an epoch has {episodes} episode(s), fewer than training.{key} {batch_size}, and "
+                         "training.drop_last leaves out a short batch: no step would run. Lower "
+                         f"training.{key} or set training.drop_last to false")
+    return episodes // batch_size
+
+
 def lr_factor(step: int, total_steps: int, power: float, warmup_steps: int) -> float:
     """Multiplier of the base lr at `step`: linear warm-up, then poly decay (1 - step/total)^power."""
     if warmup_steps and step < warmup_steps:
@@ -233,7 +246,7 @@ def train(
 
     dataset = EpisodeDataset(source, tcfg["shots"], tcfg["crop_size"], Augmentation.from_config(tcfg),
                              seed=tcfg["seed"], episodes_per_epoch=schedule.episodes_per_epoch)
-    steps_per_epoch = math.ceil(len(dataset) / schedule.batch_size)
+    steps_per_epoch = steps_in_epoch(len(dataset), schedule.batch_size, tcfg["drop_last"], finetune)
     total_steps = schedule.epochs * steps_per_epoch
 
     optimizers = build_optimizers(model, tcfg, schedule)
@@ -281,7 +294,7 @@ def train(
         items = Subset(dataset, range(epoch_steps * schedule.batch_size, len(dataset))) if epoch_steps else dataset
         loader = DataLoader(
             items, batch_size=schedule.batch_size, shuffle=False, num_workers=tcfg["workers"],
-            pin_memory=device.type == "cuda", drop_last=False,
+            pin_memory=device.type == "cuda", drop_last=tcfg["drop_last"],
             generator=torch.Generator().manual_seed(tcfg["seed"] * 100_003 + epoch),
         )
         tick = time.perf_counter()
