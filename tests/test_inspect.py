@@ -1,6 +1,7 @@
 """`umtfss inspect` on every artifact kind, and the label-store overlay PNG."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -479,3 +480,34 @@ def test_a_json_record_shows_long_lists_shortened_to_n(tmp_path):
     assert '"clusters": 50' in text and '"backend": "faiss"' in text
     assert text.count('"seed"') == 4 and "... 3 more" in text
     assert len(text.splitlines()) < 25
+
+
+def test_the_overlay_never_replaces_a_file_it_reads(tmp_path, capsys):
+    """--overlay on one of the table's images (by its path, through a link, or a hard link), on a label
+    file, on the images table itself or on the --config file would replace that input: refused before
+    the summary, naming --overlay and the path; the inputs are left as they are."""
+    path = write_label_store(tmp_path)
+    table = write_images_table(tmp_path)
+    rows = pd.read_parquet(table)
+    Image.fromarray(np.zeros((30, 45), np.uint8)).save(tmp_path / "a_label.png")
+    rows["label_path"] = [str(tmp_path / "a_label.png"), None, None]
+    rows.to_parquet(table)
+    (tmp_path / "link.png").symlink_to(tmp_path / "b.png")
+    os.link(tmp_path / "c.png", tmp_path / "hard.png")
+    (tmp_path / "table.png").write_bytes(table.read_bytes())  # a parquet under a PNG name is still read
+    (tmp_path / "config.png").write_text("{}")
+    before = {p: p.read_bytes() for p in tmp_path.glob("*.png")}
+    for target, images, extra, named in (
+            ("a.png", table, [], "image"), ("link.png", table, [], "image"), ("hard.png", table, [], "image"),
+            ("a_label.png", table, ["--ground-truth"], "label"), ("a_label.png", table, [], "label"),
+            ("table.png", tmp_path / "table.png", [], "--images"), ("config.png", table,
+                                                                    ["--config", str(tmp_path / "config.png")], "--config")):
+        assert cli.main(["inspect", str(path), "--images", str(images), "--overlay", str(tmp_path / target), *extra]) == 1
+        captured = capsys.readouterr()
+        assert "--overlay" in captured.err and str(tmp_path / target) in captured.err, captured.err
+        assert f"same file as {named}" in captured.err and captured.out == ""
+    assert {p: p.read_bytes() for p in tmp_path.glob("*.png")} == before
+    # a PNG that is no input (an earlier overlay) is replaced as before
+    (tmp_path / "old.png").write_bytes(before[tmp_path / "b.png"])
+    assert cli.main(["inspect", str(path), "--images", str(table), "--overlay", str(tmp_path / "old.png")]) == 0
+    assert np.asarray(Image.open(tmp_path / "old.png")).shape == (2 * 192, 2 * 192, 3)  # 3 images: 2 x 2

@@ -267,3 +267,11 @@ def test_table_paths_written_relative_to_the_workflow_folder_work_from_anywhere(
     assert frame["image_path"][0] == "data/a.png"  # the caller's frame is not changed
     lost = frame.assign(image_path=["gone/a.png", "gone/b.png"])
     assert io.resolve_table_paths(lost, table_file) is lost  # found nowhere: the reader names the file
+
+
+def test_first_line_of_an_error_is_its_first_non_blank_line():
+    """Readers' errors run over lines (torch's advice after its reason); some have no text at all."""
+    assert io.first_line(ValueError("\n  bad header  \nsee the docs\n")) == "bad header"
+    assert io.first_line(EOFError()) == "" and io.first_line(EOFError(), "no message") == "no message"
+    assert io.first_line("  \n\n Unsupported global: GLOBAL os.system\n\nCheck the docs") == "Unsupported global: GLOBAL os.system"
+    assert io.first_line(KeyError("key")) == "'key'"  # as str() gives it

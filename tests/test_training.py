@@ -321,9 +321,34 @@ def test_training_tells_the_model_only_where_the_padding_is(augment):
     model = Recorder()
     optimizers = {"sgd": torch.optim.SGD(model.parameters(), lr=0.1)}
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    loss = _train_step(model, batch, torch.nn.CrossEntropyLoss(ignore_index=255), optimizers, scaler,
-                       torch.device("cpu"), False, None)
-    assert math.isfinite(loss) and torch.equal(seen["query_valid"], valid)
+    loss, stepped = _train_step(model, batch, torch.nn.CrossEntropyLoss(ignore_index=255), optimizers, scaler,
+                                torch.device("cpu"), False, None)
+    assert math.isfinite(loss) and stepped and torch.equal(seen["query_valid"], valid)
+    # a GradScaler whose scaled gradients overflow skips the step: reported, so the schedule can wait
+    overflowing = torch.amp.GradScaler("cpu", init_scale=3e38)
+    before = model.bias.detach().clone()
+    ce = torch.nn.CrossEntropyLoss(ignore_index=255)
+    loss, stepped = _train_step(model, batch, lambda logits, target: 1e3 * ce(logits, target), optimizers,
+                                overflowing, torch.device("cpu"), False, None)
+    assert math.isfinite(loss) and not stepped and torch.equal(model.bias, before)
+
+
+def test_a_step_the_grad_scaler_skipped_does_not_advance_the_lr_schedule(tmp_path, capsys, monkeypatch):
+    """fp16 on CUDA: a skipped step (inf gradients) leaves the lr where it was, as if the step had not been."""
+    import umtfss.training.train as train_module
+
+    real_step, calls = train_module._train_step, []
+
+    def second_step_skipped(*args):
+        loss, stepped = real_step(*args)
+        calls.append(1)
+        return loss, stepped and len(calls) != 2
+
+    monkeypatch.setattr(train_module, "_train_step", second_step_skipped)
+    train(tiny_config(epochs=1, warmup_steps=0), SquareEpisodes(), tmp_path / "out", progress=False)
+    lrs = [float(r["lr_sgd"]) for r in csv.DictReader(open(tmp_path / "out" / "log.csv"))]
+    assert lrs[0] > lrs[1] == lrs[2]  # the lr of step 3 is the one step 2 had: step 2 did not count
+    assert "skipped 1 of 3 steps" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ the loop

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from umtfss.io import atomic_path, check_output_paths, read_rgb, resolve_table_paths
+from umtfss.io import OutputInTheWay, atomic_path, check_output_paths, first_line, read_rgb, resolve_table_paths
 from umtfss.pseudo_episodes import METADATA_KEY, resize_nearest, valid_extent
 from umtfss.progress import tqdm
 
@@ -60,7 +60,7 @@ def json_lines(value, n: int, key: str = "", depth: int = 0) -> list[str]:
 
 def _reason(err: BaseException) -> str:
     """A reader's error in one line; an empty message (numpy's and torch's EOFError) says truncated."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = first_line(err)
     if isinstance(err, EOFError):
         return f"it ends early, truncated or empty ({text or 'EOFError'})"
     return text if isinstance(err, ValueError) else f"{type(err).__name__}: {text}"
@@ -696,18 +696,51 @@ def _open_reader(reader, path: str | Path):
         raise named from None
 
 
+def _read_images_table(images_table: str | Path, columns: list[str]) -> pd.DataFrame:
+    """`columns` of the images table, its relative image and label paths usable from here."""
+    try:
+        table = pd.read_parquet(images_table, columns=columns)
+    except Exception as err:  # a damaged row group: pyarrow's error does not name the file
+        raise ValueError(f"images table '{images_table}' is not a readable parquet file: {err}") from None
+    return resolve_table_paths(table, images_table)
+
+
+def check_overlay_apart(overlay: str | Path, images_table: str | Path, config: str | None = None) -> None:
+    """Refuse an --overlay path that is (the same file, through a link or not) the images table, the
+    --config file, or an image or label file the table lists: the overlay would replace it. Only an
+    existing file can be one of them, so a new path costs nothing; the table's files are each checked
+    (not only the n the overlay shows: any is a file of the data set)."""
+    out = Path(overlay)
+    try:
+        target = out.stat()
+    except OSError:  # nothing there (or a dangling link): it is no file the overlay reads
+        return
+    inputs = [(f"--images '{images_table}'", images_table)]
+    if config is not None and Path(config).is_file():  # --config may be inline JSON
+        inputs.append((f"--config '{config}'", config))
+    columns = [c for c in ("image_path", "label_path") if c in pq.read_schema(images_table).names]
+    table = _read_images_table(images_table, columns)
+    for column in columns:
+        kind = column.split("_")[0]
+        inputs += [(f"{kind} '{p}' listed in --images '{images_table}'", p) for p in table[column].unique()
+                   if isinstance(p, str) and p]
+    for named, path in inputs:
+        try:
+            same = os.path.samestat(target, os.stat(path))
+        except OSError:  # a missing image: the overlay names it if it is shown
+            continue
+        if same:
+            raise OutputInTheWay(f"--overlay '{overlay}' is the same file as {named}; writing the overlay would "
+                                 "replace it: give another path")
+
+
 def _images_of_store(store, images_table: str | Path, n: int, what: str, label_paths: bool = False
                      ) -> tuple[list[int], dict[str, str], dict[str, object]]:
     """The first n image indices of a store that the images table holds, the table's image paths and,
     with `label_paths`, its label paths (else an empty dict)."""
     if n < 1:
         raise ValueError(f"n is {n}; expected >= 1 image in the overlay")
-    columns = check_images_table(images_table, label_paths)
-    try:
-        table = pd.read_parquet(images_table, columns=columns).drop_duplicates("image_id")
-    except Exception as err:  # a damaged row group: pyarrow's error does not name the file
-        raise ValueError(f"images table '{images_table}' is not a readable parquet file: {err}") from None
-    table = resolve_table_paths(table, images_table)
+    table = _read_images_table(images_table, check_images_table(images_table, label_paths)).drop_duplicates("image_id")
     ids = table["image_id"].astype(str)
     paths = dict(zip(ids, table["image_path"].astype(str)))
     labels_of = dict(zip(ids, table["label_path"])) if label_paths else {}
@@ -797,6 +830,7 @@ def check_options(args: argparse.Namespace) -> None:
                          "expected a file name ending in .png")
     check_output_paths({"--overlay": args.overlay})
     check_images_table(args.images, label_paths=args.ground_truth)
+    check_overlay_apart(args.overlay, args.images, args.config)
 
 
 def cli(parser: argparse.ArgumentParser):

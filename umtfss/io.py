@@ -58,6 +58,13 @@ class ImageReadError(ValueError):
         return (type(self), (self.path, self.reason))
 
 
+def first_line(error: BaseException | str, default: str = "") -> str:
+    """The first non-blank line of an error's text (or of a text), stripped, for a one-line message:
+    readers' errors run over lines (torch's advice, tracebacks); `default` when there is none (the
+    EOFError of an empty file has no text)."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), default)
+
+
 def is_image_path(path: str | Path) -> bool:
     """True when the file name ends in one of IMAGE_SUFFIXES (any case)."""
     return Path(path).suffix.lower() in IMAGE_SUFFIXES

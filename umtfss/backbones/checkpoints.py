@@ -17,6 +17,7 @@ from urllib.request import Request, urlopen
 import torch
 from torch import nn
 
+from umtfss.io import first_line
 from umtfss.progress import tqdm
 
 # Where downloaded checkpoints are kept; UMTFSS_CACHE overrides it.
@@ -223,7 +224,7 @@ def load_state_dict(path: str | Path) -> dict:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated, garbage or unsafe files
         raise ValueError(
-            f"checkpoint '{path}' could not be read ({type(err).__name__}: {_first_line(err)}); "
+            f"checkpoint '{path}' could not be read ({type(err).__name__}: {first_line(err, 'no message')}); "
             "expected a file written by torch.save holding tensors (it may be truncated or not a "
             "PyTorch checkpoint)"
         ) from None
@@ -232,12 +233,6 @@ def load_state_dict(path: str | Path) -> dict:
             f"checkpoint '{path}' holds a {type(loaded).__name__}, expected a dict of tensors (a state dict)"
         )
     return dict(loaded)
-
-
-def _first_line(err: BaseException) -> str:
-    """The first line of an error's text; some (an empty file's) have none."""
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else "no message"
 
 
 def unwrap_state_dict(checkpoint: Mapping, path: str | Path, prefixes=("module.", "backbone.")) -> dict:

@@ -283,6 +283,7 @@ def train(
         )
 
     minutes = tcfg["checkpoint_minutes"]
+    skipped = 0  # steps of this process the GradScaler skipped
     last_saved = time.monotonic()
     board = _tensorboard(out_dir)
     bar = tqdm(total=total_steps, initial=step, desc=f"train {method_name}", unit="step", disable=not progress)
@@ -300,7 +301,7 @@ def train(
         tick = time.perf_counter()
         for batch in loader:
             lrs = {name: opt.param_groups[0]["lr"] for name, opt in optimizers.items()}
-            loss = _train_step(model, batch, loss_fn, optimizers, scaler, device, use_amp, amp_dtype)
+            loss, stepped = _train_step(model, batch, loss_fn, optimizers, scaler, device, use_amp, amp_dtype)
             if not math.isfinite(loss):
                 bar.close()
                 raise NonFiniteLossError(
@@ -308,8 +309,11 @@ def train(
                     f"the last good state is {last_path if last_path.exists() else 'none (first epoch)'}. "
                     "Lower training.lr_sgd / training.lr_adamw, or set training.amp to false."
                 )
-            for scheduler in schedulers.values():
-                scheduler.step()
+            if stepped:  # a step the fp16 GradScaler skipped (inf gradients) does not advance the lr schedule
+                for scheduler in schedulers.values():
+                    scheduler.step()
+            else:
+                skipped += 1
             step += 1
             now = time.perf_counter()
             log.add(step=step, epoch=epoch + 1, loss=loss, **{f"lr_{k}": v for k, v in lrs.items()}, seconds=round(now - tick, 6))
@@ -328,6 +332,9 @@ def train(
         save_last(epoch + 1, 0)
         last_saved = time.monotonic()
     bar.close()
+    if skipped:
+        print(f"umtfss train: the fp16 GradScaler skipped {skipped} of {step} steps (inf or NaN gradients, its "
+              "scale then halves); the lr schedule waited for them", file=sys.stderr)
     if board is not None:
         board.close()
     if not (out_dir / "log.csv").exists():
@@ -338,8 +345,9 @@ def train(
     return final
 
 
-def _train_step(model, batch, loss_fn, optimizers, scaler, device, use_amp, amp_dtype) -> float:
-    """One optimisation step on a batch of episodes; returns the loss value (NaN is not applied)."""
+def _train_step(model, batch, loss_fn, optimizers, scaler, device, use_amp, amp_dtype) -> tuple[float, bool]:
+    """One optimisation step on a batch of episodes: (loss value, whether the optimisers stepped). A NaN
+    loss is not applied; a fp16 GradScaler skips a step whose gradients overflowed (its scale drops)."""
     query = batch["query"].to(device, non_blocking=True)
     target = batch["query_mask"].to(device, non_blocking=True)
     supports = batch["supports"].to(device, non_blocking=True)
@@ -352,20 +360,21 @@ def _train_step(model, batch, loss_fn, optimizers, scaler, device, use_amp, amp_
     loss = loss_fn(logits.float(), target)
     value = float(loss.detach())
     if not math.isfinite(value):
-        return value
+        return value, False
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     for opt in optimizers.values():
         scaler.step(opt)
+    scale = scaler.get_scale() if scaler.is_enabled() else None
     scaler.update()
-    return value
+    return value, scale is None or scaler.get_scale() >= scale
 
 
 def _stale_reason(path: Path, config: dict, method_name: str, inputs: str | None) -> str | None:
     """Why last.pt cannot be resumed by this run (another method, config or input data), or None."""
     try:
-        state = ckpt.load(path)
+        state = ckpt.load(path, mmap=True)  # its record only: _resume reads the tensors
     except ValueError as err:
         return str(err)
     if state.get("method") != method_name:
@@ -389,7 +398,7 @@ def check_out_dir(out_dir: Path, method_name: str) -> None:
         if not path.is_file():
             continue
         try:
-            stored = ckpt.load(path).get("method")
+            stored = ckpt.load(path, mmap=True).get("method")
         except ValueError:
             continue  # unreadable: no model to keep (a last.pt of a killed save is started over)
         if stored and stored != method_name:
