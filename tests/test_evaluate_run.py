@@ -554,12 +554,14 @@ def test_a_later_folds_missing_checkpoint_is_reported_before_the_first_fold_is_s
 
 
 def test_a_trained_methods_rows_name_the_backbone_of_its_checkpoint(tmp_path):
-    """A config without a model section (schema default resnet50-imagenet) must not label a demo model's scores."""
+    """A config without a model section (schema default resnet50-imagenet) must not label a demo model's
+    scores; nor the embedding and clustering sections the embedder and N its pseudo episodes came from."""
     from umtfss.training import checkpoint as ckpt
 
     tables = _make_val_set(tmp_path)
     model = tmp_path / "model.pt"
-    ckpt.save(model, config=load({"model": {"backbone": "demo-colortexture"}}), method="unsup", model={})
+    ckpt.save(model, config=load({"model": {"backbone": "demo-colortexture"}}), method="unsup", model={},
+              pseudo_tasks={"embedder": "dino-vits8-d128", "clusters": 21})
 
     def build(method, config, checkpoint, device):
         return QuadrantColourOracle() if checkpoint else build_predictor(method, config, checkpoint, device)
@@ -570,9 +572,14 @@ def test_a_trained_methods_rows_name_the_backbone_of_its_checkpoint(tmp_path):
                          tmp_path / "s.csv", tmp_path / "c.csv", build=build)
     assert dict(zip(scores["method"], scores["backbone"])) == {"all-background": "resnet50-imagenet",
                                                                "unsup": "demo-colortexture"}
+    rows = scores.set_index("method")
+    assert (rows.loc["unsup", "embedder"], int(rows.loc["unsup", "clusters"])) == ("dino-vits8-d128", 21)
+    assert (rows.loc["all-background", "embedder"], int(rows.loc["all-background", "clusters"])) == (
+        config["embedding"]["backbone"], config["clustering"]["clusters"])
     scores, _ = evaluate(config, "pascal", tables, {"unsup": str(model)}, tmp_path / "s.csv", tmp_path / "c.csv",
-                         meta={"backbone": "mine"}, build=build)
-    assert list(scores["backbone"]) == ["mine"]
+                         meta={"backbone": "mine", "clusters": "50"}, build=build)
+    assert (list(scores["backbone"]), list(scores["embedder"]), list(scores["clusters"].astype(str))) == (
+        ["mine"], ["dino-vits8-d128"], ["50"])
 
 
 def test_too_few_images_for_the_shots_names_the_config_key_fold_and_classes(tmp_path):

@@ -711,7 +711,13 @@ def test_cli_unsup_trains_on_real_pseudo_episodes(tmp_path):
 
     from umtfss.cli import main
 
+    import zarr
+
     labels, embeddings, images = write_dataset(tmp_path)
+    for path in [*labels, *embeddings]:  # as embed and assign record them: a projected embedding here
+        zarr.open_group(str(path)).attrs.update(backbone="demo-colortexture", projected=True)
+    for path in labels:
+        zarr.open_group(str(path)).attrs.update(dim=zarr.open_group(str(embeddings[0])).attrs["dim"])
     episodes = tmp_path / "episodes"
     assert main(["episodes", "--config", '{"episodes": {"min_region_pixels": 2, "area_unit": "grid"}}', "--labels", *map(str, labels),
                  "--embeddings", *map(str, embeddings), "--out-dir", str(episodes)]) == 0
@@ -722,6 +728,17 @@ def test_cli_unsup_trains_on_real_pseudo_episodes(tmp_path):
                  "--labels", *map(str, labels), "--images", str(images), "--quiet"]) == 0
     assert len(list(csv.DictReader(open(out / "log.csv")))) == 1  # 6 episodes, batch 4, the short batch left out
     assert not ckpt.load_model(out / "checkpoint.pt").training
+    # the embedder and N of its pseudo episodes are recorded (the score table's columns), and a fine-tuning keeps them
+    from umtfss.stores import LabelStore, embedder_name
+
+    assert ckpt.load(out / "checkpoint.pt")["pseudo_tasks"] == {"embedder": "demo-colortexture-d6", "clusters": 3}
+    assert embedder_name({**LabelStore(labels).attrs, "projected": False}) == "demo-colortexture"
+    assert embedder_name({"backbone": "x", "dim": 16}) is None  # a store from before 'projected' was recorded
+    from umtfss.training.train import _pseudo_tasks
+
+    fine_tuning = SimpleNamespace(init=out / "checkpoint.pt")  # a labelled source: the --init's record carries over
+    assert _pseudo_tasks(fine_tuning, SimpleNamespace()) == {"embedder": "demo-colortexture-d6", "clusters": 3}
+    assert _pseudo_tasks(SimpleNamespace(init=None), SimpleNamespace()) == {}
 
 
 @pytest.mark.parametrize("rule, expected", [("base_present", ["a", "b", "c", "d", "e"]), ("no_novel", ["a", "d", "e"])])

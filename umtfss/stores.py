@@ -25,7 +25,7 @@ warnings.filterwarnings("ignore", message=r"Object at \.snakemake_timestamp is n
 # zstd level 1: normalised float features compress little (ratio ~1.1-1.7) and level 3 costs 2-4x the time.
 COMPRESSION_LEVEL = 1
 # attrs a label store copies from its embedding store, so that a label shard says what it came from
-EMBEDDING_ATTRS = ("backbone", "layer", "stride", "image_size", "dim", "dtype", "checkpoint_sha256",
+EMBEDDING_ATTRS = ("backbone", "layer", "stride", "image_size", "dim", "projected", "dtype", "checkpoint_sha256",
                    "preprocessing", "forward_precision", "shard", "num_shards", "umtfss_version")
 
 
@@ -435,6 +435,14 @@ def iter_selected(store: EmbeddingStore, images: np.ndarray,
     breaks = np.flatnonzero(np.diff(images) != 1) + 1
     for run in np.split(images, breaks):
         yield from store.iter_batches(images_per_batch, start=int(run[0]), stop=int(run[-1]) + 1)
+
+
+def embedder_name(attrs: dict) -> str | None:
+    """The embedder as artifact paths and score tables name it (backbone, plus -d<dim> when embed projected
+    the features), from a store's attributes; None for a store written before they said whether it projected."""
+    if not attrs.get("backbone") or "projected" not in attrs:
+        return None
+    return attrs["backbone"] + (f"-d{attrs['dim']}" if attrs["projected"] else "")
 
 
 class LabelStore(_ShardedReader):

@@ -190,7 +190,8 @@ def _report_cache(predictors: dict, folds_of: dict) -> None:
 
 
 def _default_meta(config: dict, meta: dict) -> dict:
-    """backbone / embedder / clusters from --meta, else from the config."""
+    """backbone / embedder / clusters from --meta, else from the config (a trained model's row takes its
+    checkpoint's record of them instead, see _check_held_out)."""
     filled = {
         "backbone": config["model"]["backbone"],
         "embedder": config["embedding"]["backbone"],
@@ -207,25 +208,25 @@ def _check_held_out(method: str, path: str | None, test_classes: dict[int, list[
                     require_file: bool = True) -> str | None:
     """Refuse to score a checkpoint on a fold (of `test_classes`: fold -> its test class names, the folds
     the checkpoint serves) whose test classes it was trained on with labels (a model of another fold, or
-    of every class): its score would be inflated, and nothing else would say so. Returns the checkpoint's
-    backbone (None without a checkpoint), for the score table's backbone column."""
+    of every class): its score would be inflated, and nothing else would say so. Returns what the
+    checkpoint records of the score table's backbone, embedder and clusters columns ({} without one)."""
     from umtfss.evaluation.predictors import REFERENCE_METHODS
 
     if method in REFERENCE_METHODS and path is not None:
         raise ValueError(f"method '{method}' is a reference predictor and takes no checkpoint, got '{path}'")
     if path is None:
-        return None  # a reference predictor, or a trained method without one (build() names it)
+        return {}  # a reference predictor, or a trained method without one (build() names it)
     from umtfss.training import checkpoint as ckpt
 
     folds = ", ".join(map(str, test_classes))
     if not require_file and not Path(path).is_file():
-        return None  # a custom builder's model name
+        return {}  # a custom builder's model name
     if Path(path).is_dir():  # before any fold is scored: a later fold's missing model would waste the earlier ones
         raise ValueError(f"checkpoint '{path}' of method '{method}' (fold {folds}) is a folder; expected a "
                          f"checkpoint file (e.g. {Path(path) / 'checkpoint.pt'})")
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint '{path}' of method '{method}' (fold {folds}) does not exist")
-    payload = ckpt.load(path)
+    payload = ckpt.load(path, mmap=True)  # its record only: the predictor loads the weights
     for fold, names in test_classes.items():
         seen = sorted(set(ckpt.labelled_classes(payload)) & set(names))
         if seen:
@@ -236,7 +237,8 @@ def _check_held_out(method: str, path: str | None, test_classes: dict[int, list[
     if stored and stored != method and TRAINED_METHOD.fullmatch(method):  # a custom name may be anything
         tqdm.write(f"note: method '{method}' scores checkpoint '{path}', which was trained as '{stored}'", file=sys.stderr)
     model_cfg = payload.get("config", {}).get("model", {}) if isinstance(payload.get("config"), dict) else {}
-    return model_cfg.get("backbone")
+    recorded = {"backbone": model_cfg.get("backbone"), **(payload.get("pseudo_tasks") or {})}
+    return {k: v for k, v in recorded.items() if k in ("backbone", "embedder", "clusters") and v is not None}
 
 
 def config_file_input(text: str) -> dict[str, list[Path]]:
@@ -294,7 +296,7 @@ def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: d
     cpu_precision = check_cpu_precision(eval_cfg["cpu_precision"], "evaluation.cpu_precision")
     if workers == "auto":
         workers = 0 if device.type == "cpu" else torch.get_num_threads()
-    backbone_given = "backbone" in (meta or {})
+    given = set(meta or {})  # --meta columns win over a checkpoint's record
     meta = _default_meta(config, dict(meta or {}))
     reserved = sorted(set(meta) & (set(SCORE_COLUMNS) - {"backbone", "embedder", "clusters"}))
     if reserved:
@@ -325,8 +327,8 @@ def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: d
     check_outputs({"--out": out_csv, "--classes-out": classes_csv},
                    {**(inputs or {}), **protected_inputs(tables_dir, paths, [path for _, path in served])})
     # before any work: no model scored on classes it trained on; a trained model's row names the backbone it
-    # runs (its checkpoint's), not the config's, unless --meta backbone= says otherwise
-    backbone_of = {key: _check_held_out(*key, test_classes, checkpoint_files) for key, test_classes in served.items()}
+    # runs and the embedder and N it meta-trained on (its checkpoint's), not the config's, unless --meta says otherwise
+    recorded_of = {key: _check_held_out(*key, test_classes, checkpoint_files) for key, test_classes in served.items()}
     score_rows, class_rows = [], []
     # fold by fold, every method on it: a fold's test images, decoded once, serve all methods and shots
     images = ImageCache(eval_cfg["image_cache_mb"]) if workers == 0 and eval_cfg["image_cache_mb"] > 0 else None
@@ -359,8 +361,7 @@ def evaluate(config: dict, dataset_name: str, tables_dir: str | Path, methods: d
                                    + " (evaluation.unseen_classes)", file=sys.stderr)
                     score_rows.append({
                         **{k: meta[k] for k in ("backbone", "embedder", "clusters")},
-                        **({} if backbone_given or not backbone_of.get((method, path))
-                           else {"backbone": backbone_of[method, path]}),
+                        **{k: v for k, v in recorded_of[method, path].items() if k not in given},
                         "method": method, "fold": fold, "shot": shot, "seed": seed,
                         "miou": round(100 * acc.miou(unseen), 2), "fbiou": round(100 * acc.fbiou(), 2),
                         "episodes": acc.total_episodes,

@@ -208,6 +208,7 @@ def train(
     inputs: str | None = None,
     config_sections: list[str] | None = None,
     labelled_classes: list[str] | None = None,
+    pseudo_tasks: dict | None = None,
 ) -> Path:
     """Train the FSS model on `source` into out_dir (last.pt each epoch and every
     training.checkpoint_minutes within one, checkpoint.pt, log.csv).
@@ -219,7 +220,8 @@ def train(
     earlier run's checkpoint.pt. An out_dir holding a model of another method is refused.
     `config_sections`: the top-level keys the config was given with (recorded: predict's default size).
     `labelled_classes`: names of the classes trained with labels (recorded: evaluate refuses a fold
-    whose test classes are among them).
+    whose test classes are among them). `pseudo_tasks`: the embedder and N of the clustering whose pseudo
+    episodes the model (or its --init) meta-trained on (recorded: the score table's columns).
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir, method_name)
@@ -341,7 +343,8 @@ def train(
         log.write()
     final = ckpt.save(final_path, config=config, method=method_name,
                       model=ckpt.trainable_state(model, backbone), epoch=schedule.epochs, step=step, inputs=inputs,
-                      config_sections=sorted(config_sections or []), labelled_classes=sorted(labelled_classes or []))  # which sections were given (test_size)
+                      config_sections=sorted(config_sections or []), labelled_classes=sorted(labelled_classes or []),
+                      pseudo_tasks=dict(pseudo_tasks or {}))  # config_sections: which were given (test_size)
     return final
 
 
@@ -490,7 +493,8 @@ def run(args: argparse.Namespace) -> Path:
         subset_file.unlink()  # another run's subset: beside this run's log it would pass for this one's
     final = train(config, source, args.out_dir, init_checkpoint=args.init, finetune=bool(finetune),
                   method_name=method, progress=not args.quiet, inputs=_inputs_fingerprint(args),
-                  config_sections=sorted(read_raw(args.config)), labelled_classes=_labelled_class_names(args, source))
+                  config_sections=sorted(read_raw(args.config)), labelled_classes=_labelled_class_names(args, source),
+                  pseudo_tasks=_pseudo_tasks(args, source))
     if fraction:  # which images the P % were, written once the model they trained exists
         with atomic_path(args.out_dir / "train_subset.txt") as tmp:
             tmp.write_text("".join(f"{i}\n" for i in source.image_ids))
@@ -526,6 +530,19 @@ def _labelled_class_names(args, source) -> list[str]:
     if args.init is not None:
         names += ckpt.labelled_classes(ckpt.load(args.init))
     return sorted(set(names))
+
+
+def _pseudo_tasks(args, source) -> dict:
+    """{embedder, clusters} of the pseudo episodes this run meta-trains on, or that its --init did; {} for
+    a model that never saw any (sup, sup-P%) or a label store too old to say."""
+    if getattr(source, "labels", None) is not None:  # pseudo episodes: their label store's record
+        from umtfss.stores import embedder_name
+
+        embedder = embedder_name(source.labels.attrs)
+        return {"embedder": embedder, "clusters": source.labels.clusters} if embedder else {"clusters": source.labels.clusters}
+    if args.init is not None:
+        return dict(ckpt.load(args.init, mmap=True).get("pseudo_tasks") or {})
+    return {}
 
 
 def _inputs_fingerprint(args) -> str:
