@@ -248,3 +248,44 @@ def test_more_clusters_than_a_label_store_holds_are_refused_before_the_fit(tmp_p
     monkeypatch.setattr(fit, "sample_pixels", lambda *a, **k: pytest.fail("pixels sampled"))
     with pytest.raises(ValueError, match="'clustering.clusters' is 40000, expected at most 32767"):
         fit_centroids([path], clusters=40000, subset_pixels=100, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("backend,fit_mode", [("faiss", "subset"), ("torch", "subset"), ("faiss", "minibatch")])
+def test_degenerate_features_record_and_warn_about_empty_clusters(tmp_path, capsys, backend, fit_mode):
+    """Nearly constant features (one vector repeated, 3 others): more clusters than distinct points give
+    near-duplicate centroids that no pixel is nearest to; fit.json counts them and stderr says what to do."""
+    rng = np.random.default_rng(0)
+    feats = np.tile(rng.normal(size=8), (4, 10, 10, 1))
+    feats[0, 0, :3] = rng.normal(size=(3, 8))  # 4 distinct rows in all
+    path = write_store(tmp_path / "d.zarr", feats, [[10, 10]] * 4)
+    centroids, meta = fit_centroids([path], clusters=10, subset_pixels=400, iterations=5, device="cpu",
+                                    backend=backend, progress=False, fit_mode=fit_mode, minibatch_images=2)
+    subset = sample_pixels(EmbeddingStore(path), 400, 0, images=np.arange(2) if fit_mode == "minibatch" else None)
+    nearest = (subset @ centroids.T).argmax(1)  # the final centroids, as assign sees them
+    expected = sorted(set(range(10)) - set(nearest.tolist()))
+    assert meta["empty_clusters"] == len(expected) >= 10 - 4 and meta["empty_cluster_ids"] == expected
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"umtfss fit: warning: {len(expected)} of the 10 clusters")
+    assert "'clustering.clusters'" in err and "lower" in err and "embedding" in err
+    assert meta["subset_distinct_points"] == 4 and "only 4 distinct points" in err  # image 0 is in either subset
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_a_normal_fit_records_no_empty_cluster_and_warns_nothing(tmp_path, capsys, backend):
+    path, _, _ = clustered_store(tmp_path / "e.zarr", centres=4)
+    _, meta = fit_centroids([path], clusters=4, subset_pixels=800, iterations=10, device="cpu", backend=backend,
+                            progress=False)
+    assert meta["empty_clusters"] == 0 and meta["empty_cluster_ids"] == [] and meta["subset_distinct_points"] is None
+    assert capsys.readouterr().err == ""
+
+
+def test_cluster_sizes_go_block_by_block(monkeypatch):
+    """The pass over the subset scores a bounded block of rows at a time and counts every point once."""
+    monkeypatch.setattr(fit, "SIZE_BLOCK_ELEMENTS", 30)  # 10 rows of 3 clusters per block
+    points = np.repeat(np.eye(3, dtype=np.float32), [5, 0, 20], axis=0)
+    seen = []
+    real = fit.nearest_centroid
+    monkeypatch.setattr(fit, "nearest_centroid", lambda rows, c: seen.append(len(rows)) or real(rows, c))
+    np.testing.assert_array_equal(fit.cluster_sizes(points, np.eye(3, dtype=np.float32)), [5, 0, 20])
+    assert seen == [10, 10, 5]
+    assert fit.distinct_rows(points) == 2

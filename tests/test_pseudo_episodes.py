@@ -476,3 +476,34 @@ def test_the_sampler_refuses_files_of_two_runs(tmp_path):
     with pytest.raises(ValueError, match=r"were written by different runs of `umtfss episodes` \(they record different parameters\)"):
         PseudoEpisodes(first, labels, images)
     PseudoEpisodes(second, labels, images)
+
+
+def test_clusters_without_regions_are_warned_about(tmp_path, capsys):
+    """Label stores of 5 clusters whose cells use only 0-2 (assign left 3 and 4 empty): the stage says how
+    many clusters the episodes can use and warns about the others, naming the key; metadata counts them."""
+    labels, embeddings, _ = write_dataset(tmp_path)
+    assert episodes_cli(labels, embeddings, tmp_path / "all") == 0
+    err = capsys.readouterr().err
+    assert "umtfss episodes: 3 of the 3 clusters have a region, 3 a region with a support candidate" in err
+    assert "warning" not in err
+    for path in labels:
+        zarr.open_group(str(path), mode="r+").attrs.update(clusters=5)
+    out = tmp_path / "ep"
+    assert episodes_cli(labels, embeddings, out) == 0
+    err = capsys.readouterr().err
+    assert "umtfss episodes: 3 of the 5 clusters have a region, 3 a region with a support candidate" in err
+    assert ("umtfss episodes: warning: 2 of the 5 clusters have no region (ids 3, 4): 2 hold no cell at all" in err
+            and "'clustering.clusters'" in err and "empty_clusters" in err and "min_region_pixels" not in err)
+    meta = read_metadata(out / REGIONS_FILE)
+    assert meta["clusters"] == 5 and meta["clusters_with_regions"] == 3 and meta["clusters_with_queries"] == 3
+
+
+def test_cluster_coverage_names_filters_and_single_class_episodes():
+    from umtfss.pseudo_episodes import cluster_coverage
+
+    lines = cluster_coverage(np.array([4, 0, 2, 3]), np.array([0]), np.array([0]), verbose=False)
+    assert lines[0] == "umtfss episodes: 1 of the 4 clusters have a region, 1 a region with a support candidate"
+    assert "3 of the 4 clusters have no region (ids 1, 2, 3): 1 hold no cell at all" in lines[1]
+    assert "2 lost every region to the filters (lower config key 'episodes.min_region_pixels'" in lines[1]
+    assert lines[2].startswith("umtfss episodes: warning: only 1 cluster(s) have a region with a support candidate")
+    assert cluster_coverage(np.array([4, 1]), np.array([0, 1]), np.array([0, 1]), verbose=False) == []

@@ -241,7 +241,7 @@ def build_regions(label_paths: Sequence[str | Path], embedding_paths: Sequence[s
     pixels (the embed input resolution): regions are then the refined labels' (the masks that
     training sees), filtered on them, with features averaged as refined_image_regions does.
     `stats`, when given, is filled with the counts an empty result is explained by: images, regions
-    found, and of those the ones under min_region_pixels.
+    found, and of those the ones under min_region_pixels; and with the regions found per cluster.
     """
     if area_unit not in AREA_UNITS:
         raise ValueError(f"config key 'episodes.area_unit' is '{area_unit}', expected image or grid")
@@ -263,6 +263,7 @@ def build_regions(label_paths: Sequence[str | Path], embedding_paths: Sequence[s
     columns: dict[str, list] = {k: [] for k in ("image_id", "cluster", "area", "area_pixels", "bbox", "valid")}
     feature_blocks: list[np.ndarray] = []
     counts = {"images": len(labels), "found": 0, "too_small": 0}
+    found_per_cluster = np.zeros(clusters, np.int64)  # before the filters: 0 = a cluster assign left empty
     bar = tqdm(total=len(labels), desc="regions", unit="img", disable=not progress)
     for index_range, block in labels.iter_batches(16):
         for offset, index in enumerate(index_range):
@@ -295,6 +296,7 @@ def build_regions(label_paths: Sequence[str | Path], embedding_paths: Sequence[s
             keep = region_filter(found, (vh, vw), min_region_pixels, drop_background_like, background_span,
                                  background_rule, unit)
             counts["found"] += int(found.area.size)
+            found_per_cluster[found.clusters] += 1  # an image has at most one region per cluster
             counts["too_small"] += int((found.area * unit < min_region_pixels).sum())
             n = int(keep.sum())
             columns["image_id"].extend([image_id] * n)
@@ -307,7 +309,7 @@ def build_regions(label_paths: Sequence[str | Path], embedding_paths: Sequence[s
             bar.update(1)
     bar.close()
     if stats is not None:
-        stats.update(counts)
+        stats.update(counts, found_per_cluster=found_per_cluster)
     return _region_table(columns, feature_blocks, embeddings.dim)
 
 
@@ -566,6 +568,10 @@ def _episode_tables(label_paths, embedding_paths, cfg: dict, clusters: int | Non
                          + (f" among the top episodes.top_fraction={cfg['top_fraction']} of its cluster "
                             "(rank_among all_regions rounds down)" if cfg["rank_among"] == "all_regions" else "")
                          + "; use more images or lower config key 'episodes.min_region_pixels'")
+    with_regions = np.unique(table["cluster"].to_numpy())
+    with_queries = np.unique(table["cluster"].to_numpy()[candidates["num_candidates"].to_numpy() > 0])
+    for line in cluster_coverage(stats["found_per_cluster"], with_regions, with_queries, verbose=progress):
+        print(line, file=sys.stderr, flush=True)
     labels = LabelStore(label_paths)
     metadata = {
         "parameters": {k: cfg[k] for k in ("min_region_pixels", "area_unit", "drop_background_like", "background_rule",
@@ -579,9 +585,46 @@ def _episode_tables(label_paths, embedding_paths, cfg: dict, clusters: int | Non
         "images": int(table["image_id"].nunique()),
         "feature_dim": int(features.shape[1]),
         "region_labels": "refined" if labels.has_refined else "grid",  # the unit of area, y0..x1, valid_h/w
+        "clusters_with_regions": int(with_regions.size),
+        "clusters_with_queries": int(with_queries.size),  # a region with a support candidate: episodes of it
         "similarity_tolerance": SIMILARITY_TOLERANCE,
     }
     return table, features, metadata, candidates
+
+
+def cluster_coverage(found_per_cluster: np.ndarray, with_regions: np.ndarray, with_queries: np.ndarray,
+                     verbose: bool = True) -> list[str]:
+    """Stderr lines on how many of the N clusters the episodes can use: a count (when `verbose` or warning)
+    and a warning when some cluster has no region or fewer than 2 make an episode, naming the key to change.
+
+    A cluster without regions was either left empty by assign (near-duplicate centroids, fit.json's
+    empty_clusters) or lost all its regions to the filters; the episodes then have fewer classes than
+    clustering.clusters asked for, which would otherwise pass unnoticed.
+    """
+    clusters = len(found_per_cluster)
+    missing = np.setdiff1d(np.arange(clusters), with_regions)
+    warnings = []
+    if missing.size:
+        never = missing[found_per_cluster[missing] == 0]
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if missing.size > 10 else "")
+        causes = []
+        if never.size:
+            causes.append(f"{never.size} hold no cell at all (empty clusters: features nearly constant or fewer "
+                          "distinct than clusters, see fit.json's empty_clusters; lower config key "
+                          "'clustering.clusters' or check the embedding)")
+        if missing.size > never.size:
+            causes.append(f"{missing.size - never.size} lost every region to the filters (lower config key "
+                          "'episodes.min_region_pixels' or adjust the background keys)")
+        warnings.append(f"umtfss episodes: warning: {missing.size} of the {clusters} clusters have no region "
+                        f"(ids {shown}): {'; '.join(causes)}")
+    if with_queries.size < 2:
+        warnings.append(f"umtfss episodes: warning: only {with_queries.size} cluster(s) have a region with a support "
+                        "candidate, so every episode is of one class; use more images, lower config key "
+                        "'episodes.min_region_pixels' or set 'episodes.drop_background_like' false, and check "
+                        "the embedding (fit.json's empty_clusters)")
+    count = (f"umtfss episodes: {with_regions.size} of the {clusters} clusters have a region, "
+             f"{with_queries.size} a region with a support candidate")
+    return [count, *warnings] if verbose or warnings else []
 
 
 def write_parquet(frame: pd.DataFrame, path: Path, metadata: dict) -> None:

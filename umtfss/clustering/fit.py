@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 import torch
 
-from umtfss.clustering.assign import normalise_rows
+from umtfss.clustering.assign import nearest_centroid, normalise_rows
 from umtfss.clustering.minibatch import image_groups, running_means
 from umtfss.clustering.torch_kmeans import TorchKMeans
 from umtfss.devices import resolve_device
@@ -134,6 +134,47 @@ def too_few_pixels(pixels: int, clusters: int, subset_pixels: int, groups) -> st
             "raise it or lower the cluster count")
 
 
+SIZE_BLOCK_ELEMENTS = 2 ** 24  # scores per block of cluster_sizes: block rows x N (64 MB of float32)
+EMPTY_IDS_RECORDED = 100  # fit.json lists at most this many empty cluster ids
+
+
+def cluster_sizes(points: np.ndarray, centroids: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """int64 [N] points nearest to each centroid, by assign's own rule (nearest_centroid), in row blocks.
+
+    The k-means' last assignment is to the centroids before their last update (and before empty
+    clusters were split off large ones), so it cannot tell which final centroids assign will leave empty.
+    """
+    scoring = torch.device(device if device.startswith("cuda") and torch.cuda.is_available() else "cpu")
+    tensor = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(scoring)
+    rows = max(1, SIZE_BLOCK_ELEMENTS // len(centroids))
+    sizes = np.zeros(len(centroids), np.int64)
+    for start in range(0, len(points), rows):
+        nearest = nearest_centroid(points[start:start + rows], tensor).astype(np.int64)
+        sizes += np.bincount(nearest, minlength=len(centroids))
+    return sizes
+
+
+def distinct_rows(points: np.ndarray, block_rows: int = 65536) -> int:
+    """How many distinct rows `points` holds, from their float64 projections on a fixed random direction
+    (distinct float32 rows collide there with probability ~0): O(n d), no n x d copy."""
+    direction = np.random.default_rng(0).standard_normal(points.shape[1])
+    projections = np.empty(len(points))
+    for start in range(0, len(points), block_rows):
+        projections[start:start + block_rows] = points[start:start + block_rows].astype(np.float64) @ direction
+    return int(np.unique(projections).size)
+
+
+def empty_cluster_warning(empty: np.ndarray, clusters: int, subset: int, distinct: int) -> str:
+    """The stderr line for clusters no point was nearest to: the likely cause and the key to change."""
+    ids = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+    cause = (f"the subset holds only {distinct:,} distinct points" if distinct < clusters
+             else "the features are nearly constant (near-duplicate points)")
+    return (f"umtfss fit: warning: {len(empty)} of the {clusters} clusters (config key 'clustering.clusters') are "
+            f"nearest to no pixel of the {subset:,}-pixel subset (ids {ids}): {cause}, so k-means made "
+            "near-duplicate centroids that assign leaves empty; lower 'clustering.clusters' or check the embedding "
+            "(backbone, layer, images)")
+
+
 METRICS = ("spherical", "euclidean")
 LABEL_MAX = int(np.iinfo(np.int16).max)
 FIT_MODES = ("subset", "minibatch")
@@ -175,13 +216,19 @@ def fit_centroids(store: EmbeddingStore | list, clusters: int, subset_pixels: in
     kmeans = train_kmeans(points, clusters, iterations, redo, seed, backend=backend, device=train_device,
                           spherical=spherical, progress=progress)
     subset_size, dim = points.shape
-    del points
     centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
     if spherical:
         normalise_rows(centroids)
     fitted = time.perf_counter()
     if minibatch:
         centroids, minibatch_meta = running_means(store, centroids, groups, spherical, progress=progress)
+        minibatch_meta["seconds"] = round(time.perf_counter() - fitted, 3)
+    # the final centroids, as assign will use them (minibatch's pixels_per_cluster counts under earlier ones)
+    empty = np.flatnonzero(cluster_sizes(points, centroids, train_device) == 0)
+    distinct = distinct_rows(points) if empty.size else None
+    del points
+    if empty.size:
+        print(empty_cluster_warning(empty, clusters, subset_size, distinct), file=sys.stderr, flush=True)
     total_valid = int((store.valid_all[:, 0].astype(np.int64) * store.valid_all[:, 1]).sum())
     meta = {
         "clusters": clusters,
@@ -201,6 +248,12 @@ def fit_centroids(store: EmbeddingStore | list, clusters: int, subset_pixels: in
         # with fit_mode minibatch, of the first group's k-means (minibatch.group_objective_mean follows the updates)
         "objective": [float(v) for v in kmeans.obj],
         "objective_final": float(kmeans.obj[-1]) if len(kmeans.obj) else None,
+        # clusters that no pixel of the subset is nearest to (final centroids, assign's rule): near-duplicate
+        # centroids of nearly constant features (ids: the first EMPTY_IDS_RECORDED); distinct rows of the
+        # subset, counted only when some cluster is empty
+        "empty_clusters": int(empty.size),
+        "empty_cluster_ids": [int(c) for c in empty[:EMPTY_IDS_RECORDED]],
+        "subset_distinct_points": distinct,
         "seconds_sampling": round(sampled - started, 3),
         "seconds_kmeans": round(fitted - sampled, 3),
         "backend": backend,
@@ -214,7 +267,7 @@ def fit_centroids(store: EmbeddingStore | list, clusters: int, subset_pixels: in
     }
     if minibatch:
         meta["minibatch"] = {"group_images": minibatch_images, "sample_images": minibatch_sample_images,
-                             **minibatch_meta, "seconds": round(time.perf_counter() - fitted, 3)}
+                             **minibatch_meta}
     return centroids, meta
 
 
